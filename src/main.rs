@@ -1,0 +1,2 @@
+//! The `nodepool-builder` binary: a thin layer over the library.
+fn main() {}
