@@ -29,6 +29,8 @@
 pub mod build;
 pub mod cleanup;
 pub mod config;
+#[cfg(feature = "wip")]
+pub mod identity;
 pub mod model;
 pub mod provider;
 pub mod registry;
@@ -37,4 +39,5 @@ pub mod stackdump;
 pub mod stats;
 pub mod thread;
 pub mod upload;
+#[cfg(feature = "wip")]
 pub mod zk;

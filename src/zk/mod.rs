@@ -1,1 +1,743 @@
-//! ZooKeeper layer.
+//! The synchronous ZooKeeper facade every other module uses.
+//!
+//! # Overview
+//!
+//! `zookeeper-client` is async; this daemon is made of plain OS threads. [`Zk`] hides the
+//! async client completely: every operation is a blocking method that drives the crate's
+//! future with `futures::executor::block_on`, raced against a per-call deadline. No future,
+//! no executor and no crate type other than [`Stat`] leaks out of this module.
+//!
+//! # Sessions
+//!
+//! A supervisor thread (`zk-session`) owns the ZooKeeper session's life cycle:
+//!
+//! 1. connect (all configured hosts, one chroot created if missing, mutual TLS, optional
+//!    digest auth), retrying forever and logging `Retrying zookeeper connection` at most every
+//!    10 s, as nodepool does;
+//! 2. publish the client, bump the session *generation*, set [`ConnState::Connected`], and run
+//!    the registered new-session hooks on a short-lived thread (they re-create ephemerals such
+//!    as the component registration and re-arm watches);
+//! 3. follow the crate's session states: `Disconnected` → [`ConnState::Suspended`],
+//!    `SyncConnected` → [`ConnState::Connected`], `Expired`/`AuthFailed` →
+//!    [`ConnState::Lost`], after which a brand-new session is built (step 1). The crate never
+//!    opens a new session by itself.
+//!
+//! Lock guards remember the generation they were taken in; once the generation changes or the
+//! state is `Lost` they know they no longer hold anything (see `lock`).
+//!
+//! # Errors
+//!
+//! Every shape of "the connection went away" — the crate's `ConnectionLoss`, its custom
+//! "no response from connection" errors, I/O errors and our own deadline — maps to
+//! [`ZkError::ConnectionLoss`]: retryable, and for writes the outcome is unknown.
+//!
+//! # Watches
+//!
+//! Only one-shot watches are used: the crate restores them after a reconnect inside the same
+//! session (its persistent watches are not restored, see shared/docs/zk-client.md §5.1). A
+//! watch is forwarded to a crossbeam channel by the `zk-events` thread, which does nothing but
+//! forward: no I/O, no blocking.
+//!
+//! CAUTION: `Zk` is shared with `Arc`; the supervisor holds a clone, so call [`Zk::close`] to
+//! end the session (that releases every lock and ephemeral node at once).
+
+pub mod component;
+pub mod lock;
+pub mod paths;
+pub mod schema;
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::pin;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use futures::channel::{mpsc, oneshot};
+use futures::future::{BoxFuture, Either, select};
+use futures::stream::{FuturesUnordered, StreamExt};
+use log::{debug, info, warn};
+use zookeeper_client::{Acls, Client, CreateMode, EventType, OneshotWatcher, SessionState};
+
+pub use zookeeper_client::Stat;
+
+use crate::thread::{self, JoinHandle, ThreadKind};
+
+/// Connection settings, derived from the `zookeeper-*` keys of the config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ZkConfig {
+    /// Every server as (host, port); all of them are used, with one chroot.
+    pub hosts: Vec<(String, u16)>,
+    /// Chroot for the whole session, e.g. `/nodepool-test`; created if missing.
+    pub chroot: Option<String>,
+    /// Requested session timeout (`zookeeper-timeout`).
+    pub session_timeout: Duration,
+    /// Mutual TLS files; `None` means plaintext.
+    pub tls: Option<ZkTlsFiles>,
+    /// Authentication as (scheme, credentials), e.g. ("digest", b"user:password").
+    pub auth: Option<(String, Vec<u8>)>,
+}
+
+/// PEM files for mutual TLS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ZkTlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Check the server certificate's name against the host (kazoo does not; default off).
+    pub verify_hostname: bool,
+}
+
+impl ZkConfig {
+    /// Builds the connection settings from the validated configuration.
+    pub fn from_config(cfg: &crate::config::Config) -> ZkConfig {
+        ZkConfig {
+            hosts: cfg.zookeeper_servers.iter().map(|s| (s.host.clone(), s.port)).collect(),
+            // nodepool appends the chroot of every entry to every host, which kazoo mis-parses;
+            // we take the first chroot given and use it once for the whole session.
+            chroot: cfg.zookeeper_servers.iter().find_map(|s| s.chroot.clone()),
+            session_timeout: Duration::from_secs_f64(cfg.zookeeper_timeout),
+            tls: cfg.zookeeper_tls.as_ref().map(|t| ZkTlsFiles {
+                ca: t.ca.clone(),
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                verify_hostname: t.verify_hostname,
+            }),
+            auth: cfg.zookeeper_auth.as_ref().map(|a| (a.scheme.clone(), a.credentials.clone().into_bytes())),
+        }
+    }
+
+    /// `host:port,host:port` with IPv6 literals bracketed.
+    pub fn connect_string(&self) -> String {
+        self.hosts
+            .iter()
+            .map(|(h, p)| if h.contains(':') && !h.starts_with('[') { format!("[{h}]:{p}") } else { format!("{h}:{p}") })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// The facade's view of the session, as kazoo names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// No session yet (start-up, or building a new one after `Lost`).
+    Connecting,
+    /// Session established and connected.
+    Connected,
+    /// Connection dropped; the session may still be alive. Do not start lock-protected work.
+    Suspended,
+    /// The session expired: every lock and ephemeral node of it is gone.
+    Lost,
+    /// `close()` was called.
+    Closed,
+}
+
+/// A session state change, as published to subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionEvent {
+    pub state: ConnState,
+    /// Incremented for every new ZooKeeper session.
+    pub generation: u64,
+}
+
+/// Errors of the facade. Variants carry structure; callers add the znode as context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ZkError {
+    /// The connection is gone or the call missed its deadline; retryable, write outcome unknown.
+    ConnectionLoss(String),
+    /// The ZooKeeper session expired.
+    SessionLost,
+    NoNode,
+    NodeExists,
+    BadVersion,
+    NotEmpty,
+    NoAuth,
+    /// `close()` was called.
+    Closed,
+    /// Anything else the server or client reported.
+    Other(String),
+}
+
+impl ZkError {
+    /// Whether retrying the call may succeed (the KazooRetry rule).
+    pub fn is_connection_loss(&self) -> bool {
+        matches!(self, ZkError::ConnectionLoss(_))
+    }
+}
+
+impl fmt::Display for ZkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ZkError::ConnectionLoss(why) => write!(f, "zookeeper connection lost: {why}"),
+            ZkError::SessionLost => f.write_str("zookeeper session expired"),
+            ZkError::NoNode => f.write_str("no such znode"),
+            ZkError::NodeExists => f.write_str("znode already exists"),
+            ZkError::BadVersion => f.write_str("znode version mismatch"),
+            ZkError::NotEmpty => f.write_str("znode has children"),
+            ZkError::NoAuth => f.write_str("not authorized"),
+            ZkError::Closed => f.write_str("zookeeper client closed"),
+            ZkError::Other(e) => write!(f, "zookeeper error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ZkError {}
+
+impl From<zookeeper_client::Error> for ZkError {
+    fn from(e: zookeeper_client::Error) -> ZkError {
+        use zookeeper_client::Error as E;
+        match e {
+            E::NoNode => ZkError::NoNode,
+            E::NodeExists => ZkError::NodeExists,
+            E::BadVersion => ZkError::BadVersion,
+            E::NotEmpty => ZkError::NotEmpty,
+            E::NoAuth => ZkError::NoAuth,
+            E::SessionExpired => ZkError::SessionLost,
+            E::ClientClosed => ZkError::Closed,
+            // Disconnects surface in several shapes (zk-client.md §5.3): all are retryable.
+            E::ConnectionLoss | E::Timeout | E::NoHosts | E::Custom(_) | E::UnexpectedError(_) | E::SessionMoved => {
+                ZkError::ConnectionLoss(e.to_string())
+            }
+            other => ZkError::Other(other.to_string()),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ZkError>;
+
+/// What a one-shot watch reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchKind {
+    Created,
+    Deleted,
+    DataChanged,
+    ChildrenChanged,
+    /// The session ended (expired or closed) before the watched event happened; re-read and
+    /// re-arm after the next new session.
+    SessionEnded,
+}
+
+/// One fired watch: the znode path (relative to the chroot) and what happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchEvent {
+    pub path: String,
+    pub kind: WatchKind,
+}
+
+/// An armed one-shot watch; hand it to [`Zk::forward`] to receive its event on a channel.
+pub struct Watch(OneshotWatcher);
+
+/// Creation mode of a znode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Persistent,
+    PersistentSequential,
+    Ephemeral,
+    EphemeralSequential,
+}
+
+type SessionHook = Arc<dyn Fn(&Zk) + Send + Sync>;
+
+/// The shared, cloneable ZooKeeper facade.
+#[derive(Clone)]
+pub struct Zk {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: ZkConfig,
+    call_timeout: Duration,
+    client: RwLock<Option<Client>>,
+    state: Mutex<SessionEvent>,
+    changed: Condvar,
+    subscribers: Mutex<Vec<Sender<SessionEvent>>>,
+    hooks: Mutex<Vec<SessionHook>>,
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    // CAUTION: dropped (joined) only by close(); the supervisor itself holds a `Zk` clone.
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+    events_tx: Mutex<Option<mpsc::UnboundedSender<BoxFuture<'static, ()>>>>,
+    events: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Zk {
+    /// Creates the facade without connecting; register hooks, then call [`Zk::start`].
+    pub fn new(cfg: ZkConfig) -> Zk {
+        let call_timeout = cfg.session_timeout.max(Duration::from_secs(2));
+        Zk {
+            inner: Arc::new(Inner {
+                cfg,
+                call_timeout,
+                client: RwLock::new(None),
+                state: Mutex::new(SessionEvent { state: ConnState::Connecting, generation: 0 }),
+                changed: Condvar::new(),
+                subscribers: Mutex::new(Vec::new()),
+                hooks: Mutex::new(Vec::new()),
+                stop: Mutex::new(None),
+                supervisor: Mutex::new(None),
+                events_tx: Mutex::new(None),
+                events: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Creates the facade and starts connecting in the background.
+    pub fn connect(cfg: ZkConfig) -> Zk {
+        let zk = Zk::new(cfg);
+        zk.start();
+        zk
+    }
+
+    /// Starts the `zk-session` supervisor and the `zk-events` forwarder.
+    pub fn start(&self) {
+        let (stop_tx, stop_rx) = oneshot::channel();
+        *self.inner.stop.lock().unwrap() = Some(stop_tx);
+        let (ev_tx, ev_rx) = mpsc::unbounded();
+        *self.inner.events_tx.lock().unwrap() = Some(ev_tx);
+        *self.inner.events.lock().unwrap() = Some(thread::spawn(ThreadKind::ZkEvents, "zk-events", move || events_loop(ev_rx)));
+        let zk = self.clone();
+        *self.inner.supervisor.lock().unwrap() =
+            Some(thread::spawn(ThreadKind::ZkSession, "zk-session", move || zk.supervise(stop_rx)));
+    }
+
+    /// Registers a hook run (on a short-lived thread) after every new ZooKeeper session,
+    /// including the first.
+    pub fn on_new_session(&self, hook: impl Fn(&Zk) + Send + Sync + 'static) {
+        self.inner.hooks.lock().unwrap().push(Arc::new(hook));
+    }
+
+    /// Subscribes to session state changes; the receiver gets every change from now on.
+    pub fn subscribe(&self) -> crossbeam_channel::Receiver<SessionEvent> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        self.inner.subscribers.lock().unwrap().push(tx);
+        rx
+    }
+
+    /// The current state and session generation.
+    pub fn session(&self) -> SessionEvent {
+        *self.inner.state.lock().unwrap()
+    }
+
+    /// The current state.
+    pub fn state(&self) -> ConnState {
+        self.session().state
+    }
+
+    /// The configuration this facade connects with.
+    pub fn config(&self) -> &ZkConfig {
+        &self.inner.cfg
+    }
+
+    /// Blocks until the state is `Connected` or the timeout passes; returns whether connected.
+    pub fn wait_connected(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.inner.state.lock().unwrap();
+        loop {
+            if st.state == ConnState::Connected {
+                return true;
+            }
+            if st.state == ConnState::Closed {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self.inner.changed.wait_timeout(st, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Blocks until the state differs from `from` (or the timeout passes); returns the state.
+    pub fn wait_state_change(&self, from: SessionEvent, timeout: Duration) -> SessionEvent {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.inner.state.lock().unwrap();
+        while *st == from {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            st = self.inner.changed.wait_timeout(st, deadline - now).unwrap().0;
+        }
+        *st
+    }
+
+    /// Ends the session (releasing every lock and ephemeral node) and stops the threads.
+    pub fn close(&self) {
+        if let Some(stop) = self.inner.stop.lock().unwrap().take() {
+            let _ = stop.send(());
+        }
+        let handle = self.inner.supervisor.lock().unwrap().take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+        self.inner.events_tx.lock().unwrap().take();
+        let events = self.inner.events.lock().unwrap().take();
+        if let Some(events) = events {
+            let _ = events.join();
+        }
+        self.set_state(ConnState::Closed, None);
+    }
+
+    // ----- data operations -------------------------------------------------------------------
+
+    /// Stat of a znode, or `None` if it does not exist.
+    pub fn exists(&self, path: &str) -> Result<Option<Stat>> {
+        let c = self.client()?;
+        self.wait(c.check_stat(path))
+    }
+
+    /// Data and stat of a znode, or `None` if it does not exist.
+    pub fn get_data(&self, path: &str) -> Result<Option<(Vec<u8>, Stat)>> {
+        let c = self.client()?;
+        none_if_no_node(self.wait(c.get_data(path)))
+    }
+
+    /// Children names of a znode (unsorted, in ZooKeeper's order), or `None` if it does not exist.
+    pub fn get_children(&self, path: &str) -> Result<Option<Vec<String>>> {
+        let c = self.client()?;
+        none_if_no_node(self.wait(c.list_children(path)))
+    }
+
+    /// Creates a znode; returns its path (with the sequence suffix for sequential modes).
+    /// Open ACLs unless authentication is configured (then creator-only).
+    pub fn create(&self, path: &str, data: &[u8], mode: Mode) -> Result<String> {
+        let c = self.client()?;
+        let acls = self.acls();
+        let opts = create_mode(mode).with_acls(acls);
+        let (_, seq) = self.wait(c.create(path, data, &opts))?;
+        Ok(match mode {
+            Mode::PersistentSequential | Mode::EphemeralSequential => format!("{path}{seq}"),
+            _ => path.to_string(),
+        })
+    }
+
+    /// Creates a znode, first creating missing parents with empty data.
+    pub fn create_with_parents(&self, path: &str, data: &[u8], mode: Mode) -> Result<String> {
+        match self.create(path, data, mode) {
+            Err(ZkError::NoNode) => {
+                if let Some((parent, _)) = path.rsplit_once('/').filter(|(p, _)| !p.is_empty()) {
+                    self.ensure_path(parent)?;
+                }
+                self.create(path, data, mode)
+            }
+            other => other,
+        }
+    }
+
+    /// `mkdir -p`: creates the znode and missing parents with empty data; existing is fine.
+    pub fn ensure_path(&self, path: &str) -> Result<()> {
+        let c = self.client()?;
+        let opts = CreateMode::Persistent.with_acls(self.acls());
+        self.wait(c.mkdir(path, &opts))
+    }
+
+    /// Overwrites a znode's data (optionally only at `version`); returns the new stat.
+    pub fn set_data(&self, path: &str, data: &[u8], version: Option<i32>) -> Result<Stat> {
+        let c = self.client()?;
+        self.wait(c.set_data(path, data, version))
+    }
+
+    /// Deletes a znode (optionally only at `version`).
+    pub fn delete(&self, path: &str, version: Option<i32>) -> Result<()> {
+        let c = self.client()?;
+        self.wait(c.delete(path, version))
+    }
+
+    /// Deletes a znode and everything below it. A missing znode is fine; children appearing
+    /// meanwhile (`NotEmpty`) are retried a few times.
+    pub fn delete_recursive(&self, path: &str) -> Result<()> {
+        let mut attempts = 0;
+        loop {
+            for child in self.get_children(path)?.unwrap_or_default() {
+                self.delete_recursive(&format!("{path}/{child}"))?;
+            }
+            match self.delete(path, None) {
+                Ok(()) | Err(ZkError::NoNode) => return Ok(()),
+                Err(ZkError::NotEmpty) if attempts < 5 => attempts += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Retries `f` on connection loss, with back-off, until `timeout` passes or the session
+    /// is lost (the KazooRetry equivalent). Only use it for idempotent operations.
+    pub fn retry<T>(&self, timeout: Duration, mut f: impl FnMut(&Zk) -> Result<T>) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match f(self) {
+                Err(e) if e.is_connection_loss() && Instant::now() < deadline => {
+                    if matches!(self.state(), ConnState::Lost | ConnState::Closed) {
+                        return Err(e);
+                    }
+                    let from = self.session();
+                    self.wait_state_change(from, pause.min(deadline.saturating_duration_since(Instant::now())));
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    // ----- watches -----------------------------------------------------------------------------
+
+    /// Stat of a znode (or `None`) plus a one-shot watch for its creation, deletion or change.
+    pub fn exists_watch(&self, path: &str) -> Result<(Option<Stat>, Watch)> {
+        let c = self.client()?;
+        let watcher = self.wait(c.check_and_watch_stat(path))?;
+        Ok((watcher.0, Watch(watcher.1)))
+    }
+
+    /// Data of a znode plus a one-shot watch for its change or deletion.
+    pub fn get_data_watch(&self, path: &str) -> Result<Option<(Vec<u8>, Stat, Watch)>> {
+        let c = self.client()?;
+        none_if_no_node(self.wait(c.get_and_watch_data(path))).map(|o| o.map(|(d, s, w)| (d, s, Watch(w))))
+    }
+
+    /// Children of a znode plus a one-shot watch for a change of the children list.
+    pub fn get_children_watch(&self, path: &str) -> Result<Option<(Vec<String>, Watch)>> {
+        let c = self.client()?;
+        none_if_no_node(self.wait(c.list_and_watch_children(path))).map(|o| o.map(|(ch, w)| (ch, Watch(w))))
+    }
+
+    /// Delivers the watch's event to `tx` when it fires (through the `zk-events` thread).
+    pub fn forward(&self, watch: Watch, tx: Sender<WatchEvent>) {
+        let fut: BoxFuture<'static, ()> = Box::pin(async move {
+            let _ = tx.send(watch_event(watch.0.changed().await));
+        });
+        if let Some(events) = self.inner.events_tx.lock().unwrap().as_ref() {
+            let _ = events.unbounded_send(fut);
+        }
+    }
+
+    /// Blocks until the watch fires or the timeout passes.
+    pub fn wait_watch(&self, watch: Watch, timeout: Duration) -> Option<WatchEvent> {
+        let timer = async_io::Timer::after(timeout);
+        futures::executor::block_on(async {
+            match select(pin!(watch.0.changed()), timer).await {
+                Either::Left((ev, _)) => Some(watch_event(ev)),
+                Either::Right(_) => None,
+            }
+        })
+    }
+
+    // ----- internals ---------------------------------------------------------------------------
+
+    fn acls(&self) -> Acls<'static> {
+        if self.inner.cfg.auth.is_some() { Acls::creator_all() } else { Acls::anyone_all() }
+    }
+
+    fn client(&self) -> Result<Client> {
+        match self.inner.client.read().unwrap().as_ref() {
+            Some(c) => Ok(c.clone()),
+            None => match self.state() {
+                ConnState::Closed => Err(ZkError::Closed),
+                ConnState::Lost => Err(ZkError::SessionLost),
+                _ => Err(ZkError::ConnectionLoss("not connected".into())),
+            },
+        }
+    }
+
+    /// Drives one request to completion within the per-call deadline.
+    fn wait<T>(&self, fut: impl Future<Output = std::result::Result<T, zookeeper_client::Error>>) -> Result<T> {
+        let timeout = self.inner.call_timeout;
+        let timer = async_io::Timer::after(timeout);
+        futures::executor::block_on(async {
+            match select(pin!(fut), timer).await {
+                Either::Left((r, _)) => r.map_err(ZkError::from),
+                Either::Right(_) => Err(ZkError::ConnectionLoss(format!("no response within {timeout:?}"))),
+            }
+        })
+    }
+
+    fn set_state(&self, state: ConnState, new_generation: Option<u64>) {
+        let ev = {
+            let mut st = self.inner.state.lock().unwrap();
+            if st.state == ConnState::Closed {
+                return;
+            }
+            st.state = state;
+            if let Some(g) = new_generation {
+                st.generation = g;
+            }
+            self.inner.changed.notify_all();
+            *st
+        };
+        debug!("zookeeper session state {:?} (generation {})", ev.state, ev.generation);
+        self.inner.subscribers.lock().unwrap().retain(|tx| tx.send(ev).is_ok());
+    }
+
+    /// The `zk-session` thread.
+    fn supervise(&self, stop_rx: oneshot::Receiver<()>) {
+        let mut stop_rx = stop_rx;
+        let mut generation = 0u64;
+        let mut last_retry_log: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(200);
+        'sessions: loop {
+            crate::registry::set_activity(format!("connecting to {}", self.inner.cfg.connect_string()));
+            let client = match until_stopped(self.connect_once(), &mut stop_rx) {
+                None => break 'sessions,
+                Some(Ok(client)) => client,
+                Some(Err(e)) => {
+                    if last_retry_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        warn!("Retrying zookeeper connection to {}: {e}", self.inner.cfg.connect_string());
+                        last_retry_log = Some(Instant::now());
+                    }
+                    if until_stopped(async_io::Timer::after(backoff), &mut stop_rx).is_none() {
+                        break 'sessions;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue 'sessions;
+                }
+            };
+            backoff = Duration::from_millis(200);
+            last_retry_log = None;
+            generation += 1;
+            let mut states = client.state_watcher();
+            info!(
+                "Connected to zookeeper {} (session 0x{:x}, timeout {:?}, generation {generation})",
+                self.inner.cfg.connect_string(),
+                client.session_id().0,
+                client.session_timeout()
+            );
+            *self.inner.client.write().unwrap() = Some(client.clone());
+            self.set_state(ConnState::Connected, Some(generation));
+            self.run_hooks();
+            crate::registry::set_activity(format!("watching session 0x{:x}", client.session_id().0));
+            loop {
+                match until_stopped(states.changed(), &mut stop_rx) {
+                    None => break 'sessions,
+                    Some(SessionState::Disconnected) => {
+                        warn!("ZooKeeper connection suspended");
+                        self.set_state(ConnState::Suspended, None);
+                    }
+                    Some(SessionState::SyncConnected | SessionState::ConnectedReadOnly) => {
+                        info!("ZooKeeper connection resumed");
+                        self.set_state(ConnState::Connected, None);
+                    }
+                    Some(state) => {
+                        warn!("ZooKeeper session lost ({state:?}); building a new session");
+                        self.inner.client.write().unwrap().take();
+                        self.set_state(ConnState::Lost, None);
+                        drop(client);
+                        continue 'sessions;
+                    }
+                }
+            }
+        }
+        // Drop every clone we hold: the crate closes the session once the last client is gone.
+        self.inner.client.write().unwrap().take();
+        crate::registry::clear_activity();
+        info!("ZooKeeper client closed");
+    }
+
+    async fn connect_once(&self) -> Result<Client> {
+        let cfg = &self.inner.cfg;
+        let mut connector = Client::connector().with_session_timeout(cfg.session_timeout);
+        if let Some((scheme, auth)) = &cfg.auth {
+            connector = connector.with_auth(scheme, auth);
+        }
+        let hosts = cfg.connect_string();
+        let client = match &cfg.tls {
+            Some(tls) => {
+                let read = |p: &PathBuf| {
+                    std::fs::read_to_string(p)
+                        .map_err(|e| ZkError::Other(format!("cannot read zookeeper tls file {}: {e}", p.display())))
+                };
+                let mut opts = zookeeper_client::TlsOptions::new()
+                    .with_pem_ca(&read(&tls.ca)?)
+                    .map_err(|e| ZkError::Other(format!("bad zookeeper tls ca {}: {e}", tls.ca.display())))?
+                    .with_pem_identity(&read(&tls.cert)?, &read(&tls.key)?)
+                    .map_err(|e| ZkError::Other(format!("bad zookeeper tls cert/key {}: {e}", tls.cert.display())))?;
+                if !tls.verify_hostname {
+                    // SAFETY: not memory safety; the crate marks this unsafe because it weakens
+                    // TLS. kazoo (and so nodepool) never checks host names either; the CA chain
+                    // is still verified.
+                    opts = unsafe { opts.with_no_hostname_verification() };
+                }
+                connector.with_tls(opts).secure_connect(&hosts).await?
+            }
+            None => connector.connect(&hosts).await?,
+        };
+        match &cfg.chroot {
+            None => Ok(client),
+            Some(chroot) => {
+                let opts = CreateMode::Persistent.with_acls(self.acls());
+                match client.mkdir(chroot, &opts).await {
+                    Ok(()) | Err(zookeeper_client::Error::NodeExists) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                client.chroot(chroot.as_str()).map_err(|_| ZkError::Other(format!("invalid chroot {chroot}")))
+            }
+        }
+    }
+
+    fn run_hooks(&self) {
+        let hooks: Vec<SessionHook> = self.inner.hooks.lock().unwrap().clone();
+        if hooks.is_empty() {
+            return;
+        }
+        let zk = self.clone();
+        thread::spawn(ThreadKind::ZkSession, "zk-hooks", move || {
+            for hook in hooks {
+                hook(&zk);
+            }
+        })
+        .detach();
+    }
+}
+
+/// Runs `fut` to completion unless `stop` fires first (then `None`).
+fn until_stopped<F: Future>(fut: F, stop: &mut oneshot::Receiver<()>) -> Option<F::Output> {
+    futures::executor::block_on(async {
+        match select(pin!(fut), stop).await {
+            Either::Left((out, _)) => Some(out),
+            Either::Right(_) => None,
+        }
+    })
+}
+
+fn create_mode(mode: Mode) -> CreateMode {
+    match mode {
+        Mode::Persistent => CreateMode::Persistent,
+        Mode::PersistentSequential => CreateMode::PersistentSequential,
+        Mode::Ephemeral => CreateMode::Ephemeral,
+        Mode::EphemeralSequential => CreateMode::EphemeralSequential,
+    }
+}
+
+fn none_if_no_node<T>(r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(ZkError::NoNode) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn watch_event(ev: zookeeper_client::WatchedEvent) -> WatchEvent {
+    let kind = match ev.event_type {
+        EventType::NodeCreated => WatchKind::Created,
+        EventType::NodeDeleted => WatchKind::Deleted,
+        EventType::NodeDataChanged => WatchKind::DataChanged,
+        EventType::NodeChildrenChanged => WatchKind::ChildrenChanged,
+        EventType::Session => WatchKind::SessionEnded,
+    };
+    WatchEvent { path: ev.path, kind }
+}
+
+/// The `zk-events` thread: polls armed watches and forwards what fires. Nothing else.
+fn events_loop(rx: mpsc::UnboundedReceiver<BoxFuture<'static, ()>>) {
+    futures::executor::block_on(async move {
+        let mut rx = rx.fuse();
+        let mut armed = FuturesUnordered::new();
+        loop {
+            futures::select! {
+                f = rx.next() => match f {
+                    Some(f) => armed.push(f),
+                    None => break,
+                },
+                _ = armed.select_next_some() => {}
+            }
+        }
+    });
+}
