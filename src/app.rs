@@ -1,0 +1,94 @@
+//! Wiring of the daemon: identity, ZooKeeper session and component registration, control
+//! signals, and ordered shutdown.
+//!
+//! Start-up order matters: signal handlers first (before any worker thread), then the
+//! ZooKeeper session with its new-session hooks, then the workers; "ready" is announced only
+//! once ZooKeeper is connected and every thread is up.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, unbounded};
+use log::{debug, error, info, warn};
+
+use crate::config::{self, Config};
+use crate::identity;
+use crate::signals::{self, ControlSignal};
+use crate::zk::{Zk, ZkConfig, component};
+
+/// Daemon options from the command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config_path: PathBuf,
+    pub secure_path: Option<PathBuf>,
+    pub build_workers: usize,
+    pub upload_workers: usize,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. `ready` is called once ZooKeeper is connected and
+/// every thread is up (daemon mode uses it to release the waiting parent).
+pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), String> {
+    let cfg = Arc::new(cfg);
+    let builder_id = identity::builder_id(&cfg.images_dir)
+        .map_err(|e| format!("images-dir {} is not usable: {e}", cfg.images_dir.display()))?;
+    let hostname = identity::hostname();
+    let fqdn = identity::fqdn();
+    let (ctl_tx, ctl_rx) = unbounded();
+    signals::install(ctl_tx).map_err(|e| format!("cannot install signal handlers: {e}"))?;
+
+    let zk_cfg = ZkConfig::from_config(&cfg);
+    if zk_cfg.tls.is_none() {
+        warn!("ZooKeeper connection is plaintext; nodepool 11 itself requires TLS (zookeeper-tls)");
+    }
+    let zk = Zk::new(zk_cfg);
+    component::register_on_every_session(&zk, hostname.clone(), identity::version());
+    zk.start();
+    info!("Waiting for ZooKeeper {}", zk.config().connect_string());
+    if !wait_for_zookeeper(&zk, &ctl_rx) {
+        zk.close();
+        info!("Stopped before ZooKeeper was reached");
+        return Ok(());
+    }
+    debug!("Starting listener for build jobs");
+    info!(
+        "nodepool-builder {} ready: builder_id={builder_id} host={hostname} fqdn={fqdn} build-workers={} upload-workers={}",
+        identity::version(),
+        opts.build_workers,
+        opts.upload_workers
+    );
+    ready();
+
+    let mut current = cfg;
+    for sig in ctl_rx.iter() {
+        match sig {
+            ControlSignal::Shutdown => break,
+            ControlSignal::Reload => match config::load(&opts.config_path, opts.secure_path.as_deref()) {
+                Ok(new) => {
+                    info!("Configuration reloaded from {}", opts.config_path.display());
+                    current = Arc::new(new);
+                }
+                Err(errors) => {
+                    error!("Configuration {} is invalid; keeping the running configuration:\n{errors}", opts.config_path.display());
+                }
+            },
+        }
+    }
+    drop(current);
+    info!("Shutting down: closing the ZooKeeper session");
+    zk.close();
+    info!("nodepool-builder stopped");
+    Ok(())
+}
+
+/// Waits until connected; returns false if asked to stop first.
+fn wait_for_zookeeper(zk: &Zk, ctl_rx: &Receiver<ControlSignal>) -> bool {
+    loop {
+        if zk.wait_connected(Duration::from_millis(250)) {
+            return true;
+        }
+        if let Ok(ControlSignal::Shutdown) = ctl_rx.try_recv() {
+            return false;
+        }
+    }
+}
