@@ -26,24 +26,20 @@
 //! 8. What other nodepool components see (znodes, JSON bytes, lock names, file names, log
 //!    marker lines, statsd keys, CLI-visible states) follows nodepool 11 exactly.
 
-#[cfg(feature = "wip")]
 pub mod app;
 pub mod build;
 pub mod cli;
 pub mod cleanup;
 pub mod config;
 pub mod logging;
-#[cfg(feature = "wip")]
 pub mod identity;
 pub mod model;
 pub mod provider;
 pub mod registry;
 pub mod scheduler;
-#[cfg(feature = "wip")]
 pub mod signals;
 pub mod stackdump;
 pub mod stats;
 pub mod thread;
 pub mod upload;
-#[cfg(feature = "wip")]
 pub mod zk;

@@ -1,2 +1,132 @@
-//! Cloud drivers behind one trait: OpenStack (Glance v2 + Keystone) and the command driver.
-//! Filled in by the upload-pipeline work.
+//! Cloud drivers behind one trait: OpenStack (Glance v2 + Keystone, configured through
+//! clouds.yaml) and the command driver (our addition).
+//!
+//! Only `provider::*` knows a cloud protocol. The upload worker builds an [`UploadRequest`]
+//! (name, file, format, checksums, properties) and calls [`ProviderDriver::upload`]; the
+//! cleanup worker calls [`ProviderDriver::delete`] with the `external_id` stored in ZooKeeper.
+//! Drivers are blocking and may be called from several upload threads at once.
+
+pub mod command;
+pub mod openstack;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config;
+
+/// Everything a driver needs to upload one image file.
+#[derive(Debug, Clone)]
+pub struct UploadRequest {
+    /// The diskimage name (`{image_name}`).
+    pub image_name: String,
+    pub build_id: String,
+    pub upload_id: String,
+    /// The cloud image name, already expanded from `image-name-format`.
+    pub external_name: String,
+    /// The local file to upload (`<images-dir>/<image>-<build_id>.<format>`).
+    pub file: PathBuf,
+    /// The file's format (`qcow2`, `raw`, `vhd`, ...), i.e. the cloud's `disk_format`.
+    pub format: String,
+    /// md5 hex from the `.md5` file next to the image, if present.
+    pub md5: Option<String>,
+    /// sha256 hex from the `.sha256` file next to the image, if present.
+    pub sha256: Option<String>,
+    /// Image properties: diskimage `metadata`, provider `meta`, and the `nodepool_build_id`,
+    /// `nodepool_upload_id`, `nodepool_provider_name` tags.
+    pub properties: BTreeMap<String, String>,
+    /// `image-upload-timeout`: the whole upload, including waiting for the image to be active.
+    pub timeout: Duration,
+}
+
+/// What a successful upload returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uploaded {
+    /// The cloud's id for the image: stored as the upload's `external_id`.
+    pub external_id: String,
+}
+
+/// A cloud image as listed by a driver (for leak detection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudImage {
+    pub id: String,
+    pub name: String,
+    pub properties: BTreeMap<String, String>,
+}
+
+/// Broad classes of driver failure; the message says exactly what happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Bad or missing driver configuration (clouds.yaml entry, endpoint, command template).
+    Config,
+    /// 401/403 after re-authenticating.
+    Auth,
+    /// 404: the image (or endpoint) does not exist.
+    NotFound,
+    /// 409: conflicting state.
+    Conflict,
+    /// 413: the cloud refuses the size.
+    TooLarge,
+    /// 415: the data does not match the declared format.
+    UnsupportedMedia,
+    /// 5xx.
+    Server,
+    /// The upload or a request did not finish in time.
+    Timeout,
+    /// Network or local file errors.
+    Io,
+    /// A command driver's command failed.
+    Command,
+}
+
+/// A driver error: what kind, and a one-line message naming the cloud, image and cause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ProviderError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ProviderError {
+        ProviderError { kind, message: message.into() }
+    }
+}
+
+impl fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ProviderError {}
+
+/// One configured provider's connection to its cloud.
+pub trait ProviderDriver: Send + Sync {
+    /// The provider name from the config.
+    fn name(&self) -> &str;
+
+    /// The image format this provider takes (OpenStack: provider `image-format`, else the
+    /// cloud's `image_format` in clouds.yaml, else `qcow2`; command: its `image-format`).
+    fn image_format(&self) -> &str;
+
+    /// Uploads the file and waits until the cloud image is usable. On failure the driver
+    /// removes any cloud image it created for this request before returning (nothing leaks).
+    fn upload(&self, req: &UploadRequest) -> Result<Uploaded, ProviderError>;
+
+    /// Deletes a cloud image by id. Deleting an image that no longer exists is success.
+    fn delete(&self, external_id: &str) -> Result<(), ProviderError>;
+
+    /// Lists the cloud images carrying `nodepool_provider_name=<this provider>`, for leak
+    /// detection. Drivers that cannot list return an empty list.
+    fn list_images(&self) -> Result<Vec<CloudImage>, ProviderError>;
+}
+
+/// Creates the driver for a configured provider. `clouds_yaml` overrides the clouds.yaml
+/// search (tests and `OS_CLIENT_CONFIG_FILE` handling live in the OpenStack driver).
+pub fn for_provider(provider: &config::Provider, clouds_yaml: Option<&Path>) -> Result<Box<dyn ProviderDriver>, ProviderError> {
+    match &provider.driver {
+        config::Driver::OpenStack { .. } => Ok(Box::new(openstack::OpenStackDriver::new(provider, clouds_yaml)?)),
+        config::Driver::Command { .. } => Ok(Box::new(command::CommandDriver::new(provider)?)),
+    }
+}
