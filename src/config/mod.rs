@@ -1,1 +1,403 @@
-//! Placeholder; replaced by the config work.
+//! The builder's configuration: nodepool.yaml's builder subset as a TOML file.
+//!
+//! # Format
+//!
+//! The main file (`-c`) uses nodepool.yaml's key names, kebab-case, with nodepool's defaults
+//! (wire spec §4); `etc/nodepool-builder.toml` lists every key with its default.
+//! A few keys are our additions: `images-dir-required-free` (from the unmerged upstream
+//! proposal, GiB, also per diskimage), `zookeeper-auth`, `cleanup-interval`,
+//! `resync-interval`, `retry-backoff-initial` and `retry-backoff-max`.
+//! The file is ours alone, so unknown keys are errors: an operator's typo fails loudly.
+//!
+//! Relative paths (`images-dir`, `elements-dir`, `build-log-dir`, the `zookeeper-tls` files,
+//! `post-upload-hook`) are resolved against the directory of the file they are written in,
+//! made absolute when the file is loaded, so a daemon that later changes directory still
+//! finds them.
+//!
+//! Before parsing, every `%(NAME)` whose `NAME` starts with `NODEPOOL_` is replaced by that
+//! environment variable's value, as upstream does; see `source` for how positions in error
+//! messages stay right.
+//!
+//! The optional secure file (`-s`) may set `zookeeper-servers` (replacing the main file's
+//! list), `zookeeper-tls`, `zookeeper-auth`, and `[[diskimages]]` entries holding only `name`
+//! and `env-vars`, which are merged over the named diskimage's `env-vars`. It holds
+//! credentials, so its error messages never echo its lines or values.
+//!
+//! # Errors
+//!
+//! A bad configuration must never start a half-configured daemon, and an operator should
+//! not have to fix it one error per attempt. [`load`] therefore reports every problem at
+//! once, each as `file:line:col: message` pointing at the offending key or value, or at the
+//! header of a table that lacks a required key.
+//!
+//! # Layers
+//!
+//! * `source`: `%(NODEPOOL_*)` substitution and byte offset to `line:col`.
+//! * `raw`: walks the spanned TOML document (`toml::de::DeTable`) into raw structs, checking
+//!   types, ranges, required and unknown keys.
+//! * `validate`: duplicate names, parents and abstract diskimages, provider references, the
+//!   secure file; builds [`Config`].
+
+mod raw;
+mod source;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use source::{FileId, Source};
+
+/// nodepool's defaults, and ours for the keys we added.
+pub mod defaults {
+    /// `build-log-dir`.
+    pub const BUILD_LOG_DIR: &str = "/var/log/nodepool/builds";
+    /// `build-log-retention`: logs kept per image.
+    pub const BUILD_LOG_RETENTION: i64 = 7;
+    /// `zookeeper-timeout`, seconds.
+    pub const ZOOKEEPER_TIMEOUT: f64 = 10.0;
+    /// `images-dir-required-free`, GiB; 0 turns the check off.
+    pub const IMAGES_DIR_REQUIRED_FREE: u64 = 0;
+    /// `port` of a `[[zookeeper-servers]]` entry (nodepool's code; its docs say 2181).
+    pub const ZOOKEEPER_PORT: u16 = 2281;
+    /// `scheme` of `[zookeeper-auth]`.
+    pub const ZOOKEEPER_AUTH_SCHEME: &str = "digest";
+    /// `cleanup-interval`, seconds (upstream's fixed janitor interval).
+    pub const CLEANUP_INTERVAL: f64 = 60.0;
+    /// `resync-interval`, seconds.
+    pub const RESYNC_INTERVAL: f64 = 300.0;
+    /// `retry-backoff-initial`, seconds.
+    pub const RETRY_BACKOFF_INITIAL: f64 = 5.0;
+    /// `retry-backoff-max`, seconds.
+    pub const RETRY_BACKOFF_MAX: f64 = 600.0;
+    /// `dib-cmd` of a diskimage.
+    pub const DIB_CMD: &str = "disk-image-create";
+    /// `rebuild-age` of a diskimage, seconds.
+    pub const REBUILD_AGE: u64 = 86400;
+    /// `build-timeout` of a diskimage, seconds.
+    pub const BUILD_TIMEOUT: u64 = 28800;
+    /// `username` of a diskimage.
+    pub const USERNAME: &str = "zuul";
+    /// `python-path` of a diskimage.
+    pub const PYTHON_PATH: &str = "auto";
+    /// `rate` of a provider, seconds between API calls.
+    pub const RATE: f64 = 1.0;
+    /// `image-name-format` of a provider.
+    pub const IMAGE_NAME_FORMAT: &str = "{image_name}-{timestamp}";
+    /// `image-upload-timeout` of a provider, seconds.
+    pub const IMAGE_UPLOAD_TIMEOUT: u64 = 3600;
+    /// `image-format` of a command provider.
+    pub const COMMAND_IMAGE_FORMAT: &str = "qcow2";
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where builds are written; required.
+    pub images_dir: PathBuf,
+    /// Exported to DIB as `ELEMENTS_PATH`.
+    pub elements_dir: Option<PathBuf>,
+    /// Per-build logs.
+    pub build_log_dir: PathBuf,
+    /// Build logs kept per image; -1 keeps all.
+    pub build_log_retention: i64,
+    /// ZooKeeper session timeout, seconds.
+    pub zookeeper_timeout: f64,
+    /// GiB that must be free in `images_dir` before a build starts; 0 turns the check off.
+    pub images_dir_required_free: u64,
+    /// The servers to connect to; there is at least one.
+    pub zookeeper_servers: Vec<ZkServer>,
+    pub zookeeper_tls: Option<ZkTls>,
+    pub zookeeper_auth: Option<ZkAuth>,
+    /// Seconds between janitor passes; 0 disables cleanup.
+    pub cleanup_interval: f64,
+    /// Seconds between slow safety rescans of everything.
+    pub resync_interval: f64,
+    /// First retry delay after a failure, seconds.
+    pub retry_backoff_initial: f64,
+    /// Longest retry delay, seconds.
+    pub retry_backoff_max: f64,
+    /// Non-abstract diskimages with their parents merged, in file order.
+    pub diskimages: Vec<DiskImage>,
+    /// Providers in file order.
+    pub providers: Vec<Provider>,
+}
+
+/// One `[[zookeeper-servers]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZkServer {
+    pub host: String,
+    pub port: u16,
+    /// The chroot starts with '/', never ends with '/' and is the same for every server.
+    pub chroot: Option<String>,
+}
+
+/// `[zookeeper-tls]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZkTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// Host name verification is off by default, like kazoo's.
+    pub verify_hostname: bool,
+}
+
+/// `[zookeeper-auth]`: ZooKeeper authentication (our addition).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ZkAuth {
+    pub scheme: String,
+    /// `user:password` for the digest scheme.
+    pub credentials: String,
+}
+
+impl fmt::Debug for ZkAuth {
+    /// Keeps the credentials out of logs and panic messages.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ZkAuth")
+            .field("scheme", &self.scheme)
+            .field("credentials", &"<redacted>")
+            .finish()
+    }
+}
+
+/// One diskimage, parents merged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskImage {
+    pub name: String,
+    pub dib_cmd: String,
+    pub elements: Vec<String>,
+    pub env_vars: BTreeMap<String, String>,
+    pub formats: Vec<String>,
+    pub delete_after_upload: bool,
+    pub keep_formats: Vec<String>,
+    pub pause: bool,
+    /// The image is rebuilt when its newest build is older than this many seconds.
+    pub rebuild_age: u64,
+    /// A build running longer than this many seconds is killed.
+    pub build_timeout: u64,
+    /// Exported as `DIB_RELEASE`; an integer in the file is stringified.
+    pub release: String,
+    pub username: String,
+    pub python_path: String,
+    pub shell_type: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    /// Overrides the top-level `images_dir_required_free`, GiB.
+    pub images_dir_required_free: Option<u64>,
+}
+
+/// One `[[providers]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provider {
+    pub name: String,
+    pub driver: Driver,
+    /// Seconds between API calls; 0 means no limit.
+    pub rate: f64,
+    pub image_name_format: String,
+    /// An upload taking longer than this many seconds fails.
+    pub image_upload_timeout: u64,
+    pub post_upload_hook: Option<PathBuf>,
+    pub diskimages: Vec<ProviderDiskImage>,
+}
+
+/// A provider's driver and the keys only that driver has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Driver {
+    OpenStack {
+        /// The `clouds.yaml` entry.
+        cloud: String,
+        region_name: Option<String>,
+        /// The provider's `image-format`; `None` means the cloud's `image_format` from
+        /// `clouds.yaml`, else qcow2 (resolved by the provider).
+        image_format: Option<String>,
+    },
+    Command {
+        /// The argv template of the upload command.
+        upload_command: Vec<String>,
+        /// The argv template of the delete command.
+        delete_command: Vec<String>,
+        image_format: String,
+    },
+}
+
+/// One `[[providers.diskimages]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderDiskImage {
+    pub name: String,
+    /// Pauses uploads of this image to this provider.
+    pub pause: bool,
+    /// These image properties are set on upload.
+    pub meta: BTreeMap<String, String>,
+}
+
+impl Config {
+    /// The (non-abstract) diskimage called `name`.
+    pub fn diskimage(&self, name: &str) -> Option<&DiskImage> {
+        self.diskimages.iter().find(|d| d.name == name)
+    }
+
+    /// The provider called `name`.
+    pub fn provider(&self, name: &str) -> Option<&Provider> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+}
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the problem concerns the whole file (it cannot be read).
+    pub line: usize,
+    /// 1-based, in characters; 0 together with `line`.
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                self.line,
+                self.col,
+                self.message
+            )
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every problem found while loading, in file and position order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and validates the main file and, if given, the secure file.
+pub fn load(path: &Path, secure: Option<&Path>) -> Result<Config, ConfigErrors> {
+    let read = |path: &Path| {
+        std::fs::read(path)
+            .map_err(|e| format!("cannot read config file: {e}"))
+            .and_then(|bytes| {
+                String::from_utf8(bytes).map_err(|_| "config file is not valid UTF-8".to_owned())
+            })
+            .map_err(|message| ConfigError {
+                file: path.to_owned(),
+                line: 0,
+                col: 0,
+                message,
+            })
+    };
+    let main = read(path);
+    let secure = secure.map(|p| read(p).map(|text| (p, text)));
+    match (main, secure) {
+        (Ok(main), None) => load_str(path, &main, None),
+        (Ok(main), Some(Ok((secure_path, secure)))) => {
+            load_str(path, &main, Some((secure_path, &secure)))
+        }
+        (main, secure) => Err(ConfigErrors(
+            main.err()
+                .into_iter()
+                .chain(secure.and_then(Result::err))
+                .collect(),
+        )),
+    }
+}
+
+/// Validates configuration text; `main_name` and the secure path name the files in errors and
+/// anchor relative paths. [`load`] reads the files and calls this.
+pub fn load_str(
+    main_name: &Path,
+    main_src: &str,
+    secure: Option<(&Path, &str)>,
+) -> Result<Config, ConfigErrors> {
+    let env = |name: &str| std::env::var(name).ok();
+    let main = Source::new(FileId::Main, main_src, &env);
+    let secure_src = secure.map(|(path, text)| (path, Source::new(FileId::Secure, text, &env)));
+    let mut sink = raw::Sink::default();
+
+    let (main_doc, main_syntax) = toml::de::DeTable::parse_recoverable(&main.text);
+    report_syntax(&main, main_syntax, &mut sink);
+    let secure_doc = secure_src.as_ref().map(|(_, src)| {
+        let (doc, errors) = toml::de::DeTable::parse_recoverable(&src.text);
+        report_syntax(src, errors, &mut sink);
+        doc
+    });
+    // A document recovered from syntax errors would only produce misleading follow-up errors.
+    if !sink.errors.is_empty() {
+        return Err(into_errors(sink, main_name, secure.map(|(p, _)| p)));
+    }
+
+    let raw_main = raw::read_main(&main, &base_dir(main_name), main_doc.get_ref(), &mut sink);
+    let raw_secure = match (&secure_src, &secure_doc) {
+        (Some((path, src)), Some(doc)) => Some(raw::read_secure(
+            src,
+            &base_dir(path),
+            doc.get_ref(),
+            &mut sink,
+        )),
+        _ => None,
+    };
+    let config = validate::build(raw_main, raw_secure, &mut sink);
+    if sink.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(into_errors(sink, main_name, secure.map(|(p, _)| p)))
+    }
+}
+
+/// Records TOML syntax errors; only the parser's description and position are kept, never
+/// the source line it would quote.
+fn report_syntax(src: &Source, errors: Vec<toml::de::Error>, sink: &mut raw::Sink) {
+    for error in errors {
+        let offset = error.span().map_or(0, |span| span.start);
+        let message = error.message().trim().replace('\n', "; ");
+        sink.error(src.pos(offset), format!("invalid TOML: {message}"));
+    }
+}
+
+/// The absolute directory that relative paths in the file `path` are resolved against.
+fn base_dir(path: &Path) -> PathBuf {
+    let dir = path.parent().unwrap_or(Path::new(""));
+    if dir.as_os_str().is_empty() {
+        std::env::current_dir().unwrap_or_default()
+    } else {
+        std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned())
+    }
+}
+
+fn into_errors(sink: raw::Sink, main: &Path, secure: Option<&Path>) -> ConfigErrors {
+    let mut errors = sink.errors;
+    errors.sort();
+    errors.dedup();
+    ConfigErrors(
+        errors
+            .into_iter()
+            .map(|(pos, message)| ConfigError {
+                file: match pos.file {
+                    FileId::Main => main.to_owned(),
+                    FileId::Secure => secure.unwrap_or(main).to_owned(),
+                },
+                line: pos.line,
+                col: pos.col,
+                message,
+            })
+            .collect(),
+    )
+}

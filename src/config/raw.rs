@@ -1,0 +1,1022 @@
+//! Reading the spanned TOML document into raw structs, collecting every error on the way.
+//!
+//! serde's derive stops at the first error, and an operator fixing a config one error per
+//! daemon start would rightly be annoyed.
+//! So the files are parsed with `toml::de::DeTable`, which keeps a byte span for every key
+//! and value, and walked by hand with [`Reader`]: each typed getter records a type error and
+//! carries on, `require` records a missing key at the table's header, and `finish` reports
+//! every key nobody asked for as unknown.
+//!
+//! Checks that need only one value (ranges, name syntax, required keys) happen here.
+//! Checks that relate entries to each other (duplicate names, parents, provider references,
+//! the secure file's diskimages) happen in `validate`, which is why names and parents keep
+//! their position in [`At`].
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::source::{Pos, Source};
+use super::{Driver, ZkAuth, ZkServer, ZkTls, defaults};
+
+/// A value and where it was written.
+#[derive(Clone, Debug)]
+pub(crate) struct At<T> {
+    pub value: T,
+    pub pos: Pos,
+}
+
+/// Every error found so far, with its position.
+#[derive(Default)]
+pub(crate) struct Sink {
+    pub errors: Vec<(Pos, String)>,
+}
+
+impl Sink {
+    pub fn error(&mut self, pos: Pos, message: impl Into<String>) {
+        self.errors.push((pos, message.into()));
+    }
+}
+
+/// The main file's top level.
+pub(crate) struct RawMain {
+    pub start: Pos,
+    pub images_dir: Option<PathBuf>,
+    pub elements_dir: Option<PathBuf>,
+    pub build_log_dir: Option<PathBuf>,
+    pub build_log_retention: Option<i64>,
+    pub zookeeper_timeout: Option<f64>,
+    pub images_dir_required_free: Option<u64>,
+    pub cleanup_interval: Option<f64>,
+    pub resync_interval: Option<f64>,
+    pub retry_backoff_initial: Option<f64>,
+    pub retry_backoff_max: Option<f64>,
+    /// `Some` whenever the key is present, even if its entries had errors.
+    pub zookeeper_servers: Option<Vec<ZkServer>>,
+    pub zookeeper_tls: Option<ZkTls>,
+    pub zookeeper_auth: Option<ZkAuth>,
+    pub diskimages: Vec<RawDiskImage>,
+    pub providers: Vec<RawProvider>,
+}
+
+/// The secure file's top level.
+pub(crate) struct RawSecure {
+    pub zookeeper_servers: Option<Vec<ZkServer>>,
+    pub zookeeper_tls: Option<ZkTls>,
+    pub zookeeper_auth: Option<ZkAuth>,
+    pub diskimages: Vec<RawSecureDiskImage>,
+}
+
+/// One `[[diskimages]]` entry of the main file, before parents are merged.
+pub(crate) struct RawDiskImage {
+    pub name: Option<At<String>>,
+    pub is_abstract: bool,
+    pub parent: Option<At<String>>,
+    pub keys: DiskImageKeys,
+}
+
+/// The keys a diskimage inherits from its parent; `None` means absent from this entry.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct DiskImageKeys {
+    pub dib_cmd: Option<String>,
+    pub elements: Option<Vec<String>>,
+    pub env_vars: Option<BTreeMap<String, String>>,
+    pub formats: Option<Vec<String>>,
+    pub delete_after_upload: Option<bool>,
+    pub keep_formats: Option<Vec<String>>,
+    pub pause: Option<bool>,
+    pub rebuild_age: Option<u64>,
+    pub build_timeout: Option<u64>,
+    pub release: Option<String>,
+    pub username: Option<String>,
+    pub python_path: Option<String>,
+    pub shell_type: Option<String>,
+    pub metadata: Option<BTreeMap<String, String>>,
+    pub images_dir_required_free: Option<u64>,
+}
+
+/// One `[[diskimages]]` entry of the secure file.
+pub(crate) struct RawSecureDiskImage {
+    pub name: Option<At<String>>,
+    pub env_vars: BTreeMap<String, String>,
+}
+
+/// One `[[providers]]` entry.
+pub(crate) struct RawProvider {
+    pub name: Option<At<String>>,
+    /// `None` when the driver was unknown or its required keys were missing.
+    pub driver: Option<Driver>,
+    pub rate: Option<f64>,
+    pub image_name_format: Option<String>,
+    pub image_upload_timeout: Option<u64>,
+    pub post_upload_hook: Option<PathBuf>,
+    pub diskimages: Vec<RawProviderDiskImage>,
+}
+
+/// One `[[providers.diskimages]]` entry.
+pub(crate) struct RawProviderDiskImage {
+    pub name: Option<At<String>>,
+    pub pause: Option<bool>,
+    pub meta: Option<BTreeMap<String, String>>,
+}
+
+/// Keys of the main file's top level, named when the secure file tries to set one.
+const MAIN_ONLY_KEYS: &[&str] = &[
+    "images-dir",
+    "elements-dir",
+    "build-log-dir",
+    "build-log-retention",
+    "zookeeper-timeout",
+    "images-dir-required-free",
+    "cleanup-interval",
+    "resync-interval",
+    "retry-backoff-initial",
+    "retry-backoff-max",
+    "providers",
+];
+
+/// Diskimage keys other than `name` and `env-vars`, which the secure file may not set.
+const DISKIMAGE_MAIN_ONLY_KEYS: &[&str] = &[
+    "abstract",
+    "parent",
+    "dib-cmd",
+    "elements",
+    "formats",
+    "delete-after-upload",
+    "keep-formats",
+    "pause",
+    "rebuild-age",
+    "build-timeout",
+    "release",
+    "username",
+    "python-path",
+    "shell-type",
+    "metadata",
+    "images-dir-required-free",
+];
+
+/// Reads the main file's document.
+pub(crate) fn read_main(src: &Source, base: &Path, root: &DeTable<'_>, sink: &mut Sink) -> RawMain {
+    let mut r = Reader::new(src, root, 0..0, "the top level");
+    let images_dir = r.path(sink, base, "images-dir");
+    r.require(sink, "images-dir");
+    let elements_dir = r.path(sink, base, "elements-dir");
+    let build_log_dir = r.path(sink, base, "build-log-dir");
+    let build_log_retention = r.integer(sink, "build-log-retention").and_then(|v| {
+        check(
+            sink,
+            &v,
+            v.value >= -1,
+            "`build-log-retention` must be -1 (keep every log) or greater",
+        )
+    });
+    let zookeeper_timeout = r
+        .number(sink, "zookeeper-timeout")
+        .and_then(|v| positive_f64(sink, "zookeeper-timeout", v));
+    let images_dir_required_free = r
+        .integer(sink, "images-dir-required-free")
+        .and_then(|v| non_negative(sink, "images-dir-required-free", v));
+    let cleanup_interval = r.number(sink, "cleanup-interval").and_then(|v| {
+        check(
+            sink,
+            &v,
+            v.value >= 0.0,
+            "`cleanup-interval` must not be negative (0 disables cleanup)",
+        )
+    });
+    let resync_interval = r
+        .number(sink, "resync-interval")
+        .and_then(|v| positive_f64(sink, "resync-interval", v));
+    let backoff_initial = r
+        .number(sink, "retry-backoff-initial")
+        .and_then(|v| positive_f64(sink, "retry-backoff-initial", v));
+    let backoff_max = r.number(sink, "retry-backoff-max");
+    // Compare with the defaults standing in for absent keys, but not when a present
+    // `retry-backoff-initial` was already rejected.
+    if backoff_initial.is_some() || !r.has("retry-backoff-initial") {
+        let initial = backoff_initial
+            .as_ref()
+            .map_or(defaults::RETRY_BACKOFF_INITIAL, |v| v.value);
+        let max = backoff_max
+            .as_ref()
+            .map_or(defaults::RETRY_BACKOFF_MAX, |v| v.value);
+        if max < initial {
+            match (&backoff_max, &backoff_initial) {
+                (Some(max), _) => sink.error(
+                    max.pos,
+                    "`retry-backoff-max` must not be less than `retry-backoff-initial`",
+                ),
+                (None, Some(initial)) => sink.error(
+                    initial.pos,
+                    "`retry-backoff-initial` must not exceed `retry-backoff-max` (default 600)",
+                ),
+                (None, None) => {}
+            }
+        }
+    }
+    let zookeeper_servers = read_servers(src, &mut r, sink);
+    let zookeeper_tls = read_tls(src, base, &mut r, sink);
+    let zookeeper_auth = read_auth(src, &mut r, sink);
+    let diskimages = r
+        .tables(sink, "diskimages")
+        .into_iter()
+        .map(|(table, span)| read_diskimage(src, table, span, sink))
+        .collect();
+    let providers = r
+        .tables(sink, "providers")
+        .into_iter()
+        .map(|(table, span)| read_provider(src, base, table, span, sink))
+        .collect();
+    r.finish(sink);
+    RawMain {
+        start: src.start(),
+        images_dir,
+        elements_dir,
+        build_log_dir,
+        build_log_retention: build_log_retention.map(|v| v.value),
+        zookeeper_timeout: zookeeper_timeout.map(|v| v.value),
+        images_dir_required_free,
+        cleanup_interval: cleanup_interval.map(|v| v.value),
+        resync_interval: resync_interval.map(|v| v.value),
+        retry_backoff_initial: backoff_initial.map(|v| v.value),
+        retry_backoff_max: backoff_max.map(|v| v.value),
+        zookeeper_servers,
+        zookeeper_tls,
+        zookeeper_auth,
+        diskimages,
+        providers,
+    }
+}
+
+/// Reads the secure file's document.
+///
+/// CAUTION: this file holds credentials, so no message written here may contain a value from
+/// it; messages name keys and positions only (diskimage names are not secret).
+pub(crate) fn read_secure(
+    src: &Source,
+    base: &Path,
+    root: &DeTable<'_>,
+    sink: &mut Sink,
+) -> RawSecure {
+    let mut r = Reader::new(src, root, 0..0, "the top level of the secure file");
+    r.not_allowed = (MAIN_ONLY_KEYS, "the secure file");
+    let zookeeper_servers = read_servers(src, &mut r, sink);
+    let zookeeper_tls = read_tls(src, base, &mut r, sink);
+    let zookeeper_auth = read_auth(src, &mut r, sink);
+    let diskimages = r
+        .tables(sink, "diskimages")
+        .into_iter()
+        .map(|(table, span)| {
+            let mut d = Reader::new(
+                src,
+                table,
+                span,
+                "a [[diskimages]] entry of the secure file",
+            );
+            d.not_allowed = (
+                DISKIMAGE_MAIN_ONLY_KEYS,
+                "a [[diskimages]] entry of the secure file (only name and env-vars)",
+            );
+            let name = d.string(sink, "name");
+            d.require(sink, "name");
+            let env_vars = d.string_map(sink, "env-vars");
+            d.finish(sink);
+            RawSecureDiskImage {
+                name,
+                env_vars: env_vars.unwrap_or_default(),
+            }
+        })
+        .collect();
+    r.finish(sink);
+    RawSecure {
+        zookeeper_servers,
+        zookeeper_tls,
+        zookeeper_auth,
+        diskimages,
+    }
+}
+
+fn read_servers(src: &Source, r: &mut Reader<'_, '_>, sink: &mut Sink) -> Option<Vec<ZkServer>> {
+    let value = r.raw("zookeeper-servers")?;
+    if value.get_ref().as_array().is_some_and(|a| a.is_empty()) {
+        sink.error(
+            src.pos(value.span().start),
+            "`zookeeper-servers` must list at least one server",
+        );
+    }
+    let tables = r.tables(sink, "zookeeper-servers");
+    let mut servers = Vec::new();
+    let mut first_chroot: Option<At<Option<String>>> = None;
+    for (table, span) in tables {
+        let mut s = Reader::new(src, table, span.clone(), "a [[zookeeper-servers]] entry");
+        let header = src.pos(span.start);
+        let host = s.string(sink, "host");
+        s.require(sink, "host");
+        if let Some(host) = &host
+            && host.value.trim().is_empty()
+        {
+            sink.error(host.pos, "`host` must not be empty");
+        }
+        let port = s.integer(sink, "port").and_then(|v| {
+            check(
+                sink,
+                &v,
+                (1..=65535).contains(&v.value),
+                "`port` must be between 1 and 65535",
+            )
+        });
+        let chroot = s.string(sink, "chroot");
+        if let Some(chroot) = &chroot {
+            check_chroot(sink, chroot);
+        }
+        s.finish(sink);
+        let chroot_value = chroot.as_ref().map(|c| c.value.clone());
+        match &first_chroot {
+            None => {
+                first_chroot = Some(At {
+                    value: chroot_value.clone(),
+                    pos: header,
+                })
+            }
+            Some(first) if first.value != chroot_value => {
+                let at = chroot.as_ref().map_or(header, |c| c.pos);
+                sink.error(
+                    at,
+                    "every [[zookeeper-servers]] entry must have the same `chroot`",
+                );
+            }
+            Some(_) => {}
+        }
+        servers.push(ZkServer {
+            host: host.map(|h| h.value).unwrap_or_default(),
+            port: port.map_or(defaults::ZOOKEEPER_PORT, |p| p.value as u16),
+            chroot: chroot_value,
+        });
+    }
+    Some(servers)
+}
+
+fn check_chroot(sink: &mut Sink, chroot: &At<String>) {
+    let value = &chroot.value;
+    if !value.starts_with('/') {
+        sink.error(chroot.pos, "`chroot` must start with '/'");
+    } else if value.ends_with('/') {
+        sink.error(
+            chroot.pos,
+            "`chroot` must not end with '/' (leave it out to use the root)",
+        );
+    } else if value.contains("//") {
+        sink.error(
+            chroot.pos,
+            "`chroot` must not contain empty path components",
+        );
+    }
+}
+
+fn read_tls(src: &Source, base: &Path, r: &mut Reader<'_, '_>, sink: &mut Sink) -> Option<ZkTls> {
+    let (table, span) = r.table(sink, "zookeeper-tls")?;
+    let mut t = Reader::new(src, table, span, "[zookeeper-tls]");
+    let cert = t.path(sink, base, "cert");
+    let key = t.path(sink, base, "key");
+    let ca = t.path(sink, base, "ca");
+    let verify_hostname = t.boolean(sink, "verify-hostname");
+    for required in ["cert", "key", "ca"] {
+        t.require(sink, required);
+    }
+    t.finish(sink);
+    Some(ZkTls {
+        cert: cert.unwrap_or_default(),
+        key: key.unwrap_or_default(),
+        ca: ca.unwrap_or_default(),
+        verify_hostname: verify_hostname.is_some_and(|v| v.value),
+    })
+}
+
+fn read_auth(src: &Source, r: &mut Reader<'_, '_>, sink: &mut Sink) -> Option<ZkAuth> {
+    let (table, span) = r.table(sink, "zookeeper-auth")?;
+    let mut a = Reader::new(src, table, span, "[zookeeper-auth]");
+    let scheme = a.string(sink, "scheme");
+    let credentials = a.string(sink, "credentials");
+    a.require(sink, "credentials");
+    a.finish(sink);
+    let scheme = scheme.map_or_else(|| defaults::ZOOKEEPER_AUTH_SCHEME.to_owned(), |s| s.value);
+    if let Some(credentials) = &credentials
+        && scheme == "digest"
+        && !credentials.value.contains(':')
+    {
+        // The value is a password: name the key, never echo it.
+        sink.error(
+            credentials.pos,
+            "`credentials` must have the form user:password for scheme digest",
+        );
+    }
+    Some(ZkAuth {
+        scheme,
+        credentials: credentials.map(|c| c.value).unwrap_or_default(),
+    })
+}
+
+fn read_diskimage(
+    src: &Source,
+    table: &DeTable<'_>,
+    span: Range<usize>,
+    sink: &mut Sink,
+) -> RawDiskImage {
+    let mut d = Reader::new(src, table, span, "a [[diskimages]] entry");
+    let name = d.string(sink, "name");
+    d.require(sink, "name");
+    if let Some(name) = &name {
+        check_znode_name(sink, "diskimage", name);
+    }
+    let is_abstract = d.boolean(sink, "abstract").is_some_and(|v| v.value);
+    let parent = d.string(sink, "parent");
+    let keys = DiskImageKeys {
+        dib_cmd: d.string(sink, "dib-cmd").map(|v| v.value),
+        elements: d.strings(sink, "elements"),
+        env_vars: d.string_map(sink, "env-vars"),
+        formats: d.strings(sink, "formats"),
+        delete_after_upload: d.boolean(sink, "delete-after-upload").map(|v| v.value),
+        keep_formats: d.strings(sink, "keep-formats"),
+        pause: d.boolean(sink, "pause").map(|v| v.value),
+        rebuild_age: d
+            .integer(sink, "rebuild-age")
+            .and_then(|v| positive(sink, "rebuild-age", v)),
+        build_timeout: d
+            .integer(sink, "build-timeout")
+            .and_then(|v| positive(sink, "build-timeout", v)),
+        release: d.release(sink),
+        username: d.string(sink, "username").map(|v| v.value),
+        python_path: d.string(sink, "python-path").map(|v| v.value),
+        shell_type: d.string(sink, "shell-type").map(|v| v.value),
+        metadata: d.string_map(sink, "metadata"),
+        images_dir_required_free: d
+            .integer(sink, "images-dir-required-free")
+            .and_then(|v| non_negative(sink, "images-dir-required-free", v)),
+    };
+    d.finish(sink);
+    RawDiskImage {
+        name,
+        is_abstract,
+        parent,
+        keys,
+    }
+}
+
+fn read_provider(
+    src: &Source,
+    base: &Path,
+    table: &DeTable<'_>,
+    span: Range<usize>,
+    sink: &mut Sink,
+) -> RawProvider {
+    let mut p = Reader::new(src, table, span, "a [[providers]] entry");
+    let name = p.string(sink, "name");
+    p.require(sink, "name");
+    if let Some(name) = &name {
+        check_znode_name(sink, "provider", name);
+    }
+    let driver_name = p.string(sink, "driver");
+    let cloud = p.string(sink, "cloud");
+    let region_name = p.string(sink, "region-name");
+    let image_format = p.string(sink, "image-format");
+    if let Some(format) = &image_format
+        && format.value.is_empty()
+    {
+        sink.error(format.pos, "`image-format` must not be empty");
+    }
+    let upload_command = p.command(sink, "upload-command");
+    let delete_command = p.command(sink, "delete-command");
+    let rate = p
+        .number(sink, "rate")
+        .and_then(|v| check(sink, &v, v.value >= 0.0, "`rate` must not be negative"));
+    let image_name_format = p.string(sink, "image-name-format");
+    if let Some(format) = &image_name_format {
+        check_image_name_format(sink, format);
+    }
+    let image_upload_timeout = p
+        .integer(sink, "image-upload-timeout")
+        .and_then(|v| positive(sink, "image-upload-timeout", v));
+    let post_upload_hook = p.path(sink, base, "post-upload-hook");
+
+    let driver = match driver_name
+        .as_ref()
+        .map_or("openstack", |d| d.value.as_str())
+    {
+        "openstack" => {
+            p.require(sink, "cloud");
+            for key in ["upload-command", "delete-command"] {
+                p.only_for(sink, key, "command");
+            }
+            cloud.map(|cloud| Driver::OpenStack {
+                cloud: cloud.value,
+                region_name: region_name.map(|r| r.value),
+                image_format: image_format.map(|f| f.value),
+            })
+        }
+        "command" => {
+            p.require(sink, "upload-command");
+            p.require(sink, "delete-command");
+            for key in ["cloud", "region-name"] {
+                p.only_for(sink, key, "openstack");
+            }
+            match (upload_command, delete_command) {
+                (Some(upload_command), Some(delete_command)) => Some(Driver::Command {
+                    upload_command,
+                    delete_command,
+                    image_format: image_format
+                        .map_or_else(|| defaults::COMMAND_IMAGE_FORMAT.to_owned(), |f| f.value),
+                }),
+                _ => None,
+            }
+        }
+        other => {
+            let at = driver_name.as_ref().map_or(p.pos, |d| d.pos);
+            sink.error(
+                at,
+                format!("unknown driver `{other}` (expected \"openstack\" or \"command\")"),
+            );
+            None
+        }
+    };
+
+    let diskimages = p
+        .tables(sink, "diskimages")
+        .into_iter()
+        .map(|(table, span)| {
+            let mut d = Reader::new(src, table, span, "a [[providers.diskimages]] entry");
+            let name = d.string(sink, "name");
+            d.require(sink, "name");
+            let pause = d.boolean(sink, "pause").map(|v| v.value);
+            let meta = d.string_map(sink, "meta");
+            d.finish(sink);
+            RawProviderDiskImage { name, pause, meta }
+        })
+        .collect();
+    p.finish(sink);
+    RawProvider {
+        name,
+        driver,
+        rate: rate.map(|v| v.value),
+        image_name_format: image_name_format.map(|v| v.value),
+        image_upload_timeout,
+        post_upload_hook,
+        diskimages,
+    }
+}
+
+/// Diskimage and provider names become znode path components.
+fn check_znode_name(sink: &mut Sink, what: &str, name: &At<String>) {
+    let value = name.value.as_str();
+    let problem = if value.is_empty() {
+        Some("must not be empty")
+    } else if value.contains('/') {
+        Some("must not contain '/'")
+    } else if matches!(value, "." | ".." | "lock") {
+        Some("must not be \".\", \"..\" or \"lock\"")
+    } else if value.chars().any(char::is_control) {
+        Some("must not contain control characters")
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        sink.error(
+            name.pos,
+            format!("{what} name {problem}: it is used as a ZooKeeper path component"),
+        );
+    }
+}
+
+/// `image-name-format` is expanded with `{image_name}` and `{timestamp}` only.
+fn check_image_name_format(sink: &mut Sink, format: &At<String>) {
+    let mut rest = format.value.as_str();
+    while let Some(open) = rest.find(['{', '}']) {
+        let brace = &rest[open..];
+        if brace.starts_with("{{") || brace.starts_with("}}") {
+            rest = &brace[2..];
+            continue;
+        }
+        if brace.starts_with('}') {
+            sink.error(
+                format.pos,
+                "`image-name-format` has an unmatched '}' (write '}}' for a literal brace)",
+            );
+            return;
+        }
+        let Some(close) = brace.find('}') else {
+            sink.error(
+                format.pos,
+                "`image-name-format` has an unmatched '{' (write '{{' for a literal brace)",
+            );
+            return;
+        };
+        let field = &brace[1..close];
+        if field != "image_name" && field != "timestamp" {
+            sink.error(
+                format.pos,
+                format!("`image-name-format` uses unknown field {{{field}}} (known: {{image_name}}, {{timestamp}})"),
+            );
+        }
+        rest = &brace[close + 1..];
+    }
+}
+
+fn check<T>(sink: &mut Sink, v: &At<T>, ok: bool, message: &str) -> Option<At<T>>
+where
+    T: Clone,
+{
+    if ok {
+        Some(v.clone())
+    } else {
+        sink.error(v.pos, message);
+        None
+    }
+}
+
+fn positive(sink: &mut Sink, key: &str, v: At<i64>) -> Option<u64> {
+    if v.value > 0 {
+        Some(v.value as u64)
+    } else {
+        sink.error(v.pos, format!("`{key}` must be greater than 0"));
+        None
+    }
+}
+
+fn non_negative(sink: &mut Sink, key: &str, v: At<i64>) -> Option<u64> {
+    if v.value >= 0 {
+        Some(v.value as u64)
+    } else {
+        sink.error(v.pos, format!("`{key}` must not be negative"));
+        None
+    }
+}
+
+fn positive_f64(sink: &mut Sink, key: &str, v: At<f64>) -> Option<At<f64>> {
+    if v.value > 0.0 {
+        Some(v)
+    } else {
+        sink.error(v.pos, format!("`{key}` must be greater than 0"));
+        None
+    }
+}
+
+/// Typed access to one table that records every problem and remembers which keys were read.
+///
+/// Every getter is called for every key the table may hold, present or not, so after the
+/// getters ran, the keys asked for are exactly the known keys and anything else is unknown.
+pub(crate) struct Reader<'a, 'i> {
+    src: &'a Source,
+    table: &'a DeTable<'i>,
+    /// Position of the table's header (`[[diskimages]]`, `{` or the file start).
+    pos: Pos,
+    context: &'static str,
+    known: Vec<&'static str>,
+    /// Keys that are known elsewhere but not allowed here, and where "here" is.
+    not_allowed: (&'static [&'static str], &'static str),
+}
+
+impl<'a, 'i> Reader<'a, 'i> {
+    pub fn new(
+        src: &'a Source,
+        table: &'a DeTable<'i>,
+        span: Range<usize>,
+        context: &'static str,
+    ) -> Self {
+        Reader {
+            src,
+            table,
+            pos: src.pos(span.start),
+            context,
+            known: Vec::new(),
+            not_allowed: (&[], ""),
+        }
+    }
+
+    fn raw(&mut self, key: &'static str) -> Option<&'a Spanned<DeValue<'i>>> {
+        if !self.known.contains(&key) {
+            self.known.push(key);
+        }
+        self.table.get(key)
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
+    fn value_pos(&self, key: &str) -> Pos {
+        self.table
+            .get(key)
+            .map_or(self.pos, |v| self.src.pos(v.span().start))
+    }
+
+    fn key_pos(&self, key: &str) -> Pos {
+        self.table
+            .get_key_value(key)
+            .map_or(self.pos, |(k, _)| self.src.pos(k.span().start))
+    }
+
+    fn at<T>(&self, value: T, spanned: &Spanned<DeValue<'_>>) -> At<T> {
+        At {
+            value,
+            pos: self.src.pos(spanned.span().start),
+        }
+    }
+
+    fn type_error(&self, sink: &mut Sink, key: &str, value: &Spanned<DeValue<'_>>, expected: &str) {
+        sink.error(
+            self.src.pos(value.span().start),
+            format!(
+                "`{key}` must be {expected}, found {}",
+                describe(value.get_ref())
+            ),
+        );
+    }
+
+    /// Records "missing required key" at the table header when `key` is absent.
+    pub fn require(&mut self, sink: &mut Sink, key: &'static str) {
+        if !self.has(key) {
+            sink.error(
+                self.pos,
+                format!("missing required key `{key}` in {}", self.context),
+            );
+        }
+    }
+
+    /// Records an error at `key` when it is present but belongs to another driver.
+    fn only_for(&mut self, sink: &mut Sink, key: &str, driver: &str) {
+        if self.has(key) {
+            sink.error(
+                self.key_pos(key),
+                format!("`{key}` is only valid for driver \"{driver}\""),
+            );
+        }
+    }
+
+    pub fn string(&mut self, sink: &mut Sink, key: &'static str) -> Option<At<String>> {
+        let value = self.raw(key)?;
+        match value.get_ref() {
+            DeValue::String(s) => Some(self.at(s.to_string(), value)),
+            _ => {
+                self.type_error(sink, key, value, "a string");
+                None
+            }
+        }
+    }
+
+    pub fn path(&mut self, sink: &mut Sink, base: &Path, key: &'static str) -> Option<PathBuf> {
+        let value = self.string(sink, key)?;
+        if value.value.is_empty() {
+            sink.error(value.pos, format!("`{key}` must not be empty"));
+            return None;
+        }
+        Some(base.join(value.value))
+    }
+
+    pub fn boolean(&mut self, sink: &mut Sink, key: &'static str) -> Option<At<bool>> {
+        let value = self.raw(key)?;
+        match value.get_ref() {
+            DeValue::Boolean(b) => Some(self.at(*b, value)),
+            _ => {
+                self.type_error(sink, key, value, "a boolean");
+                None
+            }
+        }
+    }
+
+    pub fn integer(&mut self, sink: &mut Sink, key: &'static str) -> Option<At<i64>> {
+        let value = self.raw(key)?;
+        match value.get_ref() {
+            DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
+                Ok(n) => Some(self.at(n, value)),
+                Err(_) => {
+                    sink.error(
+                        self.src.pos(value.span().start),
+                        format!("`{key}` is out of range"),
+                    );
+                    None
+                }
+            },
+            _ => {
+                self.type_error(sink, key, value, "an integer");
+                None
+            }
+        }
+    }
+
+    /// A float; an integer is accepted too (`zookeeper-timeout = 20` means 20.0).
+    pub fn number(&mut self, sink: &mut Sink, key: &'static str) -> Option<At<f64>> {
+        let value = self.raw(key)?;
+        let number = match value.get_ref() {
+            DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
+                .ok()
+                .map(|n| n as f64),
+            DeValue::Float(f) => f.as_str().parse::<f64>().ok(),
+            _ => {
+                self.type_error(sink, key, value, "a number");
+                return None;
+            }
+        };
+        match number {
+            Some(n) if n.is_finite() => Some(self.at(n, value)),
+            _ => {
+                sink.error(
+                    self.src.pos(value.span().start),
+                    format!("`{key}` must be a finite number"),
+                );
+                None
+            }
+        }
+    }
+
+    /// `release` is a string or an integer; integers are stringified like upstream does.
+    fn release(&mut self, sink: &mut Sink) -> Option<String> {
+        let value = self.raw("release")?;
+        match value.get_ref() {
+            DeValue::String(s) => Some(s.to_string()),
+            DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
+                Ok(n) => Some(n.to_string()),
+                Err(_) => {
+                    sink.error(
+                        self.src.pos(value.span().start),
+                        "`release` is out of range",
+                    );
+                    None
+                }
+            },
+            _ => {
+                self.type_error(sink, "release", value, "a string or an integer");
+                None
+            }
+        }
+    }
+
+    /// An array of strings; every element that is not a string is reported.
+    pub fn strings(&mut self, sink: &mut Sink, key: &'static str) -> Option<Vec<String>> {
+        let value = self.raw(key)?;
+        let DeValue::Array(items) = value.get_ref() else {
+            self.type_error(sink, key, value, "an array of strings");
+            return None;
+        };
+        let mut out = Vec::new();
+        for item in items.iter() {
+            match item.get_ref() {
+                DeValue::String(s) => out.push(s.to_string()),
+                other => sink.error(
+                    self.src.pos(item.span().start),
+                    format!("`{key}` entries must be strings, found {}", describe(other)),
+                ),
+            }
+        }
+        Some(out)
+    }
+
+    /// A command's argv template: a non-empty array of strings.
+    fn command(&mut self, sink: &mut Sink, key: &'static str) -> Option<Vec<String>> {
+        let argv = self.strings(sink, key)?;
+        if argv.is_empty() {
+            sink.error(self.value_pos(key), format!("`{key}` must not be empty"));
+        }
+        Some(argv)
+    }
+
+    /// A table whose values are all strings (environment variables, image properties).
+    pub fn string_map(
+        &mut self,
+        sink: &mut Sink,
+        key: &'static str,
+    ) -> Option<BTreeMap<String, String>> {
+        let value = self.raw(key)?;
+        let DeValue::Table(table) = value.get_ref() else {
+            self.type_error(sink, key, value, "a table of strings");
+            return None;
+        };
+        let mut out = BTreeMap::new();
+        for (name, item) in table.iter() {
+            let name = name.get_ref().to_string();
+            if key == "env-vars" && (name.is_empty() || name.contains(['=', '\0'])) {
+                sink.error(
+                    self.src.pos(item.span().start),
+                    "`env-vars` names must be non-empty and must not contain '=' or NUL",
+                );
+                continue;
+            }
+            match item.get_ref() {
+                DeValue::String(s) => {
+                    out.insert(name, s.to_string());
+                }
+                other => sink.error(
+                    self.src.pos(item.span().start),
+                    format!(
+                        "values of `{key}` must be strings, found {} for `{name}`",
+                        describe(other)
+                    ),
+                ),
+            }
+        }
+        Some(out)
+    }
+
+    /// A sub-table, with the span of its header.
+    pub fn table(
+        &mut self,
+        sink: &mut Sink,
+        key: &'static str,
+    ) -> Option<(&'a DeTable<'i>, Range<usize>)> {
+        let value = self.raw(key)?;
+        match value.get_ref() {
+            DeValue::Table(table) => Some((table, value.span())),
+            _ => {
+                self.type_error(sink, key, value, "a table");
+                None
+            }
+        }
+    }
+
+    /// An array of tables (`[[key]]` sections or an inline array of inline tables).
+    pub fn tables(
+        &mut self,
+        sink: &mut Sink,
+        key: &'static str,
+    ) -> Vec<(&'a DeTable<'i>, Range<usize>)> {
+        let Some(value) = self.raw(key) else {
+            return Vec::new();
+        };
+        let DeValue::Array(items) = value.get_ref() else {
+            self.type_error(sink, key, value, "an array of tables");
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for item in items.iter() {
+            match item.get_ref() {
+                DeValue::Table(table) => out.push((table, item.span())),
+                other => sink.error(
+                    self.src.pos(item.span().start),
+                    format!("`{key}` entries must be tables, found {}", describe(other)),
+                ),
+            }
+        }
+        out
+    }
+
+    /// Reports every key that no getter asked for.
+    pub fn finish(self, sink: &mut Sink) {
+        for (key, _) in self.table.iter() {
+            let name: &str = key.get_ref();
+            if self.known.contains(&name) {
+                continue;
+            }
+            let pos = self.src.pos(key.span().start);
+            let (not_allowed, where_) = self.not_allowed;
+            if not_allowed.contains(&name) {
+                sink.error(pos, format!("`{name}` is not allowed in {where_}"));
+                continue;
+            }
+            let mut message = format!("unknown key `{name}` in {}", self.context);
+            if let Some(similar) = self
+                .known
+                .iter()
+                .find(|known| edit_distance(known, name) <= 2)
+            {
+                message.push_str(&format!("; did you mean `{similar}`?"));
+            }
+            sink.error(pos, message);
+        }
+    }
+}
+
+/// A value's TOML type, for "found ..." in type errors. Never the value itself.
+fn describe(value: &DeValue<'_>) -> &'static str {
+    value.type_str()
+}
+
+/// Levenshtein distance, for "did you mean" hints on unknown keys.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::edit_distance;
+
+    #[test]
+    fn edit_distance_counts_single_character_edits() {
+        assert_eq!(edit_distance("images-dir", "imags-dir"), 1);
+        assert_eq!(edit_distance("port", "prot"), 2);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+}
