@@ -1,1 +1,191 @@
-//! Placeholder.
+//! Shared test tooling: waits with deadlines, per-test directories, and the real services
+//! the tests run against.
+//!
+//! * [`wait_until`] / [`wait_for`]: the only way tests wait. They poll a condition with a
+//!   short back-off and panic with `timed out after …: waiting for <what>`; a bare sleep is
+//!   never a synchronisation.
+//! * [`test_dir`]: a unique directory per test, removed when dropped.
+//! * [`zk`]: real ZooKeeper 3.8 servers from the Debian package (one shared TLS server per
+//!   test binary, dedicated ones for fault injection) and the test certificates.
+//! * [`python`]: the kazoo virtualenv and the Python helper scripts in
+//!   `tests/fixtures/python/`.
+//!
+//! Everything a test run leaves on disk lives under one directory per test process,
+//! [`run_dir`], inside Cargo's `target/tmp`. Directories of test processes that are no longer
+//! alive are swept away the first time a later run asks for its own.
+//!
+//! Missing software is installed by `scripts/test-env.sh`; fixtures run it themselves when
+//! what they need is absent, and fail (never skip) when it still cannot be had.
+
+// Not every test module uses every helper.
+#![allow(dead_code)]
+
+pub mod python;
+pub mod zk;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The longest pause between two polls of a condition.
+const MAX_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Polls `f` until it returns true, sleeping between polls with a back-off from 1 ms up to
+/// 50 ms. Panics with `timed out after <timeout>: waiting for <what>` when `timeout` passes
+/// first. `f` is always called at least once, and once more after the deadline.
+#[track_caller]
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    wait_for(timeout, what, || f().then_some(()))
+}
+
+/// Like [`wait_until`], for conditions that produce a value: polls `f` until it returns
+/// `Some` and returns the value.
+#[track_caller]
+pub fn wait_for<T>(timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    match poll_for(timeout, f) {
+        Some(v) => v,
+        None => panic!("timed out after {timeout:?}: waiting for {what}"),
+    }
+}
+
+/// The non-panicking core of [`wait_for`]: `None` when `timeout` passed without `f`
+/// producing a value. For fixtures that want to add context (a log tail) to the failure.
+pub fn poll_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            // One last look: the condition may have become true while we slept.
+            return f();
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(MAX_POLL_INTERVAL);
+    }
+}
+
+/// The repository root (the crate's manifest directory).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// This test process's scratch directory, `target/tmp/run-<pid>`, created on first use.
+/// Directories of earlier test processes that have exited are removed at that moment.
+pub fn run_dir() -> &'static Path {
+    static RUN_DIR: OnceLock<PathBuf> = OnceLock::new();
+    RUN_DIR.get_or_init(|| {
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        sweep_stale_run_dirs(&base);
+        let dir = base.join(format!("run-{}", std::process::id()));
+        // A directory with our pid belongs to a dead process that had the same pid.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create test run directory {}: {e}", dir.display()));
+        dir
+    })
+}
+
+/// A unique, empty directory for one test, removed when the returned value is dropped.
+/// Its name starts with `name` so a failing test's files are easy to find (keep them with
+/// `TempDir::keep`).
+pub fn test_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("{}-", sanitize(name)))
+        .tempdir_in(run_dir())
+        .unwrap_or_else(|e| panic!("cannot create a test directory for {name}: {e}"))
+}
+
+/// Runs `scripts/test-env.sh` with `parts` (once per distinct argument list per process)
+/// and panics with its output when it fails.
+pub fn ensure_test_env(parts: &[&str]) {
+    static DONE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    // Holding the lock while the script runs serialises concurrent callers.
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    let key = parts.join(" ");
+    if done.contains(&key) {
+        return;
+    }
+    let script = repo_root().join("scripts/test-env.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(parts)
+        .current_dir(repo_root())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        panic!(
+            "`{} {key}` failed ({}):\n{log}",
+            script.display(),
+            out.status
+        );
+    }
+    eprint!("{log}");
+    done.push(key);
+}
+
+/// Replaces everything but ASCII letters, digits, `-` and `_` with `_`, so test names can go
+/// into file and znode names.
+pub fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The last `n` lines of a file, or a note saying why it could not be read.
+pub fn file_tail(path: &Path, n: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
+
+/// Removes `run-<pid>` directories under `base` whose process no longer exists.
+fn sweep_stale_run_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("run-"))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid as u32 != std::process::id() && !process_alive(pid) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Whether a process with this pid exists (a zombie counts as gone).
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses, which may itself contain ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
