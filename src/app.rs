@@ -42,13 +42,21 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
         warn!("ZooKeeper connection is plaintext; nodepool 11 itself requires TLS (zookeeper-tls)");
     }
     let zk = Zk::new(zk_cfg);
-    component::register_on_every_session(&zk, hostname.clone(), identity::version());
+    let registration =
+        component::register_on_every_session(&zk, hostname.clone(), identity::version());
     zk.start();
     info!("Waiting for ZooKeeper {}", zk.config().connect_string());
     if !wait_for_zookeeper(&zk, &ctl_rx) {
         zk.close();
         info!("Stopped before ZooKeeper was reached");
         return Ok(());
+    }
+    // Like upstream, announce readiness only once the component is registered.
+    while registration.wait(&zk, Duration::from_millis(500)).is_none() {
+        if let Ok(ControlSignal::Shutdown) = ctl_rx.try_recv() {
+            zk.close();
+            return Ok(());
+        }
     }
     debug!("Starting listener for build jobs");
     info!(
@@ -63,15 +71,20 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
     for sig in ctl_rx.iter() {
         match sig {
             ControlSignal::Shutdown => break,
-            ControlSignal::Reload => match config::load(&opts.config_path, opts.secure_path.as_deref()) {
-                Ok(new) => {
-                    info!("Configuration reloaded from {}", opts.config_path.display());
-                    current = Arc::new(new);
+            ControlSignal::Reload => {
+                match config::load(&opts.config_path, opts.secure_path.as_deref()) {
+                    Ok(new) => {
+                        info!("Configuration reloaded from {}", opts.config_path.display());
+                        current = Arc::new(new);
+                    }
+                    Err(errors) => {
+                        error!(
+                            "Configuration {} is invalid; keeping the running configuration:\n{errors}",
+                            opts.config_path.display()
+                        );
+                    }
                 }
-                Err(errors) => {
-                    error!("Configuration {} is invalid; keeping the running configuration:\n{errors}", opts.config_path.display());
-                }
-            },
+            }
         }
     }
     drop(current);

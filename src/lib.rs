@@ -28,11 +28,11 @@
 
 pub mod app;
 pub mod build;
-pub mod cli;
 pub mod cleanup;
+pub mod cli;
 pub mod config;
-pub mod logging;
 pub mod identity;
+pub mod logging;
 pub mod model;
 pub mod provider;
 pub mod registry;

@@ -89,7 +89,10 @@ pub fn new_build_id() -> String {
 /// Whether `id` can be a build id: lowercase hex (uuid ids and legacy 10-digit sequence ids
 /// both qualify), never the `lock` child that shares the `builds` directory.
 pub fn is_build_id(id: &str) -> bool {
-    !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Current time as nodepool's `state_time`: float seconds since the epoch.
@@ -117,10 +120,20 @@ mod tests {
 
     #[test]
     fn states_round_trip() {
-        for s in [BuildState::Building, BuildState::Ready, BuildState::Deleting, BuildState::Failed] {
+        for s in [
+            BuildState::Building,
+            BuildState::Ready,
+            BuildState::Deleting,
+            BuildState::Failed,
+        ] {
             assert_eq!(BuildState::parse(s.as_str()), Some(s));
         }
-        for s in [UploadState::Uploading, UploadState::Ready, UploadState::Deleting, UploadState::Failed] {
+        for s in [
+            UploadState::Uploading,
+            UploadState::Ready,
+            UploadState::Deleting,
+            UploadState::Failed,
+        ] {
             assert_eq!(UploadState::parse(s.as_str()), Some(s));
         }
         assert_eq!(BuildState::parse("paused"), None);

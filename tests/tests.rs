@@ -1,9 +1,15 @@
 //! The one integration-test binary. Every module drives real servers (ZooKeeper, kazoo, ...);
 //! nothing is mocked.
 
-/// Shared test tooling: real ZooKeeper servers, certificates, Python venvs, waits.
-mod util;
-/// The test harness itself: servers start, TLS works, kazoo connects.
-mod harness;
 /// Configuration loading: good configs, twenty broken ones with file:line:col.
 mod config;
+/// The test harness itself: servers start, TLS works, kazoo connects.
+mod harness;
+/// SIGUSR2 stack capture of registered threads, in-process.
+mod stackdump;
+/// House rules: every src file has a //! doc; only src/thread.rs spawns threads.
+mod tidy;
+/// Shared test tooling: real ZooKeeper servers, certificates, Python venvs, waits.
+mod util;
+/// The ZooKeeper layer against real ZooKeeper (plain, TLS, faults) and kazoo.
+mod zk;

@@ -5,6 +5,9 @@
 //! loss the old node may linger on the server for up to one session timeout, and a fixed name
 //! would collide. Registration is re-done from a new-session hook.
 
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
 use log::info;
 
 use super::{Mode, Result, Zk, paths, schema};
@@ -15,18 +18,59 @@ pub fn register_builder(zk: &Zk, hostname: &str, version: &str) -> Result<String
         zk.ensure_path(&paths::component_kind_path(kind))?;
     }
     let data = schema::builder_component_json(hostname, version);
-    let node = zk.create(&paths::builder_component_prefix(hostname), &data, Mode::EphemeralSequential)?;
+    let node = zk.create(
+        &paths::builder_component_prefix(hostname),
+        &data,
+        Mode::EphemeralSequential,
+    )?;
     info!("Registered builder component {node}");
     Ok(node)
 }
 
+/// Tracks which session generation the builder is registered in.
+#[derive(Clone, Default)]
+pub struct Registration {
+    state: Arc<(Mutex<(u64, Option<String>)>, Condvar)>,
+}
+
+impl Registration {
+    /// Waits until the component is registered in the current session; returns its node.
+    pub fn wait(&self, zk: &Zk, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cond) = &*self.state;
+        let mut st = lock.lock().unwrap();
+        loop {
+            if st.0 != 0 && st.0 == zk.session().generation {
+                return st.1.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            st = cond
+                .wait_timeout(st, (deadline - now).min(Duration::from_millis(200)))
+                .unwrap()
+                .0;
+        }
+    }
+}
+
 /// Makes `register_builder` run after every new ZooKeeper session (the first one included),
 /// retrying on connection loss for up to one session timeout.
-pub fn register_on_every_session(zk: &Zk, hostname: String, version: String) {
+pub fn register_on_every_session(zk: &Zk, hostname: String, version: String) -> Registration {
+    let registration = Registration::default();
+    let state = registration.state.clone();
     zk.on_new_session(move |zk| {
+        let generation = zk.session().generation;
         let timeout = zk.config().session_timeout;
-        if let Err(e) = zk.retry(timeout, |zk| register_builder(zk, &hostname, &version)) {
-            log::error!("could not register builder component: {e}");
+        match zk.retry(timeout, |zk| register_builder(zk, &hostname, &version)) {
+            Ok(node) => {
+                let (lock, cond) = &*state;
+                *lock.lock().unwrap() = (generation, Some(node));
+                cond.notify_all();
+            }
+            Err(e) => log::error!("could not register builder component: {e}"),
         }
     });
+    registration
 }

@@ -75,7 +75,10 @@ pub struct LockGuard {
 
 impl fmt::Debug for LockGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LockGuard").field("node", &self.node).field("generation", &self.generation).finish()
+        f.debug_struct("LockGuard")
+            .field("node", &self.node)
+            .field("generation", &self.generation)
+            .finish()
     }
 }
 
@@ -113,7 +116,9 @@ impl LockGuard {
             return Ok(());
         }
         match self.zk.delete(&self.node, None) {
-            Ok(()) | Err(ZkError::NoNode) | Err(ZkError::SessionLost) | Err(ZkError::Closed) => Ok(()),
+            Ok(()) | Err(ZkError::NoNode) | Err(ZkError::SessionLost) | Err(ZkError::Closed) => {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -122,7 +127,10 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if let Err(e) = self.release_inner() {
-            warn!("could not release lock {}: {e}; it is freed when the session ends", self.node);
+            warn!(
+                "could not release lock {}: {e}; it is freed when the session ends",
+                self.node
+            );
         }
     }
 }
@@ -137,7 +145,9 @@ pub fn try_lock(zk: &Zk, path: &str) -> Result<Option<LockGuard>, LockError> {
 pub fn lock(zk: &Zk, path: &str, timeout: Duration) -> Result<LockGuard, LockError> {
     match acquire(zk, path, Some(Instant::now() + timeout))? {
         Some(guard) => Ok(guard),
-        None => Err(LockError::Timeout { path: path.to_string() }),
+        None => Err(LockError::Timeout {
+            path: path.to_string(),
+        }),
     }
 }
 
@@ -183,14 +193,14 @@ impl Drop for LocalMark {
     }
 }
 
-/// Claims `path` for this process; waits up to `deadline` (or not at all) if another thread of
-/// ours has it.
-fn mark_local(path: &str, deadline: Option<Instant>) -> Option<LocalMark> {
+/// Claims `key` (facade and path) for this process; waits up to `deadline` (or not at all) if
+/// another thread of ours has it.
+fn mark_local(key: &str, deadline: Option<Instant>) -> Option<LocalMark> {
     let mut held = LOCAL.lock().unwrap();
     loop {
         let set = held.get_or_insert_with(HashSet::new);
-        if set.insert(path.to_string()) {
-            return Some(LocalMark(path.to_string()));
+        if set.insert(key.to_string()) {
+            return Some(LocalMark(key.to_string()));
         }
         let deadline = deadline?;
         let now = Instant::now();
@@ -202,7 +212,9 @@ fn mark_local(path: &str, deadline: Option<Instant>) -> Option<LocalMark> {
 }
 
 fn acquire(zk: &Zk, path: &str, deadline: Option<Instant>) -> Result<Option<LockGuard>, LockError> {
-    let Some(mark) = mark_local(path, deadline) else {
+    // Keyed by facade too: two facades (tests, tools) may talk to different trees.
+    let key = format!("{:p}:{path}", std::sync::Arc::as_ptr(&zk.inner));
+    let Some(mark) = mark_local(&key, deadline) else {
         debug!("lock {path} is held by another thread of this process");
         return Ok(None);
     };
@@ -221,16 +233,29 @@ fn acquire_remote(
     zk.retry(op_timeout, |zk| zk.ensure_path(path))?;
     let prefix = format!("{}__lock__", uuid::Uuid::new_v4().simple());
     let node = create_contender(zk, path, &prefix, op_timeout)?;
-    let mut guard =
-        LockGuard { zk: zk.clone(), path: path.to_string(), node, generation, released: false, _local: mark };
+    let mut guard = LockGuard {
+        zk: zk.clone(),
+        path: path.to_string(),
+        node,
+        generation,
+        released: false,
+        _local: mark,
+    };
     // From here on, dropping `guard` deletes our contender, whatever goes wrong.
-    let our_name = guard.node.rsplit('/').next().unwrap_or_default().to_string();
+    let our_name = guard
+        .node
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let our_seq = sequence_of(&our_name).unwrap_or_default().to_string();
     loop {
         let children = zk.get_children(path)?.unwrap_or_default();
         if !children.iter().any(|c| *c == our_name) {
             guard.released = true;
-            return Err(LockError::Lost { path: path.to_string() });
+            return Err(LockError::Lost {
+                path: path.to_string(),
+            });
         }
         let predecessor = children
             .iter()
@@ -258,25 +283,34 @@ fn acquire_remote(
             && ev.kind == super::WatchKind::SessionEnded
         {
             guard.released = true;
-            return Err(LockError::Lost { path: path.to_string() });
+            return Err(LockError::Lost {
+                path: path.to_string(),
+            });
         }
     }
 }
 
 /// Creates our contender node, adopting it after a connection loss instead of leaving an orphan.
-fn create_contender(zk: &Zk, dir: &str, prefix: &str, timeout: Duration) -> Result<String, ZkError> {
+fn create_contender(
+    zk: &Zk,
+    dir: &str,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<String, ZkError> {
     let target = format!("{dir}/{prefix}");
-    zk.retry(timeout, |zk| match zk.create(&target, b"", Mode::EphemeralSequential) {
-        Err(e) if e.is_connection_loss() => {
-            // The create may have reached the server: adopt our node if it is there.
-            if let Ok(Some(children)) = zk.get_children(dir)
-                && let Some(mine) = children.iter().find(|c| c.starts_with(prefix))
-            {
-                return Ok(format!("{dir}/{mine}"));
+    zk.retry(timeout, |zk| {
+        match zk.create(&target, b"", Mode::EphemeralSequential) {
+            Err(e) if e.is_connection_loss() => {
+                // The create may have reached the server: adopt our node if it is there.
+                if let Ok(Some(children)) = zk.get_children(dir)
+                    && let Some(mine) = children.iter().find(|c| c.starts_with(prefix))
+                {
+                    return Ok(format!("{dir}/{mine}"));
+                }
+                Err(e)
             }
-            Err(e)
+            other => other,
         }
-        other => other,
     })
 }
 
@@ -286,7 +320,10 @@ mod tests {
 
     #[test]
     fn contender_names_parse_like_kazoo() {
-        assert_eq!(sequence_of("fee85617bc21485ab097a1def35ffc89__lock__0000000001"), Some("0000000001"));
+        assert_eq!(
+            sequence_of("fee85617bc21485ab097a1def35ffc89__lock__0000000001"),
+            Some("0000000001")
+        );
         assert_eq!(sequence_of("x__lock__-000000001"), None);
         assert_eq!(sequence_of("x__lock__-0000000001"), Some("-0000000001"));
         assert_eq!(sequence_of("x__lock__00000001"), None);

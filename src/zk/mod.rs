@@ -93,7 +93,11 @@ impl ZkConfig {
     /// Builds the connection settings from the validated configuration.
     pub fn from_config(cfg: &crate::config::Config) -> ZkConfig {
         ZkConfig {
-            hosts: cfg.zookeeper_servers.iter().map(|s| (s.host.clone(), s.port)).collect(),
+            hosts: cfg
+                .zookeeper_servers
+                .iter()
+                .map(|s| (s.host.clone(), s.port))
+                .collect(),
             // nodepool appends the chroot of every entry to every host, which kazoo mis-parses;
             // we take the first chroot given and use it once for the whole session.
             chroot: cfg.zookeeper_servers.iter().find_map(|s| s.chroot.clone()),
@@ -104,7 +108,10 @@ impl ZkConfig {
                 key: t.key.clone(),
                 verify_hostname: t.verify_hostname,
             }),
-            auth: cfg.zookeeper_auth.as_ref().map(|a| (a.scheme.clone(), a.credentials.clone().into_bytes())),
+            auth: cfg
+                .zookeeper_auth
+                .as_ref()
+                .map(|a| (a.scheme.clone(), a.credentials.clone().into_bytes())),
         }
     }
 
@@ -112,7 +119,13 @@ impl ZkConfig {
     pub fn connect_string(&self) -> String {
         self.hosts
             .iter()
-            .map(|(h, p)| if h.contains(':') && !h.starts_with('[') { format!("[{h}]:{p}") } else { format!("{h}:{p}") })
+            .map(|(h, p)| {
+                if h.contains(':') && !h.starts_with('[') {
+                    format!("[{h}]:{p}")
+                } else {
+                    format!("{h}:{p}")
+                }
+            })
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -196,9 +209,12 @@ impl From<zookeeper_client::Error> for ZkError {
             E::SessionExpired => ZkError::SessionLost,
             E::ClientClosed => ZkError::Closed,
             // Disconnects surface in several shapes (zk-client.md §5.3): all are retryable.
-            E::ConnectionLoss | E::Timeout | E::NoHosts | E::Custom(_) | E::UnexpectedError(_) | E::SessionMoved => {
-                ZkError::ConnectionLoss(e.to_string())
-            }
+            E::ConnectionLoss
+            | E::Timeout
+            | E::NoHosts
+            | E::Custom(_)
+            | E::UnexpectedError(_)
+            | E::SessionMoved => ZkError::ConnectionLoss(e.to_string()),
             other => ZkError::Other(other.to_string()),
         }
     }
@@ -269,7 +285,10 @@ impl Zk {
                 cfg,
                 call_timeout,
                 client: RwLock::new(None),
-                state: Mutex::new(SessionEvent { state: ConnState::Connecting, generation: 0 }),
+                state: Mutex::new(SessionEvent {
+                    state: ConnState::Connecting,
+                    generation: 0,
+                }),
                 changed: Condvar::new(),
                 subscribers: Mutex::new(Vec::new()),
                 hooks: Mutex::new(Vec::new()),
@@ -294,10 +313,17 @@ impl Zk {
         *self.inner.stop.lock().unwrap() = Some(stop_tx);
         let (ev_tx, ev_rx) = mpsc::unbounded();
         *self.inner.events_tx.lock().unwrap() = Some(ev_tx);
-        *self.inner.events.lock().unwrap() = Some(thread::spawn(ThreadKind::ZkEvents, "zk-events", move || events_loop(ev_rx)));
+        *self.inner.events.lock().unwrap() = Some(thread::spawn(
+            ThreadKind::ZkEvents,
+            "zk-events",
+            move || events_loop(ev_rx),
+        ));
         let zk = self.clone();
-        *self.inner.supervisor.lock().unwrap() =
-            Some(thread::spawn(ThreadKind::ZkSession, "zk-session", move || zk.supervise(stop_rx)));
+        *self.inner.supervisor.lock().unwrap() = Some(thread::spawn(
+            ThreadKind::ZkSession,
+            "zk-session",
+            move || zk.supervise(stop_rx),
+        ));
     }
 
     /// Registers a hook run (on a short-lived thread) after every new ZooKeeper session,
@@ -343,7 +369,12 @@ impl Zk {
             if now >= deadline {
                 return false;
             }
-            st = self.inner.changed.wait_timeout(st, deadline - now).unwrap().0;
+            st = self
+                .inner
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap()
+                .0;
         }
     }
 
@@ -356,7 +387,12 @@ impl Zk {
             if now >= deadline {
                 break;
             }
-            st = self.inner.changed.wait_timeout(st, deadline - now).unwrap().0;
+            st = self
+                .inner
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap()
+                .0;
         }
         *st
     }
@@ -471,7 +507,10 @@ impl Zk {
                         return Err(e);
                     }
                     let from = self.session();
-                    self.wait_state_change(from, pause.min(deadline.saturating_duration_since(Instant::now())));
+                    self.wait_state_change(
+                        from,
+                        pause.min(deadline.saturating_duration_since(Instant::now())),
+                    );
                     pause = (pause * 2).min(Duration::from_secs(1));
                 }
                 other => return other,
@@ -491,13 +530,15 @@ impl Zk {
     /// Data of a znode plus a one-shot watch for its change or deletion.
     pub fn get_data_watch(&self, path: &str) -> Result<Option<(Vec<u8>, Stat, Watch)>> {
         let c = self.client()?;
-        none_if_no_node(self.wait(c.get_and_watch_data(path))).map(|o| o.map(|(d, s, w)| (d, s, Watch(w))))
+        none_if_no_node(self.wait(c.get_and_watch_data(path)))
+            .map(|o| o.map(|(d, s, w)| (d, s, Watch(w))))
     }
 
     /// Children of a znode plus a one-shot watch for a change of the children list.
     pub fn get_children_watch(&self, path: &str) -> Result<Option<(Vec<String>, Watch)>> {
         let c = self.client()?;
-        none_if_no_node(self.wait(c.list_and_watch_children(path))).map(|o| o.map(|(ch, w)| (ch, Watch(w))))
+        none_if_no_node(self.wait(c.list_and_watch_children(path)))
+            .map(|o| o.map(|(ch, w)| (ch, Watch(w))))
     }
 
     /// Delivers the watch's event to `tx` when it fires (through the `zk-events` thread).
@@ -524,7 +565,11 @@ impl Zk {
     // ----- internals ---------------------------------------------------------------------------
 
     fn acls(&self) -> Acls<'static> {
-        if self.inner.cfg.auth.is_some() { Acls::creator_all() } else { Acls::anyone_all() }
+        if self.inner.cfg.auth.is_some() {
+            Acls::creator_all()
+        } else {
+            Acls::anyone_all()
+        }
     }
 
     fn client(&self) -> Result<Client> {
@@ -539,13 +584,18 @@ impl Zk {
     }
 
     /// Drives one request to completion within the per-call deadline.
-    fn wait<T>(&self, fut: impl Future<Output = std::result::Result<T, zookeeper_client::Error>>) -> Result<T> {
+    fn wait<T>(
+        &self,
+        fut: impl Future<Output = std::result::Result<T, zookeeper_client::Error>>,
+    ) -> Result<T> {
         let timeout = self.inner.call_timeout;
         let timer = async_io::Timer::after(timeout);
         futures::executor::block_on(async {
             match select(pin!(fut), timer).await {
                 Either::Left((r, _)) => r.map_err(ZkError::from),
-                Either::Right(_) => Err(ZkError::ConnectionLoss(format!("no response within {timeout:?}"))),
+                Either::Right(_) => Err(ZkError::ConnectionLoss(format!(
+                    "no response within {timeout:?}"
+                ))),
             }
         })
     }
@@ -563,8 +613,15 @@ impl Zk {
             self.inner.changed.notify_all();
             *st
         };
-        debug!("zookeeper session state {:?} (generation {})", ev.state, ev.generation);
-        self.inner.subscribers.lock().unwrap().retain(|tx| tx.send(ev).is_ok());
+        debug!(
+            "zookeeper session state {:?} (generation {})",
+            ev.state, ev.generation
+        );
+        self.inner
+            .subscribers
+            .lock()
+            .unwrap()
+            .retain(|tx| tx.send(ev).is_ok());
     }
 
     /// The `zk-session` thread.
@@ -574,13 +631,19 @@ impl Zk {
         let mut last_retry_log: Option<Instant> = None;
         let mut backoff = Duration::from_millis(200);
         'sessions: loop {
-            crate::registry::set_activity(format!("connecting to {}", self.inner.cfg.connect_string()));
+            crate::registry::set_activity(format!(
+                "connecting to {}",
+                self.inner.cfg.connect_string()
+            ));
             let client = match until_stopped(self.connect_once(), &mut stop_rx) {
                 None => break 'sessions,
                 Some(Ok(client)) => client,
                 Some(Err(e)) => {
                     if last_retry_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                        warn!("Retrying zookeeper connection to {}: {e}", self.inner.cfg.connect_string());
+                        warn!(
+                            "Retrying zookeeper connection to {}: {e}",
+                            self.inner.cfg.connect_string()
+                        );
                         last_retry_log = Some(Instant::now());
                     }
                     if until_stopped(async_io::Timer::after(backoff), &mut stop_rx).is_none() {
@@ -603,25 +666,43 @@ impl Zk {
             *self.inner.client.write().unwrap() = Some(client.clone());
             self.set_state(ConnState::Connected, Some(generation));
             self.run_hooks();
-            crate::registry::set_activity(format!("watching session 0x{:x}", client.session_id().0));
+            crate::registry::set_activity(format!(
+                "watching session 0x{:x}",
+                client.session_id().0
+            ));
+            // While suspended, the server expires the session one session timeout after it last
+            // heard from us. The crate notices a silent connection at 2/5 of the timeout and
+            // would only give up at 7/5; we give up at the server's own deadline, so a lock
+            // holder learns it lost its lock within about one timeout.
+            let give_up_after = client.session_timeout().mul_f64(0.8);
+            let mut suspended_since: Option<Instant> = None;
             loop {
-                match until_stopped(states.changed(), &mut stop_rx) {
-                    None => break 'sessions,
-                    Some(SessionState::Disconnected) => {
+                let deadline = suspended_since.map(|t| t + give_up_after);
+                let lost = match next_session_state(&mut states, &mut stop_rx, deadline) {
+                    Next::Stop => break 'sessions,
+                    Next::State(SessionState::Disconnected) => {
                         warn!("ZooKeeper connection suspended");
+                        suspended_since = Some(Instant::now());
                         self.set_state(ConnState::Suspended, None);
+                        None
                     }
-                    Some(SessionState::SyncConnected | SessionState::ConnectedReadOnly) => {
+                    Next::State(SessionState::SyncConnected | SessionState::ConnectedReadOnly) => {
                         info!("ZooKeeper connection resumed");
+                        suspended_since = None;
                         self.set_state(ConnState::Connected, None);
+                        None
                     }
-                    Some(state) => {
-                        warn!("ZooKeeper session lost ({state:?}); building a new session");
-                        self.inner.client.write().unwrap().take();
-                        self.set_state(ConnState::Lost, None);
-                        drop(client);
-                        continue 'sessions;
-                    }
+                    Next::State(state) => Some(format!("{state:?}")),
+                    Next::Deadline => Some(format!(
+                        "no connection for {give_up_after:?} after suspension"
+                    )),
+                };
+                if let Some(why) = lost {
+                    warn!("ZooKeeper session lost ({why}); building a new session");
+                    self.inner.client.write().unwrap().take();
+                    self.set_state(ConnState::Lost, None);
+                    drop(client);
+                    continue 'sessions;
                 }
             }
         }
@@ -641,14 +722,25 @@ impl Zk {
         let client = match &cfg.tls {
             Some(tls) => {
                 let read = |p: &PathBuf| {
-                    std::fs::read_to_string(p)
-                        .map_err(|e| ZkError::Other(format!("cannot read zookeeper tls file {}: {e}", p.display())))
+                    std::fs::read_to_string(p).map_err(|e| {
+                        ZkError::Other(format!(
+                            "cannot read zookeeper tls file {}: {e}",
+                            p.display()
+                        ))
+                    })
                 };
                 let mut opts = zookeeper_client::TlsOptions::new()
                     .with_pem_ca(&read(&tls.ca)?)
-                    .map_err(|e| ZkError::Other(format!("bad zookeeper tls ca {}: {e}", tls.ca.display())))?
+                    .map_err(|e| {
+                        ZkError::Other(format!("bad zookeeper tls ca {}: {e}", tls.ca.display()))
+                    })?
                     .with_pem_identity(&read(&tls.cert)?, &read(&tls.key)?)
-                    .map_err(|e| ZkError::Other(format!("bad zookeeper tls cert/key {}: {e}", tls.cert.display())))?;
+                    .map_err(|e| {
+                        ZkError::Other(format!(
+                            "bad zookeeper tls cert/key {}: {e}",
+                            tls.cert.display()
+                        ))
+                    })?;
                 if !tls.verify_hostname {
                     // SAFETY: not memory safety; the crate marks this unsafe because it weakens
                     // TLS. kazoo (and so nodepool) never checks host names either; the CA chain
@@ -667,7 +759,9 @@ impl Zk {
                     Ok(()) | Err(zookeeper_client::Error::NodeExists) => {}
                     Err(e) => return Err(e.into()),
                 }
-                client.chroot(chroot.as_str()).map_err(|_| ZkError::Other(format!("invalid chroot {chroot}")))
+                client
+                    .chroot(chroot.as_str())
+                    .map_err(|_| ZkError::Other(format!("invalid chroot {chroot}")))
             }
         }
     }
@@ -684,6 +778,29 @@ impl Zk {
             }
         })
         .detach();
+    }
+}
+
+enum Next {
+    Stop,
+    State(SessionState),
+    Deadline,
+}
+
+/// Waits for the next session state, a stop request, or the deadline.
+fn next_session_state(
+    states: &mut zookeeper_client::StateWatcher,
+    stop: &mut oneshot::Receiver<()>,
+    deadline: Option<Instant>,
+) -> Next {
+    let timer = match deadline {
+        Some(d) => async_io::Timer::at(d),
+        None => async_io::Timer::never(),
+    };
+    match until_stopped(select(pin!(states.changed()), timer), stop) {
+        None => Next::Stop,
+        Some(Either::Left((state, _))) => Next::State(state),
+        Some(Either::Right(_)) => Next::Deadline,
     }
 }
 
@@ -722,7 +839,10 @@ fn watch_event(ev: zookeeper_client::WatchedEvent) -> WatchEvent {
         EventType::NodeChildrenChanged => WatchKind::ChildrenChanged,
         EventType::Session => WatchKind::SessionEnded,
     };
-    WatchEvent { path: ev.path, kind }
+    WatchEvent {
+        path: ev.path,
+        kind,
+    }
 }
 
 /// The `zk-events` thread: polls armed watches and forwards what fires. Nothing else.

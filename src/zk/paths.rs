@@ -71,7 +71,12 @@ pub fn image_upload_path(image: &str, build_id: &str, provider: &str, upload_id:
 }
 
 /// `…/providers/<provider>/images/<upload_id>/lock`: the upload-number lock (cleanup only).
-pub fn image_upload_number_lock_path(image: &str, build_id: &str, provider: &str, upload_id: &str) -> String {
+pub fn image_upload_number_lock_path(
+    image: &str,
+    build_id: &str,
+    provider: &str,
+    upload_id: &str,
+) -> String {
     format!("{IMAGE_ROOT}/{image}/builds/{build_id}/providers/{provider}/images/{upload_id}/lock")
 }
 
@@ -88,10 +93,22 @@ pub fn builder_component_prefix(hostname: &str) -> String {
 /// What a path under `/nodepool/images` denotes, parsed positionally as the launcher does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImagePath {
-    Image { image: String },
-    Pause { image: String },
-    Build { image: String, build_id: String },
-    Upload { image: String, build_id: String, provider: String, upload_id: String },
+    Image {
+        image: String,
+    },
+    Pause {
+        image: String,
+    },
+    Build {
+        image: String,
+        build_id: String,
+    },
+    Upload {
+        image: String,
+        build_id: String,
+        provider: String,
+        upload_id: String,
+    },
     Other,
 }
 
@@ -99,7 +116,10 @@ pub enum ImagePath {
 /// 2 with `pause` → pause flag, 3 (`<image>/builds/<id>`) → build unless `lock`, 7
 /// (`…/providers/<p>/images/<u>`) → upload unless `lock`; anything else is `Other`.
 pub fn parse_image_path(path: &str) -> ImagePath {
-    let Some(rest) = path.strip_prefix(IMAGE_ROOT).and_then(|r| r.strip_prefix('/')) else {
+    let Some(rest) = path
+        .strip_prefix(IMAGE_ROOT)
+        .and_then(|r| r.strip_prefix('/'))
+    else {
         return ImagePath::Other;
     };
     let parts: Vec<&str> = rest.split('/').collect();
@@ -107,11 +127,16 @@ pub fn parse_image_path(path: &str) -> ImagePath {
         return ImagePath::Other;
     }
     match parts.as_slice() {
-        [image] => ImagePath::Image { image: image.to_string() },
-        [image, "pause"] => ImagePath::Pause { image: image.to_string() },
-        [image, "builds", id] if *id != "lock" => {
-            ImagePath::Build { image: image.to_string(), build_id: id.to_string() }
-        }
+        [image] => ImagePath::Image {
+            image: image.to_string(),
+        },
+        [image, "pause"] => ImagePath::Pause {
+            image: image.to_string(),
+        },
+        [image, "builds", id] if *id != "lock" => ImagePath::Build {
+            image: image.to_string(),
+            build_id: id.to_string(),
+        },
         [image, "builds", id, "providers", provider, "images", upload] if *upload != "lock" => {
             ImagePath::Upload {
                 image: image.to_string(),
@@ -133,17 +158,32 @@ mod tests {
         let b = "4d71e1096b2248c3899a5665643b5044";
         assert_eq!(image_path("test-image-2"), "/nodepool/images/test-image-2");
         assert_eq!(image_pause_path("i"), "/nodepool/images/i/pause");
-        assert_eq!(image_build_request_path("i"), "/nodepool/images/i/request-build");
+        assert_eq!(
+            image_build_request_path("i"),
+            "/nodepool/images/i/request-build"
+        );
         assert_eq!(image_builds_path("i"), "/nodepool/images/i/builds");
         assert_eq!(image_build_lock_path("i"), "/nodepool/images/i/builds/lock");
-        assert_eq!(image_build_path("test-image-2", b), format!("/nodepool/images/test-image-2/builds/{b}"));
-        assert_eq!(image_build_number_lock_path("i", b), format!("/nodepool/images/i/builds/{b}/lock"));
-        assert_eq!(image_providers_path("i", b), format!("/nodepool/images/i/builds/{b}/providers"));
+        assert_eq!(
+            image_build_path("test-image-2", b),
+            format!("/nodepool/images/test-image-2/builds/{b}")
+        );
+        assert_eq!(
+            image_build_number_lock_path("i", b),
+            format!("/nodepool/images/i/builds/{b}/lock")
+        );
+        assert_eq!(
+            image_providers_path("i", b),
+            format!("/nodepool/images/i/builds/{b}/providers")
+        );
         assert_eq!(
             image_provider_path("i", b, "fake-provider-1"),
             format!("/nodepool/images/i/builds/{b}/providers/fake-provider-1")
         );
-        assert_eq!(image_uploads_path("i", b, "p"), format!("/nodepool/images/i/builds/{b}/providers/p/images"));
+        assert_eq!(
+            image_uploads_path("i", b, "p"),
+            format!("/nodepool/images/i/builds/{b}/providers/p/images")
+        );
         assert_eq!(
             image_upload_lock_path("i", b, "p"),
             format!("/nodepool/images/i/builds/{b}/providers/p/images/lock")
@@ -156,21 +196,45 @@ mod tests {
             image_upload_number_lock_path("i", b, "p", "0000000001"),
             format!("/nodepool/images/i/builds/{b}/providers/p/images/0000000001/lock")
         );
-        assert_eq!(component_kind_path("builder"), "/nodepool/components/builder");
-        assert_eq!(builder_component_prefix("vm"), "/nodepool/components/builder/vm");
+        assert_eq!(
+            component_kind_path("builder"),
+            "/nodepool/components/builder"
+        );
+        assert_eq!(
+            builder_component_prefix("vm"),
+            "/nodepool/components/builder/vm"
+        );
     }
 
     #[test]
     fn positional_parsing_follows_the_launcher() {
-        assert_eq!(parse_image_path("/nodepool/images/a"), ImagePath::Image { image: "a".into() });
-        assert_eq!(parse_image_path("/nodepool/images/a/pause"), ImagePath::Pause { image: "a".into() });
+        assert_eq!(
+            parse_image_path("/nodepool/images/a"),
+            ImagePath::Image { image: "a".into() }
+        );
+        assert_eq!(
+            parse_image_path("/nodepool/images/a/pause"),
+            ImagePath::Pause { image: "a".into() }
+        );
         assert_eq!(
             parse_image_path("/nodepool/images/a/builds/00ff"),
-            ImagePath::Build { image: "a".into(), build_id: "00ff".into() }
+            ImagePath::Build {
+                image: "a".into(),
+                build_id: "00ff".into()
+            }
         );
-        assert_eq!(parse_image_path("/nodepool/images/a/builds/lock"), ImagePath::Other);
-        assert_eq!(parse_image_path("/nodepool/images/a/builds"), ImagePath::Other);
-        assert_eq!(parse_image_path("/nodepool/images/a/request-build"), ImagePath::Other);
+        assert_eq!(
+            parse_image_path("/nodepool/images/a/builds/lock"),
+            ImagePath::Other
+        );
+        assert_eq!(
+            parse_image_path("/nodepool/images/a/builds"),
+            ImagePath::Other
+        );
+        assert_eq!(
+            parse_image_path("/nodepool/images/a/request-build"),
+            ImagePath::Other
+        );
         assert_eq!(
             parse_image_path("/nodepool/images/a/builds/b/providers/p/images/0000000001"),
             ImagePath::Upload {
@@ -180,8 +244,14 @@ mod tests {
                 upload_id: "0000000001".into()
             }
         );
-        assert_eq!(parse_image_path("/nodepool/images/a/builds/b/providers/p/images/lock"), ImagePath::Other);
-        assert_eq!(parse_image_path("/nodepool/images/a/builds/b/providers/p/images/1/lock"), ImagePath::Other);
+        assert_eq!(
+            parse_image_path("/nodepool/images/a/builds/b/providers/p/images/lock"),
+            ImagePath::Other
+        );
+        assert_eq!(
+            parse_image_path("/nodepool/images/a/builds/b/providers/p/images/1/lock"),
+            ImagePath::Other
+        );
         assert_eq!(parse_image_path("/nodepool/nodes/1"), ImagePath::Other);
         assert_eq!(parse_image_path("/nodepool/images"), ImagePath::Other);
     }

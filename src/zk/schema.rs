@@ -113,10 +113,18 @@ impl ImageBuild {
         let state = state_field(&obj, BuildState::parse)?;
         let formats = match obj.get("formats") {
             None | Some(Value::Null) => Vec::new(),
-            Some(Value::String(s)) => s.split(',').filter(|f| !f.is_empty()).map(str::to_string).collect(),
+            Some(Value::String(s)) => s
+                .split(',')
+                .filter(|f| !f.is_empty())
+                .map(str::to_string)
+                .collect(),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| v.as_str().map(str::to_string).ok_or(SchemaError::BadField("formats")))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or(SchemaError::BadField("formats"))
+                })
                 .collect::<Result<_, _>>()?,
             Some(_) => return Err(SchemaError::BadField("formats")),
         };
@@ -136,7 +144,12 @@ impl ImageBuild {
 
 impl ImageUpload {
     /// The `uploading` record created before the cloud is touched.
-    pub fn uploading(username: Option<&str>, python_path: Option<&str>, shell_type: Option<&str>, now: f64) -> ImageUpload {
+    pub fn uploading(
+        username: Option<&str>,
+        python_path: Option<&str>,
+        shell_type: Option<&str>,
+        now: f64,
+    ) -> ImageUpload {
         ImageUpload {
             state: UploadState::Uploading,
             state_time: now,
@@ -212,7 +225,11 @@ pub fn py_float_repr(x: f64) -> String {
         return "NaN".into();
     }
     if x.is_infinite() {
-        return if x > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if x > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     let sci = format!("{x:e}");
     let (mantissa, exp) = sci.split_once('e').expect("{:e} always has an exponent");
@@ -285,7 +302,10 @@ struct DictWriter {
 
 impl DictWriter {
     fn new() -> DictWriter {
-        DictWriter { out: String::from("{"), first: true }
+        DictWriter {
+            out: String::from("{"),
+            first: true,
+        }
     }
 
     fn raw(&mut self, key: &str, value: &str) {
@@ -326,9 +346,14 @@ fn parse_object(data: &[u8]) -> Result<Map<String, Value>, SchemaError> {
     }
 }
 
-fn state_field<S>(obj: &Map<String, Value>, parse: fn(&str) -> Option<S>) -> Result<S, SchemaError> {
+fn state_field<S>(
+    obj: &Map<String, Value>,
+    parse: fn(&str) -> Option<S>,
+) -> Result<S, SchemaError> {
     match obj.get("state") {
-        Some(Value::String(s)) => parse(s).ok_or_else(|| SchemaError::UnknownState(s.chars().take(64).collect())),
+        Some(Value::String(s)) => {
+            parse(s).ok_or_else(|| SchemaError::UnknownState(s.chars().take(64).collect()))
+        }
         _ => Err(SchemaError::BadField("state")),
     }
 }
@@ -349,8 +374,16 @@ fn opt_str(obj: &Map<String, Value>, key: &'static str) -> Result<Option<String>
     }
 }
 
-fn opt_str_default(obj: &Map<String, Value>, key: &'static str, default: &str) -> Result<Option<String>, SchemaError> {
-    if obj.contains_key(key) { opt_str(obj, key) } else { Ok(Some(default.to_string())) }
+fn opt_str_default(
+    obj: &Map<String, Value>,
+    key: &'static str,
+    default: &str,
+) -> Result<Option<String>, SchemaError> {
+    if obj.contains_key(key) {
+        opt_str(obj, key)
+    } else {
+        Ok(Some(default.to_string()))
+    }
 }
 
 #[cfg(test)]
@@ -361,7 +394,12 @@ mod tests {
 
     #[test]
     fn building_record_is_byte_exact() {
-        let b = ImageBuild::building("localhost", BUILDER_ID, &["qcow2".into()], 1795536810.9756422);
+        let b = ImageBuild::building(
+            "localhost",
+            BUILDER_ID,
+            &["qcow2".into()],
+            1795536810.9756422,
+        );
         assert_eq!(
             String::from_utf8(b.to_json()).unwrap(),
             r#"{"state": "building", "state_time": 1795536810.9756422, "builder": "localhost", "builder_id": "3944b9cd-b957-4139-810a-3a54f033edae", "formats": "qcow2", "username": null, "python_path": null, "shell_type": null}"#
@@ -376,7 +414,12 @@ mod tests {
         assert_eq!(parsed.state, BuildState::Ready);
         assert_eq!(parsed.to_json(), golden.as_bytes());
         let deleting = r#"{"state": "deleting", "state_time": 1795536897.412558, "builder": "localhost", "builder_id": "3944b9cd-b957-4139-810a-3a54f033edae", "formats": "qcow2", "username": "zuul", "python_path": "auto", "shell_type": null}"#;
-        assert_eq!(ImageBuild::from_json(deleting.as_bytes()).unwrap().to_json(), deleting.as_bytes());
+        assert_eq!(
+            ImageBuild::from_json(deleting.as_bytes())
+                .unwrap()
+                .to_json(),
+            deleting.as_bytes()
+        );
     }
 
     #[test]
@@ -390,7 +433,11 @@ mod tests {
             r#"{"state": "failed", "state_time": 1.5, "builder": "localhost", "builder_id": "3944b9cd-b957-4139-810a-3a54f033edae", "username": "zuul", "python_path": "auto", "shell_type": null}"#
         );
         b.formats = vec!["vhd".into(), "qcow2".into(), "raw".into()];
-        assert!(String::from_utf8(b.to_json()).unwrap().contains(r#""formats": "qcow2,raw,vhd""#));
+        assert!(
+            String::from_utf8(b.to_json())
+                .unwrap()
+                .contains(r#""formats": "qcow2,raw,vhd""#)
+        );
     }
 
     #[test]
@@ -443,17 +490,32 @@ mod tests {
     #[test]
     fn readers_tolerate_old_odd_and_bad_data() {
         // Missing keys get upstream's defaults; unknown keys are ignored; lists are accepted.
-        let b = ImageBuild::from_json(br#"{"state": "ready", "state_time": 5, "formats": ["raw", "qcow2"], "x": 1}"#).unwrap();
+        let b = ImageBuild::from_json(
+            br#"{"state": "ready", "state_time": 5, "formats": ["raw", "qcow2"], "x": 1}"#,
+        )
+        .unwrap();
         assert_eq!(b.username.as_deref(), Some("zuul"));
         assert_eq!(b.python_path.as_deref(), Some("/usr/bin/python2"));
         assert_eq!(b.formats, vec!["raw", "qcow2"]);
         assert_eq!(b.state_time, 5.0);
         assert_eq!(ImageBuild::from_json(b""), Err(SchemaError::Empty));
-        assert!(matches!(ImageBuild::from_json(b"{\"state\": "), Err(SchemaError::Json(_))));
+        assert!(matches!(
+            ImageBuild::from_json(b"{\"state\": "),
+            Err(SchemaError::Json(_))
+        ));
         assert_eq!(ImageBuild::from_json(b"[1]"), Err(SchemaError::NotObject));
-        assert_eq!(ImageBuild::from_json(br#"{"state": "paused"}"#), Err(SchemaError::UnknownState("paused".into())));
-        assert_eq!(ImageBuild::from_json(br#"{"state": 3}"#), Err(SchemaError::BadField("state")));
-        assert_eq!(ImageUpload::from_json(br#"{"state": "ready", "external_id": 7}"#), Err(SchemaError::BadField("external_id")));
+        assert_eq!(
+            ImageBuild::from_json(br#"{"state": "paused"}"#),
+            Err(SchemaError::UnknownState("paused".into()))
+        );
+        assert_eq!(
+            ImageBuild::from_json(br#"{"state": 3}"#),
+            Err(SchemaError::BadField("state"))
+        );
+        assert_eq!(
+            ImageUpload::from_json(br#"{"state": "ready", "external_id": 7}"#),
+            Err(SchemaError::BadField("external_id"))
+        );
         assert!(ImageUpload::from_json(&[0xff, 0xfe]).is_err());
     }
 }
