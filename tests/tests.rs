@@ -13,3 +13,5 @@ mod tidy;
 mod util;
 /// The ZooKeeper layer against real ZooKeeper (plain, TLS, faults) and kazoo.
 mod zk;
+/// The real binary: foreground daemon over TLS, signals, check-config.
+mod daemon;

@@ -630,6 +630,8 @@ impl Zk {
         let mut generation = 0u64;
         let mut last_retry_log: Option<Instant> = None;
         let mut backoff = Duration::from_millis(200);
+        // The state watcher of the latest session, kept to see its CloseSession acknowledged.
+        let mut last_states: Option<zookeeper_client::StateWatcher> = None;
         'sessions: loop {
             crate::registry::set_activity(format!(
                 "connecting to {}",
@@ -657,6 +659,7 @@ impl Zk {
             last_retry_log = None;
             generation += 1;
             let mut states = client.state_watcher();
+            last_states = Some(client.state_watcher());
             info!(
                 "Connected to zookeeper {} (session 0x{:x}, timeout {:?}, generation {generation})",
                 self.inner.cfg.connect_string(),
@@ -707,7 +710,19 @@ impl Zk {
             }
         }
         // Drop every clone we hold: the crate closes the session once the last client is gone.
+        // Wait (briefly) for the server to acknowledge, so our ephemeral nodes and locks are
+        // gone when close() returns, not one session timeout later.
         self.inner.client.write().unwrap().take();
+        if let Some(mut states) = last_states {
+            let closed = async {
+                loop {
+                    if matches!(states.changed().await, SessionState::Closed | SessionState::Expired | SessionState::AuthFailed) {
+                        break;
+                    }
+                }
+            };
+            let _ = futures::executor::block_on(select(pin!(closed), async_io::Timer::after(Duration::from_secs(3))));
+        }
         crate::registry::clear_activity();
         info!("ZooKeeper client closed");
     }

@@ -20,6 +20,7 @@
 // Not every test module uses every helper.
 #![allow(dead_code)]
 
+pub mod builder;
 pub mod python;
 pub mod zk;
 
