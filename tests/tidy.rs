@@ -1,0 +1,158 @@
+//! House rules checked by reading the source: every file under `src/` opens with a `//!`
+//! module essay, and only `src/thread.rs` starts threads (style.md §3 and §5; clippy's
+//! `disallowed-methods` checks the second rule too, but only when clippy runs).
+
+use std::path::{Path, PathBuf};
+
+fn src_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+}
+
+/// Every `.rs` file below `dir`, sorted.
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let entries =
+            std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()));
+        for entry in entries {
+            let path = entry
+                .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+                .path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|ext| ext == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+fn relative(path: &Path) -> String {
+    path.strip_prefix(env!("CARGO_MANIFEST_DIR"))
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn every_src_file_starts_with_a_module_doc() {
+    let files = rust_files(&src_dir());
+    assert!(files.len() > 3, "found only {files:?}");
+    let offenders = files
+        .iter()
+        .filter(|path| {
+            let text = std::fs::read_to_string(path)
+                .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+            !text.starts_with("//!")
+        })
+        .map(|path| relative(path))
+        .collect::<Vec<_>>();
+    assert!(
+        offenders.is_empty(),
+        "these files do not start with a `//!` module doc: {offenders:?}"
+    );
+}
+
+/// Code (not comments) of a line, with string literals left in: good enough for a scan.
+fn code_of(line: &str) -> &str {
+    let trimmed = line.trim_start();
+    if trimmed.starts_with("//") {
+        return "";
+    }
+    match line.find("// ") {
+        Some(index) => &line[..index],
+        None => line,
+    }
+}
+
+/// The ways of starting a thread that must appear only in `src/thread.rs`.
+fn spawn_violations(text: &str) -> Vec<String> {
+    const ALWAYS: [&str; 6] = [
+        "std::thread::spawn",
+        "std::thread::Builder",
+        "thread::Builder",
+        "std::thread::scope",
+        "use std::thread::spawn",
+        "use std::thread::{",
+    ];
+    // With `use std::thread;` a bare `thread::spawn(` is std's; with `use crate::thread` it
+    // is ours, which is fine.
+    let imports_std_thread = text.lines().map(code_of).any(|code| {
+        let code = code.trim();
+        code == "use std::thread;" || (code.starts_with("use std::{") && code.contains(" thread"))
+    });
+    let mut found = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let code = code_of(line);
+        for pattern in ALWAYS {
+            // `use std::thread::{...}` is fine unless it imports spawn, Builder or scope.
+            if pattern == "use std::thread::{" {
+                if code.contains(pattern)
+                    && ["spawn", "Builder", "scope"]
+                        .iter()
+                        .any(|name| code.contains(name))
+                {
+                    found.push(format!("line {}: {}", number + 1, line.trim()));
+                }
+                continue;
+            }
+            if code.contains(pattern) {
+                found.push(format!("line {}: {}", number + 1, line.trim()));
+            }
+        }
+        if imports_std_thread
+            && code.contains("thread::spawn(")
+            && !code.contains("crate::thread::spawn(")
+        {
+            found.push(format!("line {}: {}", number + 1, line.trim()));
+        }
+    }
+    found.dedup();
+    found
+}
+
+#[test]
+fn only_thread_rs_spawns_threads() {
+    let thread_rs = src_dir().join("thread.rs");
+    let mut offenders = Vec::new();
+    for path in rust_files(&src_dir()) {
+        if path == thread_rs {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        for violation in spawn_violations(&text) {
+            offenders.push(format!("{}: {violation}", relative(&path)));
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "threads must be started with crate::thread::spawn (src/thread.rs), found:\n{}",
+        offenders.join("\n")
+    );
+    // The scan itself must see what it is meant to see.
+    let std_text = std::fs::read_to_string(&thread_rs).unwrap();
+    assert!(
+        !spawn_violations(&std_text).is_empty(),
+        "the scan no longer finds thread.rs's own spawn"
+    );
+}
+
+#[test]
+fn the_spawn_scan_tells_ours_from_std() {
+    assert!(spawn_violations("fn f() { std::thread::spawn(|| ()); }").len() == 1);
+    assert!(spawn_violations("use std::thread;\nfn f() { thread::spawn(|| ()); }").len() == 1);
+    assert!(spawn_violations("use std::thread::{sleep, spawn};").len() == 1);
+    assert!(spawn_violations("let b = std::thread::Builder::new();").len() == 1);
+    assert!(
+        spawn_violations(
+            "use crate::thread::{self, ThreadKind};\nthread::spawn(ThreadKind::Other, \"x\", f);"
+        )
+        .is_empty()
+    );
+    assert!(spawn_violations("use std::thread;\ncrate::thread::spawn(ThreadKind::Other, \"x\", f);\nthread::sleep(d);").is_empty());
+    assert!(spawn_violations("// std::thread::spawn is forbidden here").is_empty());
+}
