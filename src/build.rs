@@ -1,2 +1,554 @@
 //! Build workers (`build-0`, `build-1`, ...): run diskimage-builder for one build job and
-//! record the result in ZooKeeper. Filled in by the build-pipeline work.
+//! record the result in ZooKeeper, exactly as nodepool 11's BuildWorker does (wire spec §1.4).
+//!
+//! # One job
+//!
+//! 1. Free-space guard: below `images-dir-required-free` GiB, report `NoSpace` and touch
+//!    nothing (no lock, no record, no log pruning), so a builder with space can take it.
+//! 2. *check → non-blocking lock → re-check*: take the image build lock
+//!    (`/nodepool/images/<image>/builds/lock`) without waiting; under it, re-check the pause
+//!    flag, the request (manual builds) and the newest ready build (someone else may have just
+//!    built it).
+//! 3. Write the `building` record under a new uuid4 build id.
+//! 4. Prune old build logs of this image (exact name match), then run DIB with upstream's
+//!    command line and environment, its output appended to `<build-log-dir>/<image>-<id>.log`
+//!    which ends with `Exit code: N`. DIB runs in its own process group; a timeout or shutdown
+//!    stops the whole group.
+//! 5. Overwrite the record with `ready` (with formats) or `failed` (without), and delete
+//!    `request-build` after a `ready` result. If the ZooKeeper session was lost while DIB ran,
+//!    the result is `failed` ("ZooKeeper lost while building"). If the final write fails, the
+//!    build's local files are deleted at once.
+//!
+//! The lock is held for the whole DIB run. Every job reports exactly one [`BuildOutcome`],
+//! even when the worker panics (the pool's guard reports it).
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{debug, error, info, warn};
+
+use crate::command;
+use crate::config::DiskImage;
+use crate::model::{self, BuildState};
+use crate::registry;
+use crate::thread::{self, JoinHandle, ThreadKind};
+use crate::zk::schema::ImageBuild;
+use crate::zk::{self, ConnState, Mode, Zk, ZkError, lock, paths};
+
+/// Grace between SIGTERM and SIGKILL of a DIB process group.
+pub const DIB_GRACE: Duration = Duration::from_secs(10);
+
+/// Everything a worker needs to build one image; built by the scheduler.
+#[derive(Debug, Clone)]
+pub struct BuildJob {
+    pub image: String,
+    pub diskimage: DiskImage,
+    /// The formats to build (sorted): the diskimage's own plus its providers'.
+    pub formats: Vec<String>,
+    /// Why the scheduler wants this build (logged when it starts).
+    pub cause: String,
+    /// A `request-build` znode asked for it.
+    pub manual: bool,
+    /// The newest ready build the scheduler saw; a different one under the lock means
+    /// someone else just built the image.
+    pub seen_newest_ready: Option<String>,
+    pub env: BuildEnv,
+}
+
+/// Builder-wide settings for builds.
+#[derive(Debug, Clone)]
+pub struct BuildEnv {
+    pub images_dir: PathBuf,
+    pub build_log_dir: PathBuf,
+    pub build_log_retention: i64,
+    pub elements_dir: Option<PathBuf>,
+    /// GiB; 0 turns the check off.
+    pub required_free_gib: u64,
+    pub builder_id: String,
+    pub fqdn: String,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone)]
+pub enum BuildResult {
+    /// A `ready` build was recorded.
+    Ready { build_id: String, record: ImageBuild },
+    /// A `failed` build was recorded (or nothing could be recorded).
+    Failed { build_id: Option<String>, reason: String },
+    /// Nothing was done, for a good reason (lock held, request gone, already built, paused).
+    Skipped { reason: String },
+    /// Not enough free space in images-dir; nothing was done.
+    NoSpace { free_gib: f64, required_gib: u64 },
+}
+
+/// One job's report to the scheduler.
+#[derive(Debug, Clone)]
+pub struct BuildOutcome {
+    pub image: String,
+    pub manual: bool,
+    pub result: BuildResult,
+    /// The builds of the image as read under the lock (when they were read).
+    pub builds: Option<Vec<(String, ImageBuild)>>,
+}
+
+/// The build worker pool.
+pub struct BuildPool {
+    // CAUTION: `job_tx` is declared first so it is dropped first: the workers see the channel
+    // close, finish their current job and return; then the handles join.
+    job_tx: Option<Sender<BuildJob>>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl BuildPool {
+    /// Starts `n` workers named `build-0`, ...; outcomes go to `outcomes`. Dropping (or
+    /// disconnecting) `cancel` stops running builds.
+    pub fn start(n: usize, zk: &Zk, outcomes: Sender<BuildOutcome>, cancel: Receiver<()>) -> BuildPool {
+        let (job_tx, job_rx) = crossbeam_channel::bounded::<BuildJob>(n);
+        let handles = (0..n)
+            .map(|i| {
+                let (zk, job_rx, outcomes, cancel) = (zk.clone(), job_rx.clone(), outcomes.clone(), cancel.clone());
+                thread::spawn(ThreadKind::Build, format!("build-{i}"), move || worker(zk, job_rx, outcomes, cancel))
+            })
+            .collect();
+        BuildPool { job_tx: Some(job_tx), handles }
+    }
+
+    /// Hands a job to an idle worker; gives it back when every worker is busy.
+    pub fn try_submit(&self, job: BuildJob) -> Result<(), BuildJob> {
+        match self.job_tx.as_ref().map(|tx| tx.try_send(job)) {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(e.into_inner()),
+            None => unreachable!("the pool is alive until dropped"),
+        }
+    }
+
+    /// Stops taking jobs and waits for the workers to finish their current job.
+    pub fn shutdown(mut self) {
+        self.job_tx.take();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for BuildPool {
+    fn drop(&mut self) {
+        self.job_tx.take();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn worker(zk: Zk, jobs: Receiver<BuildJob>, outcomes: Sender<BuildOutcome>, cancel: Receiver<()>) {
+    registry::set_activity("idle");
+    for job in jobs.iter() {
+        let (image, manual) = (job.image.clone(), job.manual);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&zk, &job, &cancel)))
+            .unwrap_or_else(|_| BuildOutcome {
+                image: image.clone(),
+                manual,
+                result: BuildResult::Failed { build_id: None, reason: "build worker panicked".into() },
+                builds: None,
+            });
+        registry::set_activity("idle");
+        if outcomes.send(outcome).is_err() {
+            break;
+        }
+    }
+}
+
+fn outcome(job: &BuildJob, result: BuildResult, builds: Option<Vec<(String, ImageBuild)>>) -> BuildOutcome {
+    BuildOutcome { image: job.image.clone(), manual: job.manual, result, builds }
+}
+
+/// Runs one job to completion (see the module docs).
+pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>) -> BuildOutcome {
+    let image = job.image.as_str();
+    let required = job.diskimage.images_dir_required_free.unwrap_or(job.env.required_free_gib);
+    if required > 0 {
+        match free_gib(&job.env.images_dir) {
+            Ok(free) if free < required as f64 => {
+                return outcome(job, BuildResult::NoSpace { free_gib: free, required_gib: required }, None);
+            }
+            Ok(_) => {}
+            Err(e) => warn!("image={image}: cannot check free space in {}: {e}", job.env.images_dir.display()),
+        }
+    }
+    registry::set_activity(format!("locking image build lock of {image}"));
+    let guard = match lock::try_lock(zk, &paths::image_build_lock_path(image)) {
+        Ok(Some(g)) => g,
+        Ok(None) => {
+            return outcome(job, BuildResult::Skipped { reason: "the image build lock is held by another builder".into() }, None);
+        }
+        Err(e) => return outcome(job, BuildResult::Skipped { reason: format!("cannot take the image build lock: {e}") }, None),
+    };
+    // Re-check under the lock.
+    let builds = match read_builds(zk, image) {
+        Ok(b) => b,
+        Err(e) => return outcome(job, BuildResult::Skipped { reason: format!("cannot read builds: {e}") }, None),
+    };
+    match zk.exists(&paths::image_pause_path(image)) {
+        Ok(Some(_)) => return outcome(job, BuildResult::Skipped { reason: "image is paused".into() }, Some(builds)),
+        Ok(None) => {}
+        Err(e) => return outcome(job, BuildResult::Skipped { reason: format!("cannot read pause flag: {e}") }, Some(builds)),
+    }
+    let request_path = paths::image_build_request_path(image);
+    if job.manual {
+        match zk.exists(&request_path) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return outcome(job, BuildResult::Skipped { reason: "the build request is gone".into() }, Some(builds));
+            }
+            Err(e) => {
+                return outcome(job, BuildResult::Skipped { reason: format!("cannot read build request: {e}") }, Some(builds));
+            }
+        }
+    } else {
+        let newest = newest_ready(&builds).map(|(id, _)| id.clone());
+        if newest.is_some() && newest != job.seen_newest_ready {
+            return outcome(job, BuildResult::Skipped { reason: "another builder just built it".into() }, Some(builds));
+        }
+    }
+
+    let build_id = model::new_build_id();
+    let build_path = paths::image_build_path(image, &build_id);
+    let building = ImageBuild::building(&job.env.fqdn, &job.env.builder_id, &job.formats, model::now_epoch());
+    if let Err(e) = zk.create_with_parents(&build_path, &building.to_json(), Mode::Persistent) {
+        return outcome(job, BuildResult::Failed { build_id: None, reason: format!("cannot write the building record: {e}") }, Some(builds));
+    }
+    if job.manual {
+        info!("Manual build request for image {image}");
+    }
+    info!("Building image {image} (build {build_id}): {}", job.cause);
+
+    let (rc, timed_out, detail) = run_dib(job, &build_id, cancel);
+    let stopped = detail.as_deref() == Some("stopped by shutdown");
+
+    // Upstream waits while suspended before writing the result; we wait, with a deadline.
+    if zk.state() == ConnState::Suspended {
+        let from = zk.session();
+        zk.wait_state_change(from, zk.config().session_timeout * 2);
+    }
+    let mut record = ImageBuild {
+        state: BuildState::Failed,
+        state_time: model::now_epoch(),
+        builder: Some(job.env.fqdn.clone()),
+        builder_id: Some(job.env.builder_id.clone()),
+        formats: Vec::new(),
+        username: Some(job.diskimage.username.clone()),
+        python_path: Some(job.diskimage.python_path.clone()),
+        shell_type: job.diskimage.shell_type.clone(),
+    };
+    let missing: Vec<&String> =
+        job.formats.iter().filter(|f| !job.env.images_dir.join(format!("{image}-{build_id}.{f}")).is_file()).collect();
+    let reason = if !guard.is_valid() {
+        Some(format!("ZooKeeper lost while building {image}"))
+    } else if rc != Some(0) || timed_out {
+        Some(format!(
+            "DIB failed creating {image} ({}) (timeout={}){}",
+            rc.map(|r| r.to_string()).unwrap_or_else(|| "none".into()),
+            if timed_out { "True" } else { "False" },
+            detail.map(|d| format!(": {d}")).unwrap_or_default()
+        ))
+    } else if !missing.is_empty() {
+        Some(format!(
+            "DIB exited 0 but did not write {}",
+            missing.iter().map(|f| format!("{image}-{build_id}.{f}")).collect::<Vec<_>>().join(", ")
+        ))
+    } else {
+        None
+    };
+    if reason.is_none() {
+        record.state = BuildState::Ready;
+        record.formats = job.formats.clone();
+    }
+    let write = zk.retry(zk.config().session_timeout, |zk| zk.set_data(&build_path, &record.to_json(), None));
+    if let Err(e) = write {
+        error!("image={image} build={build_id}: cannot record the build result ({e}); deleting its local files");
+        delete_local_build(&job.env.images_dir, image, &build_id);
+        return outcome(job, BuildResult::Failed { build_id: Some(build_id), reason: format!("cannot record the result: {e}") }, None);
+    }
+    let result = match reason {
+        Some(reason) => {
+            if stopped {
+                warn!("image={image} build={build_id}: {reason}");
+            } else {
+                error!("image={image} build={build_id}: {reason}");
+            }
+            BuildResult::Failed { build_id: Some(build_id), reason }
+        }
+        None => {
+            info!("DIB image {image} is built (build {build_id})");
+            match zk.delete(&request_path, None) {
+                Ok(()) | Err(ZkError::NoNode) => {}
+                Err(e) => warn!("image={image}: cannot delete the build request: {e}"),
+            }
+            BuildResult::Ready { build_id, record }
+        }
+    };
+    let builds = read_builds(zk, image).ok();
+    drop(guard);
+    outcome(job, result, builds)
+}
+
+/// The DIB command line as upstream builds it (before shell-word splitting).
+pub fn dib_command_line(job: &BuildJob, build_id: &str) -> String {
+    let base = job.env.images_dir.join(format!("{}-{build_id}", job.image));
+    let formats = job.formats.join(",");
+    let dib_cmd = job.diskimage.dib_cmd.replace("%p", &share_dir());
+    let mut cmd = format!("{dib_cmd} -x -t {formats} --checksum --no-tmpfs");
+    if formats.contains("qcow2") {
+        cmd.push_str(" --qemu-img-options 'compat=0.10'");
+    }
+    cmd.push_str(&format!(" -o {} {}", base.display(), job.diskimage.elements.join(" ")));
+    cmd.trim_end().to_string()
+}
+
+/// What `%p` in `dib-cmd` stands for: upstream uses the nodepool package directory; we use
+/// the directory holding this executable.
+fn share_dir() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.display().to_string()))
+        .unwrap_or_else(|| ".".into())
+}
+
+/// The environment DIB gets on top of ours, in order (later entries win).
+pub fn dib_env(job: &BuildJob, build_id: &str) -> Vec<(String, String)> {
+    let base = job.env.images_dir.join(format!("{}-{build_id}", job.image));
+    let mut env = vec![
+        ("DIB_RELEASE".to_string(), job.diskimage.release.clone()),
+        ("DIB_IMAGE_NAME".to_string(), job.image.clone()),
+        ("DIB_IMAGE_FILENAME".to_string(), base.display().to_string()),
+    ];
+    if let Some(e) = &job.env.elements_dir {
+        env.push(("ELEMENTS_PATH".into(), e.display().to_string()));
+    }
+    env.extend(job.diskimage.env_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
+/// Runs DIB; returns (exit code, timed out, detail).
+fn run_dib(job: &BuildJob, build_id: &str, cancel: &Receiver<()>) -> (Option<i32>, bool, Option<String>) {
+    let image = job.image.as_str();
+    let cmdline = dib_command_line(job, build_id);
+    let log_path = job.env.build_log_dir.join(format!("{image}-{build_id}.log"));
+    let argv = match command::shell_split(&cmdline) {
+        Ok(a) if !a.is_empty() => a,
+        Ok(_) => return (None, false, Some("empty dib-cmd".into())),
+        Err(e) => return (None, false, Some(format!("cannot split the DIB command line: {e}"))),
+    };
+    if let Err(e) = std::fs::create_dir_all(&job.env.build_log_dir) {
+        return (None, false, Some(format!("cannot create {}: {e}", job.env.build_log_dir.display())));
+    }
+    prune_build_logs(&job.env.build_log_dir, image, job.env.build_log_retention);
+    info!("Running {cmdline}");
+    info!("Logging to {}", log_path.display());
+    let spec = command::Spec {
+        program: argv[0].clone(),
+        args: argv[1..].to_vec(),
+        env: dib_env(job, build_id),
+        cwd: None,
+        log: Some(log_path.clone()),
+        timeout: Some(Duration::from_secs(job.diskimage.build_timeout)),
+        grace: DIB_GRACE,
+    };
+    let started = Instant::now();
+    let running = match command::spawn(spec) {
+        Ok(r) => r,
+        Err(e) => {
+            error!("image={image} build={build_id}: {e}");
+            return (None, false, Some(e.to_string()));
+        }
+    };
+    let since = chrono_like_now();
+    registry::set_activity(format!("building {image} {build_id}, dib pid {}, since {since}", running.pid()));
+    let result = running.wait(cancel);
+    debug!("image={image} build={build_id}: DIB ran for {:.1}s", started.elapsed().as_secs_f64());
+    match result {
+        Ok(command::Outcome::Exited(rc)) => {
+            append_line(&log_path, &format!("Exit code: {rc}"));
+            (Some(rc), false, None)
+        }
+        Ok(command::Outcome::Signaled(sig)) => {
+            append_line(&log_path, &format!("Exit code: {}", 128 + sig));
+            (Some(128 + sig), false, Some(format!("killed by signal {sig}")))
+        }
+        Ok(command::Outcome::TimedOut) => {
+            error!("Build timeout for image {image}, build {build_id} (log: {})", log_path.display());
+            (Some(1), true, None)
+        }
+        Ok(command::Outcome::Cancelled) => (Some(1), false, Some("stopped by shutdown".into())),
+        Err(e) => (None, false, Some(format!("waiting for DIB: {e}"))),
+    }
+}
+
+/// Local wall-clock time of day, `HH:MM:SS` (UTC), for activity breadcrumbs.
+fn chrono_like_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
+}
+
+fn append_line(path: &Path, line: &str) {
+    let res = std::fs::OpenOptions::new().append(true).create(true).open(path).and_then(|mut f| writeln!(f, "{line}"));
+    if let Err(e) = res {
+        warn!("cannot append to {}: {e}", path.display());
+    }
+}
+
+/// Keeps the newest `max(retention, 1)` logs of `image` (exact `<image>-<hex>.log` names, not
+/// a prefix match as upstream's quirk Q5); `retention < 0` keeps everything.
+pub fn prune_build_logs(dir: &Path, image: &str, retention: i64) {
+    if retention < 0 {
+        return;
+    }
+    let keep = retention.max(1) as usize;
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut logs: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.strip_prefix(image)
+                .and_then(|r| r.strip_prefix('-'))
+                .and_then(|r| r.strip_suffix(".log"))
+                .is_some_and(model::is_build_id)
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    logs.sort();
+    let excess = logs.len().saturating_sub(keep);
+    for (_, path) in logs.into_iter().take(excess) {
+        info!("Deleting old build log {}", path.display());
+        if let Err(e) = std::fs::remove_file(&path) {
+            warn!("cannot delete {}: {e}", path.display());
+        }
+    }
+}
+
+/// Deletes a build's local files: `<image>-<id>.<ext>` (with checksum files) and the `.d`
+/// manifest directory.
+pub fn delete_local_build(images_dir: &Path, image: &str, build_id: &str) {
+    let stem = format!("{image}-{build_id}");
+    let Ok(entries) = std::fs::read_dir(images_dir) else { return };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&stem).and_then(|r| r.strip_prefix('.')) else { continue };
+        if rest.is_empty() || rest.contains('/') {
+            continue;
+        }
+        let path = entry.path();
+        let res = if rest == "d" && path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        match res {
+            Ok(()) => info!("Removed DIB file {}", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!("cannot remove {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Free space of the file system holding `dir`, GiB.
+pub fn free_gib(dir: &Path) -> std::io::Result<f64> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    Ok(st.blocks_available() as f64 * st.fragment_size() as f64 / (1024.0 * 1024.0 * 1024.0))
+}
+
+/// Reads every parseable build record of an image (skipping `lock`, empty and bad data, each
+/// with one warning).
+pub fn read_builds(zk: &Zk, image: &str) -> zk::Result<Vec<(String, ImageBuild)>> {
+    let mut out = Vec::new();
+    for id in zk.get_children(&paths::image_builds_path(image))?.unwrap_or_default() {
+        if id == "lock" {
+            continue;
+        }
+        match zk.get_data(&paths::image_build_path(image, &id))? {
+            None => {}
+            Some((data, _)) => match ImageBuild::from_json(&data) {
+                Ok(b) => out.push((id, b)),
+                Err(zk::schema::SchemaError::Empty) => debug!("image={image} build={id}: empty znode skipped"),
+                Err(e) => warn!("image={image} build={id}: skipping unreadable build record: {e}"),
+            },
+        }
+    }
+    Ok(out)
+}
+
+/// The newest `ready` build (by `state_time`).
+pub fn newest_ready(builds: &[(String, ImageBuild)]) -> Option<&(String, ImageBuild)> {
+    builds
+        .iter()
+        .filter(|(_, b)| b.state == BuildState::Ready)
+        .max_by(|a, b| a.1.state_time.total_cmp(&b.1.state_time))
+}
+
+/// Formats a build lacks among `required`.
+pub fn missing_formats(build: &ImageBuild, required: &BTreeSet<String>) -> Vec<String> {
+    required.iter().filter(|f| !build.formats.contains(f)).cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(formats: &[&str]) -> BuildJob {
+        BuildJob {
+            image: "ubuntu".into(),
+            diskimage: DiskImage {
+                name: "ubuntu".into(),
+                dib_cmd: "disk-image-create".into(),
+                elements: vec!["ubuntu-minimal".into(), "vm".into()],
+                env_vars: [("DIB_RELEASE".to_string(), "override".to_string())].into_iter().collect(),
+                formats: vec![],
+                delete_after_upload: false,
+                keep_formats: vec![],
+                pause: false,
+                rebuild_age: 86400,
+                build_timeout: 28800,
+                release: "jammy".into(),
+                username: "zuul".into(),
+                python_path: "auto".into(),
+                shell_type: None,
+                metadata: Default::default(),
+                images_dir_required_free: None,
+            },
+            formats: formats.iter().map(|s| s.to_string()).collect(),
+            cause: "test".into(),
+            manual: false,
+            seen_newest_ready: None,
+            env: BuildEnv {
+                images_dir: "/opt/images".into(),
+                build_log_dir: "/var/log".into(),
+                build_log_retention: 7,
+                elements_dir: Some("/etc/elements".into()),
+                required_free_gib: 0,
+                builder_id: "b".into(),
+                fqdn: "h".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn dib_command_line_is_upstreams() {
+        assert_eq!(
+            dib_command_line(&job(&["qcow2", "vhd"]), "abc"),
+            "disk-image-create -x -t qcow2,vhd --checksum --no-tmpfs --qemu-img-options 'compat=0.10' -o /opt/images/ubuntu-abc ubuntu-minimal vm"
+        );
+        assert_eq!(
+            dib_command_line(&job(&["tar"]), "abc"),
+            "disk-image-create -x -t tar --checksum --no-tmpfs -o /opt/images/ubuntu-abc ubuntu-minimal vm"
+        );
+    }
+
+    #[test]
+    fn env_vars_come_last_and_win() {
+        let env = dib_env(&job(&["raw"]), "abc");
+        let keys: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["DIB_RELEASE", "DIB_IMAGE_NAME", "DIB_IMAGE_FILENAME", "ELEMENTS_PATH", "DIB_RELEASE"]);
+        assert_eq!(env[2].1, "/opt/images/ubuntu-abc");
+        assert_eq!(env.last().unwrap().1, "override");
+    }
+}

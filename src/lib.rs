@@ -27,6 +27,7 @@
 //!    marker lines, statsd keys, CLI-visible states) follows nodepool 11 exactly.
 
 pub mod app;
+#[cfg(feature = "wip")]
 pub mod build;
 pub mod cleanup;
 pub mod cli;

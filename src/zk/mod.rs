@@ -244,6 +244,20 @@ pub struct WatchEvent {
 /// An armed one-shot watch; hand it to [`Zk::forward`] to receive its event on a channel.
 pub struct Watch(OneshotWatcher);
 
+/// One read of a [`Zk::multi_read`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadOp {
+    Data(String),
+    Children(String),
+}
+
+/// The answer to one [`ReadOp`].
+#[derive(Debug, Clone)]
+pub enum ReadResult {
+    Data(Vec<u8>, Stat),
+    Children(Vec<String>),
+}
+
 /// Creation mode of a znode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -518,6 +532,34 @@ impl Zk {
         }
     }
 
+    /// Runs many reads as one ZooKeeper request (a snapshot; one packet on the wire). Each
+    /// result is `None` when that znode does not exist.
+    pub fn multi_read(&self, ops: &[ReadOp]) -> Result<Vec<Option<ReadResult>>> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = self.client()?;
+        let mut reader = c.new_multi_reader();
+        for op in ops {
+            let added = match op {
+                ReadOp::Data(p) => reader.add_get_data(p),
+                ReadOp::Children(p) => reader.add_get_children(p),
+            };
+            added.map_err(ZkError::from)?;
+        }
+        let results = self.wait(reader.commit())?;
+        results
+            .into_iter()
+            .map(|r| match r {
+                zookeeper_client::MultiReadResult::Data { data, stat } => Ok(Some(ReadResult::Data(data, stat))),
+                zookeeper_client::MultiReadResult::Children { children } => Ok(Some(ReadResult::Children(children))),
+                zookeeper_client::MultiReadResult::Error { err: zookeeper_client::Error::NoNode } => Ok(None),
+                zookeeper_client::MultiReadResult::Error { err } => Err(ZkError::from(err)),
+                _ => Err(ZkError::Other("unknown multi-read result".into())),
+            })
+            .collect()
+    }
+
     // ----- watches -----------------------------------------------------------------------------
 
     /// Stat of a znode (or `None`) plus a one-shot watch for its creation, deletion or change.
@@ -674,10 +716,11 @@ impl Zk {
                 client.session_id().0
             ));
             // While suspended, the server expires the session one session timeout after it last
-            // heard from us. The crate notices a silent connection at 2/5 of the timeout and
-            // would only give up at 7/5; we give up at the server's own deadline, so a lock
-            // holder learns it lost its lock within about one timeout.
-            let give_up_after = client.session_timeout().mul_f64(0.8);
+            // heard from us. The client notices a silent connection after its connection timeout
+            // (3/5 of the session timeout, set in connect_once) and would only give up at 7/5;
+            // we give up at the server's own deadline (the remaining 2/5), so a lock holder
+            // learns it lost its lock within about one session timeout.
+            let give_up_after = client.session_timeout().mul_f64(0.4);
             let mut suspended_since: Option<Instant> = None;
             loop {
                 let deadline = suspended_since.map(|t| t + give_up_after);
@@ -729,7 +772,12 @@ impl Zk {
 
     async fn connect_once(&self) -> Result<Client> {
         let cfg = &self.inner.cfg;
-        let mut connector = Client::connector().with_session_timeout(cfg.session_timeout);
+        // A connection timeout of 3/5 of the session timeout makes the client ping every 9/40
+        // of the session timeout when idle (its ping interval is 3/8 of the connection timeout),
+        // about 27 pings a minute at the default 10 s, instead of 40 with the crate's default.
+        let mut connector = Client::connector()
+            .with_session_timeout(cfg.session_timeout)
+            .with_connection_timeout(cfg.session_timeout.mul_f64(0.6));
         if let Some((scheme, auth)) = &cfg.auth {
             connector = connector.with_auth(scheme, auth);
         }
