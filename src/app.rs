@@ -12,7 +12,9 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, unbounded};
 use log::{debug, error, info, warn};
 
-use crate::config::{self, Config};
+use crate::config::Config;
+use crate::scheduler;
+use crate::thread::{self, ThreadKind};
 use crate::identity;
 use crate::signals::{self, ControlSignal};
 use crate::zk::{Zk, ZkConfig, component};
@@ -67,27 +69,21 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
     );
     ready();
 
-    let mut current = cfg;
-    for sig in ctl_rx.iter() {
-        match sig {
-            ControlSignal::Shutdown => break,
-            ControlSignal::Reload => {
-                match config::load(&opts.config_path, opts.secure_path.as_deref()) {
-                    Ok(new) => {
-                        info!("Configuration reloaded from {}", opts.config_path.display());
-                        current = Arc::new(new);
-                    }
-                    Err(errors) => {
-                        error!(
-                            "Configuration {} is invalid; keeping the running configuration:\n{errors}",
-                            opts.config_path.display()
-                        );
-                    }
-                }
-            }
-        }
+    // The scheduler thread owns everything from here; it returns after ordered shutdown.
+    let setup = scheduler::Setup {
+        zk: zk.clone(),
+        cfg,
+        config_path: opts.config_path.clone(),
+        secure_path: opts.secure_path.clone(),
+        build_workers: opts.build_workers,
+        builder_id,
+        fqdn,
+        signals: ctl_rx,
+    };
+    let sched = thread::spawn(ThreadKind::Scheduler, "scheduler", move || scheduler::run(setup));
+    if sched.join().is_err() {
+        error!("the scheduler panicked; shutting down");
     }
-    drop(current);
     info!("Shutting down: closing the ZooKeeper session");
     zk.close();
     info!("nodepool-builder stopped");

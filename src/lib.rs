@@ -27,10 +27,10 @@
 //!    marker lines, statsd keys, CLI-visible states) follows nodepool 11 exactly.
 
 pub mod app;
-#[cfg(feature = "wip")]
 pub mod build;
 pub mod cleanup;
 pub mod cli;
+pub mod command;
 pub mod config;
 pub mod identity;
 pub mod logging;

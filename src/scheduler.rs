@@ -1,4 +1,463 @@
 //! The `scheduler` thread: the only owner of scheduling state.
 //!
-//! Home of the one `select!` loop over ZooKeeper events, worker outcomes, timers and control
-//! signals (see shared design notes). Filled in by the build-pipeline work.
+//! # Overview
+//!
+//! One `select_biased!` loop over, in priority order: control signals (stop, reload),
+//! worker outcomes, ZooKeeper events from the `zk-watch` thread, and one timer for the
+//! nearest deadline (a rebuild-age expiry, a retry after back-off, or the slow safety
+//! rescan). Nothing polls: a `request-build` znode appearing reaches the scheduler as a
+//! [`ZkEvent::RequestBuild`] within milliseconds, and the job is handed to an idle build
+//! worker at once.
+//!
+//! # Decisions
+//!
+//! A configured diskimage needs a build when it is not paused (by config or by the ZooKeeper
+//! `pause` znode), has a non-empty format set, has no build of ours in flight, is not waiting
+//! out a back-off, and: a `request-build` znode exists, or there is no ready build, or the
+//! newest ready build is older than `rebuild-age`, or it lacks a required format. Each
+//! decision carries its cause into the log ("rebuild-age expired: newest ready build is 26h
+//! old"). The worker repeats the check under the image build lock, as upstream does.
+//!
+//! # Back-off
+//!
+//! A failed build is retried after `retry-backoff-initial`, doubling up to
+//! `retry-backoff-max`; a build skipped because another builder holds the lock waits for
+//! that image's build records to change (or the initial back-off). Upstream retries failures
+//! every 10 s with no back-off.
+//!
+//! # Shutdown
+//!
+//! On stop: no new jobs; the cancel channel is dropped, which stops running DIB process
+//! groups (SIGTERM, then SIGKILL after the grace period); the outcomes of running jobs are
+//! awaited (so their records say `failed` and their locks are released), then the pool joins.
+//! Never `?` out of the loop: per-image problems are logged and the loop goes on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, after, never, select_biased};
+use log::{debug, error, info, warn};
+
+use crate::build::{self, BuildEnv, BuildJob, BuildOutcome, BuildPool, BuildResult};
+use crate::config::{self, Config};
+use crate::model;
+use crate::signals::ControlSignal;
+use crate::zk::schema::ImageBuild;
+use crate::zk::watcher::{WatchCmd, Watcher, ZkEvent};
+use crate::zk::{ConnState, Zk};
+
+/// How long a stop waits for running builds to report after cancelling them.
+const STOP_WAIT: Duration = Duration::from_secs(30);
+
+/// Everything the scheduler is started with.
+pub struct Setup {
+    pub zk: Zk,
+    pub cfg: Arc<Config>,
+    pub config_path: PathBuf,
+    pub secure_path: Option<PathBuf>,
+    pub build_workers: usize,
+    pub builder_id: String,
+    pub fqdn: String,
+    pub signals: Receiver<ControlSignal>,
+}
+
+/// Per-image scheduling state.
+#[derive(Debug, Default)]
+struct ImageState {
+    paused_zk: bool,
+    requested: bool,
+    builds: Vec<(String, ImageBuild)>,
+    in_flight: bool,
+    /// No attempt before this instant (failure back-off or a skip).
+    retry_at: Option<Instant>,
+    /// Consecutive failures, for the back-off.
+    failures: u32,
+    /// The last "not enough free space" was logged (log once until space returns).
+    no_space_logged: bool,
+}
+
+/// Runs the scheduler loop until a stop signal; returns after ordered shutdown of the pool.
+pub fn run(setup: Setup) {
+    let (zk_tx, zk_rx) = crossbeam_channel::unbounded();
+    let (out_tx, out_rx) = crossbeam_channel::unbounded();
+    let (cancel_tx, cancel_rx) = crossbeam_channel::bounded::<()>(0);
+    let pool = BuildPool::start(setup.build_workers, &setup.zk, out_tx, cancel_rx);
+    let watcher = Watcher::start(&setup.zk, image_names(&setup.cfg), zk_tx);
+    let mut s = Scheduler {
+        zk: setup.zk.clone(),
+        formats: required_formats(&setup.cfg),
+        cfg: setup.cfg,
+        config_path: setup.config_path,
+        secure_path: setup.secure_path,
+        builder_id: setup.builder_id,
+        fqdn: setup.fqdn,
+        images: BTreeMap::new(),
+        pool,
+        watcher,
+        next_verify: Instant::now(),
+        stopping: false,
+    };
+    s.next_verify = Instant::now() + s.verify_interval();
+    s.run_loop(&setup.signals, &zk_rx, &out_rx);
+
+    // Ordered shutdown: cancel running builds, collect their outcomes, join the workers.
+    drop(cancel_tx);
+    let deadline = Instant::now() + STOP_WAIT + build::DIB_GRACE;
+    while s.images.values().any(|i| i.in_flight) {
+        match out_rx.recv_deadline(deadline) {
+            Ok(outcome) => s.on_build(outcome),
+            Err(_) => {
+                warn!("builds still running after the stop grace period; leaving them to the next start");
+                break;
+            }
+        }
+    }
+    let Scheduler { pool, watcher, .. } = s;
+    drop(watcher);
+    pool.shutdown();
+}
+
+struct Scheduler {
+    zk: Zk,
+    cfg: Arc<Config>,
+    config_path: PathBuf,
+    secure_path: Option<PathBuf>,
+    builder_id: String,
+    fqdn: String,
+    /// Required formats per configured image.
+    formats: BTreeMap<String, BTreeSet<String>>,
+    images: BTreeMap<String, ImageState>,
+    pool: BuildPool,
+    watcher: Watcher,
+    next_verify: Instant,
+    stopping: bool,
+}
+
+impl Scheduler {
+    fn run_loop(&mut self, signals: &Receiver<ControlSignal>, zk_rx: &Receiver<ZkEvent>, out_rx: &Receiver<BuildOutcome>) {
+        crate::registry::set_activity("scheduling");
+        loop {
+            let deadline = self.next_deadline();
+            let timer = match deadline {
+                Some(d) => after(d.saturating_duration_since(Instant::now())),
+                None => never(),
+            };
+            let started;
+            select_biased! {
+                recv(signals) -> sig => {
+                    started = Instant::now();
+                    match sig {
+                        Ok(ControlSignal::Shutdown) | Err(_) => {
+                            info!("Stopping: no new builds; cancelling running builds");
+                            self.stopping = true;
+                            return;
+                        }
+                        Ok(ControlSignal::Reload) => self.reload(),
+                    }
+                }
+                recv(out_rx) -> outcome => {
+                    started = Instant::now();
+                    if let Ok(outcome) = outcome {
+                        self.on_build(outcome);
+                    }
+                }
+                recv(zk_rx) -> ev => {
+                    started = Instant::now();
+                    match ev {
+                        Ok(ev) => self.on_zk(ev),
+                        Err(_) => {
+                            error!("the ZooKeeper watcher stopped; stopping");
+                            return;
+                        }
+                    }
+                }
+                recv(timer) -> _ => {
+                    started = Instant::now();
+                    if Instant::now() >= self.next_verify {
+                        self.next_verify = Instant::now() + self.verify_interval();
+                        debug!("safety rescan");
+                        self.watcher.send(WatchCmd::Verify);
+                    }
+                }
+            }
+            self.plan();
+            let took = started.elapsed();
+            if took > Duration::from_millis(200) {
+                warn!("overly long scheduler loop turn: {took:?}");
+            }
+        }
+    }
+
+    fn verify_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.cfg.resync_interval.max(0.1))
+    }
+
+    fn state(&mut self, image: &str) -> &mut ImageState {
+        self.images.entry(image.to_string()).or_default()
+    }
+
+    fn on_zk(&mut self, ev: ZkEvent) {
+        match ev {
+            ZkEvent::Images(names) => {
+                for name in names {
+                    self.state(&name);
+                }
+            }
+            ZkEvent::Pause { image, paused } => {
+                let st = self.state(&image);
+                if st.paused_zk != paused {
+                    info!("image={image}: builds {} by the pause znode", if paused { "paused" } else { "unpaused" });
+                }
+                st.paused_zk = paused;
+            }
+            ZkEvent::RequestBuild { image, requested } => {
+                let st = self.state(&image);
+                if requested && !st.requested {
+                    debug!("image={image}: request-build znode appeared");
+                    // A fresh request is worth an immediate try, unless a failure back-off runs.
+                    if st.failures == 0 {
+                        st.retry_at = None;
+                    }
+                }
+                st.requested = requested;
+            }
+            ZkEvent::Builds { image, builds } => {
+                let st = self.state(&image);
+                st.builds = builds;
+                // A skip waits for the other builder's records to change: they just did.
+                if st.failures == 0 {
+                    st.retry_at = None;
+                }
+            }
+            ZkEvent::Resynced => debug!("watches re-armed; state re-read"),
+            ZkEvent::Session(ev) => debug!("zookeeper session {:?} (generation {})", ev.state, ev.generation),
+        }
+    }
+
+    fn on_build(&mut self, outcome: BuildOutcome) {
+        let backoff_initial = self.cfg.retry_backoff_initial;
+        let backoff_max = self.cfg.retry_backoff_max;
+        let image = outcome.image.clone();
+        let st = self.state(&image);
+        st.in_flight = false;
+        if let Some(builds) = outcome.builds {
+            st.builds = builds;
+        }
+        let now = Instant::now();
+        match outcome.result {
+            BuildResult::Ready { build_id, .. } => {
+                debug!("image={image} build={build_id}: ready");
+                st.failures = 0;
+                st.retry_at = None;
+                st.no_space_logged = false;
+                if outcome.manual {
+                    st.requested = false;
+                }
+            }
+            BuildResult::Failed { build_id, reason } => {
+                st.failures += 1;
+                let delay = backoff(backoff_initial, backoff_max, st.failures);
+                st.retry_at = Some(now + delay);
+                warn!(
+                    "image={image} build={}: build failed ({reason}); retrying in {:.0}s (failure {})",
+                    build_id.as_deref().unwrap_or("-"),
+                    delay.as_secs_f64(),
+                    st.failures
+                );
+            }
+            BuildResult::Skipped { reason } => {
+                debug!("image={image}: build skipped: {reason}");
+                st.retry_at = Some(now + Duration::from_secs_f64(backoff_initial));
+            }
+            BuildResult::NoSpace { free_gib, required_gib } => {
+                if !st.no_space_logged {
+                    warn!(
+                        "image={image}: not building: images-dir has {free_gib:.1} GiB free, {required_gib} GiB required; will start when space returns"
+                    );
+                    st.no_space_logged = true;
+                }
+                st.retry_at = Some(now + Duration::from_secs_f64(backoff_initial));
+            }
+        }
+    }
+
+    fn reload(&mut self) {
+        match config::load(&self.config_path, self.secure_path.as_deref()) {
+            Ok(cfg) => {
+                info!("Configuration reloaded from {}", self.config_path.display());
+                self.cfg = Arc::new(cfg);
+                self.formats = required_formats(&self.cfg);
+                self.watcher.send(WatchCmd::Images(image_names(&self.cfg)));
+            }
+            Err(errors) => error!(
+                "Configuration {} is invalid; keeping the running configuration:\n{errors}",
+                self.config_path.display()
+            ),
+        }
+    }
+
+    /// Why `image` needs a build now, if it does (the decision of the module docs).
+    fn decide(&self, image: &str, now: Instant) -> Option<(String, bool)> {
+        let d = self.cfg.diskimage(image)?;
+        let st = self.images.get(image)?;
+        if d.pause || st.paused_zk || st.in_flight || st.retry_at.is_some_and(|t| t > now) {
+            return None;
+        }
+        let formats = self.formats.get(image).filter(|f| !f.is_empty())?;
+        if st.builds.iter().any(|(_, b)| b.state == model::BuildState::Building) && !st.requested {
+            // Someone is building it; its record changing wakes us up.
+            return None;
+        }
+        if st.requested {
+            return Some(("request-build znode present".into(), true));
+        }
+        let Some((_, newest)) = build::newest_ready(&st.builds) else {
+            return Some(("no ready build".into(), false));
+        };
+        let age = model::now_epoch() - newest.state_time;
+        if age >= d.rebuild_age as f64 {
+            return Some((format!("rebuild-age expired: newest ready build is {} old", human_age(age)), false));
+        }
+        let missing = build::missing_formats(newest, formats);
+        if !missing.is_empty() {
+            return Some((format!("formats changed: {} missing", missing.join(",")), false));
+        }
+        None
+    }
+
+    /// Hands every needed build to an idle worker.
+    fn plan(&mut self) {
+        if self.stopping || self.zk.state() != ConnState::Connected {
+            return;
+        }
+        let now = Instant::now();
+        let names: Vec<String> = self.cfg.diskimages.iter().map(|d| d.name.clone()).collect();
+        for image in names {
+            self.state(&image);
+            let Some((cause, manual)) = self.decide(&image, now) else { continue };
+            let d = self.cfg.diskimage(&image).expect("decide checked it").clone();
+            let st = &self.images[&image];
+            let job = BuildJob {
+                image: image.clone(),
+                formats: self.formats[&image].iter().cloned().collect(),
+                diskimage: d,
+                cause,
+                manual,
+                seen_newest_ready: build::newest_ready(&st.builds).map(|(id, _)| id.clone()),
+                env: BuildEnv {
+                    images_dir: self.cfg.images_dir.clone(),
+                    build_log_dir: self.cfg.build_log_dir.clone(),
+                    build_log_retention: self.cfg.build_log_retention,
+                    elements_dir: self.cfg.elements_dir.clone(),
+                    required_free_gib: self.cfg.images_dir_required_free,
+                    builder_id: self.builder_id.clone(),
+                    fqdn: self.fqdn.clone(),
+                },
+            };
+            debug!("image={image}: handing a build to a worker: {}", job.cause);
+            match self.pool.try_submit(job) {
+                Ok(()) => self.state(&image).in_flight = true,
+                Err(_) => {
+                    debug!("every build worker is busy; image={image} waits");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The nearest instant something must be re-decided without an event.
+    fn next_deadline(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let now_epoch = model::now_epoch();
+        let mut next = Some(self.next_verify);
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        for (image, st) in &self.images {
+            if let Some(t) = st.retry_at {
+                consider(t);
+            }
+            if let (Some(d), Some((_, newest))) = (self.cfg.diskimage(image), build::newest_ready(&st.builds)) {
+                let due = newest.state_time + d.rebuild_age as f64 - now_epoch;
+                consider(now + Duration::from_secs_f64(due.clamp(0.0, 86400.0 * 365.0)));
+            }
+        }
+        next
+    }
+}
+
+/// Exponential back-off: `initial × 2^(n-1)`, at most `max`.
+fn backoff(initial: f64, max: f64, failures: u32) -> Duration {
+    let exp = 2f64.powi(failures.saturating_sub(1).min(30) as i32);
+    Duration::from_secs_f64((initial * exp).min(max).max(0.0))
+}
+
+fn human_age(secs: f64) -> String {
+    let secs = secs.max(0.0) as u64;
+    if secs >= 3600 {
+        format!("{}h", secs / 3600)
+    } else if secs >= 60 {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+fn image_names(cfg: &Config) -> BTreeSet<String> {
+    cfg.diskimages.iter().map(|d| d.name.clone()).collect()
+}
+
+/// The formats each diskimage needs: its own `formats` plus the image format of every
+/// provider listing it (wire spec §3.4). No default format: an image with neither is never
+/// built.
+pub fn required_formats(cfg: &Config) -> BTreeMap<String, BTreeSet<String>> {
+    let provider_formats: BTreeMap<&str, String> = cfg.providers.iter().map(|p| (p.name.as_str(), provider_format(p))).collect();
+    cfg.diskimages
+        .iter()
+        .map(|d| {
+            let mut f: BTreeSet<String> = d.formats.iter().cloned().collect();
+            for p in &cfg.providers {
+                if p.diskimages.iter().any(|pd| pd.name == d.name) {
+                    f.insert(provider_formats[p.name.as_str()].clone());
+                }
+            }
+            (d.name.clone(), f)
+        })
+        .collect()
+}
+
+/// A provider's image format, resolved through its driver (clouds.yaml for OpenStack).
+pub fn provider_format(p: &config::Provider) -> String {
+    match &p.driver {
+        config::Driver::Command { image_format, .. } => image_format.clone(),
+        config::Driver::OpenStack { image_format: Some(f), .. } => f.clone(),
+        config::Driver::OpenStack { .. } => match crate::provider::for_provider(p, None) {
+            Ok(driver) => driver.image_format().to_string(),
+            Err(e) => {
+                warn!("provider={}: cannot read its cloud's image format ({e}); assuming qcow2", p.name);
+                "qcow2".into()
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        assert_eq!(backoff(5.0, 600.0, 1), Duration::from_secs(5));
+        assert_eq!(backoff(5.0, 600.0, 2), Duration::from_secs(10));
+        assert_eq!(backoff(5.0, 600.0, 4), Duration::from_secs(40));
+        assert_eq!(backoff(5.0, 600.0, 20), Duration::from_secs(600));
+        assert_eq!(backoff(5.0, 600.0, 1000), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn ages_read_like_an_operator_says_them() {
+        assert_eq!(human_age(26.0 * 3600.0 + 5.0), "26h");
+        assert_eq!(human_age(125.0), "2m");
+        assert_eq!(human_age(5.0), "5s");
+    }
+}
