@@ -36,7 +36,8 @@ use crate::model::{self, BuildState};
 use crate::registry;
 use crate::thread::{self, JoinHandle, ThreadKind};
 use crate::zk::schema::ImageBuild;
-use crate::zk::{self, ConnState, Mode, Zk, ZkError, lock, paths};
+use crate::zk::tree::{self, BuildInfo};
+use crate::zk::{ConnState, Mode, Zk, ZkError, lock, paths};
 
 /// Grace between SIGTERM and SIGKILL of a DIB process group.
 pub const DIB_GRACE: Duration = Duration::from_secs(10);
@@ -91,7 +92,7 @@ pub struct BuildOutcome {
     pub manual: bool,
     pub result: BuildResult,
     /// The builds of the image as read under the lock (when they were read).
-    pub builds: Option<Vec<(String, ImageBuild)>>,
+    pub builds: Option<Vec<BuildInfo>>,
 }
 
 /// The build worker pool.
@@ -161,7 +162,7 @@ fn worker(zk: Zk, jobs: Receiver<BuildJob>, outcomes: Sender<BuildOutcome>, canc
     }
 }
 
-fn outcome(job: &BuildJob, result: BuildResult, builds: Option<Vec<(String, ImageBuild)>>) -> BuildOutcome {
+fn outcome(job: &BuildJob, result: BuildResult, builds: Option<Vec<BuildInfo>>) -> BuildOutcome {
     BuildOutcome { image: job.image.clone(), manual: job.manual, result, builds }
 }
 
@@ -187,7 +188,7 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>) -> BuildOutcome {
         Err(e) => return outcome(job, BuildResult::Skipped { reason: format!("cannot take the image build lock: {e}") }, None),
     };
     // Re-check under the lock.
-    let builds = match read_builds(zk, image) {
+    let builds = match tree::read_image(zk, image) {
         Ok(b) => b,
         Err(e) => return outcome(job, BuildResult::Skipped { reason: format!("cannot read builds: {e}") }, None),
     };
@@ -208,7 +209,7 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>) -> BuildOutcome {
             }
         }
     } else {
-        let newest = newest_ready(&builds).map(|(id, _)| id.clone());
+        let newest = tree::newest_ready(&builds).map(|b| b.id.clone());
         if newest.is_some() && newest != job.seen_newest_ready {
             return outcome(job, BuildResult::Skipped { reason: "another builder just built it".into() }, Some(builds));
         }
@@ -290,7 +291,7 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>) -> BuildOutcome {
             BuildResult::Ready { build_id, record }
         }
     };
-    let builds = read_builds(zk, image).ok();
+    let builds = tree::read_image(zk, image).ok();
     drop(guard);
     outcome(job, result, builds)
 }
@@ -455,34 +456,6 @@ pub fn delete_local_build(images_dir: &Path, image: &str, build_id: &str) {
 pub fn free_gib(dir: &Path) -> std::io::Result<f64> {
     let st = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
     Ok(st.blocks_available() as f64 * st.fragment_size() as f64 / (1024.0 * 1024.0 * 1024.0))
-}
-
-/// Reads every parseable build record of an image (skipping `lock`, empty and bad data, each
-/// with one warning).
-pub fn read_builds(zk: &Zk, image: &str) -> zk::Result<Vec<(String, ImageBuild)>> {
-    let mut out = Vec::new();
-    for id in zk.get_children(&paths::image_builds_path(image))?.unwrap_or_default() {
-        if id == "lock" {
-            continue;
-        }
-        match zk.get_data(&paths::image_build_path(image, &id))? {
-            None => {}
-            Some((data, _)) => match ImageBuild::from_json(&data) {
-                Ok(b) => out.push((id, b)),
-                Err(zk::schema::SchemaError::Empty) => debug!("image={image} build={id}: empty znode skipped"),
-                Err(e) => warn!("image={image} build={id}: skipping unreadable build record: {e}"),
-            },
-        }
-    }
-    Ok(out)
-}
-
-/// The newest `ready` build (by `state_time`).
-pub fn newest_ready(builds: &[(String, ImageBuild)]) -> Option<&(String, ImageBuild)> {
-    builds
-        .iter()
-        .filter(|(_, b)| b.state == BuildState::Ready)
-        .max_by(|a, b| a.1.state_time.total_cmp(&b.1.state_time))
 }
 
 /// Formats a build lacks among `required`.

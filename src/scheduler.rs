@@ -44,7 +44,7 @@ use crate::build::{self, BuildEnv, BuildJob, BuildOutcome, BuildPool, BuildResul
 use crate::config::{self, Config};
 use crate::model;
 use crate::signals::ControlSignal;
-use crate::zk::schema::ImageBuild;
+use crate::zk::tree::{self, BuildInfo};
 use crate::zk::watcher::{WatchCmd, Watcher, ZkEvent};
 use crate::zk::{ConnState, Zk};
 
@@ -68,7 +68,7 @@ pub struct Setup {
 struct ImageState {
     paused_zk: bool,
     requested: bool,
-    builds: Vec<(String, ImageBuild)>,
+    builds: Vec<BuildInfo>,
     in_flight: bool,
     /// No attempt before this instant (failure back-off or a skip).
     retry_at: Option<Instant>,
@@ -306,14 +306,14 @@ impl Scheduler {
             return None;
         }
         let formats = self.formats.get(image).filter(|f| !f.is_empty())?;
-        if st.builds.iter().any(|(_, b)| b.state == model::BuildState::Building) && !st.requested {
+        if st.builds.iter().any(|b| b.build.state == model::BuildState::Building) && !st.requested {
             // Someone is building it; its record changing wakes us up.
             return None;
         }
         if st.requested {
             return Some(("request-build znode present".into(), true));
         }
-        let Some((_, newest)) = build::newest_ready(&st.builds) else {
+        let Some(newest) = tree::newest_ready(&st.builds).map(|b| &b.build) else {
             return Some(("no ready build".into(), false));
         };
         let age = model::now_epoch() - newest.state_time;
@@ -345,7 +345,7 @@ impl Scheduler {
                 diskimage: d,
                 cause,
                 manual,
-                seen_newest_ready: build::newest_ready(&st.builds).map(|(id, _)| id.clone()),
+                seen_newest_ready: tree::newest_ready(&st.builds).map(|b| b.id.clone()),
                 env: BuildEnv {
                     images_dir: self.cfg.images_dir.clone(),
                     build_log_dir: self.cfg.build_log_dir.clone(),
@@ -377,8 +377,8 @@ impl Scheduler {
             if let Some(t) = st.retry_at {
                 consider(t);
             }
-            if let (Some(d), Some((_, newest))) = (self.cfg.diskimage(image), build::newest_ready(&st.builds)) {
-                let due = newest.state_time + d.rebuild_age as f64 - now_epoch;
+            if let (Some(d), Some(newest)) = (self.cfg.diskimage(image), tree::newest_ready(&st.builds)) {
+                let due = newest.build.state_time + d.rebuild_age as f64 - now_epoch;
                 consider(now + Duration::from_secs_f64(due.clamp(0.0, 86400.0 * 365.0)));
             }
         }

@@ -45,6 +45,7 @@ pub mod component;
 pub mod lock;
 pub mod paths;
 pub mod schema;
+pub mod tree;
 pub mod watcher;
 
 use std::fmt;

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, info, warn};
 
-use super::schema::{ImageBuild, SchemaError};
+use super::tree::{self, BuildInfo, UploadInfo};
 use super::{ConnState, ReadOp, ReadResult, SessionEvent, WatchEvent, WatchKind, Zk, ZkError, paths};
 use crate::registry;
 use crate::thread::{self, JoinHandle, ThreadKind};
@@ -41,8 +41,8 @@ pub enum ZkEvent {
     Pause { image: String, paused: bool },
     /// The `request-build` flag of an image.
     RequestBuild { image: String, requested: bool },
-    /// Every readable build record of an image.
-    Builds { image: String, builds: Vec<(String, ImageBuild)> },
+    /// Every readable build record of an image, with its uploads.
+    Builds { image: String, builds: Vec<BuildInfo> },
     /// Everything was re-read after a (re)connect or a verification found a difference.
     Resynced,
     /// The ZooKeeper session changed state.
@@ -209,7 +209,7 @@ impl State {
                 let image = image.to_string();
                 self.sync_flag(&image, path);
             }
-            [image, "builds"] | [image, "builds", _] => {
+            [image, "builds", ..] => {
                 let image = image.to_string();
                 self.sync_builds(&image);
             }
@@ -267,18 +267,57 @@ impl State {
         let mut builds = Vec::new();
         for id in ids.into_iter().filter(|id| id != "lock") {
             let path = paths::image_build_path(image, &id);
-            match self.data(&path) {
-                Ok(Seen::Value(data)) => match ImageBuild::from_json(&data) {
-                    Ok(b) => builds.push((id, b)),
-                    Err(SchemaError::Empty) => debug!("image={image} build={id}: empty build znode skipped"),
-                    Err(e) => warn!("image={image} build={id}: skipping unreadable build record: {e}"),
-                },
-                Ok(Seen::Missing) => {}
+            let build = match self.data(&path) {
+                Ok(Seen::Value(data)) => tree::parse_build(image, &id, &data),
+                Ok(Seen::Missing) => None,
                 Err(e) => return self.failed(&path, &e),
+            };
+            let Some(build) = build else { continue };
+            match self.sync_uploads(image, &id) {
+                Ok(uploads) => builds.push(BuildInfo { id, build, uploads }),
+                Err((what, e)) => return self.failed(&what, &e),
             }
         }
         self.build_ids.insert(image.to_string(), all);
         self.send(ZkEvent::Builds { image: image.to_string(), builds });
+    }
+
+    /// Reads (and watches) every upload of a build.
+    fn sync_uploads(&mut self, image: &str, build: &str) -> Result<Vec<UploadInfo>, (String, ZkError)> {
+        let mut uploads = Vec::new();
+        let providers_path = paths::image_providers_path(image, build);
+        let providers = match self.children(&providers_path) {
+            Ok(Seen::Value(p)) => p,
+            Ok(Seen::Missing) => {
+                self.exists(&providers_path).map_err(|e| (providers_path.clone(), e))?;
+                return Ok(uploads);
+            }
+            Err(e) => return Err((providers_path, e)),
+        };
+        for provider in providers {
+            let images_path = paths::image_uploads_path(image, build, &provider);
+            let ids = match self.children(&images_path) {
+                Ok(Seen::Value(ids)) => ids,
+                Ok(Seen::Missing) => {
+                    self.exists(&images_path).map_err(|e| (images_path.clone(), e))?;
+                    continue;
+                }
+                Err(e) => return Err((images_path, e)),
+            };
+            for id in ids.into_iter().filter(|id| id != "lock") {
+                let path = paths::image_upload_path(image, build, &provider, &id);
+                match self.data(&path) {
+                    Ok(Seen::Value(data)) => {
+                        if let Some(upload) = tree::parse_upload(image, build, &provider, &id, &data) {
+                            uploads.push(UploadInfo { provider: provider.clone(), id, upload });
+                        }
+                    }
+                    Ok(Seen::Missing) => {}
+                    Err(e) => return Err((path, e)),
+                }
+            }
+        }
+        Ok(uploads)
     }
 
     // The three reads below register a watch unless one is already armed for the path.

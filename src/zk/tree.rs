@@ -1,0 +1,142 @@
+//! Readers of the image tree: every build of an image with every upload of every build.
+//!
+//! These read without watches (the `zk-watch` thread has its own arming variant). They skip
+//! the `lock` children, empty znodes (left by lock acquisitions racing a delete) and
+//! unparsable records, each unparsable record with one warning; they never fail on odd data,
+//! only on ZooKeeper errors.
+
+use log::{debug, warn};
+
+use super::schema::{ImageBuild, ImageUpload, SchemaError};
+use super::{Result, Zk, paths};
+use crate::model::{BuildState, UploadState};
+
+/// One build record and its uploads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildInfo {
+    pub id: String,
+    pub build: ImageBuild,
+    pub uploads: Vec<UploadInfo>,
+}
+
+/// One upload record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploadInfo {
+    pub provider: String,
+    pub id: String,
+    pub upload: ImageUpload,
+}
+
+impl BuildInfo {
+    /// Uploads of this build to `provider`.
+    pub fn uploads_to<'a>(&'a self, provider: &'a str) -> impl Iterator<Item = &'a UploadInfo> + 'a {
+        self.uploads.iter().filter(move |u| u.provider == provider)
+    }
+
+    /// Whether a `ready` upload to `provider` exists.
+    pub fn has_ready_upload(&self, provider: &str) -> bool {
+        self.uploads_to(provider).any(|u| u.upload.state == UploadState::Ready)
+    }
+}
+
+/// The newest `ready` build (by `state_time`).
+pub fn newest_ready(builds: &[BuildInfo]) -> Option<&BuildInfo> {
+    builds
+        .iter()
+        .filter(|b| b.build.state == BuildState::Ready)
+        .max_by(|a, b| a.build.state_time.total_cmp(&b.build.state_time))
+}
+
+/// Parses a build record, logging what is skipped.
+pub fn parse_build(image: &str, id: &str, data: &[u8]) -> Option<ImageBuild> {
+    match ImageBuild::from_json(data) {
+        Ok(b) => Some(b),
+        Err(SchemaError::Empty) => {
+            debug!("image={image} build={id}: empty build znode skipped");
+            None
+        }
+        Err(e) => {
+            warn!("image={image} build={id}: skipping unreadable build record: {e}");
+            None
+        }
+    }
+}
+
+/// Parses an upload record, logging what is skipped.
+pub fn parse_upload(image: &str, build: &str, provider: &str, id: &str, data: &[u8]) -> Option<ImageUpload> {
+    match ImageUpload::from_json(data) {
+        Ok(u) => Some(u),
+        Err(SchemaError::Empty) => {
+            debug!("image={image} build={build} provider={provider} upload={id}: empty upload znode skipped");
+            None
+        }
+        Err(e) => {
+            warn!("image={image} build={build} provider={provider} upload={id}: skipping unreadable upload record: {e}");
+            None
+        }
+    }
+}
+
+/// Image names under `/nodepool/images`.
+pub fn image_names(zk: &Zk) -> Result<Vec<String>> {
+    let mut names = zk.get_children(paths::IMAGE_ROOT)?.unwrap_or_default();
+    names.sort();
+    Ok(names)
+}
+
+/// Build ids of an image (without `lock`).
+pub fn build_ids(zk: &Zk, image: &str) -> Result<Vec<String>> {
+    Ok(zk.get_children(&paths::image_builds_path(image))?.unwrap_or_default().into_iter().filter(|id| id != "lock").collect())
+}
+
+/// One build record, `None` when missing, empty or unreadable.
+pub fn read_build(zk: &Zk, image: &str, id: &str) -> Result<Option<ImageBuild>> {
+    Ok(zk.get_data(&paths::image_build_path(image, id))?.and_then(|(d, _)| parse_build(image, id, &d)))
+}
+
+/// Every readable build of an image, with its uploads.
+pub fn read_image(zk: &Zk, image: &str) -> Result<Vec<BuildInfo>> {
+    let mut out = Vec::new();
+    for id in build_ids(zk, image)? {
+        if let Some(build) = read_build(zk, image, &id)? {
+            let uploads = read_uploads(zk, image, &id)?;
+            out.push(BuildInfo { id, build, uploads });
+        }
+    }
+    Ok(out)
+}
+
+/// Upload ids of a (build, provider), without `lock`.
+pub fn upload_ids(zk: &Zk, image: &str, build: &str, provider: &str) -> Result<Vec<String>> {
+    Ok(zk
+        .get_children(&paths::image_uploads_path(image, build, provider))?
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|id| id != "lock")
+        .collect())
+}
+
+/// Providers that have a directory under a build.
+pub fn build_providers(zk: &Zk, image: &str, build: &str) -> Result<Vec<String>> {
+    Ok(zk.get_children(&paths::image_providers_path(image, build))?.unwrap_or_default())
+}
+
+/// One upload record, `None` when missing, empty or unreadable.
+pub fn read_upload(zk: &Zk, image: &str, build: &str, provider: &str, id: &str) -> Result<Option<ImageUpload>> {
+    Ok(zk
+        .get_data(&paths::image_upload_path(image, build, provider, id))?
+        .and_then(|(d, _)| parse_upload(image, build, provider, id, &d)))
+}
+
+/// Every readable upload of a build, all providers.
+pub fn read_uploads(zk: &Zk, image: &str, build: &str) -> Result<Vec<UploadInfo>> {
+    let mut out = Vec::new();
+    for provider in build_providers(zk, image, build)? {
+        for id in upload_ids(zk, image, build, &provider)? {
+            if let Some(upload) = read_upload(zk, image, build, &provider, &id)? {
+                out.push(UploadInfo { provider: provider.clone(), id, upload });
+            }
+        }
+    }
+    Ok(out)
+}
