@@ -76,6 +76,7 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
         config_path: opts.config_path.clone(),
         secure_path: opts.secure_path.clone(),
         build_workers: opts.build_workers,
+        upload_workers: opts.upload_workers,
         builder_id,
         fqdn,
         signals: ctl_rx,

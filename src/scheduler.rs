@@ -41,6 +41,8 @@ use crossbeam_channel::{Receiver, after, never, select_biased};
 use log::{debug, error, info, warn};
 
 use crate::build::{self, BuildEnv, BuildJob, BuildOutcome, BuildPool, BuildResult};
+use crate::provider::{self, ProviderDriver};
+use crate::upload::{UploadJob, UploadOutcome, UploadPool, UploadResult};
 use crate::config::{self, Config};
 use crate::model;
 use crate::signals::ControlSignal;
@@ -50,6 +52,8 @@ use crate::zk::{ConnState, Zk};
 
 /// How long a stop waits for running builds to report after cancelling them.
 const STOP_WAIT: Duration = Duration::from_secs(30);
+/// How long a stop waits for running uploads before leaving them to the next start.
+pub const UPLOAD_GRACE: Duration = Duration::from_secs(10);
 
 /// Everything the scheduler is started with.
 pub struct Setup {
@@ -58,6 +62,7 @@ pub struct Setup {
     pub config_path: PathBuf,
     pub secure_path: Option<PathBuf>,
     pub build_workers: usize,
+    pub upload_workers: usize,
     pub builder_id: String,
     pub fqdn: String,
     pub signals: Receiver<ControlSignal>,
@@ -78,12 +83,24 @@ struct ImageState {
     no_space_logged: bool,
 }
 
+/// Per (image, provider) upload state.
+#[derive(Debug, Default)]
+struct UploadSlot {
+    in_flight: bool,
+    /// The build the failures below were counted for; a newer build starts afresh.
+    for_build: Option<String>,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
 /// Runs the scheduler loop until a stop signal; returns after ordered shutdown of the pool.
 pub fn run(setup: Setup) {
     let (zk_tx, zk_rx) = crossbeam_channel::unbounded();
     let (out_tx, out_rx) = crossbeam_channel::unbounded();
     let (cancel_tx, cancel_rx) = crossbeam_channel::bounded::<()>(0);
     let pool = BuildPool::start(setup.build_workers, &setup.zk, out_tx, cancel_rx);
+    let (up_tx, up_rx) = crossbeam_channel::unbounded();
+    let uploads = UploadPool::start(setup.upload_workers, &setup.zk, up_tx);
     let watcher = Watcher::start(&setup.zk, image_names(&setup.cfg), zk_tx);
     let mut s = Scheduler {
         zk: setup.zk.clone(),
@@ -94,13 +111,18 @@ pub fn run(setup: Setup) {
         builder_id: setup.builder_id,
         fqdn: setup.fqdn,
         images: BTreeMap::new(),
+        drivers: BTreeMap::new(),
+        provider_formats: BTreeMap::new(),
+        slots: BTreeMap::new(),
         pool,
+        uploads,
         watcher,
         next_verify: Instant::now(),
         stopping: false,
     };
     s.next_verify = Instant::now() + s.verify_interval();
-    s.run_loop(&setup.signals, &zk_rx, &out_rx);
+    s.make_drivers();
+    s.run_loop(&setup.signals, &zk_rx, &out_rx, &up_rx);
 
     // Ordered shutdown: cancel running builds, collect their outcomes, join the workers.
     drop(cancel_tx);
@@ -114,9 +136,10 @@ pub fn run(setup: Setup) {
             }
         }
     }
-    let Scheduler { pool, watcher, .. } = s;
+    let Scheduler { pool, uploads, watcher, .. } = s;
     drop(watcher);
     pool.shutdown();
+    uploads.shutdown(UPLOAD_GRACE);
 }
 
 struct Scheduler {
@@ -129,14 +152,26 @@ struct Scheduler {
     /// Required formats per configured image.
     formats: BTreeMap<String, BTreeSet<String>>,
     images: BTreeMap<String, ImageState>,
+    /// One driver per configured provider that could be set up.
+    drivers: BTreeMap<String, Arc<dyn ProviderDriver>>,
+    /// The image format of every configured provider.
+    provider_formats: BTreeMap<String, String>,
+    slots: BTreeMap<(String, String), UploadSlot>,
     pool: BuildPool,
+    uploads: UploadPool,
     watcher: Watcher,
     next_verify: Instant,
     stopping: bool,
 }
 
 impl Scheduler {
-    fn run_loop(&mut self, signals: &Receiver<ControlSignal>, zk_rx: &Receiver<ZkEvent>, out_rx: &Receiver<BuildOutcome>) {
+    fn run_loop(
+        &mut self,
+        signals: &Receiver<ControlSignal>,
+        zk_rx: &Receiver<ZkEvent>,
+        out_rx: &Receiver<BuildOutcome>,
+        up_rx: &Receiver<UploadOutcome>,
+    ) {
         crate::registry::set_activity("scheduling");
         loop {
             let deadline = self.next_deadline();
@@ -163,6 +198,12 @@ impl Scheduler {
                         self.on_build(outcome);
                     }
                 }
+                recv(up_rx) -> outcome => {
+                    started = Instant::now();
+                    if let Ok(outcome) = outcome {
+                        self.on_upload(outcome);
+                    }
+                }
                 recv(zk_rx) -> ev => {
                     started = Instant::now();
                     match ev {
@@ -183,6 +224,7 @@ impl Scheduler {
                 }
             }
             self.plan();
+            self.plan_uploads();
             let took = started.elapsed();
             if took > Duration::from_millis(200) {
                 warn!("overly long scheduler loop turn: {took:?}");
@@ -288,6 +330,7 @@ impl Scheduler {
             Ok(cfg) => {
                 info!("Configuration reloaded from {}", self.config_path.display());
                 self.cfg = Arc::new(cfg);
+                self.make_drivers();
                 self.formats = required_formats(&self.cfg);
                 self.watcher.send(WatchCmd::Images(image_names(&self.cfg)));
             }
@@ -367,19 +410,133 @@ impl Scheduler {
         }
     }
 
+    /// (Re)creates the provider drivers; a provider whose driver cannot be set up is logged
+    /// and left out, as upstream does.
+    fn make_drivers(&mut self) {
+        self.drivers.clear();
+        self.provider_formats.clear();
+        for p in &self.cfg.providers {
+            self.provider_formats.insert(p.name.clone(), provider_format(p));
+            match provider::for_provider(p, None) {
+                Ok(d) => {
+                    self.drivers.insert(p.name.clone(), Arc::from(d));
+                }
+                Err(e) => error!("provider={}: cannot set up its driver, no uploads to it: {e}", p.name),
+            }
+        }
+    }
+
+    fn on_upload(&mut self, outcome: UploadOutcome) {
+        let (initial, max) = (self.cfg.retry_backoff_initial, self.cfg.retry_backoff_max);
+        if let Some(builds) = outcome.builds {
+            self.state(&outcome.image).builds = builds;
+        }
+        let slot = self.slots.entry((outcome.image.clone(), outcome.provider.clone())).or_default();
+        slot.in_flight = false;
+        let now = Instant::now();
+        let (image, build, provider) = (&outcome.image, &outcome.build_id, &outcome.provider);
+        match outcome.result {
+            UploadResult::Ready { upload_id, .. } => {
+                debug!("image={image} build={build} provider={provider} upload={upload_id}: ready");
+                slot.failures = 0;
+                slot.retry_at = None;
+            }
+            UploadResult::Failed { upload_id, reason } => {
+                slot.failures += 1;
+                let delay = backoff(initial, max, slot.failures);
+                slot.retry_at = Some(now + delay);
+                warn!(
+                    "image={image} build={build} provider={provider} upload={}: upload failed ({reason}); retrying in {:.0}s (failure {})",
+                    upload_id.as_deref().unwrap_or("-"),
+                    delay.as_secs_f64(),
+                    slot.failures
+                );
+            }
+            UploadResult::Skipped { reason } => {
+                debug!("image={image} build={build} provider={provider}: upload skipped: {reason}");
+                slot.retry_at = Some(now + Duration::from_secs_f64(initial));
+            }
+        }
+    }
+
+    /// Hands every needed upload to an idle worker: the newest ready build of each image, to
+    /// each provider listing it (unpaused), when this builder has its file and no `ready`
+    /// upload exists (wire spec §1.5, §3.6).
+    fn plan_uploads(&mut self) {
+        if self.stopping || self.zk.state() != ConnState::Connected {
+            return;
+        }
+        let now = Instant::now();
+        let cfg = self.cfg.clone();
+        for p in &cfg.providers {
+            let Some(driver) = self.drivers.get(&p.name).cloned() else { continue };
+            let Some(format) = self.provider_formats.get(&p.name).cloned() else { continue };
+            for pd in p.diskimages.iter().filter(|pd| !pd.pause) {
+                let Some(d) = cfg.diskimage(&pd.name) else { continue };
+                let Some(st) = self.images.get(&pd.name) else { continue };
+                let Some(newest) = tree::newest_ready(&st.builds) else { continue };
+                if newest.has_ready_upload(&p.name) || !newest.build.formats.contains(&format) {
+                    continue;
+                }
+                if newest.uploads_to(&p.name).any(|u| u.upload.state == crate::model::UploadState::Uploading) {
+                    // Someone uploads it now (or crashed doing so: the janitor clears that).
+                    continue;
+                }
+                let file = cfg.images_dir.join(format!("{}-{}.{format}", pd.name, newest.id));
+                if !file.is_file() {
+                    continue; // Only the builder holding the files uploads.
+                }
+                let build_id = newest.id.clone();
+                let slot = self.slots.entry((pd.name.clone(), p.name.clone())).or_default();
+                if slot.for_build.as_deref() != Some(build_id.as_str()) {
+                    *slot = UploadSlot { in_flight: slot.in_flight, for_build: Some(build_id.clone()), ..Default::default() };
+                }
+                if slot.in_flight || slot.retry_at.is_some_and(|t| t > now) {
+                    continue;
+                }
+                let job = UploadJob {
+                    image: pd.name.clone(),
+                    build_id,
+                    provider: p.clone(),
+                    diskimage: d.clone(),
+                    format: format.clone(),
+                    file,
+                    driver: driver.clone(),
+                };
+                match self.uploads.try_submit(job) {
+                    Ok(()) => slot.in_flight = true,
+                    Err(_) => return, // Every upload worker is busy.
+                }
+            }
+        }
+    }
+
     /// The nearest instant something must be re-decided without an event.
     fn next_deadline(&self) -> Option<Instant> {
         let now = Instant::now();
         let now_epoch = model::now_epoch();
         let mut next = Some(self.next_verify);
-        let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        // Only future instants: something already due was decided in this turn's plan, and a
+        // past instant would spin the loop.
+        let mut consider = |t: Instant| {
+            if t > now {
+                next = Some(next.map_or(t, |n: Instant| n.min(t)));
+            }
+        };
         for (image, st) in &self.images {
             if let Some(t) = st.retry_at {
                 consider(t);
             }
             if let (Some(d), Some(newest)) = (self.cfg.diskimage(image), tree::newest_ready(&st.builds)) {
                 let due = newest.build.state_time + d.rebuild_age as f64 - now_epoch;
-                consider(now + Duration::from_secs_f64(due.clamp(0.0, 86400.0 * 365.0)));
+                if due > 0.0 {
+                    consider(now + Duration::from_secs_f64(due.min(86400.0 * 365.0)));
+                }
+            }
+        }
+        for slot in self.slots.values() {
+            if let Some(t) = slot.retry_at {
+                consider(t);
             }
         }
         next

@@ -1,2 +1,314 @@
 //! Upload workers (`upload-0`, ...): push one ready build to one provider and record the
-//! upload in ZooKeeper. Filled in by the upload-pipeline work.
+//! upload in ZooKeeper, as nodepool 11's UploadWorker does (wire spec §1.5), without its
+//! polling, its retry storms or its leaks.
+//!
+//! # One job
+//!
+//! 1. *check → non-blocking lock → re-check*: take the upload lock
+//!    (`…/builds/<id>/providers/<p>/images/lock`) without waiting; under it, re-check that
+//!    the build still exists and is `ready` and that no `ready` upload exists for it.
+//! 2. Delete the `failed` records of earlier attempts for this (build, provider), so retries
+//!    do not pile up records (upstream leaves one per attempt until cleanup).
+//! 3. Create the `uploading` record (a ZooKeeper sequence id) BEFORE touching the cloud, so
+//!    the launcher's leak cleanup and other builders can see the upload exists.
+//! 4. Upload through the provider driver (name from `image-name-format`, checksums from the
+//!    `.md5`/`.sha256` files, properties = diskimage `metadata` + provider `meta` + the
+//!    `nodepool_*` tags), then run the `post-upload-hook` if any.
+//! 5. Write `ready` (with `external_id`, `external_name`, `format`, `username`,
+//!    `python_path`, `shell_type`) — or a bare `failed` record.
+//!
+//! Nothing leaks: when the hook fails, or the `ready` record cannot be written (session
+//! lost), the cloud image is deleted before the job reports failure (upstream quirk Q2 leaked
+//! it). The driver itself deletes any cloud image of a failed upload.
+//!
+//! Shutdown does not wait for uploads beyond a grace period (uploads can take hours);
+//! records of interrupted uploads stay `uploading` with a free lock and are removed by the
+//! janitor of any builder, as upstream.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{debug, error, info, warn};
+
+use crate::command;
+use crate::config::{DiskImage, Provider};
+use crate::model::{self, BuildState, UploadState};
+use crate::provider::{ProviderDriver, UploadRequest};
+use crate::registry;
+use crate::thread::{self, JoinHandle, ThreadKind};
+use crate::zk::schema::ImageUpload;
+use crate::zk::tree::{self, BuildInfo};
+use crate::zk::{Mode, Zk, ZkError, lock, paths};
+
+/// Everything a worker needs to upload one build to one provider; built by the scheduler.
+#[derive(Clone)]
+pub struct UploadJob {
+    pub image: String,
+    pub build_id: String,
+    pub provider: Provider,
+    pub diskimage: DiskImage,
+    pub format: String,
+    pub file: PathBuf,
+    pub driver: Arc<dyn ProviderDriver>,
+}
+
+/// How an upload job ended.
+#[derive(Debug, Clone)]
+pub enum UploadResult {
+    Ready { upload_id: String, external_id: String },
+    Failed { upload_id: Option<String>, reason: String },
+    Skipped { reason: String },
+}
+
+/// One job's report to the scheduler.
+#[derive(Debug, Clone)]
+pub struct UploadOutcome {
+    pub image: String,
+    pub build_id: String,
+    pub provider: String,
+    pub result: UploadResult,
+    /// The image's builds as read after the job (when they were read).
+    pub builds: Option<Vec<BuildInfo>>,
+}
+
+/// The upload worker pool.
+pub struct UploadPool {
+    // CAUTION: declared first so it is dropped first (see BuildPool).
+    job_tx: Option<Sender<UploadJob>>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl UploadPool {
+    /// Starts `n` workers named `upload-0`, ...
+    pub fn start(n: usize, zk: &Zk, outcomes: Sender<UploadOutcome>) -> UploadPool {
+        let (job_tx, job_rx) = crossbeam_channel::bounded::<UploadJob>(n);
+        let handles = (0..n)
+            .map(|i| {
+                let (zk, job_rx, outcomes) = (zk.clone(), job_rx.clone(), outcomes.clone());
+                thread::spawn(ThreadKind::Upload, format!("upload-{i}"), move || worker(zk, job_rx, outcomes))
+            })
+            .collect();
+        UploadPool { job_tx: Some(job_tx), handles }
+    }
+
+    /// Hands a job to an idle worker; gives it back when every worker is busy.
+    pub fn try_submit(&self, job: UploadJob) -> Result<(), UploadJob> {
+        match self.job_tx.as_ref().map(|tx| tx.try_send(job)) {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(e.into_inner()),
+            None => unreachable!("the pool is alive until dropped"),
+        }
+    }
+
+    /// Stops taking jobs; waits for running uploads until `grace` passes, then leaves them
+    /// (detached) to end with the process.
+    pub fn shutdown(mut self, grace: Duration) {
+        self.job_tx.take();
+        let deadline = std::time::Instant::now() + grace;
+        for h in self.handles.drain(..) {
+            while !h.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::park_timeout(Duration::from_millis(20));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                warn!("{} is still uploading after the {grace:?} grace period; not waiting for it", h.thread_name());
+                h.detach();
+            }
+        }
+    }
+}
+
+impl Drop for UploadPool {
+    fn drop(&mut self) {
+        self.job_tx.take();
+        for h in self.handles.drain(..) {
+            h.detach();
+        }
+    }
+}
+
+fn worker(zk: Zk, jobs: Receiver<UploadJob>, outcomes: Sender<UploadOutcome>) {
+    registry::set_activity("idle");
+    for job in jobs.iter() {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&zk, &job)))
+            .unwrap_or_else(|_| UploadResult::Failed { upload_id: None, reason: "upload worker panicked".into() });
+        registry::set_activity("idle");
+        let builds = tree::read_image(&zk, &job.image).ok();
+        let outcome = UploadOutcome { image: job.image.clone(), build_id: job.build_id.clone(), provider: job.provider.name.clone(), result, builds };
+        if outcomes.send(outcome).is_err() {
+            break;
+        }
+    }
+}
+
+/// Runs one job to completion (see the module docs).
+pub fn run_job(zk: &Zk, job: &UploadJob) -> UploadResult {
+    let (image, build_id, provider) = (job.image.as_str(), job.build_id.as_str(), job.provider.name.as_str());
+    let lock_path = paths::image_upload_lock_path(image, build_id, provider);
+    registry::set_activity(format!("locking upload lock of {image}-{build_id} for {provider}"));
+    let guard = match lock::try_lock(zk, &lock_path) {
+        Ok(Some(g)) => g,
+        Ok(None) => return UploadResult::Skipped { reason: "the upload lock is held by another worker or builder".into() },
+        Err(e) => return UploadResult::Skipped { reason: format!("cannot take the upload lock: {e}") },
+    };
+    // Re-check under the lock.
+    let build = match tree::read_build(zk, image, build_id) {
+        Ok(Some(b)) if b.state == BuildState::Ready => b,
+        Ok(Some(b)) => return UploadResult::Skipped { reason: format!("the build is {} now", b.state) },
+        Ok(None) => return UploadResult::Skipped { reason: "the build is gone".into() },
+        Err(e) => return UploadResult::Skipped { reason: format!("cannot read the build: {e}") },
+    };
+    let mut failed_ids = Vec::new();
+    match tree::upload_ids(zk, image, build_id, provider) {
+        Ok(ids) => {
+            for id in ids {
+                match tree::read_upload(zk, image, build_id, provider, &id) {
+                    Ok(Some(u)) if u.state == UploadState::Ready => {
+                        return UploadResult::Skipped { reason: format!("upload {id} is already ready") };
+                    }
+                    Ok(Some(u)) if u.state == UploadState::Failed => failed_ids.push(id),
+                    Ok(_) => {}
+                    Err(e) => return UploadResult::Skipped { reason: format!("cannot read uploads: {e}") },
+                }
+            }
+        }
+        Err(e) => return UploadResult::Skipped { reason: format!("cannot read uploads: {e}") },
+    }
+    for id in failed_ids {
+        let path = paths::image_upload_path(image, build_id, provider, &id);
+        match zk.delete_recursive(&path) {
+            Ok(()) => debug!("image={image} build={build_id} provider={provider} upload={id}: removed the record of a failed attempt"),
+            Err(e) => warn!("image={image} build={build_id} provider={provider} upload={id}: cannot remove a failed record: {e}"),
+        }
+    }
+
+    let uploading = ImageUpload::uploading(build.username.as_deref(), build.python_path.as_deref(), build.shell_type.as_deref(), model::now_epoch());
+    let prefix = format!("{}/", paths::image_uploads_path(image, build_id, provider));
+    let upload_path = match zk.create_with_parents(&prefix, &uploading.to_json(), Mode::PersistentSequential) {
+        Ok(p) => p,
+        Err(e) => return UploadResult::Failed { upload_id: None, reason: format!("cannot create the uploading record: {e}") },
+    };
+    let upload_id = upload_path.rsplit('/').next().unwrap_or_default().to_string();
+    let timestamp = model::now_epoch() as u64;
+    let external_name = job
+        .provider
+        .image_name_format
+        .replace("{image_name}", image)
+        .replace("{upload_id}", &upload_id)
+        .replace("{timestamp}", &timestamp.to_string());
+    let req = UploadRequest {
+        image_name: image.to_string(),
+        build_id: build_id.to_string(),
+        upload_id: upload_id.clone(),
+        external_name: external_name.clone(),
+        file: job.file.clone(),
+        format: job.format.clone(),
+        md5: read_checksum(&job.file, "md5", 32),
+        sha256: read_checksum(&job.file, "sha256", 64),
+        properties: properties(job, &upload_id),
+        timeout: Duration::from_secs(job.provider.image_upload_timeout),
+    };
+    registry::set_activity(format!("uploading {image}-{build_id} to {provider} as upload {upload_id}"));
+    info!("Uploading DIB image build {build_id} from {} to {provider}", job.file.display());
+    let result = job.driver.upload(&req).and_then(|up| match run_hook(job, &up.external_id) {
+        Ok(()) => Ok(up),
+        Err(reason) => {
+            if let Err(e) = job.driver.delete(&up.external_id) {
+                error!("image={image} build={build_id} provider={provider}: cannot delete cloud image {} after the hook failed: {e}", up.external_id);
+            }
+            Err(crate::provider::ProviderError::new(crate::provider::ErrorKind::Command, reason))
+        }
+    });
+    let (record, outcome) = match result {
+        Ok(up) => {
+            let record = ImageUpload {
+                state: UploadState::Ready,
+                state_time: model::now_epoch(),
+                external_id: Some(up.external_id.clone()),
+                external_name: Some(external_name),
+                format: Some(job.format.clone()),
+                username: build.username.clone(),
+                python_path: build.python_path.clone(),
+                shell_type: build.shell_type.clone(),
+            };
+            (record, UploadResult::Ready { upload_id: upload_id.clone(), external_id: up.external_id })
+        }
+        Err(e) => {
+            error!("Failed to upload build {build_id} of image {image} to provider {provider}: {e}");
+            (ImageUpload::bare_failed(model::now_epoch()), UploadResult::Failed { upload_id: Some(upload_id.clone()), reason: e.to_string() })
+        }
+    };
+    let write = if guard.is_valid() {
+        zk.retry(zk.config().session_timeout, |zk| zk.set_data(&upload_path, &record.to_json(), None).map(|_| ()))
+    } else {
+        Err(ZkError::SessionLost)
+    };
+    match (write, &outcome) {
+        (Ok(()), UploadResult::Ready { external_id, .. }) => {
+            info!("Image build {image}-{build_id} (external_id {external_id}) in {provider} is ready");
+            outcome
+        }
+        (Ok(()), _) => outcome,
+        (Err(e), UploadResult::Ready { external_id, .. }) => {
+            error!("image={image} build={build_id} provider={provider} upload={upload_id}: cannot record the ready upload ({e}); deleting cloud image {external_id}");
+            if let Err(e) = job.driver.delete(external_id) {
+                error!("image={image} provider={provider}: cannot delete cloud image {external_id}: {e}");
+            }
+            UploadResult::Failed { upload_id: Some(upload_id), reason: format!("cannot record the upload: {e}") }
+        }
+        (Err(e), _) => {
+            warn!("image={image} build={build_id} provider={provider} upload={upload_id}: cannot record the failure: {e}");
+            outcome
+        }
+    }
+}
+
+/// Image properties: diskimage `metadata`, provider `meta`, and nodepool's tags.
+fn properties(job: &UploadJob, upload_id: &str) -> BTreeMap<String, String> {
+    let mut p = job.diskimage.metadata.clone();
+    if let Some(pd) = job.provider.diskimages.iter().find(|d| d.name == job.image) {
+        p.extend(pd.meta.clone());
+    }
+    p.insert("nodepool_build_id".into(), job.build_id.clone());
+    p.insert("nodepool_upload_id".into(), upload_id.to_string());
+    p.insert("nodepool_provider_name".into(), job.provider.name.clone());
+    p
+}
+
+/// The first `len` characters of `<file>.<ext>`, like upstream (None if absent or short).
+fn read_checksum(file: &Path, ext: &str, len: usize) -> Option<String> {
+    let path = PathBuf::from(format!("{}.{ext}", file.display()));
+    let text = std::fs::read_to_string(path).ok()?;
+    let sum: String = text.chars().take(len).collect();
+    (sum.len() == len && sum.bytes().all(|b| b.is_ascii_hexdigit())).then_some(sum)
+}
+
+/// Runs the provider's post-upload hook (`<hook> <provider> <external-id> <file>`), logging
+/// its output; a non-zero exit is an error with that output.
+fn run_hook(job: &UploadJob, external_id: &str) -> Result<(), String> {
+    let Some(hook) = &job.provider.post_upload_hook else { return Ok(()) };
+    let log = std::env::temp_dir().join(format!("nodepool-builder-hook-{}-{}.log", std::process::id(), model::new_build_id()));
+    let mut spec = command::Spec::new(
+        hook.display().to_string(),
+        vec![job.provider.name.clone(), external_id.to_string(), job.file.display().to_string()],
+    );
+    spec.log = Some(log.clone());
+    spec.timeout = Some(Duration::from_secs(job.provider.image_upload_timeout));
+    spec.grace = Duration::from_secs(5);
+    let (_never_tx, never) = crossbeam_channel::bounded::<()>(0);
+    let outcome = command::spawn(spec).map_err(|e| e.to_string()).and_then(|r| r.wait(&never).map_err(|e| e.to_string()));
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    match outcome {
+        Ok(command::Outcome::Exited(0)) => {
+            info!("Post-upload hook {} for {} in {}: {}", hook.display(), external_id, job.provider.name, output.trim());
+            Ok(())
+        }
+        Ok(other) => Err(format!("post-upload hook {} failed ({other:?}): {}", hook.display(), output.trim())),
+        Err(e) => Err(format!("post-upload hook {} could not run: {e}", hook.display())),
+    }
+}
