@@ -15,3 +15,11 @@ mod util;
 mod zk;
 /// The real binary: foreground daemon over TLS, signals, check-config.
 mod daemon;
+/// The subprocess runner: process groups, timeouts, logs, clean signal state.
+mod command;
+/// The test image builder script that stands in for diskimage-builder.
+mod fake_dib;
+/// Cloud drivers against a real Glance (and Keystone) from PyPI.
+mod glance;
+/// The build pipeline: the real binary, real ZooKeeper, the test image builder.
+mod builds;

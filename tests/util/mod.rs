@@ -21,6 +21,8 @@
 #![allow(dead_code)]
 
 pub mod builder;
+pub mod glance;
+pub mod np;
 pub mod python;
 pub mod zk;
 

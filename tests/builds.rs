@@ -1,0 +1,346 @@
+//! The build pipeline through the real binary, a real ZooKeeper and the test image builder:
+//! the build-side upstream tests of the wire spec §7 plus our free-space guard.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nodepool_builder::model::BuildState;
+use nodepool_builder::zk::paths;
+
+use crate::util::np::{Site, WAIT};
+use crate::util::{process_alive, wait_for, wait_until};
+
+const ONE_IMAGE: &str = r#"
+[[diskimages]]
+name = "fedora"
+dib-cmd = "{fake_dib}"
+elements = ["fedora", "vm"]
+release = 21
+formats = ["qcow2"]
+"#;
+
+#[test]
+fn first_build_then_manual_request_is_served_at_once() {
+    let site = Site::new("manual_request");
+    site.config(0, "", ONE_IMAGE);
+    let b = site.start(0, &[]);
+    let first = site.wait_builds("fedora", BuildState::Ready, 1);
+    let first = &first[0];
+    assert_eq!(first.build.formats, vec!["qcow2"]);
+    assert_eq!(first.build.username.as_deref(), Some("zuul"));
+    assert_eq!(first.build.python_path.as_deref(), Some("auto"));
+    assert_eq!(first.id.len(), 32, "uuid4 hex build id");
+    assert_eq!(
+        site.local_files(0, "fedora", &first.id),
+        [format!("fedora-{}.d", first.id), format!("fedora-{}.qcow2", first.id), format!("fedora-{}.qcow2.md5", first.id), format!("fedora-{}.qcow2.sha256", first.id)]
+    );
+    let log = site.build_log(0, "fedora", &first.id);
+    assert!(log.contains("fake-dib: elements: fedora vm"), "{log}");
+    assert!(log.contains("--qemu-img-options compat=0.10"), "{log}");
+    assert!(log.trim_end().ends_with("Exit code: 0"), "{log}");
+    assert!(b.log().contains("no ready build"), "the cause is logged");
+
+    site.request_build("fedora");
+    let both = site.wait_builds("fedora", BuildState::Ready, 2);
+    assert!(both.iter().all(|x| x.build.formats == vec!["qcow2"]));
+    wait_until(WAIT, "the request-build znode to be deleted after the ready build", || !site.request_pending("fedora"));
+    assert!(b.log().contains("Manual build request for image fedora"));
+    assert!(b.log().contains("request-build znode present"));
+}
+
+#[test]
+fn rebuild_age_expiry_rebuilds_and_keeps_both_logs() {
+    let site = Site::new("rebuild_age");
+    site.config(0, "", &ONE_IMAGE.replace("formats = [\"qcow2\"]", "formats = [\"qcow2\"]\nrebuild-age = 3600"));
+    let b = site.start(0, &[]);
+    let first = site.wait_builds("fedora", BuildState::Ready, 1).remove(0);
+    // Age the ready build by rebuild-age, as upstream's test does.
+    let mut aged = first.build.clone();
+    aged.state_time -= 3600.0;
+    site.zk.set_data(&paths::image_build_path("fedora", &first.id), &aged.to_json(), None).unwrap();
+    let ready = site.wait_builds("fedora", BuildState::Ready, 2);
+    let second = ready.iter().find(|x| x.id != first.id).unwrap();
+    assert!(b.log().contains("rebuild-age expired: newest ready build is 1h old"), "{}", b.log());
+    assert!(site.log_dir(0).join(format!("fedora-{}.log", first.id)).exists());
+    assert!(site.log_dir(0).join(format!("fedora-{}.log", second.id)).exists());
+}
+
+#[test]
+fn paused_by_config_is_never_built_while_others_are() {
+    let site = Site::new("pause_config");
+    site.config(
+        0,
+        "",
+        r#"
+[[diskimages]]
+name = "paused"
+dib-cmd = "{fake_dib}"
+formats = ["raw"]
+pause = true
+
+[[diskimages]]
+name = "active"
+dib-cmd = "{fake_dib}"
+formats = ["raw"]
+"#,
+    );
+    let _b = site.start(0, &[]);
+    site.request_build("paused");
+    site.wait_builds("active", BuildState::Ready, 1);
+    site.request_build("active");
+    site.wait_builds("active", BuildState::Ready, 2);
+    assert!(site.builds("paused").is_empty(), "a config-paused image is never built");
+    assert!(site.request_pending("paused"), "its request stays pending");
+}
+
+#[test]
+fn pause_znode_holds_requests_until_unpaused() {
+    let site = Site::new("pause_znode");
+    site.config(0, "", &format!("{ONE_IMAGE}\n[[diskimages]]\nname = \"other\"\ndib-cmd = \"{{fake_dib}}\"\nformats = [\"raw\"]\n"));
+    let _b = site.start(0, &[]);
+    site.wait_builds("fedora", BuildState::Ready, 1);
+    site.wait_builds("other", BuildState::Ready, 1);
+    site.pause("fedora");
+    site.request_build("fedora");
+    // A request for another image, made after, is served: the scheduler has seen both.
+    site.request_build("other");
+    site.wait_builds("other", BuildState::Ready, 2);
+    wait_until(WAIT, "the other request to be served", || !site.request_pending("other"));
+    assert_eq!(site.builds("fedora").len(), 1, "paused: the request stays pending");
+    assert!(site.request_pending("fedora"));
+    site.unpause("fedora");
+    site.wait_builds("fedora", BuildState::Ready, 2);
+    wait_until(WAIT, "request served", || !site.request_pending("fedora"));
+}
+
+#[test]
+fn formats_are_the_union_with_providers_and_a_new_format_rebuilds() {
+    let site = Site::new("formats_union");
+    let providers = r#"
+[[providers]]
+name = "vhd-cloud"
+driver = "command"
+image-format = "vhd"
+upload-command = ["/bin/false"]
+delete-command = ["/bin/true"]
+[[providers.diskimages]]
+name = "fedora"
+"#;
+    site.config(0, "", &format!("{ONE_IMAGE}{providers}"));
+    let b = site.start(0, &[]);
+    let first = site.wait_builds("fedora", BuildState::Ready, 1).remove(0);
+    assert_eq!(first.build.formats, vec!["qcow2", "vhd"]);
+    let vhd = site.images_dir(0).join(format!("fedora-{}.vhd", first.id));
+    let info = std::process::Command::new("qemu-img").args(["info", "--output=json", vhd.to_str().unwrap()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains("\"format\": \"vpc\""), "a real vhd");
+
+    // A second provider needing raw: the ready build lacks it, so the image is rebuilt.
+    let raw = providers.replace("vhd-cloud", "raw-cloud").replace("\"vhd\"", "\"raw\"");
+    site.config(0, "", &format!("{ONE_IMAGE}{providers}{raw}"));
+    b.signal(Signal::SIGHUP);
+    let ready = site.wait_builds("fedora", BuildState::Ready, 2);
+    let second = ready.iter().find(|x| x.id != first.id).unwrap();
+    assert_eq!(second.build.formats, vec!["qcow2", "raw", "vhd"]);
+    assert!(b.log().contains("formats changed: raw missing"), "{}", b.log());
+}
+
+#[test]
+fn build_only_and_formatless_images() {
+    let site = Site::new("build_only");
+    site.config(
+        0,
+        "",
+        r#"
+[[diskimages]]
+name = "tarball"
+dib-cmd = "{fake_dib}"
+formats = ["tar"]
+
+[[diskimages]]
+name = "nothing"
+dib-cmd = "{fake_dib}"
+"#,
+    );
+    let _b = site.start(0, &[]);
+    let t = site.wait_builds("tarball", BuildState::Ready, 1).remove(0);
+    assert_eq!(t.build.formats, vec!["tar"]);
+    assert!(site.images_dir(0).join(format!("tarball-{}.tar", t.id)).is_file());
+    site.request_build("nothing");
+    site.request_build("tarball");
+    site.wait_builds("tarball", BuildState::Ready, 2);
+    assert!(site.builds("nothing").is_empty(), "an image with no formats is never built");
+}
+
+#[test]
+fn parents_and_abstract_images_merge_elements_and_env() {
+    let site = Site::new("parents");
+    site.config(
+        0,
+        "",
+        r#"
+[[diskimages]]
+name = "base"
+abstract = true
+dib-cmd = "{fake_dib}"
+elements = ["fedora"]
+release = 21
+formats = ["raw"]
+[diskimages.env-vars]
+TMPDIR = "/opt/dib_tmp"
+LEVEL = "base"
+
+[[diskimages]]
+name = "intermediate"
+abstract = true
+parent = "base"
+elements = ["intermediate"]
+[diskimages.env-vars]
+LEVEL = "intermediate"
+
+[[diskimages]]
+name = "child"
+parent = "intermediate"
+elements = ["vm"]
+[diskimages.env-vars]
+FAKE_DIB_EXPECT_ELEMENTS = "fedora intermediate vm"
+FAKE_DIB_EXPECT_ENV = "TMPDIR=/opt/dib_tmp LEVEL=intermediate DIB_RELEASE=21"
+"#,
+    );
+    let _b = site.start(0, &[]);
+    let c = site.wait_builds("child", BuildState::Ready, 1).remove(0);
+    assert!(site.build_log(0, "child", &c.id).contains("fake-dib: elements: fedora intermediate vm"));
+    assert!(site.builds("base").is_empty() && site.builds("intermediate").is_empty(), "abstract images are not built");
+}
+
+#[test]
+fn build_timeout_kills_the_whole_group_and_records_failed() {
+    let site = Site::new("build_timeout");
+    site.config(0, "", &ONE_IMAGE.replace("formats = [\"qcow2\"]", "formats = [\"qcow2\"]\nbuild-timeout = 2"));
+    site.control(0, "fake-dib.hang", "");
+    let b = site.start(0, &[]);
+    let failed = site.wait_builds("fedora", BuildState::Failed, 1).remove(0);
+    let pids = std::fs::read_to_string(site.images_dir(0).join("fake-dib.fedora.hang-pids")).unwrap();
+    for pid in pids.split_whitespace() {
+        let pid: i32 = pid.parse().unwrap();
+        wait_until(Duration::from_secs(15), &format!("hung DIB process {pid} to be gone"), || !process_alive(pid));
+    }
+    assert!(failed.build.formats.is_empty(), "a failed record has no formats");
+    assert!(b.log().contains("Build timeout for image fedora"), "{}", b.log());
+}
+
+#[test]
+fn dib_failure_records_failed_and_retries_with_backoff() {
+    let site = Site::new("dib_failure");
+    site.config(0, "", ONE_IMAGE);
+    let fail = site.control(0, "fake-dib.fail", "");
+    let b = site.start(0, &[]);
+    let failed = site.wait_builds("fedora", BuildState::Failed, 2);
+    assert!(site.build_log(0, "fedora", &failed[0].id).trim_end().ends_with("Exit code: 127"));
+    assert!(b.log().contains("DIB failed creating fedora (127) (timeout=False)"), "{}", b.log());
+    assert!(b.log().contains("retrying in 1s") && b.log().contains("retrying in 2s"), "back-off doubles: {}", b.log());
+    std::fs::remove_file(fail).unwrap();
+    site.wait_builds("fedora", BuildState::Ready, 1);
+}
+
+#[test]
+fn dib_exiting_0_without_all_formats_is_a_failed_build() {
+    let site = Site::new("dib_partial");
+    site.config(0, "", &ONE_IMAGE.replace("formats = [\"qcow2\"]", "formats = [\"qcow2\", \"raw\"]"));
+    site.control(0, "fake-dib.partial", "");
+    let b = site.start(0, &[]);
+    site.wait_builds("fedora", BuildState::Failed, 1);
+    assert!(b.log().contains("DIB exited 0 but did not write"), "{}", b.log());
+    assert!(site.builds_in("fedora", BuildState::Ready).is_empty());
+}
+
+#[test]
+fn build_log_retention_keeps_exact_image_logs_only() {
+    let site = Site::new("log_retention");
+    site.config(
+        0,
+        "build-log-retention = 1",
+        &format!("{ONE_IMAGE}\n[[diskimages]]\nname = \"fedora-extra\"\ndib-cmd = \"{{fake_dib}}\"\nformats = [\"raw\"]\n"),
+    );
+    let _b = site.start(0, &[]);
+    site.wait_builds("fedora-extra", BuildState::Ready, 1);
+    for n in 2..=3 {
+        site.request_build("fedora");
+        site.wait_builds("fedora", BuildState::Ready, n);
+    }
+    let logs: Vec<String> = std::fs::read_dir(site.log_dir(0)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let fedora = logs.iter().filter(|l| l.starts_with("fedora-") && !l.starts_with("fedora-extra-")).count();
+    // Pruning runs before each build and keeps max(retention, 1): 1 + the new one.
+    assert_eq!(fedora, 2, "{logs:?}");
+    assert_eq!(logs.iter().filter(|l| l.starts_with("fedora-extra-")).count(), 1, "another image's logs are not pruned: {logs:?}");
+}
+
+#[test]
+fn free_space_guard_waits_for_space_without_recording_failures() {
+    let site = Site::new("free_space");
+    let small = "\n[[diskimages]]\nname = \"small\"\ndib-cmd = \"{fake_dib}\"\nformats = [\"raw\"]\nimages-dir-required-free = 0\n";
+    site.config(0, "images-dir-required-free = 1000000", &format!("{ONE_IMAGE}{small}"));
+    let mut b = site.start(0, &[]);
+    b.wait_for_log(WAIT, "not building: images-dir has");
+    // The per-image override lets another image build meanwhile, again and again.
+    for n in 1..=3 {
+        if n > 1 {
+            site.request_build("small");
+        }
+        site.wait_builds("small", BuildState::Ready, n);
+    }
+    assert!(site.builds("fedora").is_empty(), "no failed records pile up");
+    assert_eq!(b.log().matches("not building: images-dir has").count(), 1, "the reason is logged once");
+    assert!(!std::fs::read_dir(site.log_dir(0)).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("fedora-")));
+    site.config(0, "images-dir-required-free = 0", &format!("{ONE_IMAGE}{small}"));
+    b.signal(Signal::SIGHUP);
+    site.wait_builds("fedora", BuildState::Ready, 1);
+}
+
+#[test]
+fn two_builders_never_build_one_image_twice() {
+    let site = Site::new("two_builders");
+    let body = ONE_IMAGE.replace("formats = [\"qcow2\"]", "formats = [\"qcow2\"]\n[diskimages.env-vars]\nFAKE_DIB_SIZE_MB = \"4\"");
+    site.config(0, "", &body);
+    site.config(1, "", &body);
+    site.control(0, "fake-dib.slow", "1");
+    site.control(1, "fake-dib.slow", "1");
+    let _b0 = site.start(0, &[]);
+    let _b1 = site.start(1, &[]);
+    let first = site.wait_builds("fedora", BuildState::Ready, 1);
+    assert_eq!(first.len(), 1);
+    for n in 2..=3 {
+        site.request_build("fedora");
+        // While the build runs, at most one building record exists.
+        wait_for(WAIT, &format!("build {n}"), || {
+            let all = site.builds("fedora");
+            assert!(all.iter().filter(|b| b.build.state == BuildState::Building).count() <= 1, "two builds at once: {all:?}");
+            (all.iter().filter(|b| b.build.state == BuildState::Ready).count() >= n).then_some(())
+        });
+    }
+    wait_until(WAIT, "requests served", || !site.request_pending("fedora"));
+    assert_eq!(site.builds("fedora").len(), 3, "exactly one build per request");
+}
+
+#[test]
+fn sigterm_during_a_build_kills_dib_and_records_failed() {
+    let site = Site::new("sigterm_build");
+    site.config(0, "", ONE_IMAGE);
+    site.control(0, "fake-dib.hang", "");
+    let mut b = site.start(0, &[]);
+    let hang_pids = site.images_dir(0).join("fake-dib.fedora.hang-pids");
+    wait_until(WAIT, "the hung build to start", || hang_pids.exists());
+    let pids: Vec<i32> = wait_for(WAIT, "both pids written", || {
+        let p: Vec<i32> = std::fs::read_to_string(&hang_pids).ok()?.split_whitespace().filter_map(|s| s.parse().ok()).collect();
+        (p.len() == 2).then_some(p)
+    });
+    b.signal(Signal::SIGTERM);
+    let status = b.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", b.log());
+    for pid in pids {
+        assert!(!process_alive(pid), "DIB process {pid} survived the builder");
+    }
+    let builds = site.builds("fedora");
+    assert_eq!(builds.len(), 1);
+    assert_eq!(builds[0].build.state, BuildState::Failed, "{builds:?}");
+    assert!(!nodepool_builder::zk::lock::is_locked(&site.zk, &paths::image_build_lock_path("fedora")).unwrap(), "lock released");
+}

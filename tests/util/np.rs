@@ -1,0 +1,183 @@
+//! One nodepool "site" for a test: a ZooKeeper chroot on the shared server, a directory with
+//! images, logs and configs, builder processes, and a ZooKeeper session of the test's own to
+//! look at (and poke) the tree.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nodepool_builder::model::BuildState;
+use nodepool_builder::zk::tree::{self, BuildInfo};
+use nodepool_builder::zk::{Mode, Zk, ZkConfig, ZkTlsFiles, paths};
+
+use super::builder::BuilderProcess;
+use super::zk::ZkServer;
+use super::{test_dir, wait_for, wait_until};
+
+/// Default wait for something the builder does.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// The test image builder script.
+pub fn fake_dib() -> PathBuf {
+    super::repo_root().join("tests/fixtures/fake-dib")
+}
+
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub server: &'static ZkServer,
+    pub chroot: String,
+    pub zk: Zk,
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        self.zk.close();
+    }
+}
+
+impl Site {
+    /// A new site on the shared TLS server.
+    pub fn new(name: &str) -> Site {
+        let server = ZkServer::shared();
+        let chroot = server.chroot(name);
+        let dir = test_dir(name);
+        let zk = Zk::connect(ZkConfig {
+            hosts: vec![("127.0.0.1".into(), server.plain_port())],
+            chroot: Some(chroot.clone()),
+            session_timeout: Duration::from_secs(10),
+            tls: None,
+            auth: None,
+        });
+        assert!(zk.wait_connected(Duration::from_secs(30)), "test session to zookeeper");
+        Site { dir, server, chroot, zk }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Images directory of builder `n` (each builder has its own).
+    pub fn images_dir(&self, n: usize) -> PathBuf {
+        let p = self.path(&format!("images{n}"));
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    pub fn log_dir(&self, n: usize) -> PathBuf {
+        self.path(&format!("logs{n}"))
+    }
+
+    /// Writes the config of builder `n`: TLS ZooKeeper, short intervals, plus `body` (TOML with
+    /// `[[diskimages]]` and `[[providers]]`). `{fake_dib}` in `body` is replaced by the script.
+    pub fn config(&self, n: usize, top: &str, body: &str) -> PathBuf {
+        let certs = self.server.certs();
+        let cfg = format!(
+            r#"images-dir = "{images}"
+build-log-dir = "{logs}"
+zookeeper-timeout = 6.0
+retry-backoff-initial = 1.0
+retry-backoff-max = 4.0
+resync-interval = 30.0
+{top}
+
+[[zookeeper-servers]]
+host = "localhost"
+port = {port}
+chroot = "{chroot}"
+
+[zookeeper-tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+
+{body}
+"#,
+            images = self.images_dir(n).display(),
+            logs = self.log_dir(n).display(),
+            port = self.server.tls_port().unwrap(),
+            chroot = self.chroot,
+            ca = certs.ca.display(),
+            cert = certs.cert.display(),
+            key = certs.key.display(),
+            body = body.replace("{fake_dib}", &fake_dib().display().to_string()),
+        );
+        let path = self.path(&format!("builder{n}.toml"));
+        std::fs::write(&path, cfg).unwrap();
+        path
+    }
+
+    /// Starts builder `n` in the foreground (`-d`) with its config and waits until it is ready.
+    pub fn start(&self, n: usize, extra_args: &[&str]) -> BuilderProcess {
+        let cfg = self.path(&format!("builder{n}.toml"));
+        let mut args = vec!["-d", "-c", cfg.to_str().unwrap()];
+        args.extend_from_slice(extra_args);
+        let mut b = BuilderProcess::start(&args, &[("NODEPOOL_BUILDER_LOG", "debug,zookeeper_client=info")], &self.path(&format!("builder{n}.log")));
+        b.wait_for_log(WAIT, "ready: builder_id=");
+        b
+    }
+
+    /// Every readable build of `image` with its uploads.
+    pub fn builds(&self, image: &str) -> Vec<BuildInfo> {
+        self.zk.retry(Duration::from_secs(10), |zk| tree::read_image(zk, image)).expect("read the image tree")
+    }
+
+    pub fn builds_in(&self, image: &str, state: BuildState) -> Vec<BuildInfo> {
+        self.builds(image).into_iter().filter(|b| b.build.state == state).collect()
+    }
+
+    /// Waits until `image` has at least `n` builds in `state`; returns them.
+    #[track_caller]
+    pub fn wait_builds(&self, image: &str, state: BuildState, n: usize) -> Vec<BuildInfo> {
+        wait_for(WAIT, &format!("{n} {state} build(s) of {image}"), || {
+            let b = self.builds_in(image, state);
+            (b.len() >= n).then_some(b)
+        })
+    }
+
+    /// Creates the `request-build` znode the way `nodepool image-build` does.
+    pub fn request_build(&self, image: &str) {
+        self.zk.ensure_path(&paths::image_build_request_path(image)).unwrap();
+    }
+
+    pub fn request_pending(&self, image: &str) -> bool {
+        self.zk.exists(&paths::image_build_request_path(image)).unwrap().is_some()
+    }
+
+    pub fn pause(&self, image: &str) {
+        self.zk.create_with_parents(&paths::image_pause_path(image), b"", Mode::Persistent).unwrap();
+    }
+
+    pub fn unpause(&self, image: &str) {
+        self.zk.delete(&paths::image_pause_path(image), None).unwrap();
+    }
+
+    /// Touches a fake-dib control file in builder `n`'s images dir.
+    pub fn control(&self, n: usize, name: &str, content: &str) -> PathBuf {
+        let p = self.images_dir(n).join(name);
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+
+    /// Local files of a build in builder `n`'s images dir.
+    pub fn local_files(&self, n: usize, image: &str, build: &str) -> Vec<String> {
+        let prefix = format!("{image}-{build}.");
+        let mut v: Vec<String> = std::fs::read_dir(self.images_dir(n))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The build log of a build.
+    pub fn build_log(&self, n: usize, image: &str, build: &str) -> String {
+        std::fs::read_to_string(self.log_dir(n).join(format!("{image}-{build}.log"))).unwrap_or_default()
+    }
+
+    /// Waits until `path` does not exist.
+    #[track_caller]
+    pub fn wait_gone(&self, path: &Path) {
+        wait_until(WAIT, &format!("{} to disappear", path.display()), || !path.exists());
+    }
+}
