@@ -41,6 +41,7 @@ use crossbeam_channel::{Receiver, after, never, select_biased};
 use log::{debug, error, info, warn};
 
 use crate::build::{self, BuildEnv, BuildJob, BuildOutcome, BuildPool, BuildResult};
+use crate::cleanup::{CleanupReport, CleanupRequest, Janitor};
 use crate::provider::{self, ProviderDriver};
 use crate::upload::{UploadJob, UploadOutcome, UploadPool, UploadResult};
 use crate::config::{self, Config};
@@ -52,6 +53,8 @@ use crate::zk::{ConnState, Zk};
 
 /// How long a stop waits for running builds to report after cancelling them.
 const STOP_WAIT: Duration = Duration::from_secs(30);
+/// Events are coalesced for this long before a janitor pass runs.
+const CLEANUP_DEBOUNCE: Duration = Duration::from_millis(500);
 /// How long a stop waits for running uploads before leaving them to the next start.
 pub const UPLOAD_GRACE: Duration = Duration::from_secs(10);
 
@@ -101,6 +104,8 @@ pub fn run(setup: Setup) {
     let pool = BuildPool::start(setup.build_workers, &setup.zk, out_tx, cancel_rx);
     let (up_tx, up_rx) = crossbeam_channel::unbounded();
     let uploads = UploadPool::start(setup.upload_workers, &setup.zk, up_tx);
+    let (cl_tx, cl_rx) = crossbeam_channel::unbounded();
+    let janitor = (setup.cfg.cleanup_interval > 0.0).then(|| Janitor::start(&setup.zk, cl_tx));
     let watcher = Watcher::start(&setup.zk, image_names(&setup.cfg), zk_tx);
     let mut s = Scheduler {
         zk: setup.zk.clone(),
@@ -116,13 +121,16 @@ pub fn run(setup: Setup) {
         slots: BTreeMap::new(),
         pool,
         uploads,
+        janitor,
+        cleanup_due: Some(Instant::now()),
+        cleanup_running: false,
         watcher,
         next_verify: Instant::now(),
         stopping: false,
     };
     s.next_verify = Instant::now() + s.verify_interval();
     s.make_drivers();
-    s.run_loop(&setup.signals, &zk_rx, &out_rx, &up_rx);
+    s.run_loop(&setup.signals, &zk_rx, &out_rx, &up_rx, &cl_rx);
 
     // Ordered shutdown: cancel running builds, collect their outcomes, join the workers.
     drop(cancel_tx);
@@ -136,7 +144,8 @@ pub fn run(setup: Setup) {
             }
         }
     }
-    let Scheduler { pool, uploads, watcher, .. } = s;
+    let Scheduler { pool, uploads, watcher, janitor, .. } = s;
+    drop(janitor);
     drop(watcher);
     pool.shutdown();
     uploads.shutdown(UPLOAD_GRACE);
@@ -159,6 +168,11 @@ struct Scheduler {
     slots: BTreeMap<(String, String), UploadSlot>,
     pool: BuildPool,
     uploads: UploadPool,
+    /// `None` when `cleanup-interval` is 0 (cleanup disabled, as upstream).
+    janitor: Option<Janitor>,
+    /// When the next janitor pass should start.
+    cleanup_due: Option<Instant>,
+    cleanup_running: bool,
     watcher: Watcher,
     next_verify: Instant,
     stopping: bool,
@@ -171,6 +185,7 @@ impl Scheduler {
         zk_rx: &Receiver<ZkEvent>,
         out_rx: &Receiver<BuildOutcome>,
         up_rx: &Receiver<UploadOutcome>,
+        cl_rx: &Receiver<CleanupReport>,
     ) {
         crate::registry::set_activity("scheduling");
         loop {
@@ -196,12 +211,20 @@ impl Scheduler {
                     started = Instant::now();
                     if let Ok(outcome) = outcome {
                         self.on_build(outcome);
+                        self.cleanup_soon();
                     }
                 }
                 recv(up_rx) -> outcome => {
                     started = Instant::now();
                     if let Ok(outcome) = outcome {
                         self.on_upload(outcome);
+                        self.cleanup_soon();
+                    }
+                }
+                recv(cl_rx) -> report => {
+                    started = Instant::now();
+                    if let Ok(report) = report {
+                        self.on_cleanup(report);
                     }
                 }
                 recv(zk_rx) -> ev => {
@@ -225,6 +248,7 @@ impl Scheduler {
             }
             self.plan();
             self.plan_uploads();
+            self.maybe_start_cleanup();
             let took = started.elapsed();
             if took > Duration::from_millis(200) {
                 warn!("overly long scheduler loop turn: {took:?}");
@@ -266,6 +290,7 @@ impl Scheduler {
                 st.requested = requested;
             }
             ZkEvent::Builds { image, builds } => {
+                self.cleanup_soon();
                 let st = self.state(&image);
                 st.builds = builds;
                 // A skip waits for the other builder's records to change: they just did.
@@ -333,6 +358,7 @@ impl Scheduler {
                 self.make_drivers();
                 self.formats = required_formats(&self.cfg);
                 self.watcher.send(WatchCmd::Images(image_names(&self.cfg)));
+                self.cleanup_soon();
             }
             Err(errors) => error!(
                 "Configuration {} is invalid; keeping the running configuration:\n{errors}",
@@ -407,6 +433,43 @@ impl Scheduler {
                     return;
                 }
             }
+        }
+    }
+
+    /// Asks for a janitor pass shortly (events coalesce).
+    fn cleanup_soon(&mut self) {
+        let t = Instant::now() + CLEANUP_DEBOUNCE;
+        self.cleanup_due = Some(self.cleanup_due.map_or(t, |d| d.min(t)));
+    }
+
+    fn maybe_start_cleanup(&mut self) {
+        let Some(janitor) = &self.janitor else { return };
+        if self.stopping || self.cleanup_running || self.cleanup_due.is_none_or(|d| d > Instant::now()) {
+            return;
+        }
+        if self.zk.state() != ConnState::Connected {
+            return;
+        }
+        let req = CleanupRequest { cfg: self.cfg.clone(), drivers: self.drivers.clone(), provider_formats: self.provider_formats.clone() };
+        if janitor.request(req) {
+            self.cleanup_running = true;
+            self.cleanup_due = None;
+        }
+    }
+
+    fn on_cleanup(&mut self, report: CleanupReport) {
+        self.cleanup_running = false;
+        let periodic = Instant::now() + Duration::from_secs_f64(self.cfg.cleanup_interval.max(0.1));
+        let mut due = self.cleanup_due.map_or(periodic, |d| d.min(periodic));
+        if let Some(r) = report.retry_at {
+            due = due.min(r);
+        }
+        self.cleanup_due = Some(due);
+        if report.deleted_builds + report.deleted_uploads + report.deleted_files > 0 || report.errors > 0 {
+            info!(
+                "cleanup: deleted {} builds, {} uploads, {} local files; {} errors ({:?})",
+                report.deleted_builds, report.deleted_uploads, report.deleted_files, report.errors, report.took
+            );
         }
     }
 
@@ -538,6 +601,10 @@ impl Scheduler {
             if let Some(t) = slot.retry_at {
                 consider(t);
             }
+        }
+        if self.janitor.is_some() && !self.cleanup_running && let Some(t) = self.cleanup_due {
+            // A due pass that could not start (not connected) waits for the next event.
+            consider(t);
         }
         next
     }

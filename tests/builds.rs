@@ -233,13 +233,18 @@ fn dib_failure_records_failed_and_retries_with_backoff() {
     let site = Site::new("dib_failure");
     site.config(0, "", ONE_IMAGE);
     let fail = site.control(0, "fake-dib.fail", "");
-    let b = site.start(0, &[]);
-    let failed = site.wait_builds("fedora", BuildState::Failed, 2);
+    let mut b = site.start(0, &[]);
+    let failed = site.wait_builds("fedora", BuildState::Failed, 1);
     assert!(site.build_log(0, "fedora", &failed[0].id).trim_end().ends_with("Exit code: 127"));
-    assert!(b.log().contains("DIB failed creating fedora (127) (timeout=False)"), "{}", b.log());
-    assert!(b.log().contains("retrying in 1s") && b.log().contains("retrying in 2s"), "back-off doubles: {}", b.log());
+    b.wait_for_log(WAIT, "retrying in 2s (failure 2)");
+    let log = b.log();
+    assert!(log.contains("DIB failed creating fedora (127) (timeout=False)"), "{log}");
+    assert!(log.contains("retrying in 1s (failure 1)"), "back-off doubles: {log}");
     std::fs::remove_file(fail).unwrap();
     site.wait_builds("fedora", BuildState::Ready, 1);
+    // The janitor removes failed builds once a ready one exists, records and files.
+    site.wait("failed builds to be cleaned up", || site.builds_in("fedora", BuildState::Failed).is_empty().then_some(()));
+    site.wait("their local files to go", || (site.local_files(0, "fedora", &failed[0].id).is_empty()).then_some(()));
 }
 
 #[test]
@@ -311,7 +316,7 @@ fn two_builders_never_build_one_image_twice() {
     for n in 2..=3 {
         site.request_build("fedora");
         // While the build runs, at most one building record exists.
-        wait_for(WAIT, &format!("build {n}"), || {
+        site.wait(&format!("build {n}"), || {
             let all = site.builds("fedora");
             assert!(all.iter().filter(|b| b.build.state == BuildState::Building).count() <= 1, "two builds at once: {all:?}");
             (all.iter().filter(|b| b.build.state == BuildState::Ready).count() >= n).then_some(())

@@ -11,7 +11,7 @@ use nodepool_builder::zk::{Mode, Zk, ZkConfig, ZkTlsFiles, paths};
 
 use super::builder::BuilderProcess;
 use super::zk::ZkServer;
-use super::{test_dir, wait_for, wait_until};
+use super::{file_tail, poll_for, test_dir, wait_until};
 
 /// Default wait for something the builder does.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -127,10 +127,32 @@ key = "{key}"
     /// Waits until `image` has at least `n` builds in `state`; returns them.
     #[track_caller]
     pub fn wait_builds(&self, image: &str, state: BuildState, n: usize) -> Vec<BuildInfo> {
-        wait_for(WAIT, &format!("{n} {state} build(s) of {image}"), || {
+        self.wait(&format!("{n} {state} build(s) of {image}"), || {
             let b = self.builds_in(image, state);
             (b.len() >= n).then_some(b)
         })
+    }
+
+    /// Waits for `f` to return `Some`; on time-out panics with the tree and every builder's
+    /// log tail.
+    #[track_caller]
+    pub fn wait<T>(&self, what: &str, f: impl FnMut() -> Option<T>) -> T {
+        match poll_for(WAIT, f) {
+            Some(v) => v,
+            None => panic!("timed out after {WAIT:?}: waiting for {what}\n{}", self.dump()),
+        }
+    }
+
+    /// The ZooKeeper tree and the tails of the builder logs, for failure messages.
+    pub fn dump(&self) -> String {
+        let mut out = format!("--- tree {} ---\n{}", self.chroot, self.server.tree(&self.chroot));
+        for n in 0..4 {
+            let log = self.path(&format!("builder{n}.log"));
+            if log.exists() {
+                out.push_str(&format!("--- builder{n}.log (tail) ---\n{}\n", file_tail(&log, 80)));
+            }
+        }
+        out
     }
 
     /// Creates the `request-build` znode the way `nodepool image-build` does.
