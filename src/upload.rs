@@ -194,12 +194,7 @@ pub fn run_job(zk: &Zk, job: &UploadJob) -> UploadResult {
     };
     let upload_id = upload_path.rsplit('/').next().unwrap_or_default().to_string();
     let timestamp = model::now_epoch() as u64;
-    let external_name = job
-        .provider
-        .image_name_format
-        .replace("{image_name}", image)
-        .replace("{upload_id}", &upload_id)
-        .replace("{timestamp}", &timestamp.to_string());
+    let external_name = expand_name(&job.provider.image_name_format, image, &upload_id, timestamp);
     let req = UploadRequest {
         image_name: image.to_string(),
         build_id: build_id.to_string(),
@@ -267,6 +262,39 @@ pub fn run_job(zk: &Zk, job: &UploadJob) -> UploadResult {
     }
 }
 
+/// Expands `image-name-format` like Python's `str.format` with `{image_name}`, `{upload_id}`
+/// and `{timestamp}`; `{{` and `}}` are literal braces (the config loader rejects anything else).
+pub fn expand_name(format: &str, image: &str, upload_id: &str, timestamp: u64) -> String {
+    let mut out = String::new();
+    let mut rest = format;
+    while let Some(i) = rest.find(['{', '}']) {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if tail.starts_with("{{") || tail.starts_with("}}") {
+            out.push_str(&tail[..1]);
+            rest = &tail[2..];
+            continue;
+        }
+        match tail.find('}') {
+            Some(end) if tail.starts_with('{') => {
+                match &tail[1..end] {
+                    "image_name" => out.push_str(image),
+                    "upload_id" => out.push_str(upload_id),
+                    "timestamp" => out.push_str(&timestamp.to_string()),
+                    other => out.push_str(&format!("{{{other}}}")),
+                }
+                rest = &tail[end + 1..];
+            }
+            _ => {
+                out.push_str(&tail[..1]);
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Image properties: diskimage `metadata`, provider `meta`, and nodepool's tags.
 fn properties(job: &UploadJob, upload_id: &str) -> BTreeMap<String, String> {
     let mut p = job.diskimage.metadata.clone();
@@ -299,8 +327,7 @@ fn run_hook(job: &UploadJob, external_id: &str) -> Result<(), String> {
     spec.log = Some(log.clone());
     spec.timeout = Some(Duration::from_secs(job.provider.image_upload_timeout));
     spec.grace = Duration::from_secs(5);
-    let (_never_tx, never) = crossbeam_channel::bounded::<()>(0);
-    let outcome = command::spawn(spec).map_err(|e| e.to_string()).and_then(|r| r.wait(&never).map_err(|e| e.to_string()));
+    let outcome = command::spawn(spec).map_err(|e| e.to_string()).and_then(|r| r.wait(&crossbeam_channel::never()).map_err(|e| e.to_string()));
     let output = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = std::fs::remove_file(&log);
     match outcome {
@@ -310,5 +337,17 @@ fn run_hook(job: &UploadJob, external_id: &str) -> Result<(), String> {
         }
         Ok(other) => Err(format!("post-upload hook {} failed ({other:?}): {}", hook.display(), output.trim())),
         Err(e) => Err(format!("post-upload hook {} could not run: {e}", hook.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand_name;
+
+    #[test]
+    fn image_names_expand_like_python_format() {
+        assert_eq!(expand_name("{image_name}-{timestamp}", "fedora", "0000000001", 1795536820), "fedora-1795536820");
+        assert_eq!(expand_name("np{upload_id}", "fedora", "0000000007", 1), "np0000000007");
+        assert_eq!(expand_name("{{literal}}-{image_name}", "x", "1", 1), "{literal}-x");
     }
 }

@@ -23,3 +23,9 @@ mod fake_dib;
 mod glance;
 /// The build pipeline: the real binary, real ZooKeeper, the test image builder.
 mod builds;
+/// Daemon mode: fork, pidfile, readiness, log file, SIGHUP.
+mod daemon_mode;
+/// SIGUSR2 stack dumps of the real daemon.
+mod stackdump_daemon;
+/// The upload pipeline with the command driver and a directory cloud.
+mod uploads;

@@ -589,7 +589,8 @@ fn check_znode_name(sink: &mut Sink, what: &str, name: &At<String>) {
     }
 }
 
-/// `image-name-format` is expanded with `{image_name}` and `{timestamp}` only.
+/// `image-name-format` is expanded with `{image_name}`, `{upload_id}` and `{timestamp}` only
+/// (wire spec §1.5), Python `str.format` style (`{{` and `}}` are literal braces).
 fn check_image_name_format(sink: &mut Sink, format: &At<String>) {
     let mut rest = format.value.as_str();
     while let Some(open) = rest.find(['{', '}']) {
@@ -613,10 +614,12 @@ fn check_image_name_format(sink: &mut Sink, format: &At<String>) {
             return;
         };
         let field = &brace[1..close];
-        if field != "image_name" && field != "timestamp" {
+        if !matches!(field, "image_name" | "upload_id" | "timestamp") {
             sink.error(
                 format.pos,
-                format!("`image-name-format` uses unknown field {{{field}}} (known: {{image_name}}, {{timestamp}})"),
+                format!(
+                    "`image-name-format` uses unknown field {{{field}}} (known: {{image_name}}, {{upload_id}}, {{timestamp}})"
+                ),
             );
         }
         rest = &brace[close + 1..];

@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nodepool_builder::model::BuildState;
-use nodepool_builder::zk::tree::{self, BuildInfo};
-use nodepool_builder::zk::{Mode, Zk, ZkConfig, ZkTlsFiles, paths};
+use nodepool_builder::model::{BuildState, UploadState};
+use nodepool_builder::zk::tree::{self, BuildInfo, UploadInfo};
+use nodepool_builder::zk::{Mode, Zk, ZkConfig, paths};
 
 use super::builder::BuilderProcess;
 use super::zk::ZkServer;
@@ -133,6 +133,16 @@ key = "{key}"
         })
     }
 
+    /// Waits for a `ready` build of `image` that is not in `known`; adds it to `known`.
+    #[track_caller]
+    pub fn wait_new_ready(&self, image: &str, known: &mut Vec<String>) -> BuildInfo {
+        let b = self.wait(&format!("a new ready build of {image} (besides {known:?})"), || {
+            self.builds_in(image, BuildState::Ready).into_iter().find(|b| !known.contains(&b.id))
+        });
+        known.push(b.id.clone());
+        b
+    }
+
     /// Waits for `f` to return `Some`; on time-out panics with the tree and every builder's
     /// log tail.
     #[track_caller]
@@ -201,5 +211,110 @@ key = "{key}"
     #[track_caller]
     pub fn wait_gone(&self, path: &Path) {
         wait_until(WAIT, &format!("{} to disappear", path.display()), || !path.exists());
+    }
+
+    /// The directory a `dir-cloud` provider uploads into.
+    pub fn cloud_dir(&self, provider: &str) -> PathBuf {
+        self.path(&format!("cloud-{provider}"))
+    }
+
+    /// A `[[providers]]` entry using the command driver with `etc/quickstart/dir-cloud`,
+    /// listing `images`; `extra` is added to the provider table (before its diskimages).
+    pub fn provider(&self, name: &str, format: &str, images: &[&str], extra: &str) -> String {
+        let script = super::repo_root().join("etc/quickstart/dir-cloud");
+        let cloud = self.cloud_dir(name);
+        let mut t = format!(
+            "\n[[providers]]\nname = \"{name}\"\ndriver = \"command\"\nimage-format = \"{format}\"\n\
+             upload-command = [\"{s}\", \"upload\", \"{c}\", \"{{file}}\", \"{{external_name}}\"]\n\
+             delete-command = [\"{s}\", \"delete\", \"{c}\", \"{{external_id}}\"]\n{extra}\n",
+            s = script.display(),
+            c = cloud.display(),
+        );
+        for i in images {
+            t.push_str(&format!("[[providers.diskimages]]\nname = \"{i}\"\n"));
+        }
+        t
+    }
+
+    /// Image ids in a `dir-cloud` provider.
+    pub fn cloud_images(&self, provider: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.cloud_dir(provider))
+            .map(|it| {
+                it.filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.'))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// The `properties` file of a `dir-cloud` image.
+    pub fn cloud_properties(&self, provider: &str, id: &str) -> String {
+        std::fs::read_to_string(self.cloud_dir(provider).join(id).join("properties")).unwrap_or_default()
+    }
+
+    /// Every readable upload of `image` as (build id, upload).
+    pub fn uploads(&self, image: &str) -> Vec<(String, UploadInfo)> {
+        self.builds(image).into_iter().flat_map(|b| b.uploads.into_iter().map(move |u| (b.id.clone(), u))).collect()
+    }
+
+    /// Uploads of `image` to `provider` in `state`.
+    pub fn uploads_in(&self, image: &str, provider: &str, state: UploadState) -> Vec<(String, UploadInfo)> {
+        self.uploads(image).into_iter().filter(|(_, u)| u.provider == provider && u.upload.state == state).collect()
+    }
+
+    /// Waits until `image` has at least `n` uploads to `provider` in `state`.
+    #[track_caller]
+    pub fn wait_uploads(&self, image: &str, provider: &str, state: UploadState, n: usize) -> Vec<(String, UploadInfo)> {
+        self.wait(&format!("{n} {state} upload(s) of {image} to {provider}"), || {
+            let u = self.uploads_in(image, provider, state);
+            (u.len() >= n).then_some(u)
+        })
+    }
+
+    /// Nothing leaked: every image in the given `dir-cloud` providers has a `ready` or
+    /// `deleting` upload record; every local image file of the given builders has a build
+    /// record; no empty znode at build or upload depth.
+    #[track_caller]
+    pub fn assert_no_leaks(&self, providers: &[&str], builders: &[usize]) {
+        let images: Vec<String> = self.zk.get_children(paths::IMAGE_ROOT).unwrap().unwrap_or_default();
+        let mut external = std::collections::BTreeSet::new();
+        for image in &images {
+            for id in tree::build_ids(&self.zk, image).unwrap() {
+                let bp = paths::image_build_path(image, &id);
+                if let Some((data, _)) = self.zk.get_data(&bp).unwrap() {
+                    assert!(!data.is_empty(), "empty build znode {bp}\n{}", self.dump());
+                }
+                for p in tree::build_providers(&self.zk, image, &id).unwrap() {
+                    for u in tree::upload_ids(&self.zk, image, &id, &p).unwrap() {
+                        let up = paths::image_upload_path(image, &id, &p, &u);
+                        let data = self.zk.get_data(&up).unwrap().map(|(d, _)| d).unwrap_or_default();
+                        assert!(!data.is_empty(), "empty upload znode {up}\n{}", self.dump());
+                        let rec = nodepool_builder::zk::schema::ImageUpload::from_json(&data).unwrap();
+                        if matches!(rec.state, UploadState::Ready | UploadState::Deleting)
+                            && let Some(x) = rec.external_id
+                        {
+                            external.insert((p.clone(), x));
+                        }
+                    }
+                }
+            }
+        }
+        for p in providers {
+            for id in self.cloud_images(p) {
+                assert!(external.contains(&(p.to_string(), id.clone())), "leaked cloud image {id} in {p}\n{}", self.dump());
+            }
+        }
+        for n in builders {
+            for (image, id) in nodepool_builder::cleanup::local_builds(&self.images_dir(*n)).unwrap() {
+                assert!(
+                    self.zk.exists(&paths::image_build_path(&image, &id)).unwrap().is_some(),
+                    "leaked local files of {image}-{id} in builder {n}\n{}",
+                    self.dump()
+                );
+            }
+        }
     }
 }
