@@ -29,3 +29,7 @@ mod daemon_mode;
 mod stackdump_daemon;
 /// The upload pipeline with the command driver and a directory cloud.
 mod uploads;
+/// The janitor: retention, removals, retries, orphans, local files, no leaks.
+mod cleanup;
+/// Operator subcommands, compared with the Python nodepool CLI on the same data.
+mod ops;
