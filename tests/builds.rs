@@ -8,6 +8,7 @@ use nodepool_builder::model::BuildState;
 use nodepool_builder::zk::paths;
 
 use crate::util::np::{Site, WAIT};
+use crate::util::zk::{ZkOptions, ZkServer};
 use crate::util::{process_alive, wait_for, wait_until};
 
 const ONE_IMAGE: &str = r#"
@@ -353,4 +354,28 @@ fn sigterm_during_a_build_kills_dib_and_records_failed() {
     assert_eq!(builds.len(), 1);
     assert_eq!(builds[0].build.state, BuildState::Failed, "{builds:?}");
     assert!(!nodepool_builder::zk::lock::is_locked(&site.zk, &paths::image_build_lock_path("fedora")).unwrap(), "lock released");
+}
+
+#[test]
+fn session_loss_during_a_build_records_failed_then_rebuilds() {
+    // A dedicated server: this test freezes it. Leaked on purpose: it dies with the process.
+    let server: &'static ZkServer = Box::leak(Box::new(ZkServer::start(ZkOptions::tls())));
+    let site = Site::on("session_loss", server);
+    site.config(0, "", ONE_IMAGE);
+    let cfg = site.path("builder0.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("zookeeper-timeout = 6.0", "zookeeper-timeout = 4.0");
+    std::fs::write(&cfg, text).unwrap();
+    let pause = site.control(0, "fake-dib.pause", "");
+    let mut b = site.start(0, &[]);
+    site.wait_builds("fedora", BuildState::Building, 1);
+    let pid = nix::unistd::Pid::from_raw(server.pid() as i32);
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
+    b.wait_for_log(Duration::from_secs(30), "ZooKeeper session lost");
+    nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
+    b.wait_for_log(Duration::from_secs(30), "generation 2)");
+    std::fs::remove_file(pause).unwrap();
+    b.wait_for_log(WAIT, "ZooKeeper lost while building fedora");
+    // The result was recorded as failed in the new session, then the image was rebuilt.
+    site.wait_builds("fedora", BuildState::Ready, 1);
+    assert!(b.log().contains("build failed (ZooKeeper lost while building fedora)"), "{}", b.log());
 }

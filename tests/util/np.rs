@@ -37,7 +37,11 @@ impl Drop for Site {
 impl Site {
     /// A new site on the shared TLS server.
     pub fn new(name: &str) -> Site {
-        let server = ZkServer::shared();
+        Site::on(name, ZkServer::shared())
+    }
+
+    /// A new site on a given (TLS) server, e.g. a dedicated one a test freezes.
+    pub fn on(name: &str, server: &'static ZkServer) -> Site {
         let chroot = server.chroot(name);
         let dir = test_dir(name);
         let zk = Zk::connect(ZkConfig {
