@@ -37,7 +37,7 @@ use crate::registry;
 use crate::thread::{self, JoinHandle, ThreadKind};
 use crate::zk::schema::ImageBuild;
 use crate::zk::tree::{self, BuildInfo};
-use crate::zk::{ConnState, Mode, Zk, ZkError, lock, paths};
+use crate::zk::{ConnState, Mode, ReadOp, ReadResult, Zk, ZkError, lock, paths};
 
 /// Grace between SIGTERM and SIGKILL of a DIB process group.
 pub const DIB_GRACE: Duration = Duration::from_secs(10);
@@ -187,31 +187,29 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>) -> BuildOutcome {
         }
         Err(e) => return outcome(job, BuildResult::Skipped { reason: format!("cannot take the image build lock: {e}") }, None),
     };
-    // Re-check under the lock.
-    let builds = match tree::read_image(zk, image) {
-        Ok(b) => b,
-        Err(e) => return outcome(job, BuildResult::Skipped { reason: format!("cannot read builds: {e}") }, None),
+    // Re-check under the lock: the build records, the pause flag and the request, in one
+    // multi-read after listing the builds (two round trips: this is on the latency path).
+    let recheck = match recheck(zk, image) {
+        Ok(r) => r,
+        Err(e) => return outcome(job, BuildResult::Skipped { reason: format!("cannot re-read the image: {e}") }, None),
     };
-    match zk.exists(&paths::image_pause_path(image)) {
-        Ok(Some(_)) => return outcome(job, BuildResult::Skipped { reason: "image is paused".into() }, Some(builds)),
-        Ok(None) => {}
-        Err(e) => return outcome(job, BuildResult::Skipped { reason: format!("cannot read pause flag: {e}") }, Some(builds)),
+    if recheck.paused {
+        return outcome(job, BuildResult::Skipped { reason: "image is paused".into() }, None);
     }
     let request_path = paths::image_build_request_path(image);
     if job.manual {
-        match zk.exists(&request_path) {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                return outcome(job, BuildResult::Skipped { reason: "the build request is gone".into() }, Some(builds));
-            }
-            Err(e) => {
-                return outcome(job, BuildResult::Skipped { reason: format!("cannot read build request: {e}") }, Some(builds));
-            }
+        if !recheck.requested {
+            return outcome(job, BuildResult::Skipped { reason: "the build request is gone".into() }, None);
         }
     } else {
-        let newest = tree::newest_ready(&builds).map(|b| b.id.clone());
+        let newest = recheck
+            .builds
+            .iter()
+            .filter(|(_, b)| b.state == BuildState::Ready)
+            .max_by(|a, b| a.1.state_time.total_cmp(&b.1.state_time))
+            .map(|(id, _)| id.clone());
         if newest.is_some() && newest != job.seen_newest_ready {
-            return outcome(job, BuildResult::Skipped { reason: "another builder just built it".into() }, Some(builds));
+            return outcome(job, BuildResult::Skipped { reason: "another builder just built it".into() }, None);
         }
     }
 
@@ -219,7 +217,7 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>) -> BuildOutcome {
     let build_path = paths::image_build_path(image, &build_id);
     let building = ImageBuild::building(&job.env.fqdn, &job.env.builder_id, &job.formats, model::now_epoch());
     if let Err(e) = zk.create_with_parents(&build_path, &building.to_json(), Mode::Persistent) {
-        return outcome(job, BuildResult::Failed { build_id: None, reason: format!("cannot write the building record: {e}") }, Some(builds));
+        return outcome(job, BuildResult::Failed { build_id: None, reason: format!("cannot write the building record: {e}") }, None);
     }
     if job.manual {
         info!("Manual build request for image {image}");
@@ -294,6 +292,31 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>) -> BuildOutcome {
     let builds = tree::read_image(zk, image).ok();
     drop(guard);
     outcome(job, result, builds)
+}
+
+/// What the build worker re-reads under the image build lock.
+struct Recheck {
+    builds: Vec<(String, ImageBuild)>,
+    paused: bool,
+    requested: bool,
+}
+
+fn recheck(zk: &Zk, image: &str) -> crate::zk::Result<Recheck> {
+    let ids = tree::build_ids(zk, image)?;
+    let mut ops: Vec<ReadOp> = ids.iter().map(|id| ReadOp::Data(paths::image_build_path(image, id))).collect();
+    ops.push(ReadOp::Data(paths::image_pause_path(image)));
+    ops.push(ReadOp::Data(paths::image_build_request_path(image)));
+    let results = zk.multi_read(&ops)?;
+    let mut builds = Vec::new();
+    for (id, res) in ids.iter().zip(results.iter()) {
+        if let Some(ReadResult::Data(data, _)) = res
+            && let Some(b) = tree::parse_build(image, id, data)
+        {
+            builds.push((id.clone(), b));
+        }
+    }
+    let n = ids.len();
+    Ok(Recheck { builds, paused: results[n].is_some(), requested: results[n + 1].is_some() })
 }
 
 /// The DIB command line as upstream builds it (before shell-word splitting).

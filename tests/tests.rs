@@ -33,3 +33,7 @@ mod uploads;
 mod cleanup;
 /// Operator subcommands, compared with the Python nodepool CLI on the same data.
 mod ops;
+/// The benchmark harness at small sizes (the full run is `cargo bench`).
+mod bench_smoke;
+/// One real diskimage-builder build (debian-minimal, tar) through the daemon.
+mod real_dib;

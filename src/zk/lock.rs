@@ -230,9 +230,16 @@ fn acquire_remote(
     let session = zk.session();
     let generation = session.generation;
     let op_timeout = zk.config().session_timeout.max(Duration::from_secs(2));
-    zk.retry(op_timeout, |zk| zk.ensure_path(path))?;
     let prefix = format!("{}__lock__", uuid::Uuid::new_v4().simple());
-    let node = create_contender(zk, path, &prefix, op_timeout)?;
+    // Usually the lock directory exists: try the contender first and create the directory
+    // (with its parents, as kazoo does) only when it is missing.
+    let node = match create_contender(zk, path, &prefix, op_timeout) {
+        Err(ZkError::NoNode) => {
+            zk.retry(op_timeout, |zk| zk.ensure_path(path))?;
+            create_contender(zk, path, &prefix, op_timeout)?
+        }
+        other => other?,
+    };
     let mut guard = LockGuard {
         zk: zk.clone(),
         path: path.to_string(),

@@ -74,14 +74,16 @@ impl Site {
     /// `[[diskimages]]` and `[[providers]]`). `{fake_dib}` in `body` is replaced by the script.
     pub fn config(&self, n: usize, top: &str, body: &str) -> PathBuf {
         let certs = self.server.certs();
+        // Test defaults, unless `top` sets the key itself.
+        let defaults: String = ["zookeeper-timeout = 6.0", "retry-backoff-initial = 1.0", "retry-backoff-max = 4.0", "resync-interval = 30.0"]
+            .iter()
+            .filter(|l| !top.contains(l.split(" =").next().unwrap()))
+            .map(|l| format!("{l}\n"))
+            .collect();
         let cfg = format!(
             r#"images-dir = "{images}"
 build-log-dir = "{logs}"
-zookeeper-timeout = 6.0
-retry-backoff-initial = 1.0
-retry-backoff-max = 4.0
-resync-interval = 30.0
-{top}
+{defaults}{top}
 
 [[zookeeper-servers]]
 host = "localhost"

@@ -1,0 +1,398 @@
+//! The HTTP layer of the OpenStack driver: one ureq agent per provider, the provider's rate
+//! limit, one retry of idempotent requests on a broken connection, and turning answers into
+//! one-line messages.
+//!
+//! Every request, Keystone's included, first waits for its turn in the provider's
+//! [`RateLimiter`]. Answers are returned whatever their status (`http_status_as_error` is
+//! off); callers decide what a status means. Bodies of answers are read up to
+//! [`MAX_BODY`]; request bodies are either small byte buffers or a streamed reader with a
+//! known length (`Content-Length` is set by hand so ureq does not fall back to chunked
+//! encoding).
+//!
+//! CAUTION: uWSGI-served APIs (Glance, Keystone) may close a connection after each response
+//! without saying so; a pooled connection then fails on its next use. GET and DELETE are
+//! therefore retried once on a transport error. Nothing else is retried here.
+
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ureq::http::StatusCode;
+use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
+use ureq::{Agent, SendBody};
+
+use super::clouds::CloudConfig;
+use crate::provider::{ErrorKind, ProviderError};
+
+/// The largest answer body read into memory.
+pub const MAX_BODY: u64 = 16 << 20;
+/// Connecting may take this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Minimum spacing between the starts of two API calls, shared by every thread using it.
+#[derive(Debug)]
+pub struct RateLimiter {
+    interval: Duration,
+    /// When the next call may start.
+    next: Mutex<Option<Instant>>,
+}
+
+impl RateLimiter {
+    /// `seconds` between calls; 0 (or less) means no limit.
+    pub fn new(seconds: f64) -> RateLimiter {
+        let interval = if seconds > 0.0 && seconds.is_finite() {
+            Duration::from_secs_f64(seconds)
+        } else {
+            Duration::ZERO
+        };
+        RateLimiter {
+            interval,
+            next: Mutex::new(None),
+        }
+    }
+
+    /// Blocks until this call's turn. Each caller reserves its slot under the lock and
+    /// sleeps outside it, so concurrent callers are spaced out rather than released together.
+    pub fn wait(&self) {
+        if self.interval.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let start = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let start = next.map_or(now, |n| n.max(now));
+            *next = Some(start + self.interval);
+            start
+        };
+        if start > now {
+            std::thread::sleep(start - now);
+        }
+    }
+}
+
+/// A request body.
+pub enum Body {
+    None,
+    /// Bytes with their content type.
+    Bytes {
+        content_type: &'static str,
+        data: Vec<u8>,
+    },
+    /// A stream of exactly `len` bytes.
+    Stream {
+        content_type: &'static str,
+        len: u64,
+        reader: Box<dyn Read + Send>,
+    },
+}
+
+/// An answer: status, the headers we look at, and the body (unless streamed away).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    /// `X-Subject-Token` (Keystone), never logged.
+    pub subject_token: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> Result<serde_json::Value, String> {
+        serde_json::from_slice(&self.body).map_err(|e| format!("the answer is not JSON ({e})"))
+    }
+}
+
+/// Why a request got no answer.
+#[derive(Debug)]
+pub struct TransportError {
+    pub timed_out: bool,
+    pub message: String,
+}
+
+impl TransportError {
+    pub fn kind(&self) -> ErrorKind {
+        if self.timed_out {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::Io
+        }
+    }
+}
+
+/// One provider's HTTP client.
+pub struct Http {
+    agent: Agent,
+    rate: RateLimiter,
+}
+
+impl Http {
+    /// An agent configured from the cloud's `verify` and `cacert`, with the provider's rate.
+    pub fn new(cloud: &CloudConfig, rate: f64) -> Result<Http, ProviderError> {
+        let mut tls = TlsConfig::builder()
+            .provider(TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ));
+        if !cloud.verify {
+            tls = tls.disable_verification(true);
+        }
+        if let Some(cacert) = &cloud.cacert {
+            tls = tls.root_certs(load_cacert(cacert)?);
+        }
+        let agent: Agent = Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .user_agent(concat!("nodepool-builder/", env!("CARGO_PKG_VERSION")))
+            .max_redirects(0)
+            .tls_config(tls.build())
+            .build()
+            .into();
+        Ok(Http {
+            agent,
+            rate: RateLimiter::new(rate),
+        })
+    }
+
+    /// Sends one request and returns the answer, whatever its status. `timeout` bounds the
+    /// whole exchange. GET and DELETE are retried once on a transport error.
+    pub fn send(
+        &self,
+        method: &str,
+        url: &str,
+        token: Option<&str>,
+        mut body: Body,
+        timeout: Duration,
+    ) -> Result<Reply, TransportError> {
+        let deadline = Instant::now() + timeout;
+        let idempotent = matches!(method, "GET" | "DELETE");
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(TransportError {
+                    timed_out: true,
+                    message: format!("{method} {url}: no time left"),
+                });
+            }
+            self.rate.wait();
+            match self.send_once(method, url, token, &mut body, left) {
+                Ok(reply) => return Ok(reply),
+                Err(e) if idempotent && attempt == 1 && !e.timed_out => {
+                    log::debug!("{method} {url} failed ({}); retrying once", e.message);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn send_once(
+        &self,
+        method: &str,
+        url: &str,
+        token: Option<&str>,
+        body: &mut Body,
+        timeout: Duration,
+    ) -> Result<Reply, TransportError> {
+        let fail = |e: ureq::Error| TransportError {
+            timed_out: matches!(e, ureq::Error::Timeout(_)),
+            message: format!("{method} {}: {e}", strip_query(url)),
+        };
+        let mut builder = ureq::http::Request::builder()
+            .method(method)
+            .uri(url)
+            .header("Accept", "application/json");
+        if let Some(token) = token {
+            builder = builder.header("X-Auth-Token", token);
+        }
+        let result = match body {
+            Body::None => {
+                let req = builder.body(()).map_err(|e| bad_request(method, url, e))?;
+                self.agent.run(
+                    self.agent
+                        .configure_request(req)
+                        .timeout_global(Some(timeout))
+                        .build(),
+                )
+            }
+            Body::Bytes { content_type, data } => {
+                let req = builder
+                    .header("Content-Type", *content_type)
+                    .body(data.as_slice())
+                    .map_err(|e| bad_request(method, url, e))?;
+                self.agent.run(
+                    self.agent
+                        .configure_request(req)
+                        .timeout_global(Some(timeout))
+                        .build(),
+                )
+            }
+            Body::Stream {
+                content_type,
+                len,
+                reader,
+            } => {
+                let req = builder
+                    .header("Content-Type", *content_type)
+                    .header("Content-Length", len.to_string())
+                    .body(SendBody::from_reader(reader.as_mut()))
+                    .map_err(|e| bad_request(method, url, e))?;
+                self.agent.run(
+                    self.agent
+                        .configure_request(req)
+                        .timeout_global(Some(timeout))
+                        .build(),
+                )
+            }
+        };
+        let mut response = result.map_err(fail)?;
+        let status = response.status().as_u16();
+        let subject_token = response
+            .headers()
+            .get("x-subject-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_BODY)
+            .read_to_vec()
+            .map_err(fail)?;
+        Ok(Reply {
+            status,
+            subject_token,
+            body,
+        })
+    }
+}
+
+fn bad_request(method: &str, url: &str, e: ureq::http::Error) -> TransportError {
+    TransportError {
+        timed_out: false,
+        message: format!(
+            "{method} {}: cannot build the request: {e}",
+            strip_query(url)
+        ),
+    }
+}
+
+fn load_cacert(path: &std::path::Path) -> Result<RootCerts, ProviderError> {
+    let pem = std::fs::read(path).map_err(|e| {
+        ProviderError::new(
+            ErrorKind::Config,
+            format!("cannot read cacert {}: {e}", path.display()),
+        )
+    })?;
+    let mut certs: Vec<Certificate<'static>> = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        match item {
+            Ok(PemItem::Certificate(c)) => certs.push(c),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(ProviderError::new(
+                    ErrorKind::Config,
+                    format!("cannot parse cacert {}: {e}", path.display()),
+                ));
+            }
+        }
+    }
+    if certs.is_empty() {
+        return Err(ProviderError::new(
+            ErrorKind::Config,
+            format!("cacert {} holds no certificate", path.display()),
+        ));
+    }
+    Ok(RootCerts::new_with_certs(&certs))
+}
+
+/// `HTTP 415 Unsupported Media Type: <the server's message>`, on one line.
+pub fn describe_status(reply: &Reply) -> String {
+    let reason = StatusCode::from_u16(reply.status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let detail = server_message(&reply.body);
+    let mut out = format!("HTTP {} {reason}", reply.status)
+        .trim_end()
+        .to_string();
+    if !detail.is_empty() {
+        out.push_str(": ");
+        out.push_str(&detail);
+    }
+    out
+}
+
+/// The error kind of an HTTP status.
+pub fn status_kind(status: u16) -> ErrorKind {
+    match status {
+        401 | 403 => ErrorKind::Auth,
+        404 => ErrorKind::NotFound,
+        409 => ErrorKind::Conflict,
+        413 => ErrorKind::TooLarge,
+        415 => ErrorKind::UnsupportedMedia,
+        408 | 504 => ErrorKind::Timeout,
+        500..=599 => ErrorKind::Server,
+        _ => ErrorKind::Config,
+    }
+}
+
+/// The message of an OpenStack error body, cleaned to one short line: Glance's
+/// `{"message": "...<br /><br />"}`, Keystone's `{"error": {"message": ...}}`, or HTML/text.
+pub fn server_message(body: &[u8]) -> String {
+    let text = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(json) => json
+            .get("message")
+            .or_else(|| json.get("error").and_then(|e| e.get("message")))
+            .or_else(|| json.get("title"))
+            .and_then(|m| m.as_str())
+            .map(str::to_string)
+            .unwrap_or_default(),
+        Err(_) => strip_tags(&String::from_utf8_lossy(&body[..body.len().min(4096)])),
+    };
+    let text = text.replace("<br />", " ");
+    let mut line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() > 300 {
+        line = line.chars().take(300).collect::<String>() + "...";
+    }
+    line
+}
+
+fn strip_tags(html: &str) -> String {
+    let mut out = String::with_capacity(html.len());
+    let mut in_tag = false;
+    for c in html.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' if in_tag => {
+                in_tag = false;
+                out.push(' ');
+            }
+            _ if !in_tag => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The URL without its query (queries may carry filter values, never secrets, but they make
+/// messages long).
+pub fn strip_query(url: &str) -> &str {
+    url.split_once('?').map_or(url, |(base, _)| base)
+}
+
+/// Percent-encodes a query value (RFC 3986 unreserved characters pass through).
+pub fn query_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
