@@ -32,6 +32,7 @@ pub mod cleanup;
 pub mod cli;
 pub mod command;
 pub mod config;
+pub mod daemon;
 pub mod identity;
 pub mod logging;
 pub mod model;

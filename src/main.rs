@@ -1,19 +1,66 @@
 //! The `nodepool-builder` binary: a thin layer over the library.
 //!
-//! Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+//! Modes: `-d` (foreground, DEBUG to stderr), `-f` (foreground, INFO to stderr), and without
+//! either the daemon mode of `daemon.rs` (detached, INFO to `--log-file`). The foreground
+//! modes take the pidfile lock only when `-p` is given (systemd units pass it); the default
+//! pidfile is left to the daemon mode, so that foreground runs by any user, and many of them
+//! at once, work.
+//!
+//! CAUTION: in daemon mode nothing may start a thread before `daemon::daemonize`: logging,
+//! the panic hook, the stack dump and the signal handlers are set up afterwards, in the
+//! daemon.
+//!
+//! Exit codes: 0 success, 1 runtime failure (including "already running"), 2 usage or
+//! configuration error.
 
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 use nodepool_builder::cli::{Cli, Command};
-use nodepool_builder::{app, config, logging, registry, stackdump, thread};
+use nodepool_builder::daemon::{self, Pidfile, ReadyPipe, Role, StartOutcome};
+use nodepool_builder::{app, config, identity, logging, registry, stackdump, thread};
+
+const HINT: &str = "hint: run `nodepool-builder -d` to see the log in the foreground";
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // First, while the process has one thread (it changes the environment).
+    let notify_socket = daemon::take_notify_socket();
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let pidfile_given = matches.value_source("pidfile") == Some(ValueSource::CommandLine);
+    if let Err(e) = make_paths_absolute(&mut cli) {
+        eprintln!("nodepool-builder: error: {e}");
+        return ExitCode::from(2);
+    }
     match cli.command {
         Some(Command::CheckConfig) => check_config(&cli),
-        None => run_daemon(cli),
+        None if cli.debug || cli.foreground => run_foreground(cli, pidfile_given, notify_socket),
+        None => run_daemon(cli, notify_socket),
     }
+}
+
+/// The daemon changes to `/`, and reloads the configuration from the same path later.
+fn make_paths_absolute(cli: &mut Cli) -> std::io::Result<()> {
+    let absolute = |p: &Path| -> std::io::Result<PathBuf> {
+        std::path::absolute(p).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot make {} absolute: {e}", p.display()),
+            )
+        })
+    };
+    cli.config = absolute(&cli.config)?;
+    cli.secure = cli.secure.as_deref().map(absolute).transpose()?;
+    cli.pidfile = absolute(&cli.pidfile)?;
+    cli.log_file = absolute(&cli.log_file)?;
+    Ok(())
 }
 
 fn check_config(cli: &Cli) -> ExitCode {
@@ -29,31 +76,81 @@ fn check_config(cli: &Cli) -> ExitCode {
     }
 }
 
-fn run_daemon(cli: Cli) -> ExitCode {
-    if !cli.debug && !cli.foreground {
-        eprintln!("nodepool-builder: error: daemon mode is not available yet; run with -f or -d");
-        return ExitCode::from(2);
-    }
-    let cfg = match config::load(&cli.config, cli.secure.as_deref()) {
-        Ok(cfg) => cfg,
-        Err(errors) => {
-            eprintln!("{errors}");
-            return ExitCode::from(2);
-        }
-    };
-    logging::init_stderr(cli.debug);
-    thread::install_panic_hook();
-    let _main = registry::register_current_thread("main");
-    if let Err(e) = stackdump::install(stackdump::Config::default()) {
-        log::warn!("SIGUSR2 stack dumps unavailable: {e}");
-    }
-    let opts = app::Options {
+fn load_config(cli: &Cli) -> Result<config::Config, ExitCode> {
+    config::load(&cli.config, cli.secure.as_deref()).map_err(|errors| {
+        eprintln!("{errors}");
+        ExitCode::from(2)
+    })
+}
+
+fn options(cli: &Cli) -> app::Options {
+    app::Options {
         config_path: cli.config.clone(),
         secure_path: cli.secure.clone(),
         build_workers: cli.build_workers.into(),
         upload_workers: cli.upload_workers.into(),
+    }
+}
+
+/// Logging is up: the panic hook, the main thread's registration and the stack dump.
+fn install_diagnostics() -> registry::Registration {
+    thread::install_panic_hook();
+    let main = registry::register_current_thread("main");
+    if let Err(e) = stackdump::install(stackdump::Config::default()) {
+        log::warn!("SIGUSR2 stack dumps unavailable: {e}");
+    }
+    main
+}
+
+fn notify_ready(socket: Option<&OsString>, state: &str) {
+    if let Some(socket) = socket
+        && let Err(e) = daemon::notify(socket, state)
+    {
+        log::warn!("cannot notify systemd at {}: {e}", socket.to_string_lossy());
+    }
+}
+
+fn remove_pidfile(pidfile: Option<Pidfile>) {
+    if let Some(pidfile) = pidfile {
+        let path = pidfile.path().to_owned();
+        if let Err(e) = pidfile.remove() {
+            log::warn!("cannot remove pidfile {}: {e}", path.display());
+        }
+    }
+}
+
+fn run_foreground(cli: Cli, pidfile_given: bool, notify_socket: Option<OsString>) -> ExitCode {
+    let cfg = match load_config(&cli) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
     };
-    match app::run(cfg, opts, || {}) {
+    let pidfile = if pidfile_given {
+        let taken = Pidfile::acquire(&cli.pidfile).and_then(|p| {
+            p.write_pid(std::process::id())
+                .map(|()| p)
+                .map_err(|source| daemon::PidfileError::Io {
+                    action: "write the pidfile",
+                    path: cli.pidfile.clone(),
+                    source,
+                })
+        });
+        match taken {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("nodepool-builder: error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    logging::init_stderr(cli.debug);
+    let _main = install_diagnostics();
+    let result = app::run(cfg, options(&cli), || {
+        notify_ready(notify_socket.as_ref(), "READY=1")
+    });
+    remove_pidfile(pidfile);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");
@@ -61,4 +158,110 @@ fn run_daemon(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_daemon(cli: Cli, notify_socket: Option<OsString>) -> ExitCode {
+    daemon::close_inherited_fds();
+    let cfg = match load_config(&cli) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    let pidfile = match Pidfile::acquire(&cli.pidfile) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("nodepool-builder: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let log_file = match logging::open_log_file(&cli.log_file) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("nodepool-builder: error: {e}");
+            let _ = pidfile.remove();
+            return ExitCode::FAILURE;
+        }
+    };
+    let ready = match daemon::daemonize(&pidfile, daemon::START_TIMEOUT) {
+        Ok(Role::Daemon(ready)) => ready,
+        Ok(Role::Parent(outcome)) => return report_start(outcome, &cli),
+        Err(e) => {
+            eprintln!("nodepool-builder: error: cannot daemonize: {e}");
+            let _ = pidfile.remove();
+            return ExitCode::FAILURE;
+        }
+    };
+
+    // The daemon, still with one thread.
+    if let Err(e) = pidfile.write_pid(std::process::id()) {
+        let message = format!("cannot write the pidfile {}: {e}", cli.pidfile.display());
+        let _ = writeln!(&log_file, "nodepool-builder: error: {message}");
+        ready.fail(&message);
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = logging::init_file(log_file, cli.log_file.clone()) {
+        ready.fail(&format!(
+            "cannot set up logging to {}: {e}",
+            cli.log_file.display()
+        ));
+        return ExitCode::FAILURE;
+    }
+    let _main = install_diagnostics();
+    log::info!(
+        "nodepool-builder {} starting as a daemon: pid {}, pidfile {}, config {}",
+        identity::version(),
+        std::process::id(),
+        cli.pidfile.display(),
+        cli.config.display()
+    );
+    let result = run_daemon_app(cfg, &cli, &ready, notify_socket.as_ref());
+    remove_pidfile(Some(pidfile));
+    match result {
+        Ok(()) => {
+            log::info!("nodepool-builder exits");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            log::error!("{e}");
+            // Reaches the starting command only if it failed before being ready.
+            ready.fail(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_daemon_app(
+    cfg: config::Config,
+    cli: &Cli,
+    ready: &ReadyPipe,
+    notify_socket: Option<&OsString>,
+) -> Result<(), String> {
+    app::run(cfg, options(cli), || {
+        // systemd first: once the starting command has exited, everything is announced.
+        notify_ready(
+            notify_socket,
+            &format!("READY=1\nMAINPID={}", std::process::id()),
+        );
+        ready.ready();
+    })
+}
+
+/// In the command that started the daemon: say how it went and pick the exit code.
+fn report_start(outcome: StartOutcome, cli: &Cli) -> ExitCode {
+    let log = cli.log_file.display();
+    match outcome {
+        StartOutcome::Ready => return ExitCode::SUCCESS,
+        StartOutcome::Failed(message) => eprintln!("nodepool-builder: error: {message}"),
+        StartOutcome::Vanished => {
+            eprintln!("nodepool-builder: error: the daemon exited during start-up; see {log}")
+        }
+        StartOutcome::NotReadyYet { pid } => {
+            let pid = pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+            eprintln!(
+                "nodepool-builder: error: the daemon (pid {pid}) is not ready after {}s (is ZooKeeper reachable?); it keeps trying in the background; see {log}",
+                daemon::START_TIMEOUT.as_secs()
+            );
+        }
+    }
+    eprintln!("{HINT}");
+    ExitCode::FAILURE
 }

@@ -3,6 +3,7 @@
 //! signal-hook's handlers only write to a self-pipe; the `signals` thread turns them into
 //! [`ControlSignal`]s. No signal mask is changed, so children we spawn (DIB) inherit none.
 //! A second SIGTERM/SIGINT exits at once, for an operator who does not want to wait.
+//! SIGHUP also reopens the daemon log file (`logging::reopen`), here on this normal thread.
 
 use crossbeam_channel::Sender;
 use log::{info, warn};
@@ -32,6 +33,8 @@ pub fn install(tx: Sender<ControlSignal>) -> std::io::Result<()> {
         for sig in signals.forever() {
             match sig {
                 SIGHUP => {
+                    // First, so this line and everything after it land in the new file.
+                    crate::logging::reopen();
                     info!("SIGHUP received: reloading configuration");
                     let _ = tx.send(ControlSignal::Reload);
                 }
