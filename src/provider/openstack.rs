@@ -61,6 +61,8 @@ pub use self::keystone::{parse_timestamp, unversioned};
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the delete after a failed upload may take.
 const DISCARD_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the delete of an image whose create had an unknown outcome is retried.
+const UNCERTAIN_CREATE_WINDOW: Duration = Duration::from_secs(60);
 /// The format when neither the provider nor the cloud says.
 const DEFAULT_IMAGE_FORMAT: &str = "qcow2";
 /// Pause between two status polls, at most.
@@ -77,7 +79,7 @@ pub struct OpenStackDriver {
     http: Http,
     session: Session,
     /// Images whose delete after a failed upload did not go through; retried by every call.
-    pending_deletes: Mutex<Vec<String>>,
+    pending_deletes: Mutex<Vec<PendingDelete>>,
 }
 
 impl OpenStackDriver {
@@ -166,10 +168,11 @@ impl OpenStackDriver {
 
     /// Ids of images whose delete after a failed upload is still to be retried.
     pub fn pending_deletes(&self) -> Vec<String> {
-        self.pending_deletes
+        let pending = self
+            .pending_deletes
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .unwrap_or_else(|e| e.into_inner());
+        pending.iter().map(|p| p.id.clone()).collect()
     }
 
     /// Replaces every credential in `error`'s message with `<redacted>`.
@@ -197,6 +200,20 @@ impl OpenStackDriver {
         make_body: &mut dyn FnMut() -> Result<Body, ProviderError>,
         context: &dyn Fn() -> String,
     ) -> Result<Reply, ProviderError> {
+        self.call_detailed(method, path, timeout, make_body, context)
+            .map_err(|(error, _maybe_sent)| error)
+    }
+
+    /// [`OpenStackDriver::call`], whose error also says whether the request may have reached
+    /// the cloud (false when no connection was made, or authentication failed first).
+    fn call_detailed(
+        &self,
+        method: &str,
+        path: &str,
+        timeout: Duration,
+        make_body: &mut dyn FnMut() -> Result<Body, ProviderError>,
+        context: &dyn Fn() -> String,
+    ) -> Result<Reply, (ProviderError, bool)> {
         let deadline = Instant::now() + timeout;
         let mut attempt = 0;
         loop {
@@ -206,18 +223,20 @@ impl OpenStackDriver {
                 .session
                 .current(&self.http, left.min(CALL_TIMEOUT))
                 .map_err(|e| {
-                    ProviderError::new(
-                        e.kind,
-                        format!("provider {}: {}: {}", self.name, context(), e.message),
-                    )
+                    let message = format!("provider {}: {}: {}", self.name, context(), e.message);
+                    (ProviderError::new(e.kind, message), attempt > 1)
                 })?;
             let url = format!("{}{path}", credentials.endpoint);
             let token = credentials.token.as_ref().map(Secret::expose);
             let left = deadline.saturating_duration_since(Instant::now());
+            let body = make_body().map_err(|e| (e, attempt > 1))?;
             let reply = self
                 .http
-                .send(method, &url, token, make_body()?, left)
-                .map_err(|e| self.transport(context, e))?;
+                .send(method, &url, token, body, left)
+                .map_err(|e| {
+                    let maybe_sent = e.maybe_sent || attempt > 1;
+                    (self.transport(context, e), maybe_sent)
+                })?;
             if reply.status == 401 && attempt == 1 && self.session.uses_keystone() {
                 log::debug!(
                     "provider {}: {method} {path}: 401; authenticating again",
@@ -277,7 +296,8 @@ impl OpenStackDriver {
         )
     }
 
-    /// Retries the deletes that failed earlier; keeps those that fail again.
+    /// Retries the deletes that failed earlier; keeps those that fail again, and those of
+    /// creates with an unknown outcome that may still appear.
     fn retry_pending_deletes(&self) {
         let pending = std::mem::take(
             &mut *self
@@ -285,40 +305,51 @@ impl OpenStackDriver {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()),
         );
-        for id in pending {
-            match self.delete_image(&id, DISCARD_TIMEOUT) {
-                Ok(()) => log::info!(
-                    "provider {}: deleted image {id} left behind by a failed upload",
-                    self.name
-                ),
+        for entry in pending {
+            let id = &entry.id;
+            match self.delete_image(id, DISCARD_TIMEOUT) {
+                Ok(true) => {
+                    log::info!(
+                        "provider {}: deleted image {id} left behind by a failed upload",
+                        self.name
+                    )
+                }
+                Ok(false) if entry.uncertain && entry.since.elapsed() < UNCERTAIN_CREATE_WINDOW => {
+                    self.remember_pending(entry)
+                }
+                Ok(false) => {}
                 Err(e) => {
                     log::warn!(
                         "provider {}: image {id} left behind by a failed upload: {}",
                         self.name,
                         e.message
                     );
-                    self.remember_pending(&id);
+                    self.remember_pending(entry);
                 }
             }
         }
     }
 
-    fn remember_pending(&self, id: &str) {
+    fn remember_pending(&self, entry: PendingDelete) {
         let mut pending = self
             .pending_deletes
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if !pending.iter().any(|p| p == id) {
-            pending.push(id.to_string());
+        if !pending.iter().any(|p| p.id == entry.id) {
+            pending.push(entry);
         }
     }
 
     /// Deletes the image of a failed upload; returns a note for the error message.
     fn discard(&self, id: &str) -> String {
         match self.delete_image(id, DISCARD_TIMEOUT) {
-            Ok(()) => format!(" (image {id} deleted)"),
+            Ok(_) => format!(" (image {id} deleted)"),
             Err(e) => {
-                self.remember_pending(id);
+                self.remember_pending(PendingDelete {
+                    id: id.to_string(),
+                    since: Instant::now(),
+                    uncertain: false,
+                });
                 log::warn!(
                     "provider {}: cannot delete image {id} of a failed upload: {}",
                     self.name,
@@ -332,7 +363,23 @@ impl OpenStackDriver {
         }
     }
 
-    fn delete_image(&self, id: &str, timeout: Duration) -> Result<(), ProviderError> {
+    /// Like [`OpenStackDriver::discard`], for a create whose answer was lost: the image may
+    /// not exist yet (the cloud may still be working on the create), so a 404 is not the end
+    /// of it; the delete is retried by later calls for [`UNCERTAIN_CREATE_WINDOW`].
+    fn discard_uncertain(&self, id: &str) -> String {
+        if let Ok(true) = self.delete_image(id, DISCARD_TIMEOUT) {
+            return format!(" (image {id} deleted)");
+        }
+        self.remember_pending(PendingDelete {
+            id: id.to_string(),
+            since: Instant::now(),
+            uncertain: true,
+        });
+        format!(" (image {id} may have been created; its delete will be retried)")
+    }
+
+    /// Deletes an image; `Ok(false)` when it did not exist.
+    fn delete_image(&self, id: &str, timeout: Duration) -> Result<bool, ProviderError> {
         check_id(&self.name, id)?;
         let context = || format!("delete image {id}");
         let reply = self.call_simple(
@@ -342,10 +389,10 @@ impl OpenStackDriver {
             timeout,
             &context,
         )?;
-        if reply.is_success() || reply.status == 404 {
-            Ok(())
-        } else {
-            Err(self.status_error(&context, "DELETE", &reply))
+        match reply.status {
+            200..=299 => Ok(true),
+            404 => Ok(false),
+            _ => Err(self.status_error(&context, "DELETE", &reply)),
         }
     }
 
@@ -369,11 +416,18 @@ impl OpenStackDriver {
 
         let our_id = uuid::Uuid::new_v4().hyphenated().to_string();
         let create = self.create_body(req, &our_id);
-        let created = self.call_simple(
+        let create = create.to_string().into_bytes();
+        let mut make_body = || {
+            Ok(Body::Bytes {
+                content_type: "application/json",
+                data: create.clone(),
+            })
+        };
+        let created = self.call_detailed(
             "POST",
             "/v2/images",
-            Some(("application/json", create.to_string().into_bytes())),
             left(deadline).min(CALL_TIMEOUT),
+            &mut make_body,
             &context,
         );
         let id = match created {
@@ -404,9 +458,11 @@ impl OpenStackDriver {
                 };
                 return Err(ProviderError::new(error.kind, error.message + &note));
             }
-            Err(e) => {
+            // Nothing reached the cloud: nothing to clean up.
+            Err((e, false)) => return Err(e),
+            Err((e, true)) => {
                 // The create may have arrived even though its answer did not.
-                let note = self.discard(&our_id);
+                let note = self.discard_uncertain(&our_id);
                 return Err(ProviderError::new(e.kind, e.message + &note));
             }
         };
@@ -678,6 +734,7 @@ impl ProviderDriver for OpenStackDriver {
     fn delete(&self, external_id: &str) -> Result<(), ProviderError> {
         self.retry_pending_deletes();
         self.delete_image(external_id, CALL_TIMEOUT)
+            .map(|_existed| ())
             .map_err(|e| self.scrub(e))
     }
 
@@ -685,6 +742,14 @@ impl ProviderDriver for OpenStackDriver {
         self.retry_pending_deletes();
         self.list_inner().map_err(|e| self.scrub(e))
     }
+}
+
+/// An image to delete on the next call of the driver.
+struct PendingDelete {
+    id: String,
+    since: Instant,
+    /// Its create's answer was lost: a 404 may only mean "not created yet".
+    uncertain: bool,
 }
 
 fn left(deadline: Instant) -> Duration {

@@ -110,6 +110,9 @@ impl Reply {
 #[derive(Debug)]
 pub struct TransportError {
     pub timed_out: bool,
+    /// False when the request certainly never reached the server (no connection was made),
+    /// true when the server may have acted on it.
+    pub maybe_sent: bool,
     pub message: String,
 }
 
@@ -176,7 +179,8 @@ impl Http {
             if left.is_zero() {
                 return Err(TransportError {
                     timed_out: true,
-                    message: format!("{method} {url}: no time left"),
+                    maybe_sent: attempt > 1,
+                    message: format!("{method} {}: no time left", strip_query(url)),
                 });
             }
             self.rate.wait();
@@ -200,6 +204,7 @@ impl Http {
     ) -> Result<Reply, TransportError> {
         let fail = |e: ureq::Error| TransportError {
             timed_out: matches!(e, ureq::Error::Timeout(_)),
+            maybe_sent: !never_sent(&e),
             message: format!("{method} {}: {e}", strip_query(url)),
         };
         let mut builder = ureq::http::Request::builder()
@@ -270,9 +275,23 @@ impl Http {
     }
 }
 
+/// Whether `e` means that no connection was made, so the server cannot have seen the request.
+fn never_sent(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::HostNotFound
+        | ureq::Error::ConnectionFailed
+        | ureq::Error::BadUri(_)
+        | ureq::Error::Http(_) => true,
+        ureq::Error::Timeout(t) => matches!(t, ureq::Timeout::Resolve | ureq::Timeout::Connect),
+        ureq::Error::Io(io) => matches!(io.kind(), std::io::ErrorKind::ConnectionRefused),
+        _ => false,
+    }
+}
+
 fn bad_request(method: &str, url: &str, e: ureq::http::Error) -> TransportError {
     TransportError {
         timed_out: false,
+        maybe_sent: false,
         message: format!(
             "{method} {}: cannot build the request: {e}",
             strip_query(url)
