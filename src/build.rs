@@ -34,6 +34,7 @@ use crate::command;
 use crate::config::DiskImage;
 use crate::model::{self, BuildState};
 use crate::registry;
+use crate::stats::Stats;
 use crate::thread::{self, JoinHandle, ThreadKind};
 use crate::zk::schema::ImageBuild;
 use crate::zk::tree::{self, BuildInfo};
@@ -106,12 +107,12 @@ pub struct BuildPool {
 impl BuildPool {
     /// Starts `n` workers named `build-0`, ...; outcomes go to `outcomes`. Dropping (or
     /// disconnecting) `cancel` stops running builds.
-    pub fn start(n: usize, zk: &Zk, outcomes: Sender<BuildOutcome>, cancel: Receiver<()>) -> BuildPool {
+    pub fn start(n: usize, zk: &Zk, outcomes: Sender<BuildOutcome>, cancel: Receiver<()>, stats: Stats) -> BuildPool {
         let (job_tx, job_rx) = crossbeam_channel::bounded::<BuildJob>(n);
         let handles = (0..n)
             .map(|i| {
-                let (zk, job_rx, outcomes, cancel) = (zk.clone(), job_rx.clone(), outcomes.clone(), cancel.clone());
-                thread::spawn(ThreadKind::Build, format!("build-{i}"), move || worker(zk, job_rx, outcomes, cancel))
+                let (zk, job_rx, outcomes, cancel, stats) = (zk.clone(), job_rx.clone(), outcomes.clone(), cancel.clone(), stats.clone());
+                thread::spawn(ThreadKind::Build, format!("build-{i}"), move || worker(zk, job_rx, outcomes, cancel, stats))
             })
             .collect();
         BuildPool { job_tx: Some(job_tx), handles }
@@ -144,11 +145,11 @@ impl Drop for BuildPool {
     }
 }
 
-fn worker(zk: Zk, jobs: Receiver<BuildJob>, outcomes: Sender<BuildOutcome>, cancel: Receiver<()>) {
+fn worker(zk: Zk, jobs: Receiver<BuildJob>, outcomes: Sender<BuildOutcome>, cancel: Receiver<()>, stats: Stats) {
     registry::set_activity("idle");
     for job in jobs.iter() {
         let (image, manual) = (job.image.clone(), job.manual);
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&zk, &job, &cancel)))
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&zk, &job, &cancel, &stats)))
             .unwrap_or_else(|_| BuildOutcome {
                 image: image.clone(),
                 manual,
@@ -167,7 +168,7 @@ fn outcome(job: &BuildJob, result: BuildResult, builds: Option<Vec<BuildInfo>>) 
 }
 
 /// Runs one job to completion (see the module docs).
-pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>) -> BuildOutcome {
+pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) -> BuildOutcome {
     let image = job.image.as_str();
     let required = job.diskimage.images_dir_required_free.unwrap_or(job.env.required_free_gib);
     if required > 0 {
@@ -224,7 +225,9 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>) -> BuildOutcome {
     }
     info!("Building image {image} (build {build_id}): {}", job.cause);
 
+    let dib_started = Instant::now();
     let (rc, timed_out, detail) = run_dib(job, &build_id, cancel);
+    stats.build_done(image, dib_started.elapsed(), rc.unwrap_or(1), model::now_epoch() as u64);
     let stopped = detail.as_deref() == Some("stopped by shutdown");
 
     // Upstream waits while suspended before writing the result; we wait, with a deadline.
@@ -282,6 +285,13 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>) -> BuildOutcome {
         }
         None => {
             info!("DIB image {image} is built (build {build_id})");
+            for f in &job.formats {
+                let file = job.env.images_dir.join(format!("{image}-{build_id}.{f}"));
+                if let Ok(meta) = std::fs::metadata(&file) {
+                    use std::os::unix::fs::MetadataExt;
+                    stats.build_size(image, f, meta.blocks() * 512);
+                }
+            }
             match zk.delete(&request_path, None) {
                 Ok(()) | Err(ZkError::NoNode) => {}
                 Err(e) => warn!("image={image}: cannot delete the build request: {e}"),
@@ -389,8 +399,7 @@ fn run_dib(job: &BuildJob, build_id: &str, cancel: &Receiver<()>) -> (Option<i32
             return (None, false, Some(e.to_string()));
         }
     };
-    let since = chrono_like_now();
-    registry::set_activity(format!("building {image} {build_id}, dib pid {}, since {since}", running.pid()));
+    registry::set_activity(format!("building {image} {build_id}, dib pid {}", running.pid()));
     let result = running.wait(cancel);
     debug!("image={image} build={build_id}: DIB ran for {:.1}s", started.elapsed().as_secs_f64());
     match result {
@@ -409,12 +418,6 @@ fn run_dib(job: &BuildJob, build_id: &str, cancel: &Receiver<()>) -> (Option<i32
         Ok(command::Outcome::Cancelled) => (Some(1), false, Some("stopped by shutdown".into())),
         Err(e) => (None, false, Some(format!("waiting for DIB: {e}"))),
     }
-}
-
-/// Local wall-clock time of day, `HH:MM:SS` (UTC), for activity breadcrumbs.
-fn chrono_like_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
 }
 
 fn append_line(path: &Path, line: &str) {

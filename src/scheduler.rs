@@ -47,6 +47,7 @@ use crate::upload::{UploadJob, UploadOutcome, UploadPool, UploadResult};
 use crate::config::{self, Config};
 use crate::model;
 use crate::signals::ControlSignal;
+use crate::stats::{self, Stats};
 use crate::zk::tree::{self, BuildInfo};
 use crate::zk::watcher::{WatchCmd, Watcher, ZkEvent};
 use crate::zk::{ConnState, Zk};
@@ -101,9 +102,10 @@ pub fn run(setup: Setup) {
     let (zk_tx, zk_rx) = crossbeam_channel::unbounded();
     let (out_tx, out_rx) = crossbeam_channel::unbounded();
     let (cancel_tx, cancel_rx) = crossbeam_channel::bounded::<()>(0);
-    let pool = BuildPool::start(setup.build_workers, &setup.zk, out_tx, cancel_rx);
+    let stats = Stats::from_env(&setup.fqdn);
+    let pool = BuildPool::start(setup.build_workers, &setup.zk, out_tx, cancel_rx, stats.clone());
     let (up_tx, up_rx) = crossbeam_channel::unbounded();
-    let uploads = UploadPool::start(setup.upload_workers, &setup.zk, up_tx);
+    let uploads = UploadPool::start(setup.upload_workers, &setup.zk, up_tx, stats.clone());
     let (cl_tx, cl_rx) = crossbeam_channel::unbounded();
     let janitor = (setup.cfg.cleanup_interval > 0.0).then(|| Janitor::start(&setup.zk, cl_tx));
     let watcher = Watcher::start(&setup.zk, image_names(&setup.cfg), zk_tx);
@@ -116,6 +118,9 @@ pub fn run(setup: Setup) {
         builder_id: setup.builder_id,
         fqdn: setup.fqdn,
         images: BTreeMap::new(),
+        stats,
+        build_workers: setup.build_workers,
+        upload_workers: setup.upload_workers,
         drivers: BTreeMap::new(),
         provider_formats: BTreeMap::new(),
         slots: BTreeMap::new(),
@@ -161,6 +166,9 @@ struct Scheduler {
     /// Required formats per configured image.
     formats: BTreeMap<String, BTreeSet<String>>,
     images: BTreeMap<String, ImageState>,
+    stats: Stats,
+    build_workers: usize,
+    upload_workers: usize,
     /// One driver per configured provider that could be set up.
     drivers: BTreeMap<String, Arc<dyn ProviderDriver>>,
     /// The image format of every configured provider.
@@ -459,6 +467,7 @@ impl Scheduler {
 
     fn on_cleanup(&mut self, report: CleanupReport) {
         self.cleanup_running = false;
+        self.emit_gauges();
         let periodic = Instant::now() + Duration::from_secs_f64(self.cfg.cleanup_interval.max(0.1));
         let mut due = self.cleanup_due.map_or(periodic, |d| d.min(periodic));
         if let Some(r) = report.retry_at {
@@ -471,6 +480,40 @@ impl Scheduler {
                 report.deleted_builds, report.deleted_uploads, report.deleted_files, report.errors, report.took
             );
         }
+    }
+
+    /// The per-image state gauges, after every janitor pass, as upstream.
+    fn emit_gauges(&self) {
+        if !self.stats.enabled() {
+            return;
+        }
+        let mut requests = 0;
+        for (image, st) in &self.images {
+            let config_paused = self.cfg.diskimage(image).is_some_and(|d| d.pause);
+            let build_state = if st.in_flight {
+                stats::STATE_BUILDING
+            } else if config_paused || st.paused_zk {
+                stats::STATE_PAUSED
+            } else {
+                stats::STATE_IDLE
+            };
+            let uploads: Vec<(String, u64)> = self
+                .cfg
+                .providers
+                .iter()
+                .filter_map(|p| {
+                    let pd = p.diskimages.iter().find(|pd| pd.name == *image)?;
+                    let busy = self.slots.get(&(image.clone(), p.name.clone())).is_some_and(|s| s.in_flight);
+                    let state = if busy { stats::STATE_UPLOADING } else if pd.pause { stats::STATE_PAUSED } else { stats::STATE_IDLE };
+                    Some((p.name.clone(), state))
+                })
+                .collect();
+            requests += u64::from(st.requested);
+            self.stats.image_states(image, build_state, &uploads, st.requested);
+        }
+        let builds = self.images.values().filter(|s| s.in_flight).count() as u64;
+        let uploads = self.slots.values().filter(|s| s.in_flight).count() as u64;
+        self.stats.builder_totals(requests, builds, uploads, self.build_workers as u64, self.upload_workers as u64);
     }
 
     /// (Re)creates the provider drivers; a provider whose driver cannot be set up is logged

@@ -38,6 +38,7 @@ use crate::config::{DiskImage, Provider};
 use crate::model::{self, BuildState, UploadState};
 use crate::provider::{ProviderDriver, UploadRequest};
 use crate::registry;
+use crate::stats::Stats;
 use crate::thread::{self, JoinHandle, ThreadKind};
 use crate::zk::schema::ImageUpload;
 use crate::zk::tree::{self, BuildInfo};
@@ -83,12 +84,12 @@ pub struct UploadPool {
 
 impl UploadPool {
     /// Starts `n` workers named `upload-0`, ...
-    pub fn start(n: usize, zk: &Zk, outcomes: Sender<UploadOutcome>) -> UploadPool {
+    pub fn start(n: usize, zk: &Zk, outcomes: Sender<UploadOutcome>, stats: Stats) -> UploadPool {
         let (job_tx, job_rx) = crossbeam_channel::bounded::<UploadJob>(n);
         let handles = (0..n)
             .map(|i| {
-                let (zk, job_rx, outcomes) = (zk.clone(), job_rx.clone(), outcomes.clone());
-                thread::spawn(ThreadKind::Upload, format!("upload-{i}"), move || worker(zk, job_rx, outcomes))
+                let (zk, job_rx, outcomes, stats) = (zk.clone(), job_rx.clone(), outcomes.clone(), stats.clone());
+                thread::spawn(ThreadKind::Upload, format!("upload-{i}"), move || worker(zk, job_rx, outcomes, stats))
             })
             .collect();
         UploadPool { job_tx: Some(job_tx), handles }
@@ -131,10 +132,10 @@ impl Drop for UploadPool {
     }
 }
 
-fn worker(zk: Zk, jobs: Receiver<UploadJob>, outcomes: Sender<UploadOutcome>) {
+fn worker(zk: Zk, jobs: Receiver<UploadJob>, outcomes: Sender<UploadOutcome>, stats: Stats) {
     registry::set_activity("idle");
     for job in jobs.iter() {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&zk, &job)))
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&zk, &job, &stats)))
             .unwrap_or_else(|_| UploadResult::Failed { upload_id: None, reason: "upload worker panicked".into() });
         registry::set_activity("idle");
         let builds = tree::read_image(&zk, &job.image).ok();
@@ -146,7 +147,7 @@ fn worker(zk: Zk, jobs: Receiver<UploadJob>, outcomes: Sender<UploadOutcome>) {
 }
 
 /// Runs one job to completion (see the module docs).
-pub fn run_job(zk: &Zk, job: &UploadJob) -> UploadResult {
+pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
     let (image, build_id, provider) = (job.image.as_str(), job.build_id.as_str(), job.provider.name.as_str());
     let lock_path = paths::image_upload_lock_path(image, build_id, provider);
     registry::set_activity(format!("locking upload lock of {image}-{build_id} for {provider}"));
@@ -209,6 +210,7 @@ pub fn run_job(zk: &Zk, job: &UploadJob) -> UploadResult {
     };
     registry::set_activity(format!("uploading {image}-{build_id} to {provider} as upload {upload_id}"));
     info!("Uploading DIB image build {build_id} from {} to {provider}", job.file.display());
+    let upload_started = std::time::Instant::now();
     let result = job.driver.upload(&req).and_then(|up| match run_hook(job, &up.external_id) {
         Ok(()) => Ok(up),
         Err(reason) => {
@@ -244,6 +246,7 @@ pub fn run_job(zk: &Zk, job: &UploadJob) -> UploadResult {
     };
     match (write, &outcome) {
         (Ok(()), UploadResult::Ready { external_id, .. }) => {
+            stats.upload_done(image, provider, upload_started.elapsed());
             info!("Image build {image}-{build_id} (external_id {external_id}) in {provider} is ready");
             outcome
         }

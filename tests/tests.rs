@@ -37,3 +37,5 @@ mod ops;
 mod bench_smoke;
 /// One real diskimage-builder build (debian-minimal, tar) through the daemon.
 mod real_dib;
+/// statsd keys as upstream emits them.
+mod stats;
