@@ -89,7 +89,7 @@ fn idle_rate(server: &ZkServer, secs: u64) -> f64 {
 pub fn burst_and_idle(images: usize, providers: usize, sizes: Sizes) -> Vec<Figure> {
     let site = dedicated_site(&format!("bench_{images}x{providers}"));
     let server = site.server;
-    site.config(0, "cleanup-interval = 60.0\nresync-interval = 300.0", &images_and_providers(&site, images, providers));
+    site.config(0, "cleanup-interval = 60.0\nresync-interval = 300.0\nzookeeper-timeout = 10.0", &images_and_providers(&site, images, providers));
     let start = Instant::now();
     let b = site.start(0, &["--upload-workers", "8", "--build-workers", "2"]);
     let want = images * providers;
@@ -114,7 +114,7 @@ pub fn burst_and_idle(images: usize, providers: usize, sizes: Sizes) -> Vec<Figu
 /// `request-build` created → `building` record created, by the znodes' server-side ctimes.
 pub fn request_latency(sizes: Sizes) -> Vec<Figure> {
     let site = dedicated_site("bench_latency");
-    site.config(0, "", &images_and_providers(&site, 3, 2));
+    site.config(0, "zookeeper-timeout = 10.0", &images_and_providers(&site, 3, 2));
     let _b = site.start(0, &[]);
     poll_for(Duration::from_secs(120), || (ready_uploads(&site, 3) >= 6).then_some(())).expect("initial builds and uploads");
     let mut lat = Vec::new();
