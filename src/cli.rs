@@ -48,4 +48,77 @@ pub struct Cli {
 pub enum Command {
     /// Validate the configuration and exit 0 (valid) or 2 (every error listed).
     CheckConfig,
+    /// Operator commands on the image data in ZooKeeper (`nodepool`'s image subcommands).
+    #[command(flatten)]
+    Ops(OpsCommand),
+}
+
+/// The image subcommands of upstream's `nodepool` CLI, run against the ZooKeeper named in the
+/// builder's own config (`-c`, `-s`). Output, messages and exit codes follow nodepool 11
+/// (wire spec §5.2, §5.3); see `ops` for the deliberate differences.
+#[derive(Debug, Subcommand)]
+pub enum OpsCommand {
+    /// List every build of every image.
+    DibImageList {
+        /// Print JSON (the launcher webapp's field names) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every upload of every build.
+    ImageList {
+        /// Print JSON (the launcher webapp's field names) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every image's pause flag and manual build request.
+    ImageStatus {
+        /// Print JSON (the launcher webapp's field names) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Request a build of a configured diskimage.
+    ImageBuild {
+        /// The diskimage name.
+        image: String,
+    },
+    /// Mark a build (and so its uploads) for deletion.
+    DibImageDelete {
+        /// `<image>-<build id>`, as `dib-image-list` shows it.
+        id: String,
+    },
+    /// Mark one upload for deletion.
+    ImageDelete {
+        /// Provider name.
+        #[arg(long)]
+        provider: String,
+        /// Image name.
+        #[arg(long)]
+        image: String,
+        /// Build id.
+        #[arg(long = "build-id")]
+        build_id: String,
+        /// Upload id.
+        #[arg(long = "upload-id")]
+        upload_id: String,
+    },
+    /// Pause the builds of an image (on every builder).
+    ImagePause {
+        /// The image name.
+        image: String,
+    },
+    /// Resume the builds of an image.
+    ImageUnpause {
+        /// The image name.
+        image: String,
+    },
+    /// Write every pause flag, build and upload record to a JSON file (mode 0600).
+    ExportImageData {
+        /// The output file (replaced).
+        path: PathBuf,
+    },
+    /// Restore pause flags, builds and uploads from a file written by export-image-data.
+    ImportImageData {
+        /// The file to read.
+        path: PathBuf,
+    },
 }

@@ -36,6 +36,7 @@ pub mod daemon;
 pub mod identity;
 pub mod logging;
 pub mod model;
+pub mod ops;
 pub mod provider;
 pub mod registry;
 pub mod scheduler;

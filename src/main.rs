@@ -41,6 +41,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Some(Command::CheckConfig) => check_config(&cli),
+        Some(Command::Ops(ref cmd)) => nodepool_builder::ops::run(&cli, cmd),
         None if cli.debug || cli.foreground => run_foreground(cli, pidfile_given, notify_socket),
         None => run_daemon(cli, notify_socket),
     }

@@ -9,6 +9,8 @@
 //!   test binary, dedicated ones for fault injection) and the test certificates.
 //! * [`python`]: the kazoo virtualenv and the Python helper scripts in
 //!   `tests/fixtures/python/`.
+//! * [`nodepool`]: the Python nodepool 11 CLI (its own virtualenv) and runners that compare
+//!   its output with our operator subcommands'.
 //!
 //! Everything a test run leaves on disk lives under one directory per test process,
 //! [`run_dir`], inside Cargo's `target/tmp`. Directories of test processes that are no longer
@@ -22,6 +24,7 @@
 
 pub mod builder;
 pub mod glance;
+pub mod nodepool;
 pub mod np;
 pub mod python;
 pub mod zk;

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Installs the real Python nodepool 11.0.0 CLI into a cached virtualenv, for the tests that
+# compare our operator subcommands with upstream's (shared/docs/real-services.md §d).
+#
+# Usage: scripts/nodepool-env.sh [check]
+#
+#   (no argument)  install target/test-env/nodepool-venv if it is missing or broken
+#   check          install nothing; exit 1 if the venv is missing or broken
+#
+# The venv holds nodepool==11.0.0 plus two packages it needs but does not declare:
+# 'setuptools<81' (nodepool/version.py imports pkg_resources, gone from setuptools 81) and
+# cachetools (imported by the state-machine driver). A venv counts as installed when a stamp
+# file records this script's package list and `import nodepool.cmd.nodepoolcmd` works; then
+# the script returns in well under a second. Concurrent runs serialise on a lock file.
+# Everything it does is reported on stderr; stdout stays empty.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ENV_DIR="$REPO_ROOT/target/test-env"
+VENV="$ENV_DIR/nodepool-venv"
+PYTHON="${PYTHON:-python3}"
+PACKAGES=("nodepool==11.0.0" "setuptools<81" "cachetools")
+STAMP="${PACKAGES[*]}"
+
+log() { printf 'nodepool-env: %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+usage() {
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//' >&2
+}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo -n "$@"
+    else
+        die "need root to run: $* (not root and no sudo)"
+    fi
+}
+
+venv_ok() {
+    [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/nodepool" ] || return 1
+    [ -f "$VENV/.nodepool-stamp" ] && [ "$(cat "$VENV/.nodepool-stamp")" = "$STAMP" ] || return 1
+    PYTHONWARNINGS=ignore "$VENV/bin/python" -c 'import nodepool.cmd.nodepoolcmd' >/dev/null 2>&1
+}
+
+# pip builds a few sdists (PrettyTable 0.7.2 among them): it needs venv support and, for
+# some wheels that may be missing on a platform, a compiler and the Python headers.
+ensure_prereqs() {
+    local missing=()
+    command -v "$PYTHON" >/dev/null 2>&1 || missing+=(python3 python3-venv python3-dev)
+    command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+    if command -v "$PYTHON" >/dev/null 2>&1; then
+        "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+        local inc
+        inc="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+        [ -f "$inc/Python.h" ] || missing+=(python3-dev)
+    fi
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install by hand: ${missing[*]}"
+    log "running apt-get update"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
+    log "installing: ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "${missing[@]}" >&2
+}
+
+CHECK_ONLY=0
+for arg in "$@"; do
+    case "$arg" in
+        check) CHECK_ONLY=1 ;;
+        -h | --help | help) usage; exit 0 ;;
+        *) usage; die "unknown argument: $arg" ;;
+    esac
+done
+
+if venv_ok; then
+    log "ok: nodepool venv at $VENV"
+    exit 0
+fi
+log "missing or outdated: nodepool venv at $VENV"
+[ "$CHECK_ONLY" -eq 0 ] || exit 1
+
+mkdir -p "$ENV_DIR"
+exec 9>"$ENV_DIR/nodepool-venv.lock"
+log "waiting for the lock $ENV_DIR/nodepool-venv.lock"
+flock 9
+if venv_ok; then
+    log "ok: nodepool venv at $VENV (built by another process meanwhile)"
+    exit 0
+fi
+ensure_prereqs
+started=$SECONDS
+log "creating virtualenv $VENV with $("$PYTHON" --version 2>&1)"
+rm -rf "$VENV"
+"$PYTHON" -m venv "$VENV" >&2
+"$VENV/bin/python" -m pip install --quiet --upgrade pip wheel >&2
+log "installing ${PACKAGES[*]} (about 500 MB; several minutes)"
+"$VENV/bin/python" -m pip install --quiet "${PACKAGES[@]}" >&2
+PYTHONWARNINGS=ignore "$VENV/bin/python" -c 'import nodepool.cmd.nodepoolcmd' >&2 ||
+    die "nodepool still cannot be imported from $VENV/bin/python"
+version="$(PYTHONWARNINGS=ignore "$VENV/bin/nodepool" --version 2>&1)"
+case "$version" in
+    *11.0.0*) ;;
+    *) die "unexpected nodepool version: $version" ;;
+esac
+printf '%s\n' "$STAMP" >"$VENV/.nodepool-stamp"
+log "ok: $version in $VENV ($((SECONDS - started)) s)"
