@@ -58,11 +58,15 @@ apt_install() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >&2
 }
 
-# What pip needs to build uWSGI: a C compiler, the Python headers, venv support.
+# What pip needs to build uWSGI: a C compiler, the Python and OpenSSL headers, venv support.
 ensure_build_prereqs() {
     local missing=()
     command -v "$PYTHON" >/dev/null 2>&1 || missing+=(python3 python3-venv python3-dev)
     command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+    # uWSGI builds its https socket (used by the TLS tests) only when OpenSSL's headers exist.
+    if command -v dpkg-query >/dev/null 2>&1 && ! pkg_installed libssl-dev; then
+        missing+=(libssl-dev)
+    fi
     if command -v "$PYTHON" >/dev/null 2>&1; then
         "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
         local inc

@@ -510,6 +510,69 @@ fn glance_down_is_an_io_error_naming_the_provider() {
     assert!(glance.images_of(&provider).is_empty());
 }
 
+#[test]
+fn https_glance_with_cacert_verify_and_builtin_roots() {
+    let dir = test_dir("https");
+    let glance = GlanceServer::start_tls();
+    let ca = crate::util::zk::certs().ca.clone();
+    let provider = unique("https");
+    let clouds = dir.path().join("clouds.yaml");
+    std::fs::write(
+        &clouds,
+        format!(
+            "clouds:\n\
+             \x20 private-ca:\n    auth_type: none\n    image_endpoint_override: {url}\n    cacert: {ca}\n\
+             \x20 no-verify:\n    auth_type: none\n    image_endpoint_override: {url}\n    verify: false\n\
+             \x20 public-roots:\n    auth_type: none\n    image_endpoint_override: {url}\n\
+             \x20 bad-cacert:\n    auth_type: none\n    image_endpoint_override: {url}\n    cacert: {missing}\n",
+            url = glance.url(),
+            ca = ca.display(),
+            missing = dir.path().join("missing.pem").display(),
+        ),
+    )
+    .unwrap();
+    let driver = for_provider(
+        &openstack_provider(&provider, "private-ca", 0.0),
+        Some(&clouds),
+    )
+    .unwrap();
+    let file = qemu_image(dir.path(), "image", "qcow2", 1 << 20);
+    let uploaded = driver
+        .upload(&request(&provider, &file, "qcow2"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        glance.get_image(&uploaded.external_id).unwrap()["status"],
+        "active"
+    );
+
+    let insecure = for_provider(
+        &openstack_provider(&provider, "no-verify", 0.0),
+        Some(&clouds),
+    )
+    .unwrap();
+    assert_eq!(insecure.list_images().unwrap().len(), 1);
+
+    // The test CA is not among the built-in roots.
+    let public = for_provider(
+        &openstack_provider(&provider, "public-roots", 0.0),
+        Some(&clouds),
+    )
+    .unwrap();
+    let err = public.list_images().unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Io, "{err}");
+    assert!(err.message.to_lowercase().contains("certificate"), "{err}");
+
+    let err = for_provider(
+        &openstack_provider(&provider, "bad-cacert", 0.0),
+        Some(&clouds),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(err.kind, ErrorKind::Config, "{err}");
+    assert!(err.message.contains("missing.pem"), "{err}");
+    driver.delete(&uploaded.external_id).unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // clouds.yaml
 // ---------------------------------------------------------------------------------------

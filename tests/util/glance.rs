@@ -5,7 +5,8 @@
 //!   request is project `nodepool-project`, any token or none is accepted). Tests share it
 //!   by giving their providers unique names and looking only at images carrying their
 //!   `nodepool_provider_name`.
-//! * [`GlanceServer::start`]: a dedicated one, for tests that kill or restart it.
+//! * [`GlanceServer::start`]: a dedicated one, for tests that kill or restart it;
+//!   [`GlanceServer::start_tls`] serves https with the ZooKeeper fixture's test certificates.
 //! * [`KeystoneServer::shared`] and [`GlanceServer::shared_with_keystone`]: one Keystone per
 //!   test binary, bootstrapped with the projects, users and image endpoints of §b.8, and a
 //!   Glance that validates tokens against it. [`KeystoneOptions::token_expiration`] gives a
@@ -126,7 +127,15 @@ impl HttpReply {
 fn agent() -> &'static ureq::Agent {
     static AGENT: OnceLock<ureq::Agent> = OnceLock::new();
     AGENT.get_or_init(|| {
+        // The fixture only talks to its own servers: https without verification.
+        let tls = ureq::tls::TlsConfig::builder()
+            .unversioned_rustls_crypto_provider(std::sync::Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .disable_verification(true)
+            .build();
         ureq::Agent::config_builder()
+            .tls_config(tls)
             .http_status_as_error(false)
             .timeout_global(Some(HTTP_TIMEOUT))
             .max_redirects(0)
@@ -259,7 +268,7 @@ impl UwsgiProcess {
 }
 
 /// The uWSGI flags of real-services §b.3, without the app.
-fn uwsgi_command(venv: &Path, port: u16) -> Command {
+fn uwsgi_command(venv: &Path, port: u16, tls: Option<(&Path, &Path)>) -> Command {
     let mut cmd = Command::new(venv.join("bin/uwsgi"));
     cmd.args([
         "--master",
@@ -270,7 +279,13 @@ fn uwsgi_command(venv: &Path, port: u16) -> Command {
         "--no-orphans",
     ])
     .args(["--processes", "1", "--threads", "4"])
-    .args(["--http-socket", &format!("127.0.0.1:{port}")])
+    .args(match tls {
+        None => ["--http-socket".to_string(), format!("127.0.0.1:{port}")],
+        Some((cert, key)) => [
+            "--https-socket".to_string(),
+            format!("127.0.0.1:{port},{},{}", cert.display(), key.display()),
+        ],
+    })
     .args(["--add-header", "Connection: close"])
     .args([
         "--http-chunked-input",
@@ -336,6 +351,8 @@ enum GlanceAuth {
 pub struct GlanceServer {
     port: u16,
     auth: GlanceAuth,
+    /// Serves https with the test certificates of [`super::zk::certs`].
+    tls: bool,
     process: Option<UwsgiProcess>,
     pid: u32,
     /// How many times it has been started.
@@ -347,7 +364,13 @@ pub struct GlanceServer {
 impl GlanceServer {
     /// Starts a dedicated Glance in fixed-identity mode and waits until it is ready.
     pub fn start() -> GlanceServer {
-        GlanceServer::start_with(GlanceAuth::FixedIdentity)
+        GlanceServer::start_with(GlanceAuth::FixedIdentity, false)
+    }
+
+    /// Like [`GlanceServer::start`], serving https with the server certificate of
+    /// [`super::zk::certs`] (signed by its test CA, valid for 127.0.0.1).
+    pub fn start_tls() -> GlanceServer {
+        GlanceServer::start_with(GlanceAuth::FixedIdentity, true)
     }
 
     /// Starts a dedicated Glance that validates tokens against `keystone`, and registers it
@@ -361,9 +384,12 @@ impl GlanceServer {
 
     /// Like [`GlanceServer::start_with_keystone`], registered in `region` (created if needed).
     pub fn start_with_keystone_region(keystone: &KeystoneServer, region: &str) -> GlanceServer {
-        let server = GlanceServer::start_with(GlanceAuth::Keystone {
-            keystone_url: keystone.url(),
-        });
+        let server = GlanceServer::start_with(
+            GlanceAuth::Keystone {
+                keystone_url: keystone.url(),
+            },
+            false,
+        );
         keystone.add_image_endpoints(&server.url(), region);
         server
     }
@@ -388,7 +414,7 @@ impl GlanceServer {
         }
     }
 
-    fn start_with(auth: GlanceAuth) -> GlanceServer {
+    fn start_with(auth: GlanceAuth, tls: bool) -> GlanceServer {
         ensure_installed("glance");
         let template = glance_template_db();
         let mut last_error = String::new();
@@ -400,6 +426,7 @@ impl GlanceServer {
             let mut server = GlanceServer {
                 port: free_port(),
                 auth: auth.clone(),
+                tls,
                 process: None,
                 pid: 0,
                 generation: 0,
@@ -417,9 +444,11 @@ impl GlanceServer {
         panic!("Glance could not get a free port in 3 attempts; last failure:\n{last_error}")
     }
 
-    /// `http://127.0.0.1:<port>`: the unversioned image endpoint.
+    /// `http://127.0.0.1:<port>` (`https://` for [`GlanceServer::start_tls`]): the
+    /// unversioned image endpoint.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -564,7 +593,7 @@ impl GlanceServer {
         }
         std::fs::write(
             s.join("etc/glance-api.conf"),
-            glance_conf(&s, self.port, &self.auth),
+            glance_conf(&s, &self.url(), &self.auth),
         )
         .unwrap_or_else(|e| panic!("cannot write glance-api.conf: {e}"));
     }
@@ -584,7 +613,9 @@ impl GlanceServer {
                     self.generation
                 )
             });
-        let mut cmd = uwsgi_command(&glance_venv(), self.port);
+        let certs = self.tls.then(super::zk::certs);
+        let tls = certs.map(|c| (c.server_cert.as_path(), c.server_key.as_path()));
+        let mut cmd = uwsgi_command(&glance_venv(), self.port, tls);
         cmd.args(["--pythonpath", &fixtures_dir().to_string_lossy()])
             .args(["--import", "nodepool_sqlite_fix"])
             .args(["--module", "glance.wsgi.api:application"])
@@ -648,7 +679,7 @@ impl Drop for GlanceServer {
     }
 }
 
-fn glance_conf(s: &Path, port: u16, auth: &GlanceAuth) -> String {
+fn glance_conf(s: &Path, url: &str, auth: &GlanceAuth) -> String {
     let s = s.display();
     let (flavor, keystone) = match auth {
         GlanceAuth::FixedIdentity => ("fixedidentity", String::new()),
@@ -680,8 +711,8 @@ fn glance_conf(s: &Path, port: u16, auth: &GlanceAuth) -> String {
          enabled_backends = fs:file\n\
          enabled_import_methods = [glance-direct,web-download,copy-image]\n\
          show_image_direct_url = true\n\
-         public_endpoint = http://127.0.0.1:{port}\n\
-         worker_self_reference_url = http://127.0.0.1:{port}\n\
+         public_endpoint = {url}\n\
+         worker_self_reference_url = {url}\n\
          image_cache_dir = {s}/cache\n\
          \n\
          [database]\n\
@@ -723,8 +754,11 @@ fn glance_template_db() -> &'static Path {
             std::fs::create_dir_all(dir.join("log"))
                 .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
             let conf = dir.join("glance-api.conf");
-            std::fs::write(&conf, glance_conf(&dir, 9, &GlanceAuth::FixedIdentity))
-                .unwrap_or_else(|e| panic!("cannot write {}: {e}", conf.display()));
+            std::fs::write(
+                &conf,
+                glance_conf(&dir, "http://127.0.0.1:9", &GlanceAuth::FixedIdentity),
+            )
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", conf.display()));
             let mut cmd = Command::new(glance_venv().join("bin/glance-manage"));
             cmd.arg("--config-file").arg(&conf).arg("db_sync");
             run_setup(cmd, "glance-manage db_sync");
@@ -1080,7 +1114,7 @@ impl KeystoneServer {
 
     fn launch(&mut self) -> Result<(), String> {
         let log = self.dir().join("log/uwsgi.log");
-        let mut cmd = uwsgi_command(&keystone_venv(), self.port);
+        let mut cmd = uwsgi_command(&keystone_venv(), self.port, None);
         cmd.args(["--module", "keystone.wsgi.api:application"])
             .env("OS_KEYSTONE_CONFIG_DIR", self.dir().join("etc"))
             .current_dir(self.dir());
