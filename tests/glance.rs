@@ -434,6 +434,17 @@ fn missing_file_is_an_io_error_before_anything_is_created() {
 // A Glance that dies mid-upload
 // ---------------------------------------------------------------------------------------
 
+/// This process's peak resident set size (`VmHWM`), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM in /proc/self/status");
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
 #[test]
 fn glance_killed_mid_upload_leaks_nothing_after_restart() {
     let dir = test_dir("killed");
@@ -443,6 +454,7 @@ fn glance_killed_mid_upload_leaks_nothing_after_restart() {
     let driver = for_provider(&openstack_provider(&provider, "test", 0.0), Some(&clouds)).unwrap();
     let file = qemu_image(dir.path(), "big", "raw", 512 << 20);
     let req = request(&provider, &file, "raw");
+    let peak_before = peak_rss();
     let result = std::thread::scope(|s| {
         let upload = s.spawn(|| driver.upload(&req));
         let url = glance.url();
@@ -462,6 +474,23 @@ fn glance_killed_mid_upload_leaks_nothing_after_restart() {
                     })
                     .cloned()
             },
+        );
+        // Half the file has reached Glance's store: the driver streams it, so this process
+        // has not grown by anything like the file's size (a whole-file read would be 512 MiB).
+        let stored = glance
+            .dir()
+            .join("images")
+            .join(saving["id"].as_str().unwrap());
+        wait_until(
+            Duration::from_secs(60),
+            "256 MiB to reach Glance's store",
+            || std::fs::metadata(&stored).is_ok_and(|m| m.len() >= 256 << 20),
+        );
+        let grown = peak_rss().saturating_sub(peak_before);
+        assert!(
+            grown < 300 << 20,
+            "peak RSS grew by {} MiB during the upload",
+            grown >> 20
         );
         glance.kill();
         (upload.join().unwrap(), saving)
