@@ -125,6 +125,8 @@ fn run(zk: Zk, rx: Receiver<CleanupRequest>, reports: Sender<CleanupReport>) {
 #[derive(Default)]
 pub struct JanitorState {
     delete_failures: HashMap<(String, String), (u32, Instant)>,
+    /// Cloud images tagged by us but unknown to ZooKeeper in the last pass, per provider.
+    leak_candidates: BTreeSet<(String, String)>,
 }
 
 struct Pass<'a> {
@@ -154,6 +156,10 @@ pub fn pass(zk: &Zk, req: &CleanupRequest, state: &mut JanitorState) -> CleanupR
                 if let Err(e) = p.cleanup_image(image, builds, &recent) {
                     p.error(&format!("Exception cleaning up image {image}: {e}"));
                 }
+            }
+            if all.len() == images.len() {
+                // Only with a complete view of ZooKeeper: a missing image would look leaked.
+                p.cleanup_leaked_cloud_images(&all);
             }
         }
         Err(e) => p.error(&format!("cannot list images: {e}")),
@@ -415,6 +421,58 @@ impl Pass<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Cloud images tagged `nodepool_provider_name=<provider>` whose build and upload ids have
+    /// no record in ZooKeeper (any state) — left by a builder killed mid-upload — are deleted
+    /// when seen in two consecutive passes (the `uploading` record is written before the cloud
+    /// is touched, so an upload in progress is never mistaken for a leak). Drivers that cannot
+    /// list images (the command driver) report none.
+    fn cleanup_leaked_cloud_images(&mut self, all: &BTreeMap<String, Vec<BuildInfo>>) {
+        let mut known: BTreeSet<(String, String, String)> = BTreeSet::new();
+        for builds in all.values() {
+            for b in builds {
+                for u in &b.uploads {
+                    known.insert((u.provider.clone(), b.id.clone(), u.id.clone()));
+                }
+            }
+        }
+        let mut candidates = BTreeSet::new();
+        for (provider, driver) in self.req.drivers.clone() {
+            let images = match driver.list_images() {
+                Ok(i) => i,
+                Err(e) => {
+                    warn!("provider={provider}: cannot list cloud images for leak detection: {e}");
+                    continue;
+                }
+            };
+            for img in images {
+                let (Some(build), Some(upload)) = (img.properties.get("nodepool_build_id"), img.properties.get("nodepool_upload_id")) else {
+                    continue;
+                };
+                if img.properties.get("nodepool_provider_name") != Some(&provider) {
+                    continue;
+                }
+                if known.contains(&(provider.clone(), build.clone(), upload.clone())) {
+                    continue;
+                }
+                let key = (provider.clone(), img.id.clone());
+                if !self.state.leak_candidates.contains(&key) {
+                    debug!("provider={provider}: cloud image {} ({}) has no record; deleting it if still so next pass", img.id, img.name);
+                    candidates.insert(key);
+                    continue;
+                }
+                warn!("Deleting leaked image {} ({}) in {provider}: build {build} upload {upload} has no record", img.id, img.name);
+                match driver.delete(&img.id) {
+                    Ok(()) => self.report.deleted_uploads += 1,
+                    Err(e) => {
+                        candidates.insert(key);
+                        self.error(&format!("cannot delete leaked image {} in {provider}: {e}", img.id));
+                    }
+                }
+            }
+        }
+        self.state.leak_candidates = candidates;
     }
 
     /// Part C: local files of our own builds.
