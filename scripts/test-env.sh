@@ -9,7 +9,12 @@
 #   netcat     netcat-openbsd (for people poking at servers by hand; tests talk TCP themselves)
 #   openssl    the openssl command (test certificates)
 #   packages   the three above
+#   qemu       qemu-utils (qemu-img makes real test images)
 #   kazoo      a Python virtualenv with kazoo 2.9.0 at target/test-env/kazoo-venv
+#   nodepool   nodepool 11.0.0 (its CLI) in target/test-env/nodepool-venv (scripts/nodepool-env.sh)
+#   glance     Glance 33 under uWSGI in target/test-env/glance-venv (scripts/glance-env.sh)
+#   keystone   Keystone 30 in target/test-env/keystone-venv (scripts/glance-env.sh)
+#   dib        diskimage-builder and its Debian packages (scripts/dib-env.sh)
 #   all        everything above
 #   check      install nothing; report what is missing and exit 1 if anything is
 #
@@ -168,16 +173,16 @@ parts=("$@")
 expanded=()
 for part in "${parts[@]}"; do
     case "$part" in
-        all) expanded+=(zookeeper netcat openssl kazoo) ;;
-        packages) expanded+=(zookeeper netcat openssl) ;;
-        zookeeper | netcat | openssl | kazoo) expanded+=("$part") ;;
+        all) expanded+=(zookeeper netcat openssl qemu kazoo nodepool glance keystone dib) ;;
+        packages) expanded+=(zookeeper netcat openssl qemu) ;;
+        zookeeper | netcat | openssl | qemu | kazoo | nodepool | glance | keystone | dib) expanded+=("$part") ;;
         check) CHECK_ONLY=1 ;;
         -h | --help | help) usage; exit 0 ;;
         *) usage; die "unknown part: $part" ;;
     esac
 done
 if [ "${#expanded[@]}" -eq 0 ]; then
-    expanded=(zookeeper netcat openssl kazoo)
+    expanded=(zookeeper netcat openssl qemu kazoo nodepool glance keystone dib)
 fi
 
 has_part() {
@@ -192,10 +197,18 @@ has_part() {
 has_part zookeeper && want_pkg zookeeper
 has_part netcat && want_pkg netcat-openbsd
 has_part openssl && want_pkg openssl
+has_part qemu && ! command -v qemu-img >/dev/null 2>&1 && want_pkg qemu-utils
 install_missing_pkgs
 has_part zookeeper && verify_zookeeper
 has_part openssl && verify_openssl
 has_part kazoo && do_kazoo
+# The other virtualenvs have their own idempotent installers.
+if [ "$CHECK_ONLY" -eq 0 ]; then
+    has_part nodepool && bash "$REPO_ROOT/scripts/nodepool-env.sh"
+    has_part glance && bash "$REPO_ROOT/scripts/glance-env.sh" glance
+    has_part keystone && bash "$REPO_ROOT/scripts/glance-env.sh" keystone
+    has_part dib && bash "$REPO_ROOT/scripts/dib-env.sh"
+fi
 
 if [ "$CHECK_ONLY" -eq 1 ] && { [ "${#MISSING_PKGS[@]}" -gt 0 ] || [ "$FAILED" -eq 1 ]; }; then
     log "something is missing (see above)"
