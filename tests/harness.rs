@@ -265,10 +265,18 @@ fn waits_fail_with_what_they_waited_for() {
 #[test]
 fn a_server_that_cannot_start_fails_with_its_log() {
     // tickTime=0 is a configuration error: the JVM starts, complains and exits.
-    let err = std::panic::catch_unwind(|| ZkServer::start(ZkOptions { tls: false, tick_time_ms: 0 }))
-        .expect_err("a server with tickTime=0 must not start");
+    let err = std::panic::catch_unwind(|| {
+        ZkServer::start(ZkOptions {
+            tls: false,
+            tick_time_ms: 0,
+        })
+    })
+    .expect_err("a server with tickTime=0 must not start");
     let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(msg.contains("ZooKeeper exited during start-up"), "{msg}");
-    assert!(msg.contains("tickTime=0"), "the failure should show the config:\n{msg}");
+    assert!(
+        msg.contains("tickTime=0"),
+        "the failure should show the config:\n{msg}"
+    );
     assert!(msg.contains("log tail"), "{msg}");
 }

@@ -89,7 +89,10 @@ pub struct ProviderError {
 
 impl ProviderError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> ProviderError {
-        ProviderError { kind, message: message.into() }
+        ProviderError {
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -124,9 +127,15 @@ pub trait ProviderDriver: Send + Sync {
 
 /// Creates the driver for a configured provider. `clouds_yaml` overrides the clouds.yaml
 /// search (tests and `OS_CLIENT_CONFIG_FILE` handling live in the OpenStack driver).
-pub fn for_provider(provider: &config::Provider, clouds_yaml: Option<&Path>) -> Result<Box<dyn ProviderDriver>, ProviderError> {
+pub fn for_provider(
+    provider: &config::Provider,
+    clouds_yaml: Option<&Path>,
+) -> Result<Box<dyn ProviderDriver>, ProviderError> {
     match &provider.driver {
-        config::Driver::OpenStack { .. } => Ok(Box::new(openstack::OpenStackDriver::new(provider, clouds_yaml)?)),
+        config::Driver::OpenStack { .. } => Ok(Box::new(openstack::OpenStackDriver::new(
+            provider,
+            clouds_yaml,
+        )?)),
         config::Driver::Command { .. } => Ok(Box::new(command::CommandDriver::new(provider)?)),
     }
 }
