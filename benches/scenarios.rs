@@ -29,6 +29,7 @@ pub struct Sizes {
 }
 
 impl Sizes {
+    #[allow(dead_code)] // Used by the bench binary, not by the smoke test.
     pub const FULL: Sizes = Sizes { requests: 20, idle_secs: 60, cleanup_builds: 1000 };
     pub const QUICK: Sizes = Sizes { requests: 2, idle_secs: 5, cleanup_builds: 40 };
 }
@@ -203,6 +204,7 @@ pub fn cleanup_cost(sizes: Sizes) -> Vec<Figure> {
             cfg: std::sync::Arc::new(cfg),
             drivers: BTreeMap::new(),
             provider_formats: (0..providers).map(|p| (format!("p{p}"), "raw".to_string())).collect(),
+            snapshot: None,
         };
         let count = || server.mntr().get("zk_packets_received").and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
         let before = count();

@@ -50,7 +50,7 @@ use crate::registry;
 use crate::thread::{self, JoinHandle, ThreadKind};
 use crate::zk::lock::{self, LockGuard};
 use crate::zk::schema::{ImageBuild, ImageUpload};
-use crate::zk::tree::{self, BuildInfo};
+use crate::zk::tree::{self, BuildInfo, UploadInfo};
 use crate::zk::{Zk, ZkError, paths};
 
 /// What a pass needs; the scheduler sends a fresh one per pass (config reloads included).
@@ -60,6 +60,17 @@ pub struct CleanupRequest {
     pub drivers: BTreeMap<String, Arc<dyn ProviderDriver>>,
     /// Image format of every configured provider.
     pub provider_formats: BTreeMap<String, String>,
+    /// The image tree as the `zk-watch` thread keeps it current; `None` makes the pass read
+    /// the whole tree itself (at start-up and after a reconnect). With a snapshot, an idle
+    /// pass costs no ZooKeeper request at all: only what it decides to change is re-read.
+    pub snapshot: Option<BTreeMap<String, ImageSnapshot>>,
+}
+
+/// One image as watched: readable builds (with uploads) and unreadable build znode ids.
+#[derive(Debug, Clone, Default)]
+pub struct ImageSnapshot {
+    pub builds: Vec<BuildInfo>,
+    pub unreadable: Vec<String>,
 }
 
 /// What a pass did.
@@ -140,37 +151,63 @@ struct Pass<'a> {
 pub fn pass(zk: &Zk, req: &CleanupRequest, state: &mut JanitorState) -> CleanupReport {
     let started = Instant::now();
     let mut p = Pass { zk, req, state, report: CleanupReport::default() };
-    match tree::image_names(zk) {
-        Ok(images) => {
-            let mut all = BTreeMap::new();
-            for image in &images {
-                match tree::read_image(zk, image) {
-                    Ok(builds) => {
-                        all.insert(image.clone(), builds);
-                    }
-                    Err(e) => p.error(&format!("Exception cleaning up image {image}: {e}")),
-                }
+    let tree = match &req.snapshot {
+        Some(snapshot) => Some(snapshot.clone()),
+        None => read_tree(zk, &mut p),
+    };
+    if let Some(tree) = &tree {
+        let all: BTreeMap<String, Vec<BuildInfo>> = tree.iter().map(|(k, v)| (k.clone(), v.builds.clone())).collect();
+        let recent = recency_table(&all);
+        for (image, snap) in tree {
+            if let Err(e) = p.cleanup_image(image, &snap.builds, &recent) {
+                p.error(&format!("Exception cleaning up image {image}: {e}"));
             }
-            let recent = recency_table(&all);
-            for (image, builds) in &all {
-                if let Err(e) = p.cleanup_image(image, builds, &recent) {
-                    p.error(&format!("Exception cleaning up image {image}: {e}"));
-                }
-            }
-            if all.len() == images.len() {
-                // Only with a complete view of ZooKeeper: a missing image would look leaked.
-                p.cleanup_leaked_cloud_images(&all);
+            if let Err(e) = p.remove_empty_build_znodes(image, &snap.unreadable) {
+                p.error(&format!("Exception cleaning up image {image}: {e}"));
             }
         }
-        Err(e) => p.error(&format!("cannot list images: {e}")),
+        p.cleanup_leaked_cloud_images(&all);
     }
-    p.cleanup_local_files();
+    p.cleanup_local_files(tree.as_ref());
     p.report.took = started.elapsed();
     debug!(
         "cleanup pass: {} builds, {} uploads, {} files deleted, {} errors in {:?}",
         p.report.deleted_builds, p.report.deleted_uploads, p.report.deleted_files, p.report.errors, p.report.took
     );
     p.report
+}
+
+/// Reads the whole image tree; `None` (with the error counted) unless every image was read,
+/// because a missing image would look deleted (its local files) or leaked (its cloud images).
+fn read_tree(zk: &Zk, p: &mut Pass<'_>) -> Option<BTreeMap<String, ImageSnapshot>> {
+    let images = match tree::image_names(zk) {
+        Ok(i) => i,
+        Err(e) => {
+            p.error(&format!("cannot list images: {e}"));
+            return None;
+        }
+    };
+    let mut out = BTreeMap::new();
+    for image in images {
+        let ids = match tree::build_ids(zk, &image) {
+            Ok(ids) => ids,
+            Err(e) => {
+                p.error(&format!("Exception cleaning up image {image}: {e}"));
+                return None;
+            }
+        };
+        match tree::read_image(zk, &image) {
+            Ok(builds) => {
+                let unreadable = ids.into_iter().filter(|id| !builds.iter().any(|b| b.id == *id)).collect();
+                out.insert(image, ImageSnapshot { builds, unreadable });
+            }
+            Err(e) => {
+                p.error(&format!("Exception cleaning up image {image}: {e}"));
+                return None;
+            }
+        }
+    }
+    Some(out)
 }
 
 /// (image, build, provider, upload) pairs protected from deletion: per (image, provider) the
@@ -239,7 +276,6 @@ impl Pass<'_> {
             }
             self.finish_build(image, b)?;
         }
-        self.remove_empty_build_znodes(image)?;
         Ok(())
     }
 
@@ -407,9 +443,9 @@ impl Pass<'_> {
     }
 
     /// Q6 fix: build znodes without data (and without uploads) are lock-race leftovers.
-    fn remove_empty_build_znodes(&mut self, image: &str) -> Result<(), ZkError> {
-        for id in tree::build_ids(self.zk, image)? {
-            let path = paths::image_build_path(image, &id);
+    fn remove_empty_build_znodes(&mut self, image: &str, candidates: &[String]) -> Result<(), ZkError> {
+        for id in candidates {
+            let path = paths::image_build_path(image, id);
             let Some((data, _)) = self.zk.get_data(&path)? else { continue };
             if !data.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -475,14 +511,25 @@ impl Pass<'_> {
         self.state.leak_candidates = candidates;
     }
 
-    /// Part C: local files of our own builds.
-    fn cleanup_local_files(&mut self) {
+    /// Part C: local files of our own builds. The snapshot answers for builds it knows;
+    /// ZooKeeper is asked only about the others (before their files are deleted).
+    fn cleanup_local_files(&mut self, tree: Option<&BTreeMap<String, ImageSnapshot>>) {
         let dir = self.req.cfg.images_dir.clone();
         let builds = match local_builds(&dir) {
             Ok(b) => b,
             Err(e) => return self.error(&format!("cannot list {}: {e}", dir.display())),
         };
         for (image, id) in builds {
+            if let Some(known) = tree.and_then(|t| t.get(&image)).and_then(|s| s.builds.iter().find(|b| b.id == id)) {
+                match known.build.state {
+                    BuildState::Ready => {
+                        self.prune_formats(&dir, &image, &id, Some(&known.uploads));
+                        continue;
+                    }
+                    BuildState::Building | BuildState::Failed => continue,
+                    BuildState::Deleting => {} // Confirmed below.
+                }
+            }
             let record = match self.zk.get_data(&paths::image_build_path(&image, &id)) {
                 Ok(r) => r,
                 Err(e) => {
@@ -510,7 +557,7 @@ impl Pass<'_> {
                     info!("Doing cleanup for {image}:{id} (build deleting)");
                     self.report.deleted_files += delete_local(&dir, &image, &id);
                 }
-                Some(b) if b.state == BuildState::Ready => self.prune_formats(&dir, &image, &id),
+                Some(b) if b.state == BuildState::Ready => self.prune_formats(&dir, &image, &id, None),
                 Some(_) => {}
             }
         }
@@ -518,15 +565,18 @@ impl Pass<'_> {
 
     /// `delete-after-upload`: remove formats no provider still needs and `keep-formats` does
     /// not keep (manifest directory kept).
-    fn prune_formats(&mut self, dir: &Path, image: &str, id: &str) {
+    fn prune_formats(&mut self, dir: &Path, image: &str, id: &str, known: Option<&[UploadInfo]>) {
         let cfg = self.req.cfg.clone();
         let Some(d) = cfg.diskimage(image) else { return };
         if !d.delete_after_upload {
             return;
         }
-        let uploads = match tree::read_uploads(self.zk, image, id) {
-            Ok(u) => u,
-            Err(e) => return debug!("image={image} build={id}: not pruning, zookeeper said {e}"),
+        let uploads = match known {
+            Some(u) => u.to_vec(),
+            None => match tree::read_uploads(self.zk, image, id) {
+                Ok(u) => u,
+                Err(e) => return debug!("image={image} build={id}: not pruning, zookeeper said {e}"),
+            },
         };
         let mut keep: BTreeSet<String> = d.keep_formats.iter().cloned().collect();
         for p in cfg.providers.iter().filter(|p| p.diskimages.iter().any(|pd| pd.name == image)) {

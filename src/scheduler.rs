@@ -41,7 +41,7 @@ use crossbeam_channel::{Receiver, after, never, select_biased};
 use log::{debug, error, info, warn};
 
 use crate::build::{self, BuildEnv, BuildJob, BuildOutcome, BuildPool, BuildResult};
-use crate::cleanup::{CleanupReport, CleanupRequest, Janitor};
+use crate::cleanup::{CleanupReport, CleanupRequest, ImageSnapshot, Janitor};
 use crate::provider::{self, ProviderDriver};
 use crate::upload::{UploadJob, UploadOutcome, UploadPool, UploadResult};
 use crate::config::{self, Config};
@@ -78,6 +78,8 @@ struct ImageState {
     paused_zk: bool,
     requested: bool,
     builds: Vec<BuildInfo>,
+    /// Build znodes with empty or unreadable data (the janitor removes lock-race leftovers).
+    unreadable: Vec<String>,
     in_flight: bool,
     /// No attempt before this instant (failure back-off or a skip).
     retry_at: Option<Instant>,
@@ -129,6 +131,7 @@ pub fn run(setup: Setup) {
         janitor,
         cleanup_due: Some(Instant::now()),
         cleanup_running: false,
+        cleanup_full: true,
         watcher,
         next_verify: Instant::now(),
         stopping: false,
@@ -181,6 +184,8 @@ struct Scheduler {
     /// When the next janitor pass should start.
     cleanup_due: Option<Instant>,
     cleanup_running: bool,
+    /// The next pass reads the whole tree instead of using the watched snapshot.
+    cleanup_full: bool,
     watcher: Watcher,
     next_verify: Instant,
     stopping: bool,
@@ -297,16 +302,22 @@ impl Scheduler {
                 }
                 st.requested = requested;
             }
-            ZkEvent::Builds { image, builds } => {
+            ZkEvent::Builds { image, builds, unreadable } => {
                 self.cleanup_soon();
                 let st = self.state(&image);
                 st.builds = builds;
+                st.unreadable = unreadable;
                 // A skip waits for the other builder's records to change: they just did.
                 if st.failures == 0 {
                     st.retry_at = None;
                 }
             }
-            ZkEvent::Resynced => debug!("watches re-armed; state re-read"),
+            ZkEvent::Resynced => {
+                debug!("watches re-armed; state re-read");
+                // After a gap, the janitor's next pass reads ZooKeeper itself.
+                self.cleanup_full = true;
+                self.cleanup_soon();
+            }
             ZkEvent::Session(ev) => debug!("zookeeper session {:?} (generation {})", ev.state, ev.generation),
         }
     }
@@ -458,10 +469,22 @@ impl Scheduler {
         if self.zk.state() != ConnState::Connected {
             return;
         }
-        let req = CleanupRequest { cfg: self.cfg.clone(), drivers: self.drivers.clone(), provider_formats: self.provider_formats.clone() };
+        let snapshot = (!self.cleanup_full).then(|| {
+            self.images
+                .iter()
+                .map(|(name, st)| (name.clone(), ImageSnapshot { builds: st.builds.clone(), unreadable: st.unreadable.clone() }))
+                .collect()
+        });
+        let req = CleanupRequest {
+            cfg: self.cfg.clone(),
+            drivers: self.drivers.clone(),
+            provider_formats: self.provider_formats.clone(),
+            snapshot,
+        };
         if janitor.request(req) {
             self.cleanup_running = true;
             self.cleanup_due = None;
+            self.cleanup_full = false;
         }
     }
 

@@ -41,8 +41,9 @@ pub enum ZkEvent {
     Pause { image: String, paused: bool },
     /// The `request-build` flag of an image.
     RequestBuild { image: String, requested: bool },
-    /// Every readable build record of an image, with its uploads.
-    Builds { image: String, builds: Vec<BuildInfo> },
+    /// Every readable build record of an image, with its uploads, and the ids of build
+    /// znodes whose data is empty or unreadable.
+    Builds { image: String, builds: Vec<BuildInfo>, unreadable: Vec<String> },
     /// Everything was re-read after a (re)connect or a verification found a difference.
     Resynced,
     /// The ZooKeeper session changed state.
@@ -258,7 +259,7 @@ impl State {
                     self.failed(&builds_path, &e);
                 }
                 self.build_ids.insert(image.to_string(), BTreeSet::new());
-                self.send(ZkEvent::Builds { image: image.to_string(), builds: Vec::new() });
+                self.send(ZkEvent::Builds { image: image.to_string(), builds: Vec::new(), unreadable: Vec::new() });
                 return;
             }
             Err(e) => return self.failed(&builds_path, &e),
@@ -278,8 +279,9 @@ impl State {
                 Err((what, e)) => return self.failed(&what, &e),
             }
         }
+        let unreadable: Vec<String> = all.iter().filter(|id| !builds.iter().any(|b: &BuildInfo| b.id == **id)).cloned().collect();
         self.build_ids.insert(image.to_string(), all);
-        self.send(ZkEvent::Builds { image: image.to_string(), builds });
+        self.send(ZkEvent::Builds { image: image.to_string(), builds, unreadable });
     }
 
     /// Reads (and watches) every upload of a build.
