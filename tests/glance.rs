@@ -273,10 +273,10 @@ fn list_images_finds_images_by_provider_name_across_pages() {
     let theirs = other_driver
         .upload(&request(&other, &file, "qcow2"))
         .unwrap();
-    // Enough bare (queued) images to need a second page of 100.
+    // A few bare (queued) images more, listed two per page.
     let glance = GlanceServer::shared();
     let mut created = vec![mine.external_id.clone()];
-    for i in 0..105 {
+    for i in 0..6 {
         let body = serde_json::json!({"name": format!("filler-{i}"), "disk_format": "raw",
             "container_format": "bare", "nodepool_provider_name": provider, "nodepool_build_id": "filler"});
         let reply = crate::util::glance::http_expect(
@@ -288,12 +288,23 @@ fn list_images_finds_images_by_provider_name_across_pages() {
         );
         created.push(reply.json()["id"].as_str().unwrap().to_string());
     }
-    let listed = driver.list_images().unwrap();
-    let mut listed_ids: Vec<String> = listed.iter().map(|i| i.id.clone()).collect();
-    listed_ids.sort();
+    let clouds = noauth_clouds(dir.path(), glance);
+    let paging = OpenStackDriver::new(&openstack_provider(&provider, "test", 0.0), Some(&clouds))
+        .unwrap()
+        .with_list_page_size(2);
     let mut expected = created.clone();
     expected.sort();
-    assert_eq!(listed_ids, expected);
+    for lister in [driver.as_ref(), &paging as &dyn ProviderDriver] {
+        let mut listed_ids: Vec<String> = lister
+            .list_images()
+            .unwrap()
+            .iter()
+            .map(|i| i.id.clone())
+            .collect();
+        listed_ids.sort();
+        assert_eq!(listed_ids, expected);
+    }
+    let listed = driver.list_images().unwrap();
     let found = listed.iter().find(|i| i.id == mine.external_id).unwrap();
     assert!(found.name.starts_with("debian-"), "{found:?}");
     assert_eq!(

@@ -63,6 +63,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 const DISCARD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the delete of an image whose create had an unknown outcome is retried.
 const UNCERTAIN_CREATE_WINDOW: Duration = Duration::from_secs(60);
+/// Images per page of `list_images` (Glance's own maximum is usually 1000).
+const DEFAULT_LIST_PAGE_SIZE: u32 = 100;
 /// The format when neither the provider nor the cloud says.
 const DEFAULT_IMAGE_FORMAT: &str = "qcow2";
 /// Pause between two status polls, at most.
@@ -80,6 +82,8 @@ pub struct OpenStackDriver {
     session: Session,
     /// Images whose delete after a failed upload did not go through; retried by every call.
     pending_deletes: Mutex<Vec<PendingDelete>>,
+    /// Images per page of `list_images`.
+    list_page_size: u32,
 }
 
 impl OpenStackDriver {
@@ -158,7 +162,15 @@ impl OpenStackDriver {
             http,
             session: Session::new(cloud),
             pending_deletes: Mutex::new(Vec::new()),
+            list_page_size: DEFAULT_LIST_PAGE_SIZE,
         })
+    }
+
+    /// Sets how many images `list_images` asks for per page (at least 1); tests use small
+    /// pages to exercise the paging.
+    pub fn with_list_page_size(mut self, images: u32) -> OpenStackDriver {
+        self.list_page_size = images.max(1);
+        self
     }
 
     /// The cloud entry this driver uses.
@@ -671,8 +683,9 @@ impl OpenStackDriver {
         let context = || "list images".to_string();
         let base = "/v2/images";
         let mut query = format!(
-            "nodepool_provider_name={}&limit=100",
-            query_encode(&self.name)
+            "nodepool_provider_name={}&limit={}",
+            query_encode(&self.name),
+            self.list_page_size
         );
         let mut images = Vec::new();
         for _page in 0..10_000 {
