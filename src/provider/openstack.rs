@@ -23,16 +23,24 @@
 //! On any failure after the create was sent, the image is deleted before the error is
 //! returned; a 415 (data not matching `disk_format`) leaves the rejected data in Glance's
 //! store, and only a delete removes it. When that delete fails too (the cloud is down), the
-//! id is remembered and the delete retried at the start of every later call of this driver;
-//! the janitor's leak detection ([`ProviderDriver::list_images`] by
-//! `nodepool_provider_name`) covers a daemon that exits before that.
+//! id is remembered and the delete retried at the start of every later call of this driver.
+//! When the create itself got no answer, the image may appear only after we gave up on it, so
+//! its delete is retried for a minute even while it answers 404; a create that never left
+//! (no connection) needs no cleanup at all. The list lives in the driver object: a daemon
+//! that exits or re-creates its drivers (configuration reload) forgets it, and the janitor's
+//! leak detection ([`ProviderDriver::list_images`] by `nodepool_provider_name`) takes over.
+//!
+//! # Authentication
+//!
+//! A Keystone token is reused until shortly before its `expires_at`; a 401 from Glance makes
+//! the driver authenticate again and repeat the request once (the PUT reopens the file).
 //!
 //! # Errors
 //!
 //! One line naming the provider, the image and what the cloud said (`HTTP 415 Unsupported
 //! Media Type: Image disk_format qcow2 does not match stream data raw`). Credentials never
 //! appear: messages never include request bodies or headers, and every message passes
-//! through [`OpenStackDriver::scrub`], which replaces any credential of the cloud entry and
+//! through `OpenStackDriver::scrub`, which replaces any credential of the cloud entry and
 //! the current token with `<redacted>` as a last line of defence.
 
 pub mod clouds;
