@@ -1247,6 +1247,28 @@ fn command_driver_failure_carries_exit_status_and_stderr() {
 }
 
 #[test]
+fn command_driver_timeout_stops_a_command_that_never_stops_writing() {
+    let dir = test_dir("command-flood");
+    let file = dir.path().join("x.raw");
+    write_random(&file, 1024);
+    let mut provider = command_provider("cmd-flood", "ok", dir.path());
+    if let Driver::Command { upload_command, .. } = &mut provider.driver {
+        *upload_command = vec!["yes".into(), "{external_name}".into()];
+    }
+    let driver = for_provider(&provider, None).unwrap();
+    let mut req = request("cmd-flood", &file, "raw");
+    req.timeout = Duration::from_secs(1);
+    let started = Instant::now();
+    let err = driver.upload(&req).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Timeout, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
 fn command_driver_timeout_kills_the_process_group() {
     let dir = test_dir("command-hang");
     let file = dir.path().join("x.raw");

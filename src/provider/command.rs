@@ -49,6 +49,8 @@ use crate::config;
 
 /// Bytes of stdout and of stderr kept per command (the tail).
 pub const KEEP_OUTPUT: usize = 64 * 1024;
+/// Most bytes read from one pipe before looking at the child and the clock again.
+const MAX_READ_PER_DRAIN: usize = 1 << 20;
 /// Lines of stderr quoted in an error message.
 const STDERR_LINES_IN_ERRORS: usize = 5;
 /// Longest single `poll(2)` wait, so that the child's exit is noticed even while a
@@ -356,18 +358,22 @@ impl Pipe {
     }
 
     /// Reads what is available now; drops the reader at end of file.
+    /// At most [`MAX_READ_PER_DRAIN`] bytes per call, so that a command that never stops
+    /// writing cannot keep the caller from checking the deadline.
     fn drain_ready(&mut self) {
         let Some(reader) = &mut self.reader else {
             return;
         };
         let mut buf = [0u8; 16 * 1024];
-        loop {
+        let mut read = 0;
+        while read < MAX_READ_PER_DRAIN {
             match reader.read(&mut buf) {
                 Ok(0) => {
                     self.reader = None;
                     return;
                 }
                 Ok(n) => {
+                    read += n;
                     self.data.extend_from_slice(&buf[..n]);
                     if self.data.len() > 2 * KEEP_OUTPUT {
                         self.data.drain(..self.data.len() - KEEP_OUTPUT);
