@@ -292,9 +292,13 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
                     stats.build_size(image, f, meta.blocks() * 512);
                 }
             }
-            match zk.delete(&request_path, None) {
-                Ok(()) | Err(ZkError::NoNode) => {}
-                Err(e) => warn!("image={image}: cannot delete the build request: {e}"),
+            // Only a manual build satisfies the request (as upstream): a request made while a
+            // scheduled build was finishing asks for another build.
+            if job.manual {
+                match zk.delete(&request_path, None) {
+                    Ok(()) | Err(ZkError::NoNode) => {}
+                    Err(e) => warn!("image={image}: cannot delete the build request: {e}"),
+                }
             }
             BuildResult::Ready { build_id, record }
         }
