@@ -35,7 +35,9 @@ mod cleanup;
 mod ops;
 /// The benchmark harness at small sizes (the full run is `cargo bench`).
 mod bench_smoke;
-/// One real diskimage-builder build (debian-minimal, tar) through the daemon.
+/// One real diskimage-builder build (debian-minimal, tar and qcow2) through the daemon.
 mod real_dib;
 /// statsd keys as upstream emits them.
 mod stats;
+/// The upload pipeline against a real Glance through clouds.yaml.
+mod glance_uploads;

@@ -113,10 +113,17 @@ key = "{key}"
 
     /// Starts builder `n` in the foreground (`-d`) with its config and waits until it is ready.
     pub fn start(&self, n: usize, extra_args: &[&str]) -> BuilderProcess {
+        self.start_with_env(n, extra_args, &[])
+    }
+
+    /// Like [`Site::start`], with extra environment (e.g. `OS_CLIENT_CONFIG_FILE`).
+    pub fn start_with_env(&self, n: usize, extra_args: &[&str], env: &[(&str, &str)]) -> BuilderProcess {
         let cfg = self.path(&format!("builder{n}.toml"));
         let mut args = vec!["-d", "-c", cfg.to_str().unwrap()];
         args.extend_from_slice(extra_args);
-        let mut b = BuilderProcess::start(&args, &[("NODEPOOL_BUILDER_LOG", "debug,zookeeper_client=info")], &self.path(&format!("builder{n}.log")));
+        let mut all_env = vec![("NODEPOOL_BUILDER_LOG", "debug,zookeeper_client=info,rustls=info,ureq=info")];
+        all_env.extend_from_slice(env);
+        let mut b = BuilderProcess::start(&args, &all_env, &self.path(&format!("builder{n}.log")));
         b.wait_for_log(WAIT, "ready: builder_id=");
         b
     }
