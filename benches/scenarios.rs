@@ -20,6 +20,8 @@ use crate::util::zk::{ZkOptions, ZkServer};
 /// Sizes of one run.
 #[derive(Debug, Clone, Copy)]
 pub struct Sizes {
+    /// MiB of the image uploaded to Glance by both this builder and openstacksdk.
+    pub upload_mib: u64,
     /// Manual requests timed for the latency scenario.
     pub requests: usize,
     /// Seconds each idle window lasts.
@@ -30,8 +32,8 @@ pub struct Sizes {
 
 impl Sizes {
     #[allow(dead_code)] // Used by the bench binary, not by the smoke test.
-    pub const FULL: Sizes = Sizes { requests: 20, idle_secs: 60, cleanup_builds: 1000 };
-    pub const QUICK: Sizes = Sizes { requests: 2, idle_secs: 5, cleanup_builds: 40 };
+    pub const FULL: Sizes = Sizes { upload_mib: 1024, requests: 20, idle_secs: 60, cleanup_builds: 1000 };
+    pub const QUICK: Sizes = Sizes { upload_mib: 16, requests: 2, idle_secs: 5, cleanup_builds: 40 };
 }
 
 /// One named figure.
@@ -219,6 +221,67 @@ pub fn cleanup_cost(sizes: Sizes) -> Vec<Figure> {
     out
 }
 
+/// A qcow2 of `mib` MiB of random data to Glance: this builder (the daemon, OpenStack driver,
+/// from the `uploading` record's creation to the `ready` record) next to openstacksdk's
+/// `create_image` of the same file to the same Glance; MB/s and peak RSS of each.
+pub fn upload_throughput(sizes: Sizes) -> Vec<Figure> {
+    let glance = crate::util::glance::GlanceServer::shared();
+    let site = Site::new("bench_upload");
+    let clouds = site.path("clouds.yaml");
+    std::fs::write(&clouds, format!("clouds:\n  bench:\n    auth_type: none\n    image_endpoint_override: {}\n", glance.url())).unwrap();
+    let body = format!(
+        "\n[[diskimages]]\nname = \"big\"\ndib-cmd = \"{{fake_dib}}\"\n[diskimages.env-vars]\nFAKE_DIB_SIZE_MB = \"{}\"\n\n[[providers]]\nname = \"bench-glance\"\ncloud = \"bench\"\nrate = 0.0\n[[providers.diskimages]]\nname = \"big\"\n",
+        sizes.upload_mib
+    );
+    site.config(0, "", &body);
+    let b = site.start_with_env(0, &[], &[("OS_CLIENT_CONFIG_FILE", clouds.to_str().unwrap())]);
+    let (build, up) = poll_for(Duration::from_secs(600), || {
+        site.uploads_in("big", "bench-glance", UploadState::Ready).into_iter().next()
+    })
+    .unwrap_or_else(|| panic!("the upload never became ready\n{}", site.dump()));
+    let path = paths::image_upload_path("big", &build, "bench-glance", &up.id);
+    let (_, stat) = site.zk.get_data(&path).unwrap().expect("upload record");
+    let ours_secs = (stat.mtime - stat.ctime) as f64 / 1000.0;
+    let ours_peak = peak_rss_kib(b.pid()) / 1024.0;
+    let file = site.images_dir(0).join(format!("big-{build}.qcow2"));
+    let bytes = std::fs::metadata(&file).unwrap().len() as f64;
+    drop(b);
+
+    // openstacksdk, from the nodepool 11 virtualenv, on the same file and Glance.
+    crate::util::ensure_test_env(&["nodepool"]);
+    let python = crate::util::repo_root().join("target/test-env/nodepool-venv/bin/python");
+    let script = format!(
+        "import resource, time, openstack\n\
+         c = openstack.connect(auth_type='none', image_endpoint_override='{url}', load_yaml_config=False, load_envvars=False)\n\
+         t = time.monotonic()\n\
+         img = c.create_image('sdk-bench', filename='{file}', disk_format='qcow2', container_format='bare', wait=True)\n\
+         print(time.monotonic() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n\
+         c.delete_image(img.id)\n",
+        url = glance.url(),
+        file = file.display()
+    );
+    let out = std::process::Command::new(&python).args(["-c", &script]).env("PYTHONWARNINGS", "ignore").output().expect("run openstacksdk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace();
+    let sdk_secs: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("openstacksdk failed: {}", String::from_utf8_lossy(&out.stderr)));
+    let sdk_peak: f64 = it.next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN) / 1024.0;
+    let mb = bytes / 1e6;
+    vec![
+        fig(format!("upload {:.0} MB qcow2 to Glance: this builder", mb), mb / ours_secs, "MB/s"),
+        fig(format!("upload {:.0} MB qcow2 to Glance: openstacksdk", mb), mb / sdk_secs, "MB/s"),
+        fig("upload: this builder's peak RSS", ours_peak, "MiB"),
+        fig("upload: openstacksdk's peak RSS", sdk_peak, "MiB"),
+    ]
+}
+
+/// Peak resident set size of a process, KiB.
+pub fn peak_rss_kib(pid: i32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
 /// Resident set size of a process, KiB.
 pub fn rss_kib(pid: i32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -245,6 +308,7 @@ pub fn run_all(sizes: Sizes) -> Vec<Figure> {
     all.extend(burst_and_idle(3, 2, sizes));
     all.extend(burst_and_idle(20, 3, sizes));
     all.extend(cleanup_cost(sizes));
+    all.extend(upload_throughput(sizes));
     all
 }
 
