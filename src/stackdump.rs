@@ -232,7 +232,7 @@ pub fn log_dump() {
     let log_time = log_started.elapsed();
     log::log!(target: LOG_TARGET, level, "{}", format_end(&dump, Some(log_time)));
     // Give back the parsed debug info (see dumper_main); the next dump parses it again.
-    backtrace::clear_symbol_cache();
+    release_symbols();
     DUMPS.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -494,20 +494,22 @@ fn self_test(signal: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// The `stackdump` thread: warm up the symbolizer, then one dump per wake-up.
-fn dumper_main(read_fd: i32) {
-    // The first resolve makes backtrace-rs list the loaded objects (dl_iterate_phdr, under
-    // the loader lock) and parse libc's symbols; pay for that now, once. Our own binary's
-    // debug info is parsed only when a dump needs it, and dropped after each dump: parsed
-    // DWARF of a binary with line tables costs tens to a hundred MiB of RSS, which an idle
-    // daemon should not carry for a feature used at 3 a.m.
-    let warm_started = Instant::now();
-    backtrace::resolve((libc::getpid as *const ()).cast_mut().cast(), |_| {});
-    log::debug!(
-        "stack dump symbolizer warmed up in {:.1?}",
-        warm_started.elapsed()
-    );
+/// Drops the symbolizer's parsed objects (the list of loaded libraries stays) and returns the
+/// freed memory to the kernel.
+fn release_symbols() {
+    backtrace::clear_symbol_cache();
+    // SAFETY: malloc_trim only walks glibc's own heap under its own locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
+/// The `stackdump` thread: one dump per wake-up.
+fn dumper_main(read_fd: i32) {
+    // No symbolizer warm-up: the first resolve lists the loaded objects (dl_iterate_phdr,
+    // under the loader lock) and parses debug info, which costs tens of MiB of peak RSS
+    // (more with libc's debug package installed). A daemon that keeps a few MiB resident
+    // pays that at its first dump instead, and gives the memory back after every dump.
     let mut buffer = [0u8; 64];
     loop {
         // SAFETY: reading into a local buffer from our own descriptor.
