@@ -99,8 +99,10 @@ pub fn burst_and_idle(images: usize, providers: usize, sizes: Sizes) -> Vec<Figu
     poll_for(Duration::from_secs(300), || (ready_uploads(&site, images) >= want).then_some(()))
         .unwrap_or_else(|| panic!("{want} uploads never became ready\n{}", site.dump()));
     let burst = start.elapsed().as_secs_f64();
-    // Let the janitor's first passes settle before measuring idle traffic.
+    // Let the janitor's first passes settle before measuring idle traffic, and close the
+    // harness's own session: only the builder talks to this server while we count.
     let _ = poll_for(Duration::from_secs(3), || None::<()>);
+    site.zk.close();
     let idle = idle_rate(server, sizes.idle_secs);
     let rss = rss_kib(b.pid());
     let cpu = cpu_secs(b.pid());
