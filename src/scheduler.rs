@@ -373,6 +373,14 @@ impl Scheduler {
         match config::load(&self.config_path, self.secure_path.as_deref()) {
             Ok(cfg) => {
                 info!("Configuration reloaded from {}", self.config_path.display());
+                if cfg.zookeeper_servers != self.cfg.zookeeper_servers
+                    || cfg.zookeeper_tls != self.cfg.zookeeper_tls
+                    || cfg.zookeeper_auth != self.cfg.zookeeper_auth
+                    || cfg.zookeeper_timeout != self.cfg.zookeeper_timeout
+                {
+                    // Upstream's reload breaks here (quirk Q3); we keep the session and say so.
+                    warn!("zookeeper-* settings changed: they take effect at the next restart");
+                }
                 self.cfg = Arc::new(cfg);
                 self.make_drivers();
                 self.formats = required_formats(&self.cfg);
