@@ -54,14 +54,27 @@ fn dedicated_site(name: &str) -> Site {
     Site::on(name, server)
 }
 
+/// `images` diskimages, each uploaded to `providers` OpenStack providers on the shared real
+/// Glance (through a clouds.yaml the builder finds via `OS_CLIENT_CONFIG_FILE`).
 fn images_and_providers(site: &Site, images: usize, providers: usize) -> String {
+    let glance = crate::util::glance::GlanceServer::shared();
+    let clouds = format!("clouds:\n  bench:\n    auth_type: none\n    image_endpoint_override: {}\n", glance.url());
+    std::fs::write(site.path("clouds.yaml"), clouds).unwrap();
     let names: Vec<String> = (0..images).map(|i| format!("img{i:02}")).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut body: String = names.iter().map(|n| format!("\n[[diskimages]]\nname = \"{n}\"\ndib-cmd = \"{{fake_dib}}\"\n")).collect();
     for p in 0..providers {
-        body.push_str(&site.provider(&format!("p{p}"), "raw", &refs, ""));
+        body.push_str(&format!("\n[[providers]]\nname = \"p{p}\"\ncloud = \"bench\"\nrate = 0.0\n"));
+        for n in &names {
+            body.push_str(&format!("[[providers.diskimages]]\nname = \"{n}\"\n"));
+        }
     }
     body
+}
+
+/// Starts builder 0 of a site made by [`images_and_providers`].
+fn start_builder(site: &Site, args: &[&str]) -> crate::util::builder::BuilderProcess {
+    let clouds = site.path("clouds.yaml");
+    site.start_with_env(0, args, &[("OS_CLIENT_CONFIG_FILE", clouds.to_str().unwrap())])
 }
 
 fn ready_uploads(site: &Site, images: usize) -> usize {
@@ -88,13 +101,14 @@ fn idle_rate(server: &ZkServer, secs: u64) -> f64 {
     (after - before - 1.0).max(0.0) * 60.0 / elapsed
 }
 
-/// Empty ZooKeeper → `images` × `providers` built and uploaded (wall time), then idle traffic.
+/// Empty ZooKeeper → `images` × `providers` built and uploaded to Glance (wall time), then
+/// idle traffic.
 pub fn burst_and_idle(images: usize, providers: usize, sizes: Sizes) -> Vec<Figure> {
     let site = dedicated_site(&format!("bench_{images}x{providers}"));
     let server = site.server;
     site.config(0, "cleanup-interval = 60.0\nresync-interval = 300.0\nzookeeper-timeout = 10.0", &images_and_providers(&site, images, providers));
     let start = Instant::now();
-    let b = site.start(0, &["--upload-workers", "8", "--build-workers", "2"]);
+    let b = start_builder(&site, &["--upload-workers", "8", "--build-workers", "2"]);
     let want = images * providers;
     poll_for(Duration::from_secs(300), || (ready_uploads(&site, images) >= want).then_some(()))
         .unwrap_or_else(|| panic!("{want} uploads never became ready\n{}", site.dump()));
@@ -120,7 +134,7 @@ pub fn burst_and_idle(images: usize, providers: usize, sizes: Sizes) -> Vec<Figu
 pub fn request_latency(sizes: Sizes) -> Vec<Figure> {
     let site = dedicated_site("bench_latency");
     site.config(0, "zookeeper-timeout = 10.0", &images_and_providers(&site, 3, 2));
-    let _b = site.start(0, &[]);
+    let _b = start_builder(&site, &[]);
     poll_for(Duration::from_secs(120), || (ready_uploads(&site, 3) >= 6).then_some(())).expect("initial builds and uploads");
     let mut lat = Vec::new();
     let mut all_up = Vec::new();

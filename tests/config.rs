@@ -205,7 +205,7 @@ fn full_config_merges_parents_secure_file_and_both_drivers() {
     assert_eq!(
         archive.driver,
         Driver::Command {
-            upload_command: strings(&["/usr/local/bin/upload", "{image_path}", "{image_name}"]),
+            upload_command: strings(&["/usr/local/bin/upload", "{file}", "{image_name}"]),
             delete_command: strings(&["/usr/local/bin/delete", "{external_id}"]),
             image_format: "raw".into()
         }

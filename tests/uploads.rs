@@ -165,3 +165,38 @@ fn uploads_start_as_soon_as_the_build_is_ready() {
     site.assert_no_leaks(&["p1", "p2", "p3"], &[0]);
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn sigterm_during_an_upload_stops_within_the_grace_and_the_upload_is_redone_once() {
+    use nix::sys::signal::Signal;
+    let site = Site::new("sigterm_upload");
+    std::fs::create_dir_all(site.cloud_dir("cloud")).unwrap();
+    std::fs::write(site.cloud_dir("cloud").join("slow-upload"), "300").unwrap();
+    site.config(0, "cleanup-interval = 1.0", &format!("{}{}", image("fedora", ""), site.provider("cloud", "raw", &["fedora"], "")));
+    let mut b = site.start(0, &[]);
+    let (build, _) = site.wait_uploads("fedora", "cloud", UploadState::Uploading, 1).remove(0);
+    let cloud = site.cloud_dir("cloud").display().to_string();
+    let uploader = || {
+        let out = std::process::Command::new("pgrep").args(["-f", &format!("dir-cloud upload {cloud}")]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()).collect::<Vec<_>>()
+    };
+    wait_until(WAIT, "the upload command to run", || !uploader().is_empty());
+    let started = std::time::Instant::now();
+    b.signal(Signal::SIGTERM);
+    let status = b.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", b.log());
+    assert!(started.elapsed() < Duration::from_secs(20), "stopped within the upload grace period: {:?}", started.elapsed());
+    wait_until(Duration::from_secs(10), "the upload command to die with the builder", || uploader().is_empty());
+    assert!(site.cloud_images("cloud").is_empty(), "no cloud image from the interrupted upload");
+    assert!(
+        !nodepool_builder::zk::lock::is_locked(&site.zk, &paths::image_upload_lock_path("fedora", &build, "cloud")).unwrap(),
+        "the upload lock went with the session"
+    );
+    // Restarted, the builder removes the orphaned uploading record and uploads once.
+    std::fs::remove_file(site.cloud_dir("cloud").join("slow-upload")).unwrap();
+    let _b = site.start(0, &[]);
+    site.wait_uploads("fedora", "cloud", UploadState::Ready, 1);
+    site.wait("the orphaned uploading record to go", || site.uploads_in("fedora", "cloud", UploadState::Uploading).is_empty().then_some(()));
+    assert_eq!(site.cloud_images("cloud").len(), 1);
+    site.assert_no_leaks(&["cloud"], &[0]);
+}

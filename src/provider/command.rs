@@ -224,6 +224,26 @@ impl CommandDriver {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        // CAUTION: between fork and exec only async-signal-safe calls. The command dies with
+        // the builder (PR_SET_PDEATHSIG fires when the spawning upload thread ends, which is
+        // when the process ends: the thread waits for the child), so a stopped builder never
+        // leaves an upload running on that would create a cloud image nobody records. The
+        // signal mask is emptied, as for DIB.
+        // SAFETY: prctl, sigprocmask and getppid are async-signal-safe; nothing allocates.
+        unsafe {
+            command.pre_exec(|| {
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() == 1 {
+                    return Err(std::io::Error::other("the builder exited"));
+                }
+                Ok(())
+            });
+        }
         let child = command
             .spawn()
             .map_err(|e| error(ErrorKind::Command, format!("cannot run `{program}`: {e}")))?;

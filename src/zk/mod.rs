@@ -717,12 +717,15 @@ impl Zk {
                 "watching session 0x{:x}",
                 client.session_id().0
             ));
-            // While suspended, the server expires the session one session timeout after it last
-            // heard from us. The client notices a silent connection after its connection timeout
-            // (3/5 of the session timeout, set in connect_once) and would only give up at 7/5;
-            // we give up at the server's own deadline (the remaining 2/5), so a lock holder
-            // learns it lost its lock within about one session timeout.
-            let give_up_after = client.session_timeout().mul_f64(0.4);
+            // While suspended we give up after 7/10 of the session timeout (the crate itself
+            // would wait until 7/5 after the last receive). A silent connection is noticed
+            // after the connection timeout (3/5, set in connect_once), so a frozen server is
+            // reported Lost at most 13/10 of the timeout after we last heard from it; a
+            // connection that closed (server restart) gets 7/10 of the timeout to come back
+            // to the same session. Lock holders never act while Suspended, and the server
+            // refuses writes of an expired session, so the short window where the server has
+            // expired the session but we still say Suspended cannot double-grant a lock.
+            let give_up_after = client.session_timeout().mul_f64(0.7);
             let mut suspended_since: Option<Instant> = None;
             loop {
                 let deadline = suspended_since.map(|t| t + give_up_after);
