@@ -126,6 +126,11 @@ fn run(zk: Zk, rx: Receiver<CleanupRequest>, reports: Sender<CleanupReport>) {
             CleanupReport { errors: 1, ..Default::default() }
         });
         registry::set_activity("idle");
+        // A pass allocates and frees a copy of the tree: give the memory back to the kernel.
+        // SAFETY: malloc_trim only walks glibc's own heap under its own locks.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         if reports.send(report).is_err() {
             break;
         }

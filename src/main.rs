@@ -95,6 +95,12 @@ fn options(cli: &Cli) -> app::Options {
 
 /// Logging is up: the panic hook, the main thread's registration and the stack dump.
 fn install_diagnostics() -> registry::Registration {
+    // A handful of threads that allocate little: two malloc arenas are plenty, and keep the
+    // resident set small (glibc would otherwise make one per thread, up to 8 per core).
+    // SAFETY: mallopt only changes glibc's allocator settings; called before worker threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     thread::install_panic_hook();
     let main = registry::register_current_thread("main");
     if let Err(e) = stackdump::install(stackdump::Config::default()) {
