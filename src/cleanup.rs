@@ -44,7 +44,7 @@ use log::{debug, error, info, warn};
 
 use crate::build;
 use crate::config::Config;
-use crate::model::{self, BuildState, UploadState};
+use crate::model::{self, BuildState, UploadState, backoff};
 use crate::provider::ProviderDriver;
 use crate::registry;
 use crate::thread::{self, JoinHandle, ThreadKind};
@@ -644,11 +644,6 @@ fn count_local(dir: &Path, image: &str, id: &str) -> usize {
     std::fs::read_dir(dir)
         .map(|it| it.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(&stem)).count())
         .unwrap_or(0)
-}
-
-fn backoff(initial: f64, max: f64, failures: u32) -> Duration {
-    let exp = 2f64.powi(failures.saturating_sub(1).min(30) as i32);
-    Duration::from_secs_f64((initial * exp).min(max).max(0.0))
 }
 
 /// For tests and tools: the images directory paths of a build's local files.

@@ -103,9 +103,26 @@ pub fn now_epoch() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Exponential back-off after `failures` consecutive failures: `initial × 2^(failures-1)`
+/// seconds, at most `max`.
+pub fn backoff(initial: f64, max: f64, failures: u32) -> std::time::Duration {
+    let exp = 2f64.powi(failures.saturating_sub(1).min(30) as i32);
+    std::time::Duration::from_secs_f64((initial * exp).min(max).max(0.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        use std::time::Duration;
+        assert_eq!(backoff(5.0, 600.0, 1), Duration::from_secs(5));
+        assert_eq!(backoff(5.0, 600.0, 2), Duration::from_secs(10));
+        assert_eq!(backoff(5.0, 600.0, 4), Duration::from_secs(40));
+        assert_eq!(backoff(5.0, 600.0, 20), Duration::from_secs(600));
+        assert_eq!(backoff(5.0, 600.0, 1000), Duration::from_secs(600));
+    }
 
     #[test]
     fn build_ids_are_uuid_hex_and_legacy_ids_are_accepted() {

@@ -45,7 +45,7 @@ use crate::cleanup::{CleanupReport, CleanupRequest, ImageSnapshot, Janitor};
 use crate::provider::{self, ProviderDriver};
 use crate::upload::{UploadJob, UploadOutcome, UploadPool, UploadResult};
 use crate::config::{self, Config};
-use crate::model;
+use crate::model::{self, backoff};
 use crate::signals::ControlSignal;
 use crate::stats::{self, Stats};
 use crate::zk::tree::{self, BuildInfo};
@@ -684,12 +684,6 @@ impl Scheduler {
     }
 }
 
-/// Exponential back-off: `initial × 2^(n-1)`, at most `max`.
-fn backoff(initial: f64, max: f64, failures: u32) -> Duration {
-    let exp = 2f64.powi(failures.saturating_sub(1).min(30) as i32);
-    Duration::from_secs_f64((initial * exp).min(max).max(0.0))
-}
-
 fn human_age(secs: f64) -> String {
     let secs = secs.max(0.0) as u64;
     if secs >= 3600 {
@@ -742,15 +736,6 @@ pub fn provider_format(p: &config::Provider) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        assert_eq!(backoff(5.0, 600.0, 1), Duration::from_secs(5));
-        assert_eq!(backoff(5.0, 600.0, 2), Duration::from_secs(10));
-        assert_eq!(backoff(5.0, 600.0, 4), Duration::from_secs(40));
-        assert_eq!(backoff(5.0, 600.0, 20), Duration::from_secs(600));
-        assert_eq!(backoff(5.0, 600.0, 1000), Duration::from_secs(600));
-    }
 
     #[test]
     fn ages_read_like_an_operator_says_them() {
