@@ -35,7 +35,7 @@
 //! * Failed cloud deletes back off (upstream retries every pass).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -644,16 +644,6 @@ fn count_local(dir: &Path, image: &str, id: &str) -> usize {
     std::fs::read_dir(dir)
         .map(|it| it.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(&stem)).count())
         .unwrap_or(0)
-}
-
-/// For tests and tools: the images directory paths of a build's local files.
-pub fn local_paths(dir: &Path, image: &str, id: &str) -> Vec<PathBuf> {
-    let stem = format!("{image}-{id}.");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|it| it.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(&stem)).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 #[cfg(test)]

@@ -113,7 +113,7 @@ pub fn run(setup: Setup) {
     let watcher = Watcher::start(&setup.zk, image_names(&setup.cfg), zk_tx);
     let mut s = Scheduler {
         zk: setup.zk.clone(),
-        formats: required_formats(&setup.cfg),
+        formats: BTreeMap::new(),
         cfg: setup.cfg,
         config_path: setup.config_path,
         secure_path: setup.secure_path,
@@ -383,7 +383,6 @@ impl Scheduler {
                 }
                 self.cfg = Arc::new(cfg);
                 self.make_drivers();
-                self.formats = required_formats(&self.cfg);
                 self.watcher.send(WatchCmd::Images(image_names(&self.cfg)));
                 self.cleanup_soon();
             }
@@ -553,14 +552,20 @@ impl Scheduler {
         self.drivers.clear();
         self.provider_formats.clear();
         for p in &self.cfg.providers {
-            self.provider_formats.insert(p.name.clone(), provider_format(p));
-            match provider::for_provider(p, None) {
+            let format = match provider::for_provider(p, None) {
                 Ok(d) => {
+                    let format = d.image_format().to_string();
                     self.drivers.insert(p.name.clone(), Arc::from(d));
+                    format
                 }
-                Err(e) => error!("provider={}: cannot set up its driver, no uploads to it: {e}", p.name),
-            }
+                Err(e) => {
+                    error!("provider={}: cannot set up its driver, no uploads to it: {e}", p.name);
+                    configured_format(p)
+                }
+            };
+            self.provider_formats.insert(p.name.clone(), format);
         }
+        self.formats = required_formats(&self.cfg, &self.provider_formats);
     }
 
     fn on_upload(&mut self, outcome: UploadOutcome) {
@@ -702,15 +707,14 @@ fn image_names(cfg: &Config) -> BTreeSet<String> {
 /// The formats each diskimage needs: its own `formats` plus the image format of every
 /// provider listing it (wire spec §3.4). No default format: an image with neither is never
 /// built.
-pub fn required_formats(cfg: &Config) -> BTreeMap<String, BTreeSet<String>> {
-    let provider_formats: BTreeMap<&str, String> = cfg.providers.iter().map(|p| (p.name.as_str(), provider_format(p))).collect();
+pub fn required_formats(cfg: &Config, provider_formats: &BTreeMap<String, String>) -> BTreeMap<String, BTreeSet<String>> {
     cfg.diskimages
         .iter()
         .map(|d| {
             let mut f: BTreeSet<String> = d.formats.iter().cloned().collect();
             for p in &cfg.providers {
                 if p.diskimages.iter().any(|pd| pd.name == d.name) {
-                    f.insert(provider_formats[p.name.as_str()].clone());
+                    f.insert(provider_formats.get(&p.name).cloned().unwrap_or_else(|| configured_format(p)));
                 }
             }
             (d.name.clone(), f)
@@ -718,18 +722,16 @@ pub fn required_formats(cfg: &Config) -> BTreeMap<String, BTreeSet<String>> {
         .collect()
 }
 
-/// A provider's image format, resolved through its driver (clouds.yaml for OpenStack).
-pub fn provider_format(p: &config::Provider) -> String {
+/// A provider's image format from the config alone, for a provider whose driver could not be
+/// set up (its clouds.yaml entry is unreadable): the configured `image-format`, else qcow2.
+fn configured_format(p: &config::Provider) -> String {
     match &p.driver {
         config::Driver::Command { image_format, .. } => image_format.clone(),
         config::Driver::OpenStack { image_format: Some(f), .. } => f.clone(),
-        config::Driver::OpenStack { .. } => match crate::provider::for_provider(p, None) {
-            Ok(driver) => driver.image_format().to_string(),
-            Err(e) => {
-                warn!("provider={}: cannot read its cloud's image format ({e}); assuming qcow2", p.name);
-                "qcow2".into()
-            }
-        },
+        config::Driver::OpenStack { .. } => {
+            warn!("provider={}: cannot read its cloud's image format; assuming qcow2", p.name);
+            "qcow2".into()
+        }
     }
 }
 
