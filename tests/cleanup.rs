@@ -155,6 +155,8 @@ fn orphans_of_a_killed_builder_are_cleaned_and_the_work_redone() {
     let hang = site.control(0, "fake-dib.hang", "");
     let mut b = site.start(0, &[]);
     let building = site.wait_builds("fedora", BuildState::Building, 1).remove(0).id;
+    let pid_file = site.images_dir(0).join("fake-dib.fedora.hang-pids");
+    wait_until(WAIT, "the hung DIB to write its pids", || pid_file.exists());
     b.signal(Signal::SIGKILL);
     b.wait_exit(WAIT);
     let pids = std::fs::read_to_string(site.images_dir(0).join("fake-dib.fedora.hang-pids")).unwrap();

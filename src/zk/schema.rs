@@ -466,6 +466,12 @@ mod tests {
     }
 
     #[test]
+    fn seventeen_digit_state_times_survive_a_read_and_a_write() {
+        let golden = br#"{"state": "ready", "state_time": 1795545975.9448047, "external_id": "x", "external_name": "y", "format": "qcow2", "username": "zuul", "python_path": "auto", "shell_type": null}"#;
+        assert_eq!(ImageUpload::from_json(golden).unwrap().to_json(), golden.to_vec());
+    }
+
+    #[test]
     fn floats_follow_python_repr() {
         assert_eq!(py_float_repr(1795536810.9756422), "1795536810.9756422");
         assert_eq!(py_float_repr(1795536760.865047), "1795536760.865047");
