@@ -25,38 +25,9 @@ PYTHON="${PYTHON:-python3}"
 GLANCE_VERSION="33.0.0"
 KEYSTONE_VERSION="30.0.0"
 
-log() { printf 'glance-env: %s\n' "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-usage() {
-    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//' >&2
-}
-
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo -n "$@"
-    else
-        die "need root to run: $* (not root and no sudo)"
-    fi
-}
-
-pkg_installed() {
-    [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" = "install ok installed" ]
-}
-
-APT_UPDATED=0
-apt_install() {
-    command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install by hand: $*"
-    if [ "$APT_UPDATED" -eq 0 ]; then
-        log "running apt-get update"
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
-        APT_UPDATED=1
-    fi
-    log "installing: $*"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >&2
-}
+ENV_NAME=glance-env
+# shellcheck source=scripts/env-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/env-lib.sh"
 
 # What pip needs to build uWSGI: a C compiler, the Python and OpenSSL headers, venv support.
 ensure_build_prereqs() {

@@ -22,22 +22,9 @@ PYTHON="${PYTHON:-python3}"
 PACKAGES=("nodepool==11.0.0" "setuptools<81" "cachetools")
 STAMP="${PACKAGES[*]}"
 
-log() { printf 'nodepool-env: %s\n' "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-usage() {
-    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//' >&2
-}
-
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo -n "$@"
-    else
-        die "need root to run: $* (not root and no sudo)"
-    fi
-}
+ENV_NAME=nodepool-env
+# shellcheck source=scripts/env-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/env-lib.sh"
 
 venv_ok() {
     [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/nodepool" ] || return 1
@@ -58,12 +45,7 @@ ensure_prereqs() {
         [ -f "$inc/Python.h" ] || missing+=(python3-dev)
     fi
     [ "${#missing[@]}" -eq 0 ] && return 0
-    command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install by hand: ${missing[*]}"
-    log "running apt-get update"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
-    log "installing: ${missing[*]}"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        "${missing[@]}" >&2
+    apt_install "${missing[@]}"
 }
 
 CHECK_ONLY=0

@@ -38,30 +38,13 @@ ZK_JARS=(
     /usr/share/java/slf4j-simple.jar
 )
 
-log() { printf 'test-env: %s\n' "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-usage() {
-    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//' >&2
-}
-
-# Runs a command as root: directly when we are root, through non-interactive sudo otherwise.
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo -n "$@"
-    else
-        die "need root to run: $* (not root and no sudo)"
-    fi
-}
-
-pkg_installed() {
-    [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" = "install ok installed" ]
-}
+ENV_NAME=test-env
+# shellcheck source=scripts/env-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/env-lib.sh"
 
 # Missing Debian packages are collected here and installed in one apt-get call.
 MISSING_PKGS=()
+
 want_pkg() {
     local pkg="$1"
     if pkg_installed "$pkg"; then
@@ -72,21 +55,12 @@ want_pkg() {
     fi
 }
 
-APT_UPDATED=0
 install_missing_pkgs() {
     [ "${#MISSING_PKGS[@]}" -gt 0 ] || return 0
     if [ "$CHECK_ONLY" -eq 1 ]; then
         return 0
     fi
-    command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install by hand: ${MISSING_PKGS[*]}"
-    if [ "$APT_UPDATED" -eq 0 ]; then
-        log "running apt-get update"
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
-        APT_UPDATED=1
-    fi
-    log "installing: ${MISSING_PKGS[*]}"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        "${MISSING_PKGS[@]}" >&2
+    apt_install "${MISSING_PKGS[@]}"
     MISSING_PKGS=()
 }
 
