@@ -17,12 +17,22 @@ mod scenarios;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let sizes = if quick { scenarios::Sizes::QUICK } else { scenarios::Sizes::FULL };
+    let sizes = if quick {
+        scenarios::Sizes::QUICK
+    } else {
+        scenarios::Sizes::FULL
+    };
     let figures = scenarios::run_all(sizes);
     let (table, json) = scenarios::render(&figures);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&dir).expect("create target/bench");
     std::fs::write(dir.join("builder.json"), json).expect("write target/bench/builder.json");
-    println!("nodepool-builder benchmark ({}), {} cores", if quick { "quick" } else { "full" }, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!(
+        "nodepool-builder benchmark ({}), {} cores",
+        if quick { "quick" } else { "full" },
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
     print!("{table}");
 }

@@ -32,8 +32,18 @@ pub struct Sizes {
 
 impl Sizes {
     #[allow(dead_code)] // Used by the bench binary, not by the smoke test.
-    pub const FULL: Sizes = Sizes { upload_mib: 1024, requests: 20, idle_secs: 60, cleanup_builds: 1000 };
-    pub const QUICK: Sizes = Sizes { upload_mib: 16, requests: 2, idle_secs: 5, cleanup_builds: 40 };
+    pub const FULL: Sizes = Sizes {
+        upload_mib: 1024,
+        requests: 20,
+        idle_secs: 60,
+        cleanup_builds: 1000,
+    };
+    pub const QUICK: Sizes = Sizes {
+        upload_mib: 16,
+        requests: 2,
+        idle_secs: 5,
+        cleanup_builds: 40,
+    };
 }
 
 /// One named figure.
@@ -45,12 +55,19 @@ pub struct Figure {
 }
 
 fn fig(name: impl Into<String>, value: f64, unit: &'static str) -> Figure {
-    Figure { name: name.into(), value, unit }
+    Figure {
+        name: name.into(),
+        value,
+        unit,
+    }
 }
 
 /// A site on its own server, so `mntr` counts only this builder's traffic.
 fn dedicated_site(name: &str) -> Site {
-    let server: &'static ZkServer = Box::leak(Box::new(ZkServer::start(ZkOptions { tls: true, tick_time_ms: 2000 })));
+    let server: &'static ZkServer = Box::leak(Box::new(ZkServer::start(ZkOptions {
+        tls: true,
+        tick_time_ms: 2000,
+    })));
     Site::on(name, server)
 }
 
@@ -58,12 +75,20 @@ fn dedicated_site(name: &str) -> Site {
 /// Glance (through a clouds.yaml the builder finds via `OS_CLIENT_CONFIG_FILE`).
 fn images_and_providers(site: &Site, images: usize, providers: usize) -> String {
     let glance = crate::util::glance::GlanceServer::shared();
-    let clouds = format!("clouds:\n  bench:\n    auth_type: none\n    image_endpoint_override: {}\n", glance.url());
+    let clouds = format!(
+        "clouds:\n  bench:\n    auth_type: none\n    image_endpoint_override: {}\n",
+        glance.url()
+    );
     std::fs::write(site.path("clouds.yaml"), clouds).unwrap();
     let names: Vec<String> = (0..images).map(|i| format!("img{i:02}")).collect();
-    let mut body: String = names.iter().map(|n| format!("\n[[diskimages]]\nname = \"{n}\"\ndib-cmd = \"{{fake_dib}}\"\n")).collect();
+    let mut body: String = names
+        .iter()
+        .map(|n| format!("\n[[diskimages]]\nname = \"{n}\"\ndib-cmd = \"{{fake_dib}}\"\n"))
+        .collect();
     for p in 0..providers {
-        body.push_str(&format!("\n[[providers]]\nname = \"p{p}\"\ncloud = \"bench\"\nrate = 0.0\n"));
+        body.push_str(&format!(
+            "\n[[providers]]\nname = \"p{p}\"\ncloud = \"bench\"\nrate = 0.0\n"
+        ));
         for n in &names {
             body.push_str(&format!("[[providers.diskimages]]\nname = \"{n}\"\n"));
         }
@@ -74,11 +99,22 @@ fn images_and_providers(site: &Site, images: usize, providers: usize) -> String 
 /// Starts builder 0 of a site made by [`images_and_providers`].
 fn start_builder(site: &Site, args: &[&str]) -> crate::util::builder::BuilderProcess {
     let clouds = site.path("clouds.yaml");
-    site.start_with_env(0, args, &[("OS_CLIENT_CONFIG_FILE", clouds.to_str().unwrap())])
+    site.start_with_env(
+        0,
+        args,
+        &[("OS_CLIENT_CONFIG_FILE", clouds.to_str().unwrap())],
+    )
 }
 
 fn ready_uploads(site: &Site, images: usize) -> usize {
-    (0..images).map(|i| site.uploads(&format!("img{i:02}")).iter().filter(|(_, u)| u.upload.state == UploadState::Ready).count()).sum()
+    (0..images)
+        .map(|i| {
+            site.uploads(&format!("img{i:02}"))
+                .iter()
+                .filter(|(_, u)| u.upload.state == UploadState::Ready)
+                .count()
+        })
+        .sum()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -91,7 +127,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Packets ZooKeeper received over `secs` seconds, minus our own `mntr` probes, per minute.
 fn idle_rate(server: &ZkServer, secs: u64) -> f64 {
-    let count = |m: &BTreeMap<String, String>| m.get("zk_packets_received").and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    let count = |m: &BTreeMap<String, String>| {
+        m.get("zk_packets_received")
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
     let before = count(&server.mntr());
     let start = Instant::now();
     let _ = poll_for(Duration::from_secs(secs), || None::<()>);
@@ -106,12 +146,18 @@ fn idle_rate(server: &ZkServer, secs: u64) -> f64 {
 pub fn burst_and_idle(images: usize, providers: usize, sizes: Sizes) -> Vec<Figure> {
     let site = dedicated_site(&format!("bench_{images}x{providers}"));
     let server = site.server;
-    site.config(0, "cleanup-interval = 60.0\nresync-interval = 300.0\nzookeeper-timeout = 10.0", &images_and_providers(&site, images, providers));
+    site.config(
+        0,
+        "cleanup-interval = 60.0\nresync-interval = 300.0\nzookeeper-timeout = 10.0",
+        &images_and_providers(&site, images, providers),
+    );
     let start = Instant::now();
     let b = start_builder(&site, &["--upload-workers", "8", "--build-workers", "2"]);
     let want = images * providers;
-    poll_for(Duration::from_secs(300), || (ready_uploads(&site, images) >= want).then_some(()))
-        .unwrap_or_else(|| panic!("{want} uploads never became ready\n{}", site.dump()));
+    poll_for(Duration::from_secs(300), || {
+        (ready_uploads(&site, images) >= want).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{want} uploads never became ready\n{}", site.dump()));
     let burst = start.elapsed().as_secs_f64();
     // Let the janitor's first passes settle before measuring idle traffic, and close the
     // harness's own session: only the builder talks to this server while we count.
@@ -123,19 +169,42 @@ pub fn burst_and_idle(images: usize, providers: usize, sizes: Sizes) -> Vec<Figu
     let _ = poll_for(Duration::from_secs(sizes.idle_secs.min(10)), || None::<()>);
     let cpu_idle = (cpu_secs(b.pid()) - cpu) * 60.0 / sizes.idle_secs.min(10) as f64;
     vec![
-        fig(format!("empty → {images}×{providers} built and uploaded"), burst, "s"),
-        fig(format!("idle ZooKeeper requests, {images}×{providers}"), idle, "req/min"),
-        fig(format!("RSS after the burst, {images}×{providers}"), rss / 1024.0, "MiB"),
-        fig(format!("CPU per idle minute, {images}×{providers}"), cpu_idle, "s/min"),
+        fig(
+            format!("empty → {images}×{providers} built and uploaded"),
+            burst,
+            "s",
+        ),
+        fig(
+            format!("idle ZooKeeper requests, {images}×{providers}"),
+            idle,
+            "req/min",
+        ),
+        fig(
+            format!("RSS after the burst, {images}×{providers}"),
+            rss / 1024.0,
+            "MiB",
+        ),
+        fig(
+            format!("CPU per idle minute, {images}×{providers}"),
+            cpu_idle,
+            "s/min",
+        ),
     ]
 }
 
 /// `request-build` created → `building` record created, by the znodes' server-side ctimes.
 pub fn request_latency(sizes: Sizes) -> Vec<Figure> {
     let site = dedicated_site("bench_latency");
-    site.config(0, "zookeeper-timeout = 10.0", &images_and_providers(&site, 3, 2));
+    site.config(
+        0,
+        "zookeeper-timeout = 10.0",
+        &images_and_providers(&site, 3, 2),
+    );
     let _b = start_builder(&site, &[]);
-    poll_for(Duration::from_secs(120), || (ready_uploads(&site, 3) >= 6).then_some(())).expect("initial builds and uploads");
+    poll_for(Duration::from_secs(120), || {
+        (ready_uploads(&site, 3) >= 6).then_some(())
+    })
+    .expect("initial builds and uploads");
     let mut lat = Vec::new();
     let mut all_up = Vec::new();
     for i in 0..sizes.requests {
@@ -144,13 +213,28 @@ pub fn request_latency(sizes: Sizes) -> Vec<Figure> {
         let req = paths::image_build_request_path(&image);
         site.zk.ensure_path(&req).unwrap();
         let req_ctime = site.zk.exists(&req).unwrap().map(|s| s.ctime).unwrap_or(0);
-        let new = poll_for(Duration::from_secs(60), || site.builds(&image).into_iter().find(|b| !known.contains(&b.id))).expect("a new build");
-        let (_, stat) = site.zk.get_data(&paths::image_build_path(&image, &new.id)).unwrap().expect("build znode");
+        let new = poll_for(Duration::from_secs(60), || {
+            site.builds(&image)
+                .into_iter()
+                .find(|b| !known.contains(&b.id))
+        })
+        .expect("a new build");
+        let (_, stat) = site
+            .zk
+            .get_data(&paths::image_build_path(&image, &new.id))
+            .unwrap()
+            .expect("build znode");
         lat.push((stat.ctime - req_ctime) as f64);
         let t0 = Instant::now();
         poll_for(Duration::from_secs(60), || {
             let b = site.builds(&image).into_iter().find(|b| b.id == new.id)?;
-            (b.build.state == BuildState::Ready && b.uploads.iter().filter(|u| u.upload.state == UploadState::Ready).count() >= 2).then_some(())
+            (b.build.state == BuildState::Ready
+                && b.uploads
+                    .iter()
+                    .filter(|u| u.upload.state == UploadState::Ready)
+                    .count()
+                    >= 2)
+                .then_some(())
         })
         .expect("uploads of the new build");
         // ctime resolution is 1 ms; the upload time is measured from the request by the wall clock.
@@ -161,15 +245,26 @@ pub fn request_latency(sizes: Sizes) -> Vec<Figure> {
     vec![
         fig("request → building, p50", percentile(&lat, 0.5), "ms"),
         fig("request → building, p95", percentile(&lat, 0.95), "ms"),
-        fig("request → all uploads ready, p50", percentile(&all_up, 0.5), "ms"),
-        fig("request → all uploads ready, p95", percentile(&all_up, 0.95), "ms"),
+        fig(
+            "request → all uploads ready, p50",
+            percentile(&all_up, 0.5),
+            "ms",
+        ),
+        fig(
+            "request → all uploads ready, p95",
+            percentile(&all_up, 0.95),
+            "ms",
+        ),
     ]
 }
 
 /// One janitor pass over a steady-state tree of `builds` builds and 10 × `builds` uploads
 /// (nothing to delete), and over a tree ten times smaller: ZooKeeper requests and wall time.
 pub fn cleanup_cost(sizes: Sizes) -> Vec<Figure> {
-    let server: &'static ZkServer = Box::leak(Box::new(ZkServer::start(ZkOptions { tls: false, tick_time_ms: 2000 })));
+    let server: &'static ZkServer = Box::leak(Box::new(ZkServer::start(ZkOptions {
+        tls: false,
+        tick_time_ms: 2000,
+    })));
     let mut out = Vec::new();
     for builds in [sizes.cleanup_builds / 10, sizes.cleanup_builds] {
         let chroot = server.chroot(&format!("cleanup_{builds}"));
@@ -186,7 +281,9 @@ pub fn cleanup_cost(sizes: Sizes) -> Vec<Figure> {
         let dir = crate::util::test_dir("cleanup_cost");
         let mut body = String::new();
         for i in 0..images {
-            body.push_str(&format!("[[diskimages]]\nname = \"img{i:04}\"\nformats = [\"raw\"]\n"));
+            body.push_str(&format!(
+                "[[diskimages]]\nname = \"img{i:04}\"\nformats = [\"raw\"]\n"
+            ));
         }
         for p in 0..providers {
             body.push_str(&format!(
@@ -200,38 +297,76 @@ pub fn cleanup_cost(sizes: Sizes) -> Vec<Figure> {
             "images-dir = \"{}\"\n[[zookeeper-servers]]\nhost = \"127.0.0.1\"\n{body}",
             dir.path().display()
         );
-        let cfg = config::load_str(std::path::Path::new("bench.toml"), &text, None).expect("bench config");
+        let cfg = config::load_str(std::path::Path::new("bench.toml"), &text, None)
+            .expect("bench config");
         // Seed: every image has two ready builds, each with one ready upload per provider.
         for i in 0..images {
             let image = format!("img{i:04}");
             for b in 0..2 {
                 let id = format!("{:032x}", i * 2 + b);
-                let mut rec = ImageBuild::building("bench", "bench", &["raw".into()], 1.0e9 + b as f64);
+                let mut rec =
+                    ImageBuild::building("bench", "bench", &["raw".into()], 1.0e9 + b as f64);
                 rec.state = BuildState::Ready;
-                zk.create_with_parents(&paths::image_build_path(&image, &id), &rec.to_json(), Mode::Persistent).unwrap();
+                zk.create_with_parents(
+                    &paths::image_build_path(&image, &id),
+                    &rec.to_json(),
+                    Mode::Persistent,
+                )
+                .unwrap();
                 for p in 0..providers {
-                    let mut up = ImageUpload::uploading(Some("zuul"), Some("auto"), None, 1.0e9 + b as f64);
+                    let mut up =
+                        ImageUpload::uploading(Some("zuul"), Some("auto"), None, 1.0e9 + b as f64);
                     up.state = UploadState::Ready;
                     up.external_id = Some(format!("ext-{i}-{b}-{p}"));
-                    zk.create_with_parents(&paths::image_upload_path(&image, &id, &format!("p{p}"), "0000000001"), &up.to_json(), Mode::Persistent)
-                        .unwrap();
+                    zk.create_with_parents(
+                        &paths::image_upload_path(&image, &id, &format!("p{p}"), "0000000001"),
+                        &up.to_json(),
+                        Mode::Persistent,
+                    )
+                    .unwrap();
                 }
             }
         }
         let req = nodepool_builder::cleanup::CleanupRequest {
             cfg: std::sync::Arc::new(cfg),
             drivers: BTreeMap::new(),
-            provider_formats: (0..providers).map(|p| (format!("p{p}"), "raw".to_string())).collect(),
+            provider_formats: (0..providers)
+                .map(|p| (format!("p{p}"), "raw".to_string()))
+                .collect(),
             snapshot: None,
         };
-        let count = || server.mntr().get("zk_packets_received").and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+        let count = || {
+            server
+                .mntr()
+                .get("zk_packets_received")
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
         let before = count();
         let mut state = nodepool_builder::cleanup::JanitorState::default();
         let report = nodepool_builder::cleanup::pass(&zk, &req, &mut state);
         let after = count();
-        assert_eq!(report.deleted_builds + report.deleted_uploads, 0, "a steady-state tree has nothing to delete");
-        out.push(fig(format!("cleanup pass, {builds} builds / {} uploads: ZooKeeper requests", builds * providers), after - before - 1.0, "req"));
-        out.push(fig(format!("cleanup pass, {builds} builds / {} uploads: wall time", builds * providers), report.took.as_secs_f64() * 1000.0, "ms"));
+        assert_eq!(
+            report.deleted_builds + report.deleted_uploads,
+            0,
+            "a steady-state tree has nothing to delete"
+        );
+        out.push(fig(
+            format!(
+                "cleanup pass, {builds} builds / {} uploads: ZooKeeper requests",
+                builds * providers
+            ),
+            after - before - 1.0,
+            "req",
+        ));
+        out.push(fig(
+            format!(
+                "cleanup pass, {builds} builds / {} uploads: wall time",
+                builds * providers
+            ),
+            report.took.as_secs_f64() * 1000.0,
+            "ms",
+        ));
         zk.close();
     }
     out
@@ -244,15 +379,28 @@ pub fn upload_throughput(sizes: Sizes) -> Vec<Figure> {
     let glance = crate::util::glance::GlanceServer::shared();
     let site = Site::new("bench_upload");
     let clouds = site.path("clouds.yaml");
-    std::fs::write(&clouds, format!("clouds:\n  bench:\n    auth_type: none\n    image_endpoint_override: {}\n", glance.url())).unwrap();
+    std::fs::write(
+        &clouds,
+        format!(
+            "clouds:\n  bench:\n    auth_type: none\n    image_endpoint_override: {}\n",
+            glance.url()
+        ),
+    )
+    .unwrap();
     let body = format!(
         "\n[[diskimages]]\nname = \"big\"\ndib-cmd = \"{{fake_dib}}\"\n[diskimages.env-vars]\nFAKE_DIB_SIZE_MB = \"{}\"\n\n[[providers]]\nname = \"bench-glance\"\ncloud = \"bench\"\nrate = 0.0\n[[providers.diskimages]]\nname = \"big\"\n",
         sizes.upload_mib
     );
     site.config(0, "", &body);
-    let b = site.start_with_env(0, &[], &[("OS_CLIENT_CONFIG_FILE", clouds.to_str().unwrap())]);
+    let b = site.start_with_env(
+        0,
+        &[],
+        &[("OS_CLIENT_CONFIG_FILE", clouds.to_str().unwrap())],
+    );
     let (build, up) = poll_for(Duration::from_secs(600), || {
-        site.uploads_in("big", "bench-glance", UploadState::Ready).into_iter().next()
+        site.uploads_in("big", "bench-glance", UploadState::Ready)
+            .into_iter()
+            .next()
     })
     .unwrap_or_else(|| panic!("the upload never became ready\n{}", site.dump()));
     let path = paths::image_upload_path("big", &build, "bench-glance", &up.id);
@@ -276,15 +424,36 @@ pub fn upload_throughput(sizes: Sizes) -> Vec<Figure> {
         url = glance.url(),
         file = file.display()
     );
-    let out = std::process::Command::new(&python).args(["-c", &script]).env("PYTHONWARNINGS", "ignore").output().expect("run openstacksdk");
+    let out = std::process::Command::new(&python)
+        .args(["-c", &script])
+        .env("PYTHONWARNINGS", "ignore")
+        .output()
+        .expect("run openstacksdk");
     let text = String::from_utf8_lossy(&out.stdout);
     let mut it = text.split_whitespace();
-    let sdk_secs: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("openstacksdk failed: {}", String::from_utf8_lossy(&out.stderr)));
-    let sdk_peak: f64 = it.next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN) / 1024.0;
+    let sdk_secs: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+        panic!(
+            "openstacksdk failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let sdk_peak: f64 = it
+        .next()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+        / 1024.0;
     let mb = bytes / 1e6;
     vec![
-        fig(format!("upload {:.0} MB qcow2 to Glance: this builder", mb), mb / ours_secs, "MB/s"),
-        fig(format!("upload {:.0} MB qcow2 to Glance: openstacksdk", mb), mb / sdk_secs, "MB/s"),
+        fig(
+            format!("upload {:.0} MB qcow2 to Glance: this builder", mb),
+            mb / ours_secs,
+            "MB/s",
+        ),
+        fig(
+            format!("upload {:.0} MB qcow2 to Glance: openstacksdk", mb),
+            mb / sdk_secs,
+            "MB/s",
+        ),
         fig("upload: this builder's peak RSS", ours_peak, "MiB"),
         fig("upload: openstacksdk's peak RSS", sdk_peak, "MiB"),
     ]
@@ -294,7 +463,11 @@ pub fn upload_throughput(sizes: Sizes) -> Vec<Figure> {
 pub fn peak_rss_kib(pid: i32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(f64::NAN)
 }
 
@@ -302,16 +475,25 @@ pub fn peak_rss_kib(pid: i32) -> f64 {
 pub fn rss_kib(pid: i32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(f64::NAN)
 }
 
 /// User + system CPU seconds of a process.
 pub fn cpu_secs(pid: i32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return f64::NAN };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
     let after_comm = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
     let utime: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
     let stime: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
     (utime + stime) / ticks
@@ -330,13 +512,23 @@ pub fn run_all(sizes: Sizes) -> Vec<Figure> {
 
 /// The figures as a table and as JSON.
 pub fn render(figures: &[Figure]) -> (String, String) {
-    let width = figures.iter().map(|f| f.name.chars().count()).max().unwrap_or(10);
+    let width = figures
+        .iter()
+        .map(|f| f.name.chars().count())
+        .max()
+        .unwrap_or(10);
     let mut table = String::new();
     for f in figures {
-        table.push_str(&format!("{:<width$}  {:>12.1} {}\n", f.name, f.value, f.unit));
+        table.push_str(&format!(
+            "{:<width$}  {:>12.1} {}\n",
+            f.name, f.value, f.unit
+        ));
     }
     let json = serde_json::to_string_pretty(
-        &figures.iter().map(|f| serde_json::json!({"name": f.name, "value": f.value, "unit": f.unit})).collect::<Vec<_>>(),
+        &figures
+            .iter()
+            .map(|f| serde_json::json!({"name": f.name, "value": f.value, "unit": f.unit}))
+            .collect::<Vec<_>>(),
     )
     .unwrap_or_default();
     (table, json)

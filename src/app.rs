@@ -13,10 +13,10 @@ use crossbeam_channel::{Receiver, unbounded};
 use log::{debug, error, info, warn};
 
 use crate::config::Config;
-use crate::scheduler;
-use crate::thread::{self, ThreadKind};
 use crate::identity;
+use crate::scheduler;
 use crate::signals::{self, ControlSignal};
+use crate::thread::{self, ThreadKind};
 use crate::zk::{Zk, ZkConfig, component};
 
 /// Daemon options from the command line.
@@ -81,7 +81,9 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
         fqdn,
         signals: ctl_rx,
     };
-    let sched = thread::spawn(ThreadKind::Scheduler, "scheduler", move || scheduler::run(setup));
+    let sched = thread::spawn(ThreadKind::Scheduler, "scheduler", move || {
+        scheduler::run(setup)
+    });
     if sched.join().is_err() {
         error!("the scheduler panicked; shutting down");
     }

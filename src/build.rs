@@ -77,9 +77,15 @@ pub struct BuildEnv {
 #[derive(Debug, Clone)]
 pub enum BuildResult {
     /// A `ready` build was recorded.
-    Ready { build_id: String, record: ImageBuild },
+    Ready {
+        build_id: String,
+        record: ImageBuild,
+    },
     /// A `failed` build was recorded (or nothing could be recorded).
-    Failed { build_id: Option<String>, reason: String },
+    Failed {
+        build_id: Option<String>,
+        reason: String,
+    },
     /// Nothing was done, for a good reason (lock held, request gone, already built, paused).
     Skipped { reason: String },
     /// Not enough free space in images-dir; nothing was done.
@@ -107,15 +113,32 @@ pub struct BuildPool {
 impl BuildPool {
     /// Starts `n` workers named `build-0`, ...; outcomes go to `outcomes`. Dropping (or
     /// disconnecting) `cancel` stops running builds.
-    pub fn start(n: usize, zk: &Zk, outcomes: Sender<BuildOutcome>, cancel: Receiver<()>, stats: Stats) -> BuildPool {
+    pub fn start(
+        n: usize,
+        zk: &Zk,
+        outcomes: Sender<BuildOutcome>,
+        cancel: Receiver<()>,
+        stats: Stats,
+    ) -> BuildPool {
         let (job_tx, job_rx) = crossbeam_channel::bounded::<BuildJob>(n);
         let handles = (0..n)
             .map(|i| {
-                let (zk, job_rx, outcomes, cancel, stats) = (zk.clone(), job_rx.clone(), outcomes.clone(), cancel.clone(), stats.clone());
-                thread::spawn(ThreadKind::Build, format!("build-{i}"), move || worker(zk, job_rx, outcomes, cancel, stats))
+                let (zk, job_rx, outcomes, cancel, stats) = (
+                    zk.clone(),
+                    job_rx.clone(),
+                    outcomes.clone(),
+                    cancel.clone(),
+                    stats.clone(),
+                );
+                thread::spawn(ThreadKind::Build, format!("build-{i}"), move || {
+                    worker(zk, job_rx, outcomes, cancel, stats)
+                })
             })
             .collect();
-        BuildPool { job_tx: Some(job_tx), handles }
+        BuildPool {
+            job_tx: Some(job_tx),
+            handles,
+        }
     }
 
     /// Hands a job to an idle worker; gives it back when every worker is busy.
@@ -145,17 +168,28 @@ impl Drop for BuildPool {
     }
 }
 
-fn worker(zk: Zk, jobs: Receiver<BuildJob>, outcomes: Sender<BuildOutcome>, cancel: Receiver<()>, stats: Stats) {
+fn worker(
+    zk: Zk,
+    jobs: Receiver<BuildJob>,
+    outcomes: Sender<BuildOutcome>,
+    cancel: Receiver<()>,
+    stats: Stats,
+) {
     registry::set_activity("idle");
     for job in jobs.iter() {
         let (image, manual) = (job.image.clone(), job.manual);
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&zk, &job, &cancel, &stats)))
-            .unwrap_or_else(|_| BuildOutcome {
-                image: image.clone(),
-                manual,
-                result: BuildResult::Failed { build_id: None, reason: "build worker panicked".into() },
-                builds: None,
-            });
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_job(&zk, &job, &cancel, &stats)
+        }))
+        .unwrap_or_else(|_| BuildOutcome {
+            image: image.clone(),
+            manual,
+            result: BuildResult::Failed {
+                build_id: None,
+                reason: "build worker panicked".into(),
+            },
+            builds: None,
+        });
         registry::set_activity("idle");
         if outcomes.send(outcome).is_err() {
             break;
@@ -164,43 +198,95 @@ fn worker(zk: Zk, jobs: Receiver<BuildJob>, outcomes: Sender<BuildOutcome>, canc
 }
 
 fn outcome(job: &BuildJob, result: BuildResult, builds: Option<Vec<BuildInfo>>) -> BuildOutcome {
-    BuildOutcome { image: job.image.clone(), manual: job.manual, result, builds }
+    BuildOutcome {
+        image: job.image.clone(),
+        manual: job.manual,
+        result,
+        builds,
+    }
 }
 
 /// Runs one job to completion (see the module docs).
 pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) -> BuildOutcome {
     let image = job.image.as_str();
-    let required = job.diskimage.images_dir_required_free.unwrap_or(job.env.required_free_gib);
+    let required = job
+        .diskimage
+        .images_dir_required_free
+        .unwrap_or(job.env.required_free_gib);
     if required > 0 {
         match free_gib(&job.env.images_dir) {
             Ok(free) if free < required as f64 => {
-                return outcome(job, BuildResult::NoSpace { free_gib: free, required_gib: required }, None);
+                return outcome(
+                    job,
+                    BuildResult::NoSpace {
+                        free_gib: free,
+                        required_gib: required,
+                    },
+                    None,
+                );
             }
             Ok(_) => {}
-            Err(e) => warn!("image={image}: cannot check free space in {}: {e}", job.env.images_dir.display()),
+            Err(e) => warn!(
+                "image={image}: cannot check free space in {}: {e}",
+                job.env.images_dir.display()
+            ),
         }
     }
     registry::set_activity(format!("locking image build lock of {image}"));
     let guard = match lock::try_lock(zk, &paths::image_build_lock_path(image)) {
         Ok(Some(g)) => g,
         Ok(None) => {
-            return outcome(job, BuildResult::Skipped { reason: "the image build lock is held by another builder".into() }, None);
+            return outcome(
+                job,
+                BuildResult::Skipped {
+                    reason: "the image build lock is held by another builder".into(),
+                },
+                None,
+            );
         }
-        Err(e) => return outcome(job, BuildResult::Skipped { reason: format!("cannot take the image build lock: {e}") }, None),
+        Err(e) => {
+            return outcome(
+                job,
+                BuildResult::Skipped {
+                    reason: format!("cannot take the image build lock: {e}"),
+                },
+                None,
+            );
+        }
     };
     // Re-check under the lock: the build records, the pause flag and the request, in one
     // multi-read after listing the builds (two round trips: this is on the latency path).
     let recheck = match recheck(zk, image) {
         Ok(r) => r,
-        Err(e) => return outcome(job, BuildResult::Skipped { reason: format!("cannot re-read the image: {e}") }, None),
+        Err(e) => {
+            return outcome(
+                job,
+                BuildResult::Skipped {
+                    reason: format!("cannot re-read the image: {e}"),
+                },
+                None,
+            );
+        }
     };
     if recheck.paused {
-        return outcome(job, BuildResult::Skipped { reason: "image is paused".into() }, None);
+        return outcome(
+            job,
+            BuildResult::Skipped {
+                reason: "image is paused".into(),
+            },
+            None,
+        );
     }
     let request_path = paths::image_build_request_path(image);
     if job.manual {
         if !recheck.requested {
-            return outcome(job, BuildResult::Skipped { reason: "the build request is gone".into() }, None);
+            return outcome(
+                job,
+                BuildResult::Skipped {
+                    reason: "the build request is gone".into(),
+                },
+                None,
+            );
         }
     } else {
         let newest = recheck
@@ -210,15 +296,33 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
             .max_by(|a, b| a.1.state_time.total_cmp(&b.1.state_time))
             .map(|(id, _)| id.clone());
         if newest.is_some() && newest != job.seen_newest_ready {
-            return outcome(job, BuildResult::Skipped { reason: "another builder just built it".into() }, None);
+            return outcome(
+                job,
+                BuildResult::Skipped {
+                    reason: "another builder just built it".into(),
+                },
+                None,
+            );
         }
     }
 
     let build_id = model::new_build_id();
     let build_path = paths::image_build_path(image, &build_id);
-    let building = ImageBuild::building(&job.env.fqdn, &job.env.builder_id, &job.formats, model::now_epoch());
+    let building = ImageBuild::building(
+        &job.env.fqdn,
+        &job.env.builder_id,
+        &job.formats,
+        model::now_epoch(),
+    );
     if let Err(e) = zk.create_with_parents(&build_path, &building.to_json(), Mode::Persistent) {
-        return outcome(job, BuildResult::Failed { build_id: None, reason: format!("cannot write the building record: {e}") }, None);
+        return outcome(
+            job,
+            BuildResult::Failed {
+                build_id: None,
+                reason: format!("cannot write the building record: {e}"),
+            },
+            None,
+        );
     }
     if job.manual {
         info!("Manual build request for image {image}");
@@ -227,7 +331,12 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
 
     let dib_started = Instant::now();
     let (rc, timed_out, detail) = run_dib(job, &build_id, cancel);
-    stats.build_done(image, dib_started.elapsed(), rc.unwrap_or(1), model::now_epoch() as u64);
+    stats.build_done(
+        image,
+        dib_started.elapsed(),
+        rc.unwrap_or(1),
+        model::now_epoch() as u64,
+    );
     let stopped = detail.as_deref() == Some("stopped by shutdown");
 
     // Upstream waits while suspended before writing the result; we wait, with a deadline.
@@ -245,8 +354,16 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
         python_path: Some(job.diskimage.python_path.clone()),
         shell_type: job.diskimage.shell_type.clone(),
     };
-    let missing: Vec<&String> =
-        job.formats.iter().filter(|f| !job.env.images_dir.join(format!("{image}-{build_id}.{f}")).is_file()).collect();
+    let missing: Vec<&String> = job
+        .formats
+        .iter()
+        .filter(|f| {
+            !job.env
+                .images_dir
+                .join(format!("{image}-{build_id}.{f}"))
+                .is_file()
+        })
+        .collect();
     let reason = if !guard.is_valid() {
         Some(format!("ZooKeeper lost while building {image}"))
     } else if rc != Some(0) || timed_out {
@@ -259,7 +376,11 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
     } else if !missing.is_empty() {
         Some(format!(
             "DIB exited 0 but did not write {}",
-            missing.iter().map(|f| format!("{image}-{build_id}.{f}")).collect::<Vec<_>>().join(", ")
+            missing
+                .iter()
+                .map(|f| format!("{image}-{build_id}.{f}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     } else {
         None
@@ -268,11 +389,22 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
         record.state = BuildState::Ready;
         record.formats = job.formats.clone();
     }
-    let write = zk.retry(zk.config().session_timeout, |zk| zk.set_data(&build_path, &record.to_json(), None));
+    let write = zk.retry(zk.config().session_timeout, |zk| {
+        zk.set_data(&build_path, &record.to_json(), None)
+    });
     if let Err(e) = write {
-        error!("image={image} build={build_id}: cannot record the build result ({e}); deleting its local files");
+        error!(
+            "image={image} build={build_id}: cannot record the build result ({e}); deleting its local files"
+        );
         delete_local_build(&job.env.images_dir, image, &build_id);
-        return outcome(job, BuildResult::Failed { build_id: Some(build_id), reason: format!("cannot record the result: {e}") }, None);
+        return outcome(
+            job,
+            BuildResult::Failed {
+                build_id: Some(build_id),
+                reason: format!("cannot record the result: {e}"),
+            },
+            None,
+        );
     }
     let result = match reason {
         Some(reason) => {
@@ -281,7 +413,10 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
             } else {
                 error!("image={image} build={build_id}: {reason}");
             }
-            BuildResult::Failed { build_id: Some(build_id), reason }
+            BuildResult::Failed {
+                build_id: Some(build_id),
+                reason,
+            }
         }
         None => {
             info!("DIB image {image} is built (build {build_id})");
@@ -317,7 +452,10 @@ struct Recheck {
 
 fn recheck(zk: &Zk, image: &str) -> crate::zk::Result<Recheck> {
     let ids = tree::build_ids(zk, image)?;
-    let mut ops: Vec<ReadOp> = ids.iter().map(|id| ReadOp::Data(paths::image_build_path(image, id))).collect();
+    let mut ops: Vec<ReadOp> = ids
+        .iter()
+        .map(|id| ReadOp::Data(paths::image_build_path(image, id)))
+        .collect();
     ops.push(ReadOp::Data(paths::image_pause_path(image)));
     ops.push(ReadOp::Data(paths::image_build_request_path(image)));
     let results = zk.multi_read(&ops)?;
@@ -330,7 +468,11 @@ fn recheck(zk: &Zk, image: &str) -> crate::zk::Result<Recheck> {
         }
     }
     let n = ids.len();
-    Ok(Recheck { builds, paused: results[n].is_some(), requested: results[n + 1].is_some() })
+    Ok(Recheck {
+        builds,
+        paused: results[n].is_some(),
+        requested: results[n + 1].is_some(),
+    })
 }
 
 /// The DIB command line as upstream builds it (before shell-word splitting).
@@ -342,7 +484,11 @@ pub fn dib_command_line(job: &BuildJob, build_id: &str) -> String {
     if formats.contains("qcow2") {
         cmd.push_str(" --qemu-img-options 'compat=0.10'");
     }
-    cmd.push_str(&format!(" -o {} {}", base.display(), job.diskimage.elements.join(" ")));
+    cmd.push_str(&format!(
+        " -o {} {}",
+        base.display(),
+        job.diskimage.elements.join(" ")
+    ));
     cmd.trim_end().to_string()
 }
 
@@ -366,22 +512,47 @@ pub fn dib_env(job: &BuildJob, build_id: &str) -> Vec<(String, String)> {
     if let Some(e) = &job.env.elements_dir {
         env.push(("ELEMENTS_PATH".into(), e.display().to_string()));
     }
-    env.extend(job.diskimage.env_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(
+        job.diskimage
+            .env_vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
     env
 }
 
 /// Runs DIB; returns (exit code, timed out, detail).
-fn run_dib(job: &BuildJob, build_id: &str, cancel: &Receiver<()>) -> (Option<i32>, bool, Option<String>) {
+fn run_dib(
+    job: &BuildJob,
+    build_id: &str,
+    cancel: &Receiver<()>,
+) -> (Option<i32>, bool, Option<String>) {
     let image = job.image.as_str();
     let cmdline = dib_command_line(job, build_id);
-    let log_path = job.env.build_log_dir.join(format!("{image}-{build_id}.log"));
+    let log_path = job
+        .env
+        .build_log_dir
+        .join(format!("{image}-{build_id}.log"));
     let argv = match command::shell_split(&cmdline) {
         Ok(a) if !a.is_empty() => a,
         Ok(_) => return (None, false, Some("empty dib-cmd".into())),
-        Err(e) => return (None, false, Some(format!("cannot split the DIB command line: {e}"))),
+        Err(e) => {
+            return (
+                None,
+                false,
+                Some(format!("cannot split the DIB command line: {e}")),
+            );
+        }
     };
     if let Err(e) = std::fs::create_dir_all(&job.env.build_log_dir) {
-        return (None, false, Some(format!("cannot create {}: {e}", job.env.build_log_dir.display())));
+        return (
+            None,
+            false,
+            Some(format!(
+                "cannot create {}: {e}",
+                job.env.build_log_dir.display()
+            )),
+        );
     }
     prune_build_logs(&job.env.build_log_dir, image, job.env.build_log_retention);
     info!("Running {cmdline}");
@@ -403,9 +574,15 @@ fn run_dib(job: &BuildJob, build_id: &str, cancel: &Receiver<()>) -> (Option<i32
             return (None, false, Some(e.to_string()));
         }
     };
-    registry::set_activity(format!("building {image} {build_id}, dib pid {}", running.pid()));
+    registry::set_activity(format!(
+        "building {image} {build_id}, dib pid {}",
+        running.pid()
+    ));
     let result = running.wait(cancel);
-    debug!("image={image} build={build_id}: DIB ran for {:.1}s", started.elapsed().as_secs_f64());
+    debug!(
+        "image={image} build={build_id}: DIB ran for {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     match result {
         Ok(command::Outcome::Exited(rc)) => {
             append_line(&log_path, &format!("Exit code: {rc}"));
@@ -413,10 +590,17 @@ fn run_dib(job: &BuildJob, build_id: &str, cancel: &Receiver<()>) -> (Option<i32
         }
         Ok(command::Outcome::Signaled(sig)) => {
             append_line(&log_path, &format!("Exit code: {}", 128 + sig));
-            (Some(128 + sig), false, Some(format!("killed by signal {sig}")))
+            (
+                Some(128 + sig),
+                false,
+                Some(format!("killed by signal {sig}")),
+            )
         }
         Ok(command::Outcome::TimedOut) => {
-            error!("Build timeout for image {image}, build {build_id} (log: {})", log_path.display());
+            error!(
+                "Build timeout for image {image}, build {build_id} (log: {})",
+                log_path.display()
+            );
             (Some(1), true, None)
         }
         Ok(command::Outcome::Cancelled) => (Some(1), false, Some("stopped by shutdown".into())),
@@ -425,7 +609,11 @@ fn run_dib(job: &BuildJob, build_id: &str, cancel: &Receiver<()>) -> (Option<i32
 }
 
 fn append_line(path: &Path, line: &str) {
-    let res = std::fs::OpenOptions::new().append(true).create(true).open(path).and_then(|mut f| writeln!(f, "{line}"));
+    let res = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .and_then(|mut f| writeln!(f, "{line}"));
     if let Err(e) = res {
         warn!("cannot append to {}: {e}", path.display());
     }
@@ -438,7 +626,9 @@ pub fn prune_build_logs(dir: &Path, image: &str, retention: i64) {
         return;
     }
     let keep = retention.max(1) as usize;
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     let mut logs: Vec<(std::time::SystemTime, PathBuf)> = entries
         .filter_map(|e| e.ok())
         .filter(|e| {
@@ -465,15 +655,23 @@ pub fn prune_build_logs(dir: &Path, image: &str, retention: i64) {
 /// manifest directory.
 pub fn delete_local_build(images_dir: &Path, image: &str, build_id: &str) {
     let stem = format!("{image}-{build_id}");
-    let Ok(entries) = std::fs::read_dir(images_dir) else { return };
+    let Ok(entries) = std::fs::read_dir(images_dir) else {
+        return;
+    };
     for entry in entries.filter_map(|e| e.ok()) {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(&stem).and_then(|r| r.strip_prefix('.')) else { continue };
+        let Some(rest) = name.strip_prefix(&stem).and_then(|r| r.strip_prefix('.')) else {
+            continue;
+        };
         if rest.is_empty() || rest.contains('/') {
             continue;
         }
         let path = entry.path();
-        let res = if rest == "d" && path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        let res = if rest == "d" && path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
         match res {
             Ok(()) => info!("Removed DIB file {}", path.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -490,7 +688,11 @@ pub fn free_gib(dir: &Path) -> std::io::Result<f64> {
 
 /// Formats a build lacks among `required`.
 pub fn missing_formats(build: &ImageBuild, required: &BTreeSet<String>) -> Vec<String> {
-    required.iter().filter(|f| !build.formats.contains(f)).cloned().collect()
+    required
+        .iter()
+        .filter(|f| !build.formats.contains(f))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]
@@ -504,7 +706,9 @@ mod tests {
                 name: "ubuntu".into(),
                 dib_cmd: "disk-image-create".into(),
                 elements: vec!["ubuntu-minimal".into(), "vm".into()],
-                env_vars: [("DIB_RELEASE".to_string(), "override".to_string())].into_iter().collect(),
+                env_vars: [("DIB_RELEASE".to_string(), "override".to_string())]
+                    .into_iter()
+                    .collect(),
                 formats: vec![],
                 delete_after_upload: false,
                 keep_formats: vec![],
@@ -550,7 +754,16 @@ mod tests {
     fn env_vars_come_last_and_win() {
         let env = dib_env(&job(&["raw"]), "abc");
         let keys: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, ["DIB_RELEASE", "DIB_IMAGE_NAME", "DIB_IMAGE_FILENAME", "ELEMENTS_PATH", "DIB_RELEASE"]);
+        assert_eq!(
+            keys,
+            [
+                "DIB_RELEASE",
+                "DIB_IMAGE_NAME",
+                "DIB_IMAGE_FILENAME",
+                "ELEMENTS_PATH",
+                "DIB_RELEASE"
+            ]
+        );
         assert_eq!(env[2].1, "/opt/images/ubuntu-abc");
         assert_eq!(env.last().unwrap().1, "override");
     }

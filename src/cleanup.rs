@@ -98,7 +98,10 @@ impl Janitor {
         let (tx, rx) = crossbeam_channel::bounded::<CleanupRequest>(1);
         let zk = zk.clone();
         let handle = thread::spawn(ThreadKind::Cleanup, "cleanup", move || run(zk, rx, reports));
-        Janitor { tx: Some(tx), handle: Some(handle) }
+        Janitor {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
     }
 
     /// Asks for a pass; false when one is already queued (passes coalesce).
@@ -121,10 +124,15 @@ fn run(zk: Zk, rx: Receiver<CleanupRequest>, reports: Sender<CleanupReport>) {
     let mut state = JanitorState::default();
     for req in rx.iter() {
         registry::set_activity("cleanup pass");
-        let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pass(&zk, &req, &mut state))).unwrap_or_else(|_| {
-            error!("the cleanup pass panicked");
-            CleanupReport { errors: 1, ..Default::default() }
-        });
+        let report =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pass(&zk, &req, &mut state)))
+                .unwrap_or_else(|_| {
+                    error!("the cleanup pass panicked");
+                    CleanupReport {
+                        errors: 1,
+                        ..Default::default()
+                    }
+                });
         registry::set_activity("idle");
         // A pass allocates and frees a copy of the tree: give the memory back to the kernel.
         // SAFETY: malloc_trim only walks glibc's own heap under its own locks.
@@ -155,13 +163,21 @@ struct Pass<'a> {
 /// One full janitor pass (see the module docs).
 pub fn pass(zk: &Zk, req: &CleanupRequest, state: &mut JanitorState) -> CleanupReport {
     let started = Instant::now();
-    let mut p = Pass { zk, req, state, report: CleanupReport::default() };
+    let mut p = Pass {
+        zk,
+        req,
+        state,
+        report: CleanupReport::default(),
+    };
     let tree = match &req.snapshot {
         Some(snapshot) => Some(snapshot.clone()),
         None => read_tree(zk, &mut p),
     };
     if let Some(tree) = &tree {
-        let all: BTreeMap<String, Vec<BuildInfo>> = tree.iter().map(|(k, v)| (k.clone(), v.builds.clone())).collect();
+        let all: BTreeMap<String, Vec<BuildInfo>> = tree
+            .iter()
+            .map(|(k, v)| (k.clone(), v.builds.clone()))
+            .collect();
         let recent = recency_table(&all);
         for (image, snap) in tree {
             if let Err(e) = p.cleanup_image(image, &snap.builds, &recent) {
@@ -177,7 +193,11 @@ pub fn pass(zk: &Zk, req: &CleanupRequest, state: &mut JanitorState) -> CleanupR
     p.report.took = started.elapsed();
     debug!(
         "cleanup pass: {} builds, {} uploads, {} files deleted, {} errors in {:?}",
-        p.report.deleted_builds, p.report.deleted_uploads, p.report.deleted_files, p.report.errors, p.report.took
+        p.report.deleted_builds,
+        p.report.deleted_uploads,
+        p.report.deleted_files,
+        p.report.errors,
+        p.report.took
     );
     p.report
 }
@@ -203,7 +223,10 @@ fn read_tree(zk: &Zk, p: &mut Pass<'_>) -> Option<BTreeMap<String, ImageSnapshot
         };
         match tree::read_image(zk, &image) {
             Ok(builds) => {
-                let unreadable = ids.into_iter().filter(|id| !builds.iter().any(|b| b.id == *id)).collect();
+                let unreadable = ids
+                    .into_iter()
+                    .filter(|id| !builds.iter().any(|b| b.id == *id))
+                    .collect();
                 out.insert(image, ImageSnapshot { builds, unreadable });
             }
             Err(e) => {
@@ -217,12 +240,20 @@ fn read_tree(zk: &Zk, p: &mut Pass<'_>) -> Option<BTreeMap<String, ImageSnapshot
 
 /// (image, build, provider, upload) pairs protected from deletion: per (image, provider) the
 /// two newest `ready` uploads of `ready` builds.
-fn recency_table(all: &BTreeMap<String, Vec<BuildInfo>>) -> BTreeSet<(String, String, String, String)> {
+fn recency_table(
+    all: &BTreeMap<String, Vec<BuildInfo>>,
+) -> BTreeSet<(String, String, String, String)> {
     let mut per: BTreeMap<(String, String), Vec<(f64, String, String)>> = BTreeMap::new();
     for (image, builds) in all {
         for b in builds.iter().filter(|b| b.build.state == BuildState::Ready) {
-            for u in b.uploads.iter().filter(|u| u.upload.state == UploadState::Ready) {
-                per.entry((image.clone(), u.provider.clone())).or_default().push((u.upload.state_time, b.id.clone(), u.id.clone()));
+            for u in b
+                .uploads
+                .iter()
+                .filter(|u| u.upload.state == UploadState::Ready)
+            {
+                per.entry((image.clone(), u.provider.clone()))
+                    .or_default()
+                    .push((u.upload.state_time, b.id.clone(), u.id.clone()));
             }
         }
     }
@@ -246,12 +277,20 @@ impl Pass<'_> {
         self.report.retry_at = Some(self.report.retry_at.map_or(t, |r| r.min(t)));
     }
 
-    fn cleanup_image(&mut self, image: &str, builds: &[BuildInfo], recent: &BTreeSet<(String, String, String, String)>) -> Result<(), ZkError> {
+    fn cleanup_image(
+        &mut self,
+        image: &str,
+        builds: &[BuildInfo],
+        recent: &BTreeSet<(String, String, String, String)>,
+    ) -> Result<(), ZkError> {
         let cfg = self.req.cfg.clone();
         let keep: BTreeSet<String> = if cfg.diskimage(image).is_none() {
             BTreeSet::new()
         } else {
-            let mut ready: Vec<&BuildInfo> = builds.iter().filter(|b| b.build.state == BuildState::Ready).collect();
+            let mut ready: Vec<&BuildInfo> = builds
+                .iter()
+                .filter(|b| b.build.state == BuildState::Ready)
+                .collect();
             ready.sort_by(|a, b| b.build.state_time.total_cmp(&a.build.state_time));
             ready.into_iter().take(2).map(|b| b.id.clone()).collect()
         };
@@ -267,16 +306,29 @@ impl Pass<'_> {
                     Ok(())
                 };
                 if let Err(e) = res {
-                    self.error(&format!("image={image} build={} provider={}: {e}", b.id, p.name));
+                    self.error(&format!(
+                        "image={image} build={} provider={}: {e}",
+                        b.id, p.name
+                    ));
                 }
             }
             if !self.build_is_obsolete(image, b, &keep)? {
                 continue;
             }
             for p in &cfg.providers {
-                let res = self.delete_uploads(image, b, &p.name, |u| !recent.contains(&(image.to_string(), b.id.clone(), p.name.clone(), u.to_string())));
+                let res = self.delete_uploads(image, b, &p.name, |u| {
+                    !recent.contains(&(
+                        image.to_string(),
+                        b.id.clone(),
+                        p.name.clone(),
+                        u.to_string(),
+                    ))
+                });
                 if let Err(e) = res {
-                    self.error(&format!("image={image} build={} provider={}: {e}", b.id, p.name));
+                    self.error(&format!(
+                        "image={image} build={} provider={}: {e}",
+                        b.id, p.name
+                    ));
                 }
             }
             self.finish_build(image, b)?;
@@ -285,7 +337,12 @@ impl Pass<'_> {
     }
 
     /// Whether a build is to be deleted (step B.4).
-    fn build_is_obsolete(&mut self, image: &str, b: &BuildInfo, keep: &BTreeSet<String>) -> Result<bool, ZkError> {
+    fn build_is_obsolete(
+        &mut self,
+        image: &str,
+        b: &BuildInfo,
+        keep: &BTreeSet<String>,
+    ) -> Result<bool, ZkError> {
         match b.build.state {
             BuildState::Deleting => Ok(true),
             _ if keep.contains(&b.id) => Ok(false),
@@ -297,7 +354,10 @@ impl Pass<'_> {
                 }
                 match tree::read_build(self.zk, image, &b.id)? {
                     Some(now) if now.state == BuildState::Building => {
-                        info!("image={image} build={}: removing orphaned building record", b.id);
+                        info!(
+                            "image={image} build={}: removing orphaned building record",
+                            b.id
+                        );
                         Ok(true)
                     }
                     _ => Ok(false),
@@ -309,29 +369,50 @@ impl Pass<'_> {
 
     /// On kept builds: orphaned `uploading` records go directly; `failed` and `deleting`
     /// uploads are deleted (step B.3).
-    fn cleanup_kept_uploads(&mut self, image: &str, b: &BuildInfo, provider: &str) -> Result<(), ZkError> {
+    fn cleanup_kept_uploads(
+        &mut self,
+        image: &str,
+        b: &BuildInfo,
+        provider: &str,
+    ) -> Result<(), ZkError> {
         for u in b.uploads_to(provider) {
             match u.upload.state {
                 UploadState::Uploading => {
-                    if lock::is_locked(self.zk, &paths::image_upload_lock_path(image, &b.id, provider))? {
+                    if lock::is_locked(
+                        self.zk,
+                        &paths::image_upload_lock_path(image, &b.id, provider),
+                    )? {
                         continue;
                     }
                     let path = paths::image_upload_path(image, &b.id, provider, &u.id);
                     // Re-read: if unchanged, nobody is working on it.
-                    if tree::read_upload(self.zk, image, &b.id, provider, &u.id)?.as_ref() == Some(&u.upload) {
-                        info!("Removing failed upload record: image={image} build={} provider={provider} upload={}", b.id, u.id);
+                    if tree::read_upload(self.zk, image, &b.id, provider, &u.id)?.as_ref()
+                        == Some(&u.upload)
+                    {
+                        info!(
+                            "Removing failed upload record: image={image} build={} provider={provider} upload={}",
+                            b.id, u.id
+                        );
                         self.zk.delete_recursive(&path)?;
                         self.report.deleted_uploads += 1;
                     }
                 }
-                UploadState::Failed | UploadState::Deleting => self.delete_upload(image, &b.id, provider, &u.id, &u.upload)?,
+                UploadState::Failed | UploadState::Deleting => {
+                    self.delete_upload(image, &b.id, provider, &u.id, &u.upload)?
+                }
                 UploadState::Ready => {}
             }
         }
         Ok(())
     }
 
-    fn delete_uploads(&mut self, image: &str, b: &BuildInfo, provider: &str, pick: impl Fn(&str) -> bool) -> Result<(), ZkError> {
+    fn delete_uploads(
+        &mut self,
+        image: &str,
+        b: &BuildInfo,
+        provider: &str,
+        pick: impl Fn(&str) -> bool,
+    ) -> Result<(), ZkError> {
         for u in b.uploads_to(provider) {
             if pick(&u.id) {
                 self.delete_upload(image, &b.id, provider, &u.id, &u.upload)?;
@@ -342,15 +423,29 @@ impl Pass<'_> {
 
     /// The upload-delete procedure: mark `deleting` (keeping `external_id`), delete the cloud
     /// image, delete the record.
-    fn delete_upload(&mut self, image: &str, build: &str, provider: &str, id: &str, upload: &ImageUpload) -> Result<(), ZkError> {
+    fn delete_upload(
+        &mut self,
+        image: &str,
+        build: &str,
+        provider: &str,
+        id: &str,
+        upload: &ImageUpload,
+    ) -> Result<(), ZkError> {
         let path = paths::image_upload_path(image, build, provider, id);
         let lock_path = paths::image_upload_number_lock_path(image, build, provider, id);
         let mut upload = upload.clone();
         if upload.state != UploadState::Deleting {
-            if upload.state == UploadState::Uploading && lock::is_locked(self.zk, &paths::image_upload_lock_path(image, build, provider))? {
+            if upload.state == UploadState::Uploading
+                && lock::is_locked(
+                    self.zk,
+                    &paths::image_upload_lock_path(image, build, provider),
+                )?
+            {
                 return Ok(()); // In progress.
             }
-            let Some(_guard) = self.lock_record(&path, &lock_path)? else { return Ok(()) };
+            let Some(_guard) = self.lock_record(&path, &lock_path)? else {
+                return Ok(());
+            };
             upload.state = UploadState::Deleting;
             upload.state_time = model::now_epoch();
             self.zk.set_data(&path, &upload.to_json(), None)?;
@@ -365,14 +460,26 @@ impl Pass<'_> {
                 return Ok(());
             }
             let Some(driver) = self.req.drivers.get(provider).cloned() else {
-                warn!("image={image} build={build} provider={provider} upload={id}: no driver to delete cloud image {external_id}");
+                warn!(
+                    "image={image} build={build} provider={provider} upload={id}: no driver to delete cloud image {external_id}"
+                );
                 return Ok(());
             };
-            info!("Deleting image build {image}-{build} from {provider} (external_id {external_id})");
+            info!(
+                "Deleting image build {image}-{build} from {provider} (external_id {external_id})"
+            );
             if let Err(e) = driver.delete(&external_id) {
-                let entry = self.state.delete_failures.entry(key).or_insert((0, Instant::now()));
+                let entry = self
+                    .state
+                    .delete_failures
+                    .entry(key)
+                    .or_insert((0, Instant::now()));
                 entry.0 += 1;
-                let delay = backoff(self.req.cfg.retry_backoff_initial, self.req.cfg.retry_backoff_max, entry.0);
+                let delay = backoff(
+                    self.req.cfg.retry_backoff_initial,
+                    self.req.cfg.retry_backoff_max,
+                    entry.0,
+                );
                 entry.1 = Instant::now() + delay;
                 let (n, next) = *entry;
                 self.retry_at(next);
@@ -384,7 +491,9 @@ impl Pass<'_> {
             }
             self.state.delete_failures.remove(&key);
         }
-        let Some(_guard) = self.lock_record(&path, &lock_path)? else { return Ok(()) };
+        let Some(_guard) = self.lock_record(&path, &lock_path)? else {
+            return Ok(());
+        };
         self.zk.delete_recursive(&path)?;
         self.report.deleted_uploads += 1;
         Ok(())
@@ -418,7 +527,10 @@ impl Pass<'_> {
     fn finish_build(&mut self, image: &str, b: &BuildInfo) -> Result<(), ZkError> {
         let uploads = tree::read_uploads(self.zk, image, &b.id)?;
         let path = paths::image_build_path(image, &b.id);
-        if uploads.iter().all(|u| u.upload.state == UploadState::Deleting) {
+        if uploads
+            .iter()
+            .all(|u| u.upload.state == UploadState::Deleting)
+        {
             let current = tree::read_build(self.zk, image, &b.id)?;
             if let Some(mut current) = current
                 && current.state != BuildState::Deleting
@@ -438,7 +550,10 @@ impl Pass<'_> {
             remaining += tree::upload_ids(self.zk, image, &b.id, &provider)?.len();
         }
         if remaining > 0 {
-            debug!("Unable to delete build {image}-{} because uploads still remain", b.id);
+            debug!(
+                "Unable to delete build {image}-{} because uploads still remain",
+                b.id
+            );
             return Ok(());
         }
         info!("Deleting build {image}-{}", b.id);
@@ -448,15 +563,23 @@ impl Pass<'_> {
     }
 
     /// Q6 fix: build znodes without data (and without uploads) are lock-race leftovers.
-    fn remove_empty_build_znodes(&mut self, image: &str, candidates: &[String]) -> Result<(), ZkError> {
+    fn remove_empty_build_znodes(
+        &mut self,
+        image: &str,
+        candidates: &[String],
+    ) -> Result<(), ZkError> {
         for id in candidates {
             let path = paths::image_build_path(image, id);
-            let Some((data, _)) = self.zk.get_data(&path)? else { continue };
+            let Some((data, _)) = self.zk.get_data(&path)? else {
+                continue;
+            };
             if !data.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
             let children = self.zk.get_children(&path)?.unwrap_or_default();
-            if children.iter().all(|c| c == "lock") && !lock::is_locked(self.zk, &format!("{path}/lock"))? {
+            if children.iter().all(|c| c == "lock")
+                && !lock::is_locked(self.zk, &format!("{path}/lock"))?
+            {
                 warn!("image={image}: removing empty build znode {id} (left by a lock race)");
                 self.zk.delete_recursive(&path)?;
             }
@@ -488,7 +611,10 @@ impl Pass<'_> {
                 }
             };
             for img in images {
-                let (Some(build), Some(upload)) = (img.properties.get("nodepool_build_id"), img.properties.get("nodepool_upload_id")) else {
+                let (Some(build), Some(upload)) = (
+                    img.properties.get("nodepool_build_id"),
+                    img.properties.get("nodepool_upload_id"),
+                ) else {
                     continue;
                 };
                 if img.properties.get("nodepool_provider_name") != Some(&provider) {
@@ -499,16 +625,25 @@ impl Pass<'_> {
                 }
                 let key = (provider.clone(), img.id.clone());
                 if !self.state.leak_candidates.contains(&key) {
-                    debug!("provider={provider}: cloud image {} ({}) has no record; deleting it if still so next pass", img.id, img.name);
+                    debug!(
+                        "provider={provider}: cloud image {} ({}) has no record; deleting it if still so next pass",
+                        img.id, img.name
+                    );
                     candidates.insert(key);
                     continue;
                 }
-                warn!("Deleting leaked image {} ({}) in {provider}: build {build} upload {upload} has no record", img.id, img.name);
+                warn!(
+                    "Deleting leaked image {} ({}) in {provider}: build {build} upload {upload} has no record",
+                    img.id, img.name
+                );
                 match driver.delete(&img.id) {
                     Ok(()) => self.report.deleted_uploads += 1,
                     Err(e) => {
                         candidates.insert(key);
-                        self.error(&format!("cannot delete leaked image {} in {provider}: {e}", img.id));
+                        self.error(&format!(
+                            "cannot delete leaked image {} in {provider}: {e}",
+                            img.id
+                        ));
                     }
                 }
             }
@@ -525,7 +660,10 @@ impl Pass<'_> {
             Err(e) => return self.error(&format!("cannot list {}: {e}", dir.display())),
         };
         for (image, id) in builds {
-            if let Some(known) = tree.and_then(|t| t.get(&image)).and_then(|s| s.builds.iter().find(|b| b.id == id)) {
+            if let Some(known) = tree
+                .and_then(|t| t.get(&image))
+                .and_then(|s| s.builds.iter().find(|b| b.id == id))
+            {
                 match known.build.state {
                     BuildState::Ready => {
                         self.prune_formats(&dir, &image, &id, Some(&known.uploads));
@@ -538,7 +676,9 @@ impl Pass<'_> {
             let record = match self.zk.get_data(&paths::image_build_path(&image, &id)) {
                 Ok(r) => r,
                 Err(e) => {
-                    debug!("image={image} build={id}: not touching local files, zookeeper said {e}");
+                    debug!(
+                        "image={image} build={id}: not touching local files, zookeeper said {e}"
+                    );
                     continue;
                 }
             };
@@ -548,7 +688,9 @@ impl Pass<'_> {
                 Some((data, _)) => match ImageBuild::from_json(data) {
                     Ok(b) => Some(b),
                     Err(e) => {
-                        warn!("image={image} build={id}: unreadable record ({e}); keeping local files");
+                        warn!(
+                            "image={image} build={id}: unreadable record ({e}); keeping local files"
+                        );
                         continue;
                     }
                 },
@@ -562,7 +704,9 @@ impl Pass<'_> {
                     info!("Doing cleanup for {image}:{id} (build deleting)");
                     self.report.deleted_files += delete_local(&dir, &image, &id);
                 }
-                Some(b) if b.state == BuildState::Ready => self.prune_formats(&dir, &image, &id, None),
+                Some(b) if b.state == BuildState::Ready => {
+                    self.prune_formats(&dir, &image, &id, None)
+                }
                 Some(_) => {}
             }
         }
@@ -572,7 +716,9 @@ impl Pass<'_> {
     /// not keep (manifest directory kept).
     fn prune_formats(&mut self, dir: &Path, image: &str, id: &str, known: Option<&[UploadInfo]>) {
         let cfg = self.req.cfg.clone();
-        let Some(d) = cfg.diskimage(image) else { return };
+        let Some(d) = cfg.diskimage(image) else {
+            return;
+        };
         if !d.delete_after_upload {
             return;
         }
@@ -580,28 +726,43 @@ impl Pass<'_> {
             Some(u) => u.to_vec(),
             None => match tree::read_uploads(self.zk, image, id) {
                 Ok(u) => u,
-                Err(e) => return debug!("image={image} build={id}: not pruning, zookeeper said {e}"),
+                Err(e) => {
+                    return debug!("image={image} build={id}: not pruning, zookeeper said {e}");
+                }
             },
         };
         let mut keep: BTreeSet<String> = d.keep_formats.iter().cloned().collect();
-        for p in cfg.providers.iter().filter(|p| p.diskimages.iter().any(|pd| pd.name == image)) {
-            let uploaded = uploads.iter().any(|u| u.provider == p.name && u.upload.state == UploadState::Ready);
+        for p in cfg
+            .providers
+            .iter()
+            .filter(|p| p.diskimages.iter().any(|pd| pd.name == image))
+        {
+            let uploaded = uploads
+                .iter()
+                .any(|u| u.provider == p.name && u.upload.state == UploadState::Ready);
             if !uploaded && let Some(f) = self.req.provider_formats.get(&p.name) {
                 keep.insert(f.clone());
             }
         }
         let stem = format!("{image}-{id}");
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in entries.filter_map(|e| e.ok()) {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(ext) = name.strip_prefix(&stem).and_then(|r| r.strip_prefix('.')) else { continue };
+            let Some(ext) = name.strip_prefix(&stem).and_then(|r| r.strip_prefix('.')) else {
+                continue;
+            };
             let format = ext.trim_end_matches(".md5").trim_end_matches(".sha256");
             if format == "d" || format.contains('.') || keep.contains(format) {
                 continue;
             }
             match std::fs::remove_file(e.path()) {
                 Ok(()) => {
-                    info!("Removed DIB file {} (delete-after-upload)", e.path().display());
+                    info!(
+                        "Removed DIB file {} (delete-after-upload)",
+                        e.path().display()
+                    );
                     self.report.deleted_files += 1;
                 }
                 Err(err) => warn!("cannot remove {}: {err}", e.path().display()),
@@ -617,12 +778,19 @@ pub fn local_builds(dir: &Path) -> std::io::Result<BTreeSet<(String, String)>> {
     for e in std::fs::read_dir(dir)? {
         let name = e?.file_name().to_string_lossy().into_owned();
         // Strip checksum suffixes, then the format extension.
-        let base = name.strip_suffix(".md5").or_else(|| name.strip_suffix(".sha256")).unwrap_or(&name);
-        let Some((stem, ext)) = base.rsplit_once('.') else { continue };
+        let base = name
+            .strip_suffix(".md5")
+            .or_else(|| name.strip_suffix(".sha256"))
+            .unwrap_or(&name);
+        let Some((stem, ext)) = base.rsplit_once('.') else {
+            continue;
+        };
         if ext.is_empty() || !ext.chars().all(|c| c.is_alphanumeric() || c == '_') {
             continue;
         }
-        let Some((image, id)) = stem.rsplit_once('-') else { continue };
+        let Some((image, id)) = stem.rsplit_once('-') else {
+            continue;
+        };
         if image.is_empty() || !model::is_build_id(id) {
             continue;
         }
@@ -642,7 +810,11 @@ fn delete_local(dir: &Path, image: &str, id: &str) -> usize {
 fn count_local(dir: &Path, image: &str, id: &str) -> usize {
     let stem = format!("{image}-{id}.");
     std::fs::read_dir(dir)
-        .map(|it| it.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(&stem)).count())
+        .map(|it| {
+            it.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&stem))
+                .count()
+        })
         .unwrap_or(0)
 }
 
@@ -669,7 +841,11 @@ mod tests {
         let got: Vec<(String, String)> = local_builds(dir.path()).unwrap().into_iter().collect();
         assert_eq!(
             got,
-            vec![("fedora".into(), "0123abcd".into()), ("lone".into(), "aa".into()), ("ubuntu-jammy".into(), "ff00".into())]
+            vec![
+                ("fedora".into(), "0123abcd".into()),
+                ("lone".into(), "aa".into()),
+                ("ubuntu-jammy".into(), "ff00".into())
+            ]
         );
     }
 }

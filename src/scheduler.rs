@@ -42,12 +42,12 @@ use log::{debug, error, info, warn};
 
 use crate::build::{self, BuildEnv, BuildJob, BuildOutcome, BuildPool, BuildResult};
 use crate::cleanup::{CleanupReport, CleanupRequest, ImageSnapshot, Janitor};
-use crate::provider::{self, ProviderDriver};
-use crate::upload::{UploadJob, UploadOutcome, UploadPool, UploadResult};
 use crate::config::{self, Config};
 use crate::model::{self, backoff};
+use crate::provider::{self, ProviderDriver};
 use crate::signals::ControlSignal;
 use crate::stats::{self, Stats};
+use crate::upload::{UploadJob, UploadOutcome, UploadPool, UploadResult};
 use crate::zk::tree::{self, BuildInfo};
 use crate::zk::watcher::{WatchCmd, Watcher, ZkEvent};
 use crate::zk::{ConnState, Zk};
@@ -105,7 +105,13 @@ pub fn run(setup: Setup) {
     let (out_tx, out_rx) = crossbeam_channel::unbounded();
     let (cancel_tx, cancel_rx) = crossbeam_channel::bounded::<()>(0);
     let stats = Stats::from_env(&setup.fqdn);
-    let pool = BuildPool::start(setup.build_workers, &setup.zk, out_tx, cancel_rx, stats.clone());
+    let pool = BuildPool::start(
+        setup.build_workers,
+        &setup.zk,
+        out_tx,
+        cancel_rx,
+        stats.clone(),
+    );
     let (up_tx, up_rx) = crossbeam_channel::unbounded();
     let uploads = UploadPool::start(setup.upload_workers, &setup.zk, up_tx, stats.clone());
     let (cl_tx, cl_rx) = crossbeam_channel::unbounded();
@@ -147,12 +153,20 @@ pub fn run(setup: Setup) {
         match out_rx.recv_deadline(deadline) {
             Ok(outcome) => s.on_build(outcome),
             Err(_) => {
-                warn!("builds still running after the stop grace period; leaving them to the next start");
+                warn!(
+                    "builds still running after the stop grace period; leaving them to the next start"
+                );
                 break;
             }
         }
     }
-    let Scheduler { pool, uploads, watcher, janitor, .. } = s;
+    let Scheduler {
+        pool,
+        uploads,
+        watcher,
+        janitor,
+        ..
+    } = s;
     drop(janitor);
     drop(watcher);
     pool.shutdown();
@@ -287,7 +301,10 @@ impl Scheduler {
             ZkEvent::Pause { image, paused } => {
                 let st = self.state(&image);
                 if st.paused_zk != paused {
-                    info!("image={image}: builds {} by the pause znode", if paused { "paused" } else { "unpaused" });
+                    info!(
+                        "image={image}: builds {} by the pause znode",
+                        if paused { "paused" } else { "unpaused" }
+                    );
                 }
                 st.paused_zk = paused;
             }
@@ -302,7 +319,11 @@ impl Scheduler {
                 }
                 st.requested = requested;
             }
-            ZkEvent::Builds { image, builds, unreadable } => {
+            ZkEvent::Builds {
+                image,
+                builds,
+                unreadable,
+            } => {
                 self.cleanup_soon();
                 let st = self.state(&image);
                 st.builds = builds;
@@ -318,7 +339,10 @@ impl Scheduler {
                 self.cleanup_full = true;
                 self.cleanup_soon();
             }
-            ZkEvent::Session(ev) => debug!("zookeeper session {:?} (generation {})", ev.state, ev.generation),
+            ZkEvent::Session(ev) => debug!(
+                "zookeeper session {:?} (generation {})",
+                ev.state, ev.generation
+            ),
         }
     }
 
@@ -357,7 +381,10 @@ impl Scheduler {
                 debug!("image={image}: build skipped: {reason}");
                 st.retry_at = Some(now + Duration::from_secs_f64(backoff_initial));
             }
-            BuildResult::NoSpace { free_gib, required_gib } => {
+            BuildResult::NoSpace {
+                free_gib,
+                required_gib,
+            } => {
                 if !st.no_space_logged {
                     warn!(
                         "image={image}: not building: images-dir has {free_gib:.1} GiB free, {required_gib} GiB required; will start when space returns"
@@ -401,7 +428,12 @@ impl Scheduler {
             return None;
         }
         let formats = self.formats.get(image).filter(|f| !f.is_empty())?;
-        if st.builds.iter().any(|b| b.build.state == model::BuildState::Building) && !st.requested {
+        if st
+            .builds
+            .iter()
+            .any(|b| b.build.state == model::BuildState::Building)
+            && !st.requested
+        {
             // Someone is building it; its record changing wakes us up.
             return None;
         }
@@ -413,11 +445,20 @@ impl Scheduler {
         };
         let age = model::now_epoch() - newest.state_time;
         if age >= d.rebuild_age as f64 {
-            return Some((format!("rebuild-age expired: newest ready build is {} old", human_age(age)), false));
+            return Some((
+                format!(
+                    "rebuild-age expired: newest ready build is {} old",
+                    human_age(age)
+                ),
+                false,
+            ));
         }
         let missing = build::missing_formats(newest, formats);
         if !missing.is_empty() {
-            return Some((format!("formats changed: {} missing", missing.join(",")), false));
+            return Some((
+                format!("formats changed: {} missing", missing.join(",")),
+                false,
+            ));
         }
         None
     }
@@ -431,8 +472,14 @@ impl Scheduler {
         let names: Vec<String> = self.cfg.diskimages.iter().map(|d| d.name.clone()).collect();
         for image in names {
             self.state(&image);
-            let Some((cause, manual)) = self.decide(&image, now) else { continue };
-            let d = self.cfg.diskimage(&image).expect("decide checked it").clone();
+            let Some((cause, manual)) = self.decide(&image, now) else {
+                continue;
+            };
+            let d = self
+                .cfg
+                .diskimage(&image)
+                .expect("decide checked it")
+                .clone();
             let st = &self.images[&image];
             let job = BuildJob {
                 image: image.clone(),
@@ -470,7 +517,10 @@ impl Scheduler {
 
     fn maybe_start_cleanup(&mut self) {
         let Some(janitor) = &self.janitor else { return };
-        if self.stopping || self.cleanup_running || self.cleanup_due.is_none_or(|d| d > Instant::now()) {
+        if self.stopping
+            || self.cleanup_running
+            || self.cleanup_due.is_none_or(|d| d > Instant::now())
+        {
             return;
         }
         if self.zk.state() != ConnState::Connected {
@@ -479,7 +529,15 @@ impl Scheduler {
         let snapshot = (!self.cleanup_full).then(|| {
             self.images
                 .iter()
-                .map(|(name, st)| (name.clone(), ImageSnapshot { builds: st.builds.clone(), unreadable: st.unreadable.clone() }))
+                .map(|(name, st)| {
+                    (
+                        name.clone(),
+                        ImageSnapshot {
+                            builds: st.builds.clone(),
+                            unreadable: st.unreadable.clone(),
+                        },
+                    )
+                })
                 .collect()
         });
         let req = CleanupRequest {
@@ -504,10 +562,16 @@ impl Scheduler {
             due = due.min(r);
         }
         self.cleanup_due = Some(due);
-        if report.deleted_builds + report.deleted_uploads + report.deleted_files > 0 || report.errors > 0 {
+        if report.deleted_builds + report.deleted_uploads + report.deleted_files > 0
+            || report.errors > 0
+        {
             info!(
                 "cleanup: deleted {} builds, {} uploads, {} local files; {} errors ({:?})",
-                report.deleted_builds, report.deleted_uploads, report.deleted_files, report.errors, report.took
+                report.deleted_builds,
+                report.deleted_uploads,
+                report.deleted_files,
+                report.errors,
+                report.took
             );
         }
     }
@@ -533,17 +597,33 @@ impl Scheduler {
                 .iter()
                 .filter_map(|p| {
                     let pd = p.diskimages.iter().find(|pd| pd.name == *image)?;
-                    let busy = self.slots.get(&(image.clone(), p.name.clone())).is_some_and(|s| s.in_flight);
-                    let state = if busy { stats::STATE_UPLOADING } else if pd.pause { stats::STATE_PAUSED } else { stats::STATE_IDLE };
+                    let busy = self
+                        .slots
+                        .get(&(image.clone(), p.name.clone()))
+                        .is_some_and(|s| s.in_flight);
+                    let state = if busy {
+                        stats::STATE_UPLOADING
+                    } else if pd.pause {
+                        stats::STATE_PAUSED
+                    } else {
+                        stats::STATE_IDLE
+                    };
                     Some((p.name.clone(), state))
                 })
                 .collect();
             requests += u64::from(st.requested);
-            self.stats.image_states(image, build_state, &uploads, st.requested);
+            self.stats
+                .image_states(image, build_state, &uploads, st.requested);
         }
         let builds = self.images.values().filter(|s| s.in_flight).count() as u64;
         let uploads = self.slots.values().filter(|s| s.in_flight).count() as u64;
-        self.stats.builder_totals(requests, builds, uploads, self.build_workers as u64, self.upload_workers as u64);
+        self.stats.builder_totals(
+            requests,
+            builds,
+            uploads,
+            self.build_workers as u64,
+            self.upload_workers as u64,
+        );
     }
 
     /// (Re)creates the provider drivers; a provider whose driver cannot be set up is logged
@@ -559,7 +639,10 @@ impl Scheduler {
                     format
                 }
                 Err(e) => {
-                    error!("provider={}: cannot set up its driver, no uploads to it: {e}", p.name);
+                    error!(
+                        "provider={}: cannot set up its driver, no uploads to it: {e}",
+                        p.name
+                    );
                     configured_format(p)
                 }
             };
@@ -573,7 +656,10 @@ impl Scheduler {
         if let Some(builds) = outcome.builds {
             self.state(&outcome.image).builds = builds;
         }
-        let slot = self.slots.entry((outcome.image.clone(), outcome.provider.clone())).or_default();
+        let slot = self
+            .slots
+            .entry((outcome.image.clone(), outcome.provider.clone()))
+            .or_default();
         slot.in_flight = false;
         let now = Instant::now();
         let (image, build, provider) = (&outcome.image, &outcome.build_id, &outcome.provider);
@@ -611,27 +697,49 @@ impl Scheduler {
         let now = Instant::now();
         let cfg = self.cfg.clone();
         for p in &cfg.providers {
-            let Some(driver) = self.drivers.get(&p.name).cloned() else { continue };
-            let Some(format) = self.provider_formats.get(&p.name).cloned() else { continue };
+            let Some(driver) = self.drivers.get(&p.name).cloned() else {
+                continue;
+            };
+            let Some(format) = self.provider_formats.get(&p.name).cloned() else {
+                continue;
+            };
             for pd in p.diskimages.iter().filter(|pd| !pd.pause) {
-                let Some(d) = cfg.diskimage(&pd.name) else { continue };
-                let Some(st) = self.images.get(&pd.name) else { continue };
-                let Some(newest) = tree::newest_ready(&st.builds) else { continue };
+                let Some(d) = cfg.diskimage(&pd.name) else {
+                    continue;
+                };
+                let Some(st) = self.images.get(&pd.name) else {
+                    continue;
+                };
+                let Some(newest) = tree::newest_ready(&st.builds) else {
+                    continue;
+                };
                 if newest.has_ready_upload(&p.name) || !newest.build.formats.contains(&format) {
                     continue;
                 }
-                if newest.uploads_to(&p.name).any(|u| u.upload.state == crate::model::UploadState::Uploading) {
+                if newest
+                    .uploads_to(&p.name)
+                    .any(|u| u.upload.state == crate::model::UploadState::Uploading)
+                {
                     // Someone uploads it now (or crashed doing so: the janitor clears that).
                     continue;
                 }
-                let file = cfg.images_dir.join(format!("{}-{}.{format}", pd.name, newest.id));
+                let file = cfg
+                    .images_dir
+                    .join(format!("{}-{}.{format}", pd.name, newest.id));
                 if !file.is_file() {
                     continue; // Only the builder holding the files uploads.
                 }
                 let build_id = newest.id.clone();
-                let slot = self.slots.entry((pd.name.clone(), p.name.clone())).or_default();
+                let slot = self
+                    .slots
+                    .entry((pd.name.clone(), p.name.clone()))
+                    .or_default();
                 if slot.for_build.as_deref() != Some(build_id.as_str()) {
-                    *slot = UploadSlot { in_flight: slot.in_flight, for_build: Some(build_id.clone()), ..Default::default() };
+                    *slot = UploadSlot {
+                        in_flight: slot.in_flight,
+                        for_build: Some(build_id.clone()),
+                        ..Default::default()
+                    };
                 }
                 if slot.in_flight || slot.retry_at.is_some_and(|t| t > now) {
                     continue;
@@ -669,7 +777,9 @@ impl Scheduler {
             if let Some(t) = st.retry_at {
                 consider(t);
             }
-            if let (Some(d), Some(newest)) = (self.cfg.diskimage(image), tree::newest_ready(&st.builds)) {
+            if let (Some(d), Some(newest)) =
+                (self.cfg.diskimage(image), tree::newest_ready(&st.builds))
+            {
                 let due = newest.build.state_time + d.rebuild_age as f64 - now_epoch;
                 if due > 0.0 {
                     consider(now + Duration::from_secs_f64(due.min(86400.0 * 365.0)));
@@ -681,7 +791,10 @@ impl Scheduler {
                 consider(t);
             }
         }
-        if self.janitor.is_some() && !self.cleanup_running && let Some(t) = self.cleanup_due {
+        if self.janitor.is_some()
+            && !self.cleanup_running
+            && let Some(t) = self.cleanup_due
+        {
             // A due pass that could not start (not connected) waits for the next event.
             consider(t);
         }
@@ -707,14 +820,22 @@ fn image_names(cfg: &Config) -> BTreeSet<String> {
 /// The formats each diskimage needs: its own `formats` plus the image format of every
 /// provider listing it (wire spec §3.4). No default format: an image with neither is never
 /// built.
-pub fn required_formats(cfg: &Config, provider_formats: &BTreeMap<String, String>) -> BTreeMap<String, BTreeSet<String>> {
+pub fn required_formats(
+    cfg: &Config,
+    provider_formats: &BTreeMap<String, String>,
+) -> BTreeMap<String, BTreeSet<String>> {
     cfg.diskimages
         .iter()
         .map(|d| {
             let mut f: BTreeSet<String> = d.formats.iter().cloned().collect();
             for p in &cfg.providers {
                 if p.diskimages.iter().any(|pd| pd.name == d.name) {
-                    f.insert(provider_formats.get(&p.name).cloned().unwrap_or_else(|| configured_format(p)));
+                    f.insert(
+                        provider_formats
+                            .get(&p.name)
+                            .cloned()
+                            .unwrap_or_else(|| configured_format(p)),
+                    );
                 }
             }
             (d.name.clone(), f)
@@ -727,9 +848,15 @@ pub fn required_formats(cfg: &Config, provider_formats: &BTreeMap<String, String
 fn configured_format(p: &config::Provider) -> String {
     match &p.driver {
         config::Driver::Command { image_format, .. } => image_format.clone(),
-        config::Driver::OpenStack { image_format: Some(f), .. } => f.clone(),
+        config::Driver::OpenStack {
+            image_format: Some(f),
+            ..
+        } => f.clone(),
         config::Driver::OpenStack { .. } => {
-            warn!("provider={}: cannot read its cloud's image format; assuming qcow2", p.name);
+            warn!(
+                "provider={}: cannot read its cloud's image format; assuming qcow2",
+                p.name
+            );
             "qcow2".into()
         }
     }

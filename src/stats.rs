@@ -29,30 +29,53 @@ pub struct Stats {
 impl Stats {
     /// A disabled client.
     pub fn disabled() -> Stats {
-        Stats { client: None, fqdn: String::new() }
+        Stats {
+            client: None,
+            fqdn: String::new(),
+        }
     }
 
     /// From `STATSD_HOST` / `STATSD_PORT`, as upstream.
     pub fn from_env(fqdn: &str) -> Stats {
-        let Ok(host) = std::env::var("STATSD_HOST") else { return Stats::disabled() };
-        let port: u16 = std::env::var("STATSD_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8125);
-        let addr = match (host.as_str(), port).to_socket_addrs().ok().and_then(|mut a| a.next()) {
+        let Ok(host) = std::env::var("STATSD_HOST") else {
+            return Stats::disabled();
+        };
+        let port: u16 = std::env::var("STATSD_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(8125);
+        let addr = match (host.as_str(), port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+        {
             Some(a) => a,
             None => {
                 warn!("statsd disabled: cannot resolve STATSD_HOST {host}:{port}");
                 return Stats::disabled();
             }
         };
-        let bind = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
-        let sink = UdpSocket::bind(bind).map_err(|e| e.to_string()).and_then(|s| {
-            s.set_nonblocking(true).map_err(|e| e.to_string())?;
-            UdpMetricSink::from(addr, s).map_err(|e| e.to_string())
-        });
+        let bind = if addr.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        };
+        let sink = UdpSocket::bind(bind)
+            .map_err(|e| e.to_string())
+            .and_then(|s| {
+                s.set_nonblocking(true).map_err(|e| e.to_string())?;
+                UdpMetricSink::from(addr, s).map_err(|e| e.to_string())
+            });
         match sink {
             Ok(sink) => {
                 info!("statsd enabled: sending to {addr}");
-                let client = StatsdClient::builder("", sink).with_error_handler(|e| log::debug!("statsd: {e}")).build();
-                Stats { client: Some(std::sync::Arc::new(client)), fqdn: fqdn.to_string() }
+                let client = StatsdClient::builder("", sink)
+                    .with_error_handler(|e| log::debug!("statsd: {e}"))
+                    .build();
+                Stats {
+                    client: Some(std::sync::Arc::new(client)),
+                    fqdn: fqdn.to_string(),
+                }
             }
             Err(e) => {
                 warn!("statsd disabled: {e}");
@@ -84,7 +107,10 @@ impl Stats {
 
     /// Per format after a successful build: allocated size in bytes.
     pub fn build_size(&self, image: &str, ext: &str, bytes: u64) {
-        self.gauge(&format!("nodepool.dib_image_build.{image}.{ext}.size"), bytes);
+        self.gauge(
+            &format!("nodepool.dib_image_build.{image}.{ext}.size"),
+            bytes,
+        );
     }
 
     /// After each successful upload (hook included): timer and counter.
@@ -97,28 +123,62 @@ impl Stats {
     }
 
     /// Per image, every janitor pass: this builder's build state and upload states.
-    pub fn image_states(&self, image: &str, build_state: u64, uploads: &[(String, u64)], requested: bool) {
+    pub fn image_states(
+        &self,
+        image: &str,
+        build_state: u64,
+        uploads: &[(String, u64)],
+        requested: bool,
+    ) {
         if !self.enabled() {
             return;
         }
         let host = &self.fqdn;
-        self.gauge(&format!("nodepool.builder.{host}.image.{image}.build.state"), build_state);
+        self.gauge(
+            &format!("nodepool.builder.{host}.image.{image}.build.state"),
+            build_state,
+        );
         for (provider, state) in uploads {
-            self.gauge(&format!("nodepool.builder.{host}.image.{image}.provider.{provider}.upload.state"), *state);
+            self.gauge(
+                &format!("nodepool.builder.{host}.image.{image}.provider.{provider}.upload.state"),
+                *state,
+            );
         }
-        self.gauge(&format!("nodepool.image.{image}.image_build_requests"), u64::from(requested));
+        self.gauge(
+            &format!("nodepool.image.{image}.image_build_requests"),
+            u64::from(requested),
+        );
     }
 
     /// Every janitor pass: pending build requests, and the documented worker gauges.
-    pub fn builder_totals(&self, requests: u64, current_builds: u64, current_uploads: u64, build_workers: u64, upload_workers: u64) {
+    pub fn builder_totals(
+        &self,
+        requests: u64,
+        current_builds: u64,
+        current_uploads: u64,
+        build_workers: u64,
+        upload_workers: u64,
+    ) {
         if !self.enabled() {
             return;
         }
         let host = &self.fqdn;
         self.gauge("nodepool.image_build_requests", requests);
-        self.gauge(&format!("nodepool.builder.{host}.current_builds"), current_builds);
-        self.gauge(&format!("nodepool.builder.{host}.current_uploads"), current_uploads);
-        self.gauge(&format!("nodepool.builder.{host}.build_workers"), build_workers);
-        self.gauge(&format!("nodepool.builder.{host}.upload_workers"), upload_workers);
+        self.gauge(
+            &format!("nodepool.builder.{host}.current_builds"),
+            current_builds,
+        );
+        self.gauge(
+            &format!("nodepool.builder.{host}.current_uploads"),
+            current_uploads,
+        );
+        self.gauge(
+            &format!("nodepool.builder.{host}.build_workers"),
+            build_workers,
+        );
+        self.gauge(
+            &format!("nodepool.builder.{host}.upload_workers"),
+            upload_workers,
+        );
     }
 }

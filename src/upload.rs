@@ -59,9 +59,17 @@ pub struct UploadJob {
 /// How an upload job ended.
 #[derive(Debug, Clone)]
 pub enum UploadResult {
-    Ready { upload_id: String, external_id: String },
-    Failed { upload_id: Option<String>, reason: String },
-    Skipped { reason: String },
+    Ready {
+        upload_id: String,
+        external_id: String,
+    },
+    Failed {
+        upload_id: Option<String>,
+        reason: String,
+    },
+    Skipped {
+        reason: String,
+    },
 }
 
 /// One job's report to the scheduler.
@@ -88,11 +96,17 @@ impl UploadPool {
         let (job_tx, job_rx) = crossbeam_channel::bounded::<UploadJob>(n);
         let handles = (0..n)
             .map(|i| {
-                let (zk, job_rx, outcomes, stats) = (zk.clone(), job_rx.clone(), outcomes.clone(), stats.clone());
-                thread::spawn(ThreadKind::Upload, format!("upload-{i}"), move || worker(zk, job_rx, outcomes, stats))
+                let (zk, job_rx, outcomes, stats) =
+                    (zk.clone(), job_rx.clone(), outcomes.clone(), stats.clone());
+                thread::spawn(ThreadKind::Upload, format!("upload-{i}"), move || {
+                    worker(zk, job_rx, outcomes, stats)
+                })
             })
             .collect();
-        UploadPool { job_tx: Some(job_tx), handles }
+        UploadPool {
+            job_tx: Some(job_tx),
+            handles,
+        }
     }
 
     /// Hands a job to an idle worker; gives it back when every worker is busy.
@@ -116,7 +130,10 @@ impl UploadPool {
             if h.is_finished() {
                 let _ = h.join();
             } else {
-                warn!("{} is still uploading after the {grace:?} grace period; not waiting for it", h.thread_name());
+                warn!(
+                    "{} is still uploading after the {grace:?} grace period; not waiting for it",
+                    h.thread_name()
+                );
                 h.detach();
             }
         }
@@ -135,11 +152,21 @@ impl Drop for UploadPool {
 fn worker(zk: Zk, jobs: Receiver<UploadJob>, outcomes: Sender<UploadOutcome>, stats: Stats) {
     registry::set_activity("idle");
     for job in jobs.iter() {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&zk, &job, &stats)))
-            .unwrap_or_else(|_| UploadResult::Failed { upload_id: None, reason: "upload worker panicked".into() });
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&zk, &job, &stats)))
+                .unwrap_or_else(|_| UploadResult::Failed {
+                    upload_id: None,
+                    reason: "upload worker panicked".into(),
+                });
         registry::set_activity("idle");
         let builds = tree::read_image(&zk, &job.image).ok();
-        let outcome = UploadOutcome { image: job.image.clone(), build_id: job.build_id.clone(), provider: job.provider.name.clone(), result, builds };
+        let outcome = UploadOutcome {
+            image: job.image.clone(),
+            build_id: job.build_id.clone(),
+            provider: job.provider.name.clone(),
+            result,
+            builds,
+        };
         if outcomes.send(outcome).is_err() {
             break;
         }
@@ -148,20 +175,46 @@ fn worker(zk: Zk, jobs: Receiver<UploadJob>, outcomes: Sender<UploadOutcome>, st
 
 /// Runs one job to completion (see the module docs).
 pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
-    let (image, build_id, provider) = (job.image.as_str(), job.build_id.as_str(), job.provider.name.as_str());
+    let (image, build_id, provider) = (
+        job.image.as_str(),
+        job.build_id.as_str(),
+        job.provider.name.as_str(),
+    );
     let lock_path = paths::image_upload_lock_path(image, build_id, provider);
-    registry::set_activity(format!("locking upload lock of {image}-{build_id} for {provider}"));
+    registry::set_activity(format!(
+        "locking upload lock of {image}-{build_id} for {provider}"
+    ));
     let guard = match lock::try_lock(zk, &lock_path) {
         Ok(Some(g)) => g,
-        Ok(None) => return UploadResult::Skipped { reason: "the upload lock is held by another worker or builder".into() },
-        Err(e) => return UploadResult::Skipped { reason: format!("cannot take the upload lock: {e}") },
+        Ok(None) => {
+            return UploadResult::Skipped {
+                reason: "the upload lock is held by another worker or builder".into(),
+            };
+        }
+        Err(e) => {
+            return UploadResult::Skipped {
+                reason: format!("cannot take the upload lock: {e}"),
+            };
+        }
     };
     // Re-check under the lock.
     let build = match tree::read_build(zk, image, build_id) {
         Ok(Some(b)) if b.state == BuildState::Ready => b,
-        Ok(Some(b)) => return UploadResult::Skipped { reason: format!("the build is {} now", b.state) },
-        Ok(None) => return UploadResult::Skipped { reason: "the build is gone".into() },
-        Err(e) => return UploadResult::Skipped { reason: format!("cannot read the build: {e}") },
+        Ok(Some(b)) => {
+            return UploadResult::Skipped {
+                reason: format!("the build is {} now", b.state),
+            };
+        }
+        Ok(None) => {
+            return UploadResult::Skipped {
+                reason: "the build is gone".into(),
+            };
+        }
+        Err(e) => {
+            return UploadResult::Skipped {
+                reason: format!("cannot read the build: {e}"),
+            };
+        }
     };
     let mut failed_ids = Vec::new();
     match tree::upload_ids(zk, image, build_id, provider) {
@@ -169,33 +222,67 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
             for id in ids {
                 match tree::read_upload(zk, image, build_id, provider, &id) {
                     Ok(Some(u)) if u.state == UploadState::Ready => {
-                        return UploadResult::Skipped { reason: format!("upload {id} is already ready") };
+                        return UploadResult::Skipped {
+                            reason: format!("upload {id} is already ready"),
+                        };
                     }
                     Ok(Some(u)) if u.state == UploadState::Failed => failed_ids.push(id),
                     Ok(_) => {}
-                    Err(e) => return UploadResult::Skipped { reason: format!("cannot read uploads: {e}") },
+                    Err(e) => {
+                        return UploadResult::Skipped {
+                            reason: format!("cannot read uploads: {e}"),
+                        };
+                    }
                 }
             }
         }
-        Err(e) => return UploadResult::Skipped { reason: format!("cannot read uploads: {e}") },
+        Err(e) => {
+            return UploadResult::Skipped {
+                reason: format!("cannot read uploads: {e}"),
+            };
+        }
     }
     for id in failed_ids {
         let path = paths::image_upload_path(image, build_id, provider, &id);
         match zk.delete_recursive(&path) {
-            Ok(()) => debug!("image={image} build={build_id} provider={provider} upload={id}: removed the record of a failed attempt"),
-            Err(e) => warn!("image={image} build={build_id} provider={provider} upload={id}: cannot remove a failed record: {e}"),
+            Ok(()) => debug!(
+                "image={image} build={build_id} provider={provider} upload={id}: removed the record of a failed attempt"
+            ),
+            Err(e) => warn!(
+                "image={image} build={build_id} provider={provider} upload={id}: cannot remove a failed record: {e}"
+            ),
         }
     }
 
-    let uploading = ImageUpload::uploading(build.username.as_deref(), build.python_path.as_deref(), build.shell_type.as_deref(), model::now_epoch());
+    let uploading = ImageUpload::uploading(
+        build.username.as_deref(),
+        build.python_path.as_deref(),
+        build.shell_type.as_deref(),
+        model::now_epoch(),
+    );
     let prefix = format!("{}/", paths::image_uploads_path(image, build_id, provider));
-    let upload_path = match zk.create_with_parents(&prefix, &uploading.to_json(), Mode::PersistentSequential) {
-        Ok(p) => p,
-        Err(e) => return UploadResult::Failed { upload_id: None, reason: format!("cannot create the uploading record: {e}") },
-    };
-    let upload_id = upload_path.rsplit('/').next().unwrap_or_default().to_string();
+    let upload_path =
+        match zk.create_with_parents(&prefix, &uploading.to_json(), Mode::PersistentSequential) {
+            Ok(p) => p,
+            Err(e) => {
+                return UploadResult::Failed {
+                    upload_id: None,
+                    reason: format!("cannot create the uploading record: {e}"),
+                };
+            }
+        };
+    let upload_id = upload_path
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let timestamp = model::now_epoch() as u64;
-    let external_name = expand_name(&job.provider.image_name_format, image, &upload_id, timestamp);
+    let external_name = expand_name(
+        &job.provider.image_name_format,
+        image,
+        &upload_id,
+        timestamp,
+    );
     let req = UploadRequest {
         image_name: image.to_string(),
         build_id: build_id.to_string(),
@@ -208,8 +295,13 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
         properties: properties(job, &upload_id),
         timeout: Duration::from_secs(job.provider.image_upload_timeout),
     };
-    registry::set_activity(format!("uploading {image}-{build_id} to {provider} as upload {upload_id}"));
-    info!("Uploading DIB image build {build_id} from {} to {provider}", job.file.display());
+    registry::set_activity(format!(
+        "uploading {image}-{build_id} to {provider} as upload {upload_id}"
+    ));
+    info!(
+        "Uploading DIB image build {build_id} from {} to {provider}",
+        job.file.display()
+    );
     let upload_started = std::time::Instant::now();
     let result = job.driver.upload(&req).and_then(|up| match run_hook(job, &up.external_id) {
         Ok(()) => Ok(up),
@@ -232,34 +324,62 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
                 python_path: build.python_path.clone(),
                 shell_type: build.shell_type.clone(),
             };
-            (record, UploadResult::Ready { upload_id: upload_id.clone(), external_id: up.external_id })
+            (
+                record,
+                UploadResult::Ready {
+                    upload_id: upload_id.clone(),
+                    external_id: up.external_id,
+                },
+            )
         }
         Err(e) => {
-            error!("Failed to upload build {build_id} of image {image} to provider {provider}: {e}");
-            (ImageUpload::bare_failed(model::now_epoch()), UploadResult::Failed { upload_id: Some(upload_id.clone()), reason: e.to_string() })
+            error!(
+                "Failed to upload build {build_id} of image {image} to provider {provider}: {e}"
+            );
+            (
+                ImageUpload::bare_failed(model::now_epoch()),
+                UploadResult::Failed {
+                    upload_id: Some(upload_id.clone()),
+                    reason: e.to_string(),
+                },
+            )
         }
     };
     let write = if guard.is_valid() {
-        zk.retry(zk.config().session_timeout, |zk| zk.set_data(&upload_path, &record.to_json(), None).map(|_| ()))
+        zk.retry(zk.config().session_timeout, |zk| {
+            zk.set_data(&upload_path, &record.to_json(), None)
+                .map(|_| ())
+        })
     } else {
         Err(ZkError::SessionLost)
     };
     match (write, &outcome) {
         (Ok(()), UploadResult::Ready { external_id, .. }) => {
             stats.upload_done(image, provider, upload_started.elapsed());
-            info!("Image build {image}-{build_id} (external_id {external_id}) in {provider} is ready");
+            info!(
+                "Image build {image}-{build_id} (external_id {external_id}) in {provider} is ready"
+            );
             outcome
         }
         (Ok(()), _) => outcome,
         (Err(e), UploadResult::Ready { external_id, .. }) => {
-            error!("image={image} build={build_id} provider={provider} upload={upload_id}: cannot record the ready upload ({e}); deleting cloud image {external_id}");
+            error!(
+                "image={image} build={build_id} provider={provider} upload={upload_id}: cannot record the ready upload ({e}); deleting cloud image {external_id}"
+            );
             if let Err(e) = job.driver.delete(external_id) {
-                error!("image={image} provider={provider}: cannot delete cloud image {external_id}: {e}");
+                error!(
+                    "image={image} provider={provider}: cannot delete cloud image {external_id}: {e}"
+                );
             }
-            UploadResult::Failed { upload_id: Some(upload_id), reason: format!("cannot record the upload: {e}") }
+            UploadResult::Failed {
+                upload_id: Some(upload_id),
+                reason: format!("cannot record the upload: {e}"),
+            }
         }
         (Err(e), _) => {
-            warn!("image={image} build={build_id} provider={provider} upload={upload_id}: cannot record the failure: {e}");
+            warn!(
+                "image={image} build={build_id} provider={provider} upload={upload_id}: cannot record the failure: {e}"
+            );
             outcome
         }
     }
@@ -321,25 +441,53 @@ fn read_checksum(file: &Path, ext: &str, len: usize) -> Option<String> {
 /// Runs the provider's post-upload hook (`<hook> <provider> <external-id> <file>`), logging
 /// its output; a non-zero exit is an error with that output.
 fn run_hook(job: &UploadJob, external_id: &str) -> Result<(), String> {
-    let Some(hook) = &job.provider.post_upload_hook else { return Ok(()) };
-    let log = std::env::temp_dir().join(format!("nodepool-builder-hook-{}-{}.log", std::process::id(), model::new_build_id()));
+    let Some(hook) = &job.provider.post_upload_hook else {
+        return Ok(());
+    };
+    let log = std::env::temp_dir().join(format!(
+        "nodepool-builder-hook-{}-{}.log",
+        std::process::id(),
+        model::new_build_id()
+    ));
     let mut spec = command::Spec::new(
         hook.display().to_string(),
-        vec![job.provider.name.clone(), external_id.to_string(), job.file.display().to_string()],
+        vec![
+            job.provider.name.clone(),
+            external_id.to_string(),
+            job.file.display().to_string(),
+        ],
     );
     spec.log = Some(log.clone());
     spec.timeout = Some(Duration::from_secs(job.provider.image_upload_timeout));
     spec.grace = Duration::from_secs(5);
-    let outcome = command::spawn(spec).map_err(|e| e.to_string()).and_then(|r| r.wait(&crossbeam_channel::never()).map_err(|e| e.to_string()));
+    let outcome = command::spawn(spec)
+        .map_err(|e| e.to_string())
+        .and_then(|r| {
+            r.wait(&crossbeam_channel::never())
+                .map_err(|e| e.to_string())
+        });
     let output = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = std::fs::remove_file(&log);
     match outcome {
         Ok(command::Outcome::Exited(0)) => {
-            info!("Post-upload hook {} for {} in {}: {}", hook.display(), external_id, job.provider.name, output.trim());
+            info!(
+                "Post-upload hook {} for {} in {}: {}",
+                hook.display(),
+                external_id,
+                job.provider.name,
+                output.trim()
+            );
             Ok(())
         }
-        Ok(other) => Err(format!("post-upload hook {} failed ({other:?}): {}", hook.display(), output.trim())),
-        Err(e) => Err(format!("post-upload hook {} could not run: {e}", hook.display())),
+        Ok(other) => Err(format!(
+            "post-upload hook {} failed ({other:?}): {}",
+            hook.display(),
+            output.trim()
+        )),
+        Err(e) => Err(format!(
+            "post-upload hook {} could not run: {e}",
+            hook.display()
+        )),
     }
 }
 
@@ -349,8 +497,22 @@ mod tests {
 
     #[test]
     fn image_names_expand_like_python_format() {
-        assert_eq!(expand_name("{image_name}-{timestamp}", "fedora", "0000000001", 1795536820), "fedora-1795536820");
-        assert_eq!(expand_name("np{upload_id}", "fedora", "0000000007", 1), "np0000000007");
-        assert_eq!(expand_name("{{literal}}-{image_name}", "x", "1", 1), "{literal}-x");
+        assert_eq!(
+            expand_name(
+                "{image_name}-{timestamp}",
+                "fedora",
+                "0000000001",
+                1795536820
+            ),
+            "fedora-1795536820"
+        );
+        assert_eq!(
+            expand_name("np{upload_id}", "fedora", "0000000007", 1),
+            "np0000000007"
+        );
+        assert_eq!(
+            expand_name("{{literal}}-{image_name}", "x", "1", 1),
+            "{literal}-x"
+        );
     }
 }

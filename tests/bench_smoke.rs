@@ -10,5 +10,8 @@ fn every_benchmark_scenario_runs_at_small_sizes() {
     let (table, _) = scenarios::render(&figures);
     eprintln!("{table}");
     assert!(figures.len() >= 18, "{table}");
-    assert!(figures.iter().all(|f| f.value.is_finite()), "every figure was measured:\n{table}");
+    assert!(
+        figures.iter().all(|f| f.value.is_finite()),
+        "every figure was measured:\n{table}"
+    );
 }

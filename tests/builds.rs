@@ -33,7 +33,12 @@ fn first_build_then_manual_request_is_served_at_once() {
     assert_eq!(first.id.len(), 32, "uuid4 hex build id");
     assert_eq!(
         site.local_files(0, "fedora", &first.id),
-        [format!("fedora-{}.d", first.id), format!("fedora-{}.qcow2", first.id), format!("fedora-{}.qcow2.md5", first.id), format!("fedora-{}.qcow2.sha256", first.id)]
+        [
+            format!("fedora-{}.d", first.id),
+            format!("fedora-{}.qcow2", first.id),
+            format!("fedora-{}.qcow2.md5", first.id),
+            format!("fedora-{}.qcow2.sha256", first.id)
+        ]
     );
     let log = site.build_log(0, "fedora", &first.id);
     assert!(log.contains("fake-dib: elements: fedora vm"), "{log}");
@@ -44,7 +49,11 @@ fn first_build_then_manual_request_is_served_at_once() {
     site.request_build("fedora");
     let both = site.wait_builds("fedora", BuildState::Ready, 2);
     assert!(both.iter().all(|x| x.build.formats == vec!["qcow2"]));
-    wait_until(WAIT, "the request-build znode to be deleted after the ready build", || !site.request_pending("fedora"));
+    wait_until(
+        WAIT,
+        "the request-build znode to be deleted after the ready build",
+        || !site.request_pending("fedora"),
+    );
     assert!(b.log().contains("Manual build request for image fedora"));
     assert!(b.log().contains("request-build znode present"));
 }
@@ -52,18 +61,44 @@ fn first_build_then_manual_request_is_served_at_once() {
 #[test]
 fn rebuild_age_expiry_rebuilds_and_keeps_both_logs() {
     let site = Site::new("rebuild_age");
-    site.config(0, "", &ONE_IMAGE.replace("formats = [\"qcow2\"]", "formats = [\"qcow2\"]\nrebuild-age = 3600"));
+    site.config(
+        0,
+        "",
+        &ONE_IMAGE.replace(
+            "formats = [\"qcow2\"]",
+            "formats = [\"qcow2\"]\nrebuild-age = 3600",
+        ),
+    );
     let b = site.start(0, &[]);
     let first = site.wait_builds("fedora", BuildState::Ready, 1).remove(0);
     // Age the ready build by rebuild-age, as upstream's test does.
     let mut aged = first.build.clone();
     aged.state_time -= 3600.0;
-    site.zk.set_data(&paths::image_build_path("fedora", &first.id), &aged.to_json(), None).unwrap();
+    site.zk
+        .set_data(
+            &paths::image_build_path("fedora", &first.id),
+            &aged.to_json(),
+            None,
+        )
+        .unwrap();
     let ready = site.wait_builds("fedora", BuildState::Ready, 2);
     let second = ready.iter().find(|x| x.id != first.id).unwrap();
-    assert!(b.log().contains("rebuild-age expired: newest ready build is 1h old"), "{}", b.log());
-    assert!(site.log_dir(0).join(format!("fedora-{}.log", first.id)).exists());
-    assert!(site.log_dir(0).join(format!("fedora-{}.log", second.id)).exists());
+    assert!(
+        b.log()
+            .contains("rebuild-age expired: newest ready build is 1h old"),
+        "{}",
+        b.log()
+    );
+    assert!(
+        site.log_dir(0)
+            .join(format!("fedora-{}.log", first.id))
+            .exists()
+    );
+    assert!(
+        site.log_dir(0)
+            .join(format!("fedora-{}.log", second.id))
+            .exists()
+    );
 }
 
 #[test]
@@ -90,7 +125,10 @@ formats = ["raw"]
     site.wait_builds("active", BuildState::Ready, 1);
     site.request_build("active");
     site.wait_builds("active", BuildState::Ready, 2);
-    assert!(site.builds("paused").is_empty(), "a config-paused image is never built");
+    assert!(
+        site.builds("paused").is_empty(),
+        "a config-paused image is never built"
+    );
     assert!(site.request_pending("paused"), "its request stays pending");
 }
 
@@ -106,8 +144,14 @@ fn pause_znode_holds_requests_until_unpaused() {
     // A request for another image, made after, is served: the scheduler has seen both.
     site.request_build("other");
     site.wait_builds("other", BuildState::Ready, 2);
-    wait_until(WAIT, "the other request to be served", || !site.request_pending("other"));
-    assert_eq!(site.builds("fedora").len(), 1, "paused: the request stays pending");
+    wait_until(WAIT, "the other request to be served", || {
+        !site.request_pending("other")
+    });
+    assert_eq!(
+        site.builds("fedora").len(),
+        1,
+        "paused: the request stays pending"
+    );
     assert!(site.request_pending("fedora"));
     site.unpause("fedora");
     site.wait_builds("fedora", BuildState::Ready, 2);
@@ -132,17 +176,29 @@ name = "fedora"
     let first = site.wait_builds("fedora", BuildState::Ready, 1).remove(0);
     assert_eq!(first.build.formats, vec!["qcow2", "vhd"]);
     let vhd = site.images_dir(0).join(format!("fedora-{}.vhd", first.id));
-    let info = std::process::Command::new("qemu-img").args(["info", "--output=json", vhd.to_str().unwrap()]).output().unwrap();
-    assert!(String::from_utf8_lossy(&info.stdout).contains("\"format\": \"vpc\""), "a real vhd");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", vhd.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("\"format\": \"vpc\""),
+        "a real vhd"
+    );
 
     // A second provider needing raw: the ready build lacks it, so the image is rebuilt.
-    let raw = providers.replace("vhd-cloud", "raw-cloud").replace("\"vhd\"", "\"raw\"");
+    let raw = providers
+        .replace("vhd-cloud", "raw-cloud")
+        .replace("\"vhd\"", "\"raw\"");
     site.config(0, "", &format!("{ONE_IMAGE}{providers}{raw}"));
     b.signal(Signal::SIGHUP);
     let ready = site.wait_builds("fedora", BuildState::Ready, 2);
     let second = ready.iter().find(|x| x.id != first.id).unwrap();
     assert_eq!(second.build.formats, vec!["qcow2", "raw", "vhd"]);
-    assert!(b.log().contains("formats changed: raw missing"), "{}", b.log());
+    assert!(
+        b.log().contains("formats changed: raw missing"),
+        "{}",
+        b.log()
+    );
 }
 
 #[test]
@@ -165,11 +221,18 @@ dib-cmd = "{fake_dib}"
     let _b = site.start(0, &[]);
     let t = site.wait_builds("tarball", BuildState::Ready, 1).remove(0);
     assert_eq!(t.build.formats, vec!["tar"]);
-    assert!(site.images_dir(0).join(format!("tarball-{}.tar", t.id)).is_file());
+    assert!(
+        site.images_dir(0)
+            .join(format!("tarball-{}.tar", t.id))
+            .is_file()
+    );
     site.request_build("nothing");
     site.request_build("tarball");
     site.wait_builds("tarball", BuildState::Ready, 2);
-    assert!(site.builds("nothing").is_empty(), "an image with no formats is never built");
+    assert!(
+        site.builds("nothing").is_empty(),
+        "an image with no formats is never built"
+    );
 }
 
 #[test]
@@ -209,24 +272,49 @@ FAKE_DIB_EXPECT_ENV = "TMPDIR=/opt/dib_tmp LEVEL=intermediate DIB_RELEASE=21"
     );
     let _b = site.start(0, &[]);
     let c = site.wait_builds("child", BuildState::Ready, 1).remove(0);
-    assert!(site.build_log(0, "child", &c.id).contains("fake-dib: elements: fedora intermediate vm"));
-    assert!(site.builds("base").is_empty() && site.builds("intermediate").is_empty(), "abstract images are not built");
+    assert!(
+        site.build_log(0, "child", &c.id)
+            .contains("fake-dib: elements: fedora intermediate vm")
+    );
+    assert!(
+        site.builds("base").is_empty() && site.builds("intermediate").is_empty(),
+        "abstract images are not built"
+    );
 }
 
 #[test]
 fn build_timeout_kills_the_whole_group_and_records_failed() {
     let site = Site::new("build_timeout");
-    site.config(0, "", &ONE_IMAGE.replace("formats = [\"qcow2\"]", "formats = [\"qcow2\"]\nbuild-timeout = 2"));
+    site.config(
+        0,
+        "",
+        &ONE_IMAGE.replace(
+            "formats = [\"qcow2\"]",
+            "formats = [\"qcow2\"]\nbuild-timeout = 2",
+        ),
+    );
     site.control(0, "fake-dib.hang", "");
     let b = site.start(0, &[]);
     let failed = site.wait_builds("fedora", BuildState::Failed, 1).remove(0);
-    let pids = std::fs::read_to_string(site.images_dir(0).join("fake-dib.fedora.hang-pids")).unwrap();
+    let pids =
+        std::fs::read_to_string(site.images_dir(0).join("fake-dib.fedora.hang-pids")).unwrap();
     for pid in pids.split_whitespace() {
         let pid: i32 = pid.parse().unwrap();
-        wait_until(Duration::from_secs(15), &format!("hung DIB process {pid} to be gone"), || !process_alive(pid));
+        wait_until(
+            Duration::from_secs(15),
+            &format!("hung DIB process {pid} to be gone"),
+            || !process_alive(pid),
+        );
     }
-    assert!(failed.build.formats.is_empty(), "a failed record has no formats");
-    assert!(b.log().contains("Build timeout for image fedora"), "{}", b.log());
+    assert!(
+        failed.build.formats.is_empty(),
+        "a failed record has no formats"
+    );
+    assert!(
+        b.log().contains("Build timeout for image fedora"),
+        "{}",
+        b.log()
+    );
 }
 
 #[test]
@@ -236,22 +324,42 @@ fn dib_failure_records_failed_and_retries_with_backoff() {
     let fail = site.control(0, "fake-dib.fail", "");
     let mut b = site.start(0, &[]);
     let failed = site.wait_builds("fedora", BuildState::Failed, 1);
-    assert!(site.build_log(0, "fedora", &failed[0].id).trim_end().ends_with("Exit code: 127"));
+    assert!(
+        site.build_log(0, "fedora", &failed[0].id)
+            .trim_end()
+            .ends_with("Exit code: 127")
+    );
     b.wait_for_log(WAIT, "retrying in 2s (failure 2)");
     let log = b.log();
-    assert!(log.contains("DIB failed creating fedora (127) (timeout=False)"), "{log}");
-    assert!(log.contains("retrying in 1s (failure 1)"), "back-off doubles: {log}");
+    assert!(
+        log.contains("DIB failed creating fedora (127) (timeout=False)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("retrying in 1s (failure 1)"),
+        "back-off doubles: {log}"
+    );
     std::fs::remove_file(fail).unwrap();
     site.wait_builds("fedora", BuildState::Ready, 1);
     // The janitor removes failed builds once a ready one exists, records and files.
-    site.wait("failed builds to be cleaned up", || site.builds_in("fedora", BuildState::Failed).is_empty().then_some(()));
-    site.wait("their local files to go", || (site.local_files(0, "fedora", &failed[0].id).is_empty()).then_some(()));
+    site.wait("failed builds to be cleaned up", || {
+        site.builds_in("fedora", BuildState::Failed)
+            .is_empty()
+            .then_some(())
+    });
+    site.wait("their local files to go", || {
+        (site.local_files(0, "fedora", &failed[0].id).is_empty()).then_some(())
+    });
 }
 
 #[test]
 fn dib_exiting_0_without_all_formats_is_a_failed_build() {
     let site = Site::new("dib_partial");
-    site.config(0, "", &ONE_IMAGE.replace("formats = [\"qcow2\"]", "formats = [\"qcow2\", \"raw\"]"));
+    site.config(
+        0,
+        "",
+        &ONE_IMAGE.replace("formats = [\"qcow2\"]", "formats = [\"qcow2\", \"raw\"]"),
+    );
     site.control(0, "fake-dib.partial", "");
     let mut b = site.start(0, &[]);
     // (The janitor removes failed records quickly, so the log is the witness.)
@@ -270,23 +378,43 @@ fn build_log_retention_keeps_exact_image_logs_only() {
     );
     let _b = site.start(0, &[]);
     site.wait_builds("fedora-extra", BuildState::Ready, 1);
-    let mut known = vec![site.wait_builds("fedora", BuildState::Ready, 1)[0].id.clone()];
+    let mut known = vec![
+        site.wait_builds("fedora", BuildState::Ready, 1)[0]
+            .id
+            .clone(),
+    ];
     for _ in 2..=3 {
         site.request_build("fedora");
         site.wait_new_ready("fedora", &mut known);
     }
-    let logs: Vec<String> = std::fs::read_dir(site.log_dir(0)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    let fedora = logs.iter().filter(|l| l.starts_with("fedora-") && !l.starts_with("fedora-extra-")).count();
+    let logs: Vec<String> = std::fs::read_dir(site.log_dir(0))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let fedora = logs
+        .iter()
+        .filter(|l| l.starts_with("fedora-") && !l.starts_with("fedora-extra-"))
+        .count();
     // Pruning runs before each build and keeps max(retention, 1): 1 + the new one.
     assert_eq!(fedora, 2, "{logs:?}");
-    assert_eq!(logs.iter().filter(|l| l.starts_with("fedora-extra-")).count(), 1, "another image's logs are not pruned: {logs:?}");
+    assert_eq!(
+        logs.iter()
+            .filter(|l| l.starts_with("fedora-extra-"))
+            .count(),
+        1,
+        "another image's logs are not pruned: {logs:?}"
+    );
 }
 
 #[test]
 fn free_space_guard_waits_for_space_without_recording_failures() {
     let site = Site::new("free_space");
     let small = "\n[[diskimages]]\nname = \"small\"\ndib-cmd = \"{fake_dib}\"\nformats = [\"raw\"]\nimages-dir-required-free = 0\n";
-    site.config(0, "images-dir-required-free = 1000000", &format!("{ONE_IMAGE}{small}"));
+    site.config(
+        0,
+        "images-dir-required-free = 1000000",
+        &format!("{ONE_IMAGE}{small}"),
+    );
     let mut b = site.start(0, &[]);
     b.wait_for_log(WAIT, "not building: images-dir has");
     // The per-image override lets another image build meanwhile, again and again.
@@ -296,10 +424,26 @@ fn free_space_guard_waits_for_space_without_recording_failures() {
         }
         site.wait_builds("small", BuildState::Ready, n);
     }
-    assert!(site.builds("fedora").is_empty(), "no failed records pile up");
-    assert_eq!(b.log().matches("not building: images-dir has").count(), 1, "the reason is logged once");
-    assert!(!std::fs::read_dir(site.log_dir(0)).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("fedora-")));
-    site.config(0, "images-dir-required-free = 0", &format!("{ONE_IMAGE}{small}"));
+    assert!(
+        site.builds("fedora").is_empty(),
+        "no failed records pile up"
+    );
+    assert_eq!(
+        b.log().matches("not building: images-dir has").count(),
+        1,
+        "the reason is logged once"
+    );
+    assert!(!std::fs::read_dir(site.log_dir(0)).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("fedora-")
+    }));
+    site.config(
+        0,
+        "images-dir-required-free = 0",
+        &format!("{ONE_IMAGE}{small}"),
+    );
     b.signal(Signal::SIGHUP);
     site.wait_builds("fedora", BuildState::Ready, 1);
 }
@@ -307,7 +451,10 @@ fn free_space_guard_waits_for_space_without_recording_failures() {
 #[test]
 fn two_builders_never_build_one_image_twice() {
     let site = Site::new("two_builders");
-    let body = ONE_IMAGE.replace("formats = [\"qcow2\"]", "formats = [\"qcow2\"]\n[diskimages.env-vars]\nFAKE_DIB_SIZE_MB = \"4\"");
+    let body = ONE_IMAGE.replace(
+        "formats = [\"qcow2\"]",
+        "formats = [\"qcow2\"]\n[diskimages.env-vars]\nFAKE_DIB_SIZE_MB = \"4\"",
+    );
     site.config(0, "", &body);
     site.config(1, "", &body);
     site.control(0, "fake-dib.slow", "1");
@@ -323,14 +470,26 @@ fn two_builders_never_build_one_image_twice() {
         // While the build runs, at most one building record exists.
         site.wait(&format!("build {n}"), || {
             let all = site.builds("fedora");
-            assert!(all.iter().filter(|b| b.build.state == BuildState::Building).count() <= 1, "two builds at once: {all:?}");
+            assert!(
+                all.iter()
+                    .filter(|b| b.build.state == BuildState::Building)
+                    .count()
+                    <= 1,
+                "two builds at once: {all:?}"
+            );
             all_ids.extend(all.iter().map(|b| b.id.clone()));
-            all.iter().find(|b| b.build.state == BuildState::Ready && !known.contains(&b.id)).map(|b| known.push(b.id.clone()))
+            all.iter()
+                .find(|b| b.build.state == BuildState::Ready && !known.contains(&b.id))
+                .map(|b| known.push(b.id.clone()))
         });
     }
     wait_until(WAIT, "requests served", || !site.request_pending("fedora"));
     all_ids.extend(site.builds("fedora").into_iter().map(|b| b.id));
-    assert_eq!(all_ids.len(), 3, "exactly one build per request: {all_ids:?}");
+    assert_eq!(
+        all_ids.len(),
+        3,
+        "exactly one build per request: {all_ids:?}"
+    );
 }
 
 #[test]
@@ -342,19 +501,30 @@ fn sigterm_during_a_build_kills_dib_and_records_failed() {
     let hang_pids = site.images_dir(0).join("fake-dib.fedora.hang-pids");
     wait_until(WAIT, "the hung build to start", || hang_pids.exists());
     let pids: Vec<i32> = wait_for(WAIT, "both pids written", || {
-        let p: Vec<i32> = std::fs::read_to_string(&hang_pids).ok()?.split_whitespace().filter_map(|s| s.parse().ok()).collect();
+        let p: Vec<i32> = std::fs::read_to_string(&hang_pids)
+            .ok()?
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect();
         (p.len() == 2).then_some(p)
     });
     b.signal(Signal::SIGTERM);
     let status = b.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status:?}\n{}", b.log());
     for pid in pids {
-        assert!(!process_alive(pid), "DIB process {pid} survived the builder");
+        assert!(
+            !process_alive(pid),
+            "DIB process {pid} survived the builder"
+        );
     }
     let builds = site.builds("fedora");
     assert_eq!(builds.len(), 1);
     assert_eq!(builds[0].build.state, BuildState::Failed, "{builds:?}");
-    assert!(!nodepool_builder::zk::lock::is_locked(&site.zk, &paths::image_build_lock_path("fedora")).unwrap(), "lock released");
+    assert!(
+        !nodepool_builder::zk::lock::is_locked(&site.zk, &paths::image_build_lock_path("fedora"))
+            .unwrap(),
+        "lock released"
+    );
 }
 
 #[test]
@@ -364,7 +534,9 @@ fn session_loss_during_a_build_records_failed_then_rebuilds() {
     let site = Site::on("session_loss", server);
     site.config(0, "", ONE_IMAGE);
     let cfg = site.path("builder0.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("zookeeper-timeout = 6.0", "zookeeper-timeout = 4.0");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("zookeeper-timeout = 6.0", "zookeeper-timeout = 4.0");
     std::fs::write(&cfg, text).unwrap();
     let pause = site.control(0, "fake-dib.pause", "");
     let mut b = site.start(0, &[]);
@@ -378,5 +550,10 @@ fn session_loss_during_a_build_records_failed_then_rebuilds() {
     b.wait_for_log(WAIT, "ZooKeeper lost while building fedora");
     // The result was recorded as failed in the new session, then the image was rebuilt.
     site.wait_builds("fedora", BuildState::Ready, 1);
-    assert!(b.log().contains("build failed (ZooKeeper lost while building fedora)"), "{}", b.log());
+    assert!(
+        b.log()
+            .contains("build failed (ZooKeeper lost while building fedora)"),
+        "{}",
+        b.log()
+    );
 }

@@ -18,18 +18,41 @@ fn removing_an_image_from_config_deletes_uploads_builds_and_files() {
     let site = Site::new("image_removal");
     let keep = image("keep", "");
     let gone = image("gone", "");
-    site.config(0, "cleanup-interval = 2.0", &format!("{keep}{gone}{}", site.provider("cloud", "raw", &["keep", "gone"], "")));
+    site.config(
+        0,
+        "cleanup-interval = 2.0",
+        &format!(
+            "{keep}{gone}{}",
+            site.provider("cloud", "raw", &["keep", "gone"], "")
+        ),
+    );
     let b = site.start(0, &[]);
-    let (gone_build, _) = site.wait_uploads("gone", "cloud", UploadState::Ready, 1).remove(0);
+    let (gone_build, _) = site
+        .wait_uploads("gone", "cloud", UploadState::Ready, 1)
+        .remove(0);
     site.wait_uploads("keep", "cloud", UploadState::Ready, 1);
     assert_eq!(site.cloud_images("cloud").len(), 2);
 
-    site.config(0, "cleanup-interval = 2.0", &format!("{keep}{}", site.provider("cloud", "raw", &["keep"], "")));
+    site.config(
+        0,
+        "cleanup-interval = 2.0",
+        &format!("{keep}{}", site.provider("cloud", "raw", &["keep"], "")),
+    );
     b.signal(Signal::SIGHUP);
-    site.wait("the removed image's builds to go", || site.builds("gone").is_empty().then_some(()));
-    wait_until(WAIT, "its cloud image to go", || site.cloud_images("cloud").len() == 1);
-    wait_until(WAIT, "its local files to go", || site.local_files(0, "gone", &gone_build).is_empty());
-    assert_eq!(site.uploads_in("keep", "cloud", UploadState::Ready).len(), 1, "the other image is untouched");
+    site.wait("the removed image's builds to go", || {
+        site.builds("gone").is_empty().then_some(())
+    });
+    wait_until(WAIT, "its cloud image to go", || {
+        site.cloud_images("cloud").len() == 1
+    });
+    wait_until(WAIT, "its local files to go", || {
+        site.local_files(0, "gone", &gone_build).is_empty()
+    });
+    assert_eq!(
+        site.uploads_in("keep", "cloud", UploadState::Ready).len(),
+        1,
+        "the other image is untouched"
+    );
     site.assert_no_leaks(&["cloud"], &[0]);
 }
 
@@ -37,45 +60,109 @@ fn removing_an_image_from_config_deletes_uploads_builds_and_files() {
 fn removing_an_image_from_one_provider_deletes_only_that_upload() {
     let site = Site::new("provider_removal");
     let img = image("fedora", "");
-    site.config(0, "", &format!("{img}{}{}", site.provider("p1", "raw", &["fedora"], ""), site.provider("p2", "raw", &["fedora"], "")));
+    site.config(
+        0,
+        "",
+        &format!(
+            "{img}{}{}",
+            site.provider("p1", "raw", &["fedora"], ""),
+            site.provider("p2", "raw", &["fedora"], "")
+        ),
+    );
     let b = site.start(0, &[]);
     site.wait_uploads("fedora", "p1", UploadState::Ready, 1);
-    let p2 = site.wait_uploads("fedora", "p2", UploadState::Ready, 1).remove(0);
-    site.config(0, "", &format!("{img}{}{}", site.provider("p1", "raw", &[], ""), site.provider("p2", "raw", &["fedora"], "")));
+    let p2 = site
+        .wait_uploads("fedora", "p2", UploadState::Ready, 1)
+        .remove(0);
+    site.config(
+        0,
+        "",
+        &format!(
+            "{img}{}{}",
+            site.provider("p1", "raw", &[], ""),
+            site.provider("p2", "raw", &["fedora"], "")
+        ),
+    );
     b.signal(Signal::SIGHUP);
-    site.wait("p1's upload to be deleted", || site.uploads("fedora").iter().all(|(_, u)| u.provider != "p1").then_some(()));
-    wait_until(WAIT, "p1's cloud image to go", || site.cloud_images("p1").is_empty());
-    assert_eq!(site.uploads_in("fedora", "p2", UploadState::Ready), vec![p2], "p2 unchanged");
+    site.wait("p1's upload to be deleted", || {
+        site.uploads("fedora")
+            .iter()
+            .all(|(_, u)| u.provider != "p1")
+            .then_some(())
+    });
+    wait_until(WAIT, "p1's cloud image to go", || {
+        site.cloud_images("p1").is_empty()
+    });
+    assert_eq!(
+        site.uploads_in("fedora", "p2", UploadState::Ready),
+        vec![p2],
+        "p2 unchanged"
+    );
     site.assert_no_leaks(&["p1", "p2"], &[0]);
 }
 
 #[test]
 fn a_third_build_rotates_out_the_oldest_keeping_two() {
     let site = Site::new("rotation");
-    site.config(0, "build-log-retention = 1", &format!("{}{}", image("fedora", ""), site.provider("cloud", "raw", &["fedora"], "")));
+    site.config(
+        0,
+        "build-log-retention = 1",
+        &format!(
+            "{}{}",
+            image("fedora", ""),
+            site.provider("cloud", "raw", &["fedora"], "")
+        ),
+    );
     let _b = site.start(0, &[]);
-    let (first, _) = site.wait_uploads("fedora", "cloud", UploadState::Ready, 1).remove(0);
+    let (first, _) = site
+        .wait_uploads("fedora", "cloud", UploadState::Ready, 1)
+        .remove(0);
     let mut known = vec![first.clone()];
     for _ in 0..2 {
         site.request_build("fedora");
         let b = site.wait_new_ready("fedora", &mut known);
-        site.wait("its upload", || site.uploads_in("fedora", "cloud", UploadState::Ready).iter().any(|(bid, _)| *bid == b.id).then_some(()));
+        site.wait("its upload", || {
+            site.uploads_in("fedora", "cloud", UploadState::Ready)
+                .iter()
+                .any(|(bid, _)| *bid == b.id)
+                .then_some(())
+        });
     }
-    site.wait("the oldest build to be deleted", || site.builds("fedora").iter().all(|b| b.id != first).then_some(()));
+    site.wait("the oldest build to be deleted", || {
+        site.builds("fedora")
+            .iter()
+            .all(|b| b.id != first)
+            .then_some(())
+    });
     let ready = site.builds_in("fedora", BuildState::Ready);
     assert_eq!(ready.len(), 2, "{ready:?}");
-    wait_until(WAIT, "the oldest build's cloud image and files to go", || {
-        site.cloud_images("cloud").len() == 2 && site.local_files(0, "fedora", &first).is_empty()
-    });
+    wait_until(
+        WAIT,
+        "the oldest build's cloud image and files to go",
+        || {
+            site.cloud_images("cloud").len() == 2
+                && site.local_files(0, "fedora", &first).is_empty()
+        },
+    );
     site.assert_no_leaks(&["cloud"], &[0]);
 }
 
 #[test]
 fn failing_cloud_deletes_are_retried_until_they_succeed_and_files_go_first() {
     let site = Site::new("delete_retries");
-    site.config(0, "cleanup-interval = 1.0", &format!("{}{}", image("fedora", ""), site.provider("cloud", "raw", &["fedora"], "")));
+    site.config(
+        0,
+        "cleanup-interval = 1.0",
+        &format!(
+            "{}{}",
+            image("fedora", ""),
+            site.provider("cloud", "raw", &["fedora"], "")
+        ),
+    );
     let mut b = site.start(0, &[]);
-    let (build, up) = site.wait_uploads("fedora", "cloud", UploadState::Ready, 1).remove(0);
+    let (build, up) = site
+        .wait_uploads("fedora", "cloud", UploadState::Ready, 1)
+        .remove(0);
     std::fs::write(site.cloud_dir("cloud").join("fail-delete"), "").unwrap();
     // What `nodepool dib-image-delete` does: the build goes to deleting, no lock.
     let path = paths::image_build_path("fedora", &build);
@@ -83,17 +170,36 @@ fn failing_cloud_deletes_are_retried_until_they_succeed_and_files_go_first() {
     rec.state = BuildState::Deleting;
     site.zk.set_data(&path, &rec.to_json(), None).unwrap();
     b.wait_for_log(WAIT, "(failure 3)");
-    assert!(b.log().contains("delete refused (fail-delete present)"), "the reason is logged");
+    assert!(
+        b.log().contains("delete refused (fail-delete present)"),
+        "the reason is logged"
+    );
     // The local files went early (the build is deleting) although the cloud delete fails.
-    wait_until(WAIT, "the local files to go first", || site.local_files(0, "fedora", &build).is_empty());
-    assert_eq!(site.uploads_in("fedora", "cloud", UploadState::Deleting).len(), 1, "the upload stays deleting, keeping its external id");
+    wait_until(WAIT, "the local files to go first", || {
+        site.local_files(0, "fedora", &build).is_empty()
+    });
+    assert_eq!(
+        site.uploads_in("fedora", "cloud", UploadState::Deleting)
+            .len(),
+        1,
+        "the upload stays deleting, keeping its external id"
+    );
     let old = up.upload.external_id.clone().unwrap();
     assert!(site.cloud_images("cloud").contains(&old));
     std::fs::remove_file(site.cloud_dir("cloud").join("fail-delete")).unwrap();
-    site.wait("the build record to go once the cloud delete works", || site.zk.exists(&path).unwrap().is_none().then_some(()));
-    wait_until(WAIT, "the old cloud image to go", || !site.cloud_images("cloud").contains(&old));
+    site.wait("the build record to go once the cloud delete works", || {
+        site.zk.exists(&path).unwrap().is_none().then_some(())
+    });
+    wait_until(WAIT, "the old cloud image to go", || {
+        !site.cloud_images("cloud").contains(&old)
+    });
     // Meanwhile the image was rebuilt (its only ready build was deleted) and uploaded.
-    site.wait("the image to be rebuilt and uploaded", || (!site.uploads_in("fedora", "cloud", UploadState::Ready).is_empty()).then_some(()));
+    site.wait("the image to be rebuilt and uploaded", || {
+        (!site
+            .uploads_in("fedora", "cloud", UploadState::Ready)
+            .is_empty())
+        .then_some(())
+    });
     site.assert_no_leaks(&["cloud"], &[0]);
 }
 
@@ -104,21 +210,40 @@ fn delete_after_upload_prunes_uploaded_formats_but_keeps_keep_formats() {
     std::fs::write(site.cloud_dir("vhd").join("fail-upload"), "").unwrap();
     let body = format!(
         "{}{}{}{}",
-        image("fedora", "delete-after-upload = true\nkeep-formats = [\"qcow2\"]"),
+        image(
+            "fedora",
+            "delete-after-upload = true\nkeep-formats = [\"qcow2\"]"
+        ),
         site.provider("qcow", "qcow2", &["fedora"], ""),
         site.provider("raw", "raw", &["fedora"], ""),
         site.provider("vhd", "vhd", &["fedora"], ""),
     );
     site.config(0, "cleanup-interval = 1.0", &body);
     let _b = site.start(0, &[]);
-    let (build, _) = site.wait_uploads("fedora", "raw", UploadState::Ready, 1).remove(0);
+    let (build, _) = site
+        .wait_uploads("fedora", "raw", UploadState::Ready, 1)
+        .remove(0);
     site.wait_uploads("fedora", "qcow", UploadState::Ready, 1);
     let dir = site.images_dir(0);
-    wait_until(WAIT, "the uploaded raw file to be pruned", || !dir.join(format!("fedora-{build}.raw")).exists());
-    assert!(!dir.join(format!("fedora-{build}.raw.md5")).exists(), "checksums go with it");
-    assert!(dir.join(format!("fedora-{build}.qcow2")).exists(), "kept by keep-formats although uploaded");
-    assert!(dir.join(format!("fedora-{build}.vhd")).exists(), "not uploaded yet (its provider fails): kept");
-    assert!(dir.join(format!("fedora-{build}.d")).is_dir(), "the manifest stays");
+    wait_until(WAIT, "the uploaded raw file to be pruned", || {
+        !dir.join(format!("fedora-{build}.raw")).exists()
+    });
+    assert!(
+        !dir.join(format!("fedora-{build}.raw.md5")).exists(),
+        "checksums go with it"
+    );
+    assert!(
+        dir.join(format!("fedora-{build}.qcow2")).exists(),
+        "kept by keep-formats although uploaded"
+    );
+    assert!(
+        dir.join(format!("fedora-{build}.vhd")).exists(),
+        "not uploaded yet (its provider fails): kept"
+    );
+    assert!(
+        dir.join(format!("fedora-{build}.d")).is_dir(),
+        "the manifest stays"
+    );
     site.assert_no_leaks(&["qcow", "raw", "vhd"], &[0]);
 }
 
@@ -129,7 +254,10 @@ fn dib_image_delete_with_two_builders_one_offline() {
     site.config(0, "", &img);
     site.config(1, "", &img);
     let mut b0 = site.start(0, &[]);
-    let build = site.wait_builds("fedora", BuildState::Ready, 1).remove(0).id;
+    let build = site
+        .wait_builds("fedora", BuildState::Ready, 1)
+        .remove(0)
+        .id;
     b0.signal(Signal::SIGTERM);
     assert!(b0.wait_exit(WAIT).success());
     assert!(!site.local_files(0, "fedora", &build).is_empty());
@@ -139,57 +267,99 @@ fn dib_image_delete_with_two_builders_one_offline() {
     rec.state = BuildState::Deleting;
     site.zk.set_data(&path, &rec.to_json(), None).unwrap();
     let _b1 = site.start(1, &[]);
-    site.wait("the other builder to delete the build record", || site.zk.exists(&path).unwrap().is_none().then_some(()));
-    assert!(!site.local_files(0, "fedora", &build).is_empty(), "builder 1 never touches builder 0's files");
+    site.wait("the other builder to delete the build record", || {
+        site.zk.exists(&path).unwrap().is_none().then_some(())
+    });
+    assert!(
+        !site.local_files(0, "fedora", &build).is_empty(),
+        "builder 1 never touches builder 0's files"
+    );
     // Back online, the first builder removes its own files of the deleted build.
     let _b0 = site.start(0, &[]);
-    wait_until(WAIT, "builder 0 to remove its files", || site.local_files(0, "fedora", &build).is_empty());
+    wait_until(WAIT, "builder 0 to remove its files", || {
+        site.local_files(0, "fedora", &build).is_empty()
+    });
     site.assert_no_leaks(&[], &[0, 1]);
 }
 
 #[test]
 fn orphans_of_a_killed_builder_are_cleaned_and_the_work_redone() {
     let site = Site::new("orphans");
-    let body = format!("{}{}", image("fedora", ""), site.provider("cloud", "raw", &["fedora"], ""));
+    let body = format!(
+        "{}{}",
+        image("fedora", ""),
+        site.provider("cloud", "raw", &["fedora"], "")
+    );
     site.config(0, "cleanup-interval = 1.0", &body);
     let hang = site.control(0, "fake-dib.hang", "");
     let mut b = site.start(0, &[]);
-    let building = site.wait_builds("fedora", BuildState::Building, 1).remove(0).id;
+    let building = site
+        .wait_builds("fedora", BuildState::Building, 1)
+        .remove(0)
+        .id;
     let pid_file = site.images_dir(0).join("fake-dib.fedora.hang-pids");
     wait_until(WAIT, "the hung DIB to write its pids", || pid_file.exists());
     b.signal(Signal::SIGKILL);
     b.wait_exit(WAIT);
-    let pids = std::fs::read_to_string(site.images_dir(0).join("fake-dib.fedora.hang-pids")).unwrap();
+    let pids =
+        std::fs::read_to_string(site.images_dir(0).join("fake-dib.fedora.hang-pids")).unwrap();
     for pid in pids.split_whitespace() {
         // A killed builder cannot stop its DIB; an operator (or the OS) would.
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.parse().unwrap()), Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid.parse().unwrap()),
+            Signal::SIGKILL,
+        );
     }
     // An orphaned uploading record, as a builder killed mid-upload leaves it.
     std::fs::remove_file(hang).unwrap();
     let _b = site.start(0, &[]);
-    site.wait("the orphaned building record to go (after the dead session expires)", || {
-        site.builds("fedora").iter().all(|b| b.id != building).then_some(())
-    });
-    let (ready, _) = site.wait_uploads("fedora", "cloud", UploadState::Ready, 1).remove(0);
+    site.wait(
+        "the orphaned building record to go (after the dead session expires)",
+        || {
+            site.builds("fedora")
+                .iter()
+                .all(|b| b.id != building)
+                .then_some(())
+        },
+    );
+    let (ready, _) = site
+        .wait_uploads("fedora", "cloud", UploadState::Ready, 1)
+        .remove(0);
     let orphan = site
         .zk
         .create(&format!("{}/", paths::image_uploads_path("fedora", &ready, "cloud")), br#"{"state": "uploading", "state_time": 1.0, "external_id": null, "external_name": null, "format": null, "username": "zuul", "python_path": "auto", "shell_type": null}"#, Mode::PersistentSequential)
         .unwrap();
-    site.wait("the orphaned uploading record to go", || site.zk.exists(&orphan).unwrap().is_none().then_some(()));
-    wait_until(WAIT, "the partial files of the killed build to go", || site.local_files(0, "fedora", &building).is_empty());
+    site.wait("the orphaned uploading record to go", || {
+        site.zk.exists(&orphan).unwrap().is_none().then_some(())
+    });
+    wait_until(WAIT, "the partial files of the killed build to go", || {
+        site.local_files(0, "fedora", &building).is_empty()
+    });
     site.assert_no_leaks(&["cloud"], &[0]);
 }
 
 #[test]
 fn empty_znodes_left_by_lock_races_are_removed() {
     let site = Site::new("empty_znodes");
-    site.config(0, "cleanup-interval = 1.0", &image("fedora", "formats = [\"raw\"]"));
+    site.config(
+        0,
+        "cleanup-interval = 1.0",
+        &image("fedora", "formats = [\"raw\"]"),
+    );
     let _b = site.start(0, &[]);
     site.wait_builds("fedora", BuildState::Ready, 1);
     // What a lock acquisition on a just-deleted build leaves behind (upstream Q6).
     let empty = paths::image_build_path("fedora", "00000000000000000000000000000bad");
-    site.zk.create_with_parents(&format!("{empty}/lock"), b"", Mode::Persistent).unwrap();
-    site.wait("the empty build znode to be removed", || site.zk.exists(&empty).unwrap().is_none().then_some(()));
-    assert_eq!(site.builds_in("fedora", BuildState::Ready).len(), 1, "the real build is untouched");
+    site.zk
+        .create_with_parents(&format!("{empty}/lock"), b"", Mode::Persistent)
+        .unwrap();
+    site.wait("the empty build znode to be removed", || {
+        site.zk.exists(&empty).unwrap().is_none().then_some(())
+    });
+    assert_eq!(
+        site.builds_in("fedora", BuildState::Ready).len(),
+        1,
+        "the real build is untouched"
+    );
     site.assert_no_leaks(&[], &[0]);
 }

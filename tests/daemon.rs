@@ -52,23 +52,42 @@ fn stops_cleanly_on(sig: Signal, name: &str) {
     let chroot = server.chroot(name);
     let dir = test_dir(name);
     let cfg = tls_config(dir.path(), server, &chroot);
-    let mut builder = BuilderProcess::start(&["-d", "-c", cfg.to_str().unwrap()], &[], &dir.path().join("builder.log"));
+    let mut builder = BuilderProcess::start(
+        &["-d", "-c", cfg.to_str().unwrap()],
+        &[],
+        &dir.path().join("builder.log"),
+    );
     builder.wait_for_log(Duration::from_secs(60), "ready: builder_id=");
     let log = builder.log();
     assert!(log.contains("Registered builder component"), "{log}");
     assert!(log.contains("DEBUG"), "-d logs at DEBUG");
-    assert!(log.contains("Starting listener for build jobs"), "upstream's marker line: {log}");
+    assert!(
+        log.contains("Starting listener for build jobs"),
+        "upstream's marker line: {log}"
+    );
 
     let conn = kz_tls_args(server, &chroot);
-    let nodes = run_kazoo_ok("kz.py", &kz_args(&conn, &["ls", "/nodepool/components/builder"]));
+    let nodes = run_kazoo_ok(
+        "kz.py",
+        &kz_args(&conn, &["ls", "/nodepool/components/builder"]),
+    );
     let nodes: Vec<&str> = nodes.lines().collect();
     assert_eq!(nodes.len(), 1, "{nodes:?}");
     let host = hostname();
     assert_eq!(nodes[0], format!("{host}0000000000"));
-    let data = run_kazoo_ok("kz.py", &kz_args(&conn, &["get", &format!("/nodepool/components/builder/{}", nodes[0])]));
+    let data = run_kazoo_ok(
+        "kz.py",
+        &kz_args(
+            &conn,
+            &["get", &format!("/nodepool/components/builder/{}", nodes[0])],
+        ),
+    );
     assert_eq!(
         data,
-        format!(r#"{{"hostname": "{host}", "kind": "builder", "model_api": 0, "state": "stopped", "version": "{}"}}"#, env!("CARGO_PKG_VERSION"))
+        format!(
+            r#"{{"hostname": "{host}", "kind": "builder", "model_api": 0, "state": "stopped", "version": "{}"}}"#,
+            env!("CARGO_PKG_VERSION")
+        )
     );
     // builder_id.txt: a canonical uuid4 string without a newline.
     let id = std::fs::read_to_string(dir.path().join("images/builder_id.txt")).unwrap();
@@ -77,9 +96,26 @@ fn stops_cleanly_on(sig: Signal, name: &str) {
 
     builder.signal(sig);
     let status = builder.wait_exit(Duration::from_secs(20));
-    assert!(status.success(), "exit status {status:?}\n{}", builder.log());
-    let gone = run_kazoo_ok("kz.py", &kz_args(&conn, &["exists", &format!("/nodepool/components/builder/{}", nodes[0])]));
-    assert_eq!(gone.trim(), "no", "the session is closed, not left to expire");
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        builder.log()
+    );
+    let gone = run_kazoo_ok(
+        "kz.py",
+        &kz_args(
+            &conn,
+            &[
+                "exists",
+                &format!("/nodepool/components/builder/{}", nodes[0]),
+            ],
+        ),
+    );
+    assert_eq!(
+        gone.trim(),
+        "no",
+        "the session is closed, not left to expire"
+    );
 }
 
 #[test]
@@ -113,8 +149,15 @@ fn check_config_exits_2_with_every_error_located() {
         assert_eq!(out.status.code(), Some(2), "{name}: {out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         let expected = std::fs::read_to_string(bad.join(format!("{stem}.expected"))).unwrap();
-        let expected: Vec<&str> = expected.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).collect();
-        assert_eq!(stderr.lines().count(), expected.len(), "{name}: one line per error:\n{stderr}");
+        let expected: Vec<&str> = expected
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .collect();
+        assert_eq!(
+            stderr.lines().count(),
+            expected.len(),
+            "{name}: one line per error:\n{stderr}"
+        );
         for exp in expected {
             let (file, rest) = match exp.strip_prefix("secure:") {
                 Some(rest) => (secure.clone(), rest.trim()),
@@ -122,7 +165,10 @@ fn check_config_exits_2_with_every_error_located() {
             };
             let loc = rest.split(": ").next().unwrap();
             let prefix = format!("{}:{loc}: ", file.display());
-            assert!(stderr.lines().any(|l| l.starts_with(&prefix)), "{name}: no line starting {prefix:?} in\n{stderr}");
+            assert!(
+                stderr.lines().any(|l| l.starts_with(&prefix)),
+                "{name}: no line starting {prefix:?} in\n{stderr}"
+            );
         }
         // The daemon itself refuses the same config before doing anything.
         let mut cmd = std::process::Command::new(binary());
@@ -131,13 +177,20 @@ fn check_config_exits_2_with_every_error_located() {
             cmd.args(["-s", secure.to_str().unwrap()]);
         }
         let out = cmd.output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{name}: the daemon must refuse a bad config: {out:?}");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{name}: the daemon must refuse a bad config: {out:?}"
+        );
         checked += 1;
     }
     assert!(checked >= 20, "only {checked} broken configs");
 
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/nodepool-builder.toml");
-    let out = std::process::Command::new(binary()).args(["check-config", "-c", example.to_str().unwrap()]).output().unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["check-config", "-c", example.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
 }
 
@@ -145,15 +198,33 @@ fn check_config_exits_2_with_every_error_located() {
 fn secure_file_errors_never_echo_secrets_through_the_binary() {
     let dir = test_dir("secure_echo");
     let main = dir.path().join("main.toml");
-    std::fs::write(&main, "images-dir = \"/tmp\"\n[[zookeeper-servers]]\nhost = \"localhost\"\n").unwrap();
+    std::fs::write(
+        &main,
+        "images-dir = \"/tmp\"\n[[zookeeper-servers]]\nhost = \"localhost\"\n",
+    )
+    .unwrap();
     let secure = dir.path().join("secure.toml");
-    std::fs::write(&secure, "[zookeeper-auth]\ncredentialz = \"user:hunter2-secret\"\n").unwrap();
+    std::fs::write(
+        &secure,
+        "[zookeeper-auth]\ncredentialz = \"user:hunter2-secret\"\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(binary())
-        .args(["check-config", "-c", main.to_str().unwrap(), "-s", secure.to_str().unwrap()])
+        .args([
+            "check-config",
+            "-c",
+            main.to_str().unwrap(),
+            "-s",
+            secure.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(all.contains(&format!("{}:2:1", secure.display())), "{all}");
     assert!(!all.contains("hunter2"), "the secret leaked: {all}");
 }

@@ -15,7 +15,10 @@ use crate::util::wait_until;
 fn clouds_yaml(site: &Site, glance: &GlanceServer, clouds: &[(&str, Option<&str>)]) -> String {
     let mut y = String::from("clouds:\n");
     for (name, format) in clouds {
-        y.push_str(&format!("  {name}:\n    auth_type: none\n    image_endpoint_override: {}\n", glance.url()));
+        y.push_str(&format!(
+            "  {name}:\n    auth_type: none\n    image_endpoint_override: {}\n",
+            glance.url()
+        ));
         if let Some(f) = format {
             y.push_str(&format!("    image_format: {f}\n"));
         }
@@ -26,7 +29,8 @@ fn clouds_yaml(site: &Site, glance: &GlanceServer, clouds: &[(&str, Option<&str>
 }
 
 fn openstack(name: &str, cloud: &str, images: &[&str], extra: &str) -> String {
-    let mut t = format!("\n[[providers]]\nname = \"{name}\"\ncloud = \"{cloud}\"\nrate = 0.0\n{extra}\n");
+    let mut t =
+        format!("\n[[providers]]\nname = \"{name}\"\ncloud = \"{cloud}\"\nrate = 0.0\n{extra}\n");
     for i in images {
         t.push_str(&format!("[[providers.diskimages]]\nname = \"{i}\"\n[providers.diskimages.meta]\npurpose = \"test\"\n"));
     }
@@ -34,15 +38,26 @@ fn openstack(name: &str, cloud: &str, images: &[&str], extra: &str) -> String {
 }
 
 fn md5_of(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("md5sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+    let out = std::process::Command::new("md5sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 #[test]
 fn one_build_goes_to_two_glance_providers_in_their_formats() {
     let glance = GlanceServer::shared();
     let site = Site::new("glance_two");
-    let clouds = clouds_yaml(&site, glance, &[("vhd-cloud", Some("vhd")), ("plain-cloud", None)]);
+    let clouds = clouds_yaml(
+        &site,
+        glance,
+        &[("vhd-cloud", Some("vhd")), ("plain-cloud", None)],
+    );
     let (pv, pq) = ("glance-two-vhd", "glance-two-qcow2");
     let body = format!(
         "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{{fake_dib}}\"\n[diskimages.metadata]\nowner = \"ci\"\n{}{}",
@@ -52,9 +67,15 @@ fn one_build_goes_to_two_glance_providers_in_their_formats() {
     site.config(0, "", &body);
     let _b = site.start_with_env(0, &[], &[("OS_CLIENT_CONFIG_FILE", &clouds)]);
     let build = site.wait_builds("fedora", BuildState::Ready, 1).remove(0);
-    assert_eq!(build.build.formats, vec!["qcow2", "vhd"], "formats from clouds.yaml: vhd, and openstacksdk's default qcow2");
+    assert_eq!(
+        build.build.formats,
+        vec!["qcow2", "vhd"],
+        "formats from clouds.yaml: vhd, and openstacksdk's default qcow2"
+    );
     for (provider, format) in [(pv, "vhd"), (pq, "qcow2")] {
-        let (_, up) = site.wait_uploads("fedora", provider, UploadState::Ready, 1).remove(0);
+        let (_, up) = site
+            .wait_uploads("fedora", provider, UploadState::Ready, 1)
+            .remove(0);
         let id = up.upload.external_id.clone().unwrap();
         let img = glance.get_image(&id).expect("the image exists in Glance");
         assert_eq!(img["status"], "active");
@@ -67,9 +88,19 @@ fn one_build_goes_to_two_glance_providers_in_their_formats() {
         assert_eq!(img["nodepool_provider_name"], provider);
         assert_eq!(img["owner"], "ci", "diskimage metadata");
         assert_eq!(img["purpose"], "test", "provider meta");
-        let file = site.images_dir(0).join(format!("fedora-{}.{format}", build.id));
-        assert_eq!(img["checksum"].as_str().unwrap(), md5_of(&file), "Glance got exactly the file");
-        assert_eq!(glance.images_of(provider).len(), 1, "one image per provider");
+        let file = site
+            .images_dir(0)
+            .join(format!("fedora-{}.{format}", build.id));
+        assert_eq!(
+            img["checksum"].as_str().unwrap(),
+            md5_of(&file),
+            "Glance got exactly the file"
+        );
+        assert_eq!(
+            glance.images_of(provider).len(),
+            1,
+            "one image per provider"
+        );
     }
 }
 
@@ -87,18 +118,34 @@ fn glance_killed_mid_upload_is_retried_and_leaves_no_stray_image() {
     let mut b = site.start_with_env(0, &[], &[("OS_CLIENT_CONFIG_FILE", &clouds)]);
     site.wait_uploads("big", provider, UploadState::Uploading, 1);
     // Kill Glance while the file streams, then bring it back.
-    wait_until(WAIT, "the upload to reach Glance", || glance.image_count() > 0);
+    wait_until(WAIT, "the upload to reach Glance", || {
+        glance.image_count() > 0
+    });
     glance.kill();
     b.wait_for_log(WAIT, "Failed to upload build");
     glance.restart();
-    let (_, up) = site.wait_uploads("big", provider, UploadState::Ready, 1).remove(0);
+    let (_, up) = site
+        .wait_uploads("big", provider, UploadState::Ready, 1)
+        .remove(0);
     assert!(b.log().contains("retrying in"), "retried with back-off");
     let id = up.upload.external_id.unwrap();
-    wait_until(Duration::from_secs(90), "the partial image of the killed attempt to be deleted", || {
-        let ids: Vec<String> = glance.images_of(provider).iter().map(|i| i["id"].as_str().unwrap_or_default().to_string()).collect();
-        ids == vec![id.clone()]
-    });
-    assert_eq!(site.uploads_in("big", provider, UploadState::Ready).len(), 1, "exactly one ready upload");
+    wait_until(
+        Duration::from_secs(90),
+        "the partial image of the killed attempt to be deleted",
+        || {
+            let ids: Vec<String> = glance
+                .images_of(provider)
+                .iter()
+                .map(|i| i["id"].as_str().unwrap_or_default().to_string())
+                .collect();
+            ids == vec![id.clone()]
+        },
+    );
+    assert_eq!(
+        site.uploads_in("big", provider, UploadState::Ready).len(),
+        1,
+        "exactly one ready upload"
+    );
     assert_eq!(glance.get_image(&id).unwrap()["status"], "active");
 }
 
@@ -107,27 +154,46 @@ fn two_builders_with_the_files_upload_once_per_provider() {
     let site = Site::new("two_uploaders");
     std::fs::create_dir_all(site.cloud_dir("cloud")).unwrap();
     std::fs::write(site.cloud_dir("cloud").join("slow-upload"), "1").unwrap();
-    let body = format!("\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{{fake_dib}}\"\n{}", site.provider("cloud", "raw", &["fedora"], ""));
+    let body = format!(
+        "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{{fake_dib}}\"\n{}",
+        site.provider("cloud", "raw", &["fedora"], "")
+    );
     site.config(0, "", &body);
     // Builder 1 shares builder 0's images directory, so both hold the build's files.
     let shared_dir = site.images_dir(0).display().to_string();
     let cfg1 = site.config(1, "", &body);
-    let text = std::fs::read_to_string(&cfg1).unwrap().replace(&site.images_dir(1).display().to_string(), &shared_dir);
+    let text = std::fs::read_to_string(&cfg1)
+        .unwrap()
+        .replace(&site.images_dir(1).display().to_string(), &shared_dir);
     std::fs::write(&cfg1, text).unwrap();
     let _b0 = site.start(0, &[]);
     let _b1 = site.start(1, &[]);
-    let (build, _) = site.wait_uploads("fedora", "cloud", UploadState::Ready, 1).remove(0);
+    let (build, _) = site
+        .wait_uploads("fedora", "cloud", UploadState::Ready, 1)
+        .remove(0);
     site.request_build("fedora");
     let mut known = vec![build];
     let second = site.wait_new_ready("fedora", &mut known);
     site.wait("the second build's upload", || {
-        site.uploads_in("fedora", "cloud", UploadState::Ready).iter().any(|(b, _)| *b == second.id).then_some(())
+        site.uploads_in("fedora", "cloud", UploadState::Ready)
+            .iter()
+            .any(|(b, _)| *b == second.id)
+            .then_some(())
     });
     for b in site.builds("fedora") {
         let n = b.uploads_to("cloud").count();
-        assert!(n <= 1, "one upload record per (build, provider), got {n} for {}", b.id);
+        assert!(
+            n <= 1,
+            "one upload record per (build, provider), got {n} for {}",
+            b.id
+        );
     }
-    assert!(site.uploads_in("fedora", "cloud", UploadState::Failed).is_empty());
-    wait_until(WAIT, "two images in the cloud", || site.cloud_images("cloud").len() == 2);
+    assert!(
+        site.uploads_in("fedora", "cloud", UploadState::Failed)
+            .is_empty()
+    );
+    wait_until(WAIT, "two images in the cloud", || {
+        site.cloud_images("cloud").len() == 2
+    });
     site.assert_no_leaks(&["cloud"], &[0]);
 }

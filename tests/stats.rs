@@ -13,7 +13,8 @@ use crate::util::np::Site;
 fn upstream_statsd_keys_after_one_build_and_one_upload() {
     let site = Site::new("statsd");
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let port = sock.local_addr().unwrap().port().to_string();
     let body = format!(
         "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{{fake_dib}}\"\n{}",
@@ -48,19 +49,31 @@ fn upstream_statsd_keys_after_one_build_and_one_upload() {
     let matches = |line: &str, pat: &str| {
         let (key, rest) = pat.split_once(':').unwrap();
         let (value, kind) = rest.split_once('|').unwrap();
-        line.strip_prefix(key).and_then(|r| r.strip_prefix(':')).is_some_and(|r| {
-            r.split_once('|').is_some_and(|(v, k)| k == kind && (value.is_empty() || v == value) && v.parse::<f64>().is_ok())
-        })
+        line.strip_prefix(key)
+            .and_then(|r| r.strip_prefix(':'))
+            .is_some_and(|r| {
+                r.split_once('|').is_some_and(|(v, k)| {
+                    k == kind && (value.is_empty() || v == value) && v.parse::<f64>().is_ok()
+                })
+            })
     };
     let mut seen: Vec<String> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut buf = [0u8; 65536];
     while Instant::now() < deadline && !want.iter().all(|w| seen.iter().any(|l| matches(l, w))) {
         if let Ok(n) = sock.recv(&mut buf) {
-            seen.extend(String::from_utf8_lossy(&buf[..n]).lines().map(str::to_string));
+            seen.extend(
+                String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .map(str::to_string),
+            );
         }
     }
     for w in &want {
-        assert!(seen.iter().any(|l| matches(l, w)), "no {w} among:\n{}", seen.join("\n"));
+        assert!(
+            seen.iter().any(|l| matches(l, w)),
+            "no {w} among:\n{}",
+            seen.join("\n")
+        );
     }
 }

@@ -12,7 +12,9 @@ use crate::util::np::{Site, WAIT};
 use crate::util::wait_until;
 
 fn image(name: &str, formats: &str) -> String {
-    format!("\n[[diskimages]]\nname = \"{name}\"\ndib-cmd = \"{{fake_dib}}\"\nformats = [{formats}]\n")
+    format!(
+        "\n[[diskimages]]\nname = \"{name}\"\ndib-cmd = \"{{fake_dib}}\"\nformats = [{formats}]\n"
+    )
 }
 
 #[test]
@@ -22,20 +24,41 @@ fn one_build_uploads_vhd_and_qcow2_to_two_providers() {
         "{}{}{}",
         image("fedora", ""),
         site.provider("vhd-cloud", "vhd", &["fedora"], ""),
-        site.provider("qcow-cloud", "qcow2", &["fedora"], "image-name-format = \"{image_name}-{upload_id}\"")
+        site.provider(
+            "qcow-cloud",
+            "qcow2",
+            &["fedora"],
+            "image-name-format = \"{image_name}-{upload_id}\""
+        )
     );
     site.config(0, "", &body);
     let mut b = site.start(0, &[]);
     let build = site.wait_builds("fedora", BuildState::Ready, 1).remove(0);
     assert_eq!(build.build.formats, vec!["qcow2", "vhd"]);
-    let vhd = site.wait_uploads("fedora", "vhd-cloud", UploadState::Ready, 1).remove(0).1;
-    let qcow = site.wait_uploads("fedora", "qcow-cloud", UploadState::Ready, 1).remove(0).1;
+    let vhd = site
+        .wait_uploads("fedora", "vhd-cloud", UploadState::Ready, 1)
+        .remove(0)
+        .1;
+    let qcow = site
+        .wait_uploads("fedora", "qcow-cloud", UploadState::Ready, 1)
+        .remove(0)
+        .1;
     assert_eq!(vhd.upload.format.as_deref(), Some("vhd"));
     assert_eq!(qcow.upload.format.as_deref(), Some("qcow2"));
-    assert_eq!(vhd.id, "0000000001", "the first upload id, as upstream (the lock dir takes 0)");
-    assert_eq!(qcow.upload.external_name.as_deref(), Some(format!("fedora-{}", qcow.id).as_str()));
+    assert_eq!(
+        vhd.id, "0000000001",
+        "the first upload id, as upstream (the lock dir takes 0)"
+    );
+    assert_eq!(
+        qcow.upload.external_name.as_deref(),
+        Some(format!("fedora-{}", qcow.id).as_str())
+    );
     let vname = vhd.upload.external_name.clone().unwrap();
-    let ts: u64 = vname.strip_prefix("fedora-").unwrap().parse().expect("default name {image_name}-{timestamp}");
+    let ts: u64 = vname
+        .strip_prefix("fedora-")
+        .unwrap()
+        .parse()
+        .expect("default name {image_name}-{timestamp}");
     assert!(ts > 1_700_000_000);
     assert_eq!(vhd.upload.username.as_deref(), Some("zuul"));
     assert_eq!(vhd.upload.python_path.as_deref(), Some("auto"));
@@ -43,16 +66,34 @@ fn one_build_uploads_vhd_and_qcow2_to_two_providers() {
     let ext = vhd.upload.external_id.clone().unwrap();
     assert_eq!(site.cloud_images("vhd-cloud"), vec![ext.clone()]);
     let props = site.cloud_properties("vhd-cloud", &ext);
-    assert!(props.contains(&format!("NODEPOOL_META_NODEPOOL_BUILD_ID={}", build.id)), "{props}");
-    assert!(props.contains("NODEPOOL_META_NODEPOOL_UPLOAD_ID=0000000001"), "{props}");
-    assert!(props.contains("NODEPOOL_META_NODEPOOL_PROVIDER_NAME=vhd-cloud"), "{props}");
-    let copied = site.cloud_dir("vhd-cloud").join(&ext).join(format!("{vname}.vhd"));
+    assert!(
+        props.contains(&format!("NODEPOOL_META_NODEPOOL_BUILD_ID={}", build.id)),
+        "{props}"
+    );
+    assert!(
+        props.contains("NODEPOOL_META_NODEPOOL_UPLOAD_ID=0000000001"),
+        "{props}"
+    );
+    assert!(
+        props.contains("NODEPOOL_META_NODEPOOL_PROVIDER_NAME=vhd-cloud"),
+        "{props}"
+    );
+    let copied = site
+        .cloud_dir("vhd-cloud")
+        .join(&ext)
+        .join(format!("{vname}.vhd"));
     assert_eq!(
         std::fs::read(&copied).unwrap(),
         std::fs::read(site.images_dir(0).join(format!("fedora-{}.vhd", build.id))).unwrap(),
         "the cloud got the vhd file"
     );
-    b.wait_for_log(WAIT, &format!("Image build fedora-{} (external_id {ext}) in vhd-cloud is ready", build.id));
+    b.wait_for_log(
+        WAIT,
+        &format!(
+            "Image build fedora-{} (external_id {ext}) in vhd-cloud is ready",
+            build.id
+        ),
+    );
     site.assert_no_leaks(&["vhd-cloud", "qcow-cloud"], &[0]);
 }
 
@@ -61,7 +102,12 @@ fn a_failing_provider_does_not_block_the_other_and_failures_do_not_pile_up() {
     let site = Site::new("failing_provider");
     std::fs::create_dir_all(site.cloud_dir("bad")).unwrap();
     std::fs::write(site.cloud_dir("bad").join("fail-upload"), "").unwrap();
-    let body = format!("{}{}{}", image("fedora", ""), site.provider("bad", "raw", &["fedora"], ""), site.provider("good", "raw", &["fedora"], ""));
+    let body = format!(
+        "{}{}{}",
+        image("fedora", ""),
+        site.provider("bad", "raw", &["fedora"], ""),
+        site.provider("good", "raw", &["fedora"], "")
+    );
     site.config(0, "", &body);
     let mut b = site.start(0, &[]);
     site.wait_uploads("fedora", "good", UploadState::Ready, 1);
@@ -69,13 +115,27 @@ fn a_failing_provider_does_not_block_the_other_and_failures_do_not_pile_up() {
     b.wait_for_log(WAIT, "(failure 3)");
     let log = b.log();
     assert!(log.contains("Failed to upload build"), "{log}");
-    assert!(log.contains("upload refused (fail-upload present)"), "the command's stderr reaches the log: {log}");
-    assert!(site.uploads_in("fedora", "bad", UploadState::Failed).len() <= 1, "failed records of retries do not pile up");
+    assert!(
+        log.contains("upload refused (fail-upload present)"),
+        "the command's stderr reaches the log: {log}"
+    );
+    assert!(
+        site.uploads_in("fedora", "bad", UploadState::Failed).len() <= 1,
+        "failed records of retries do not pile up"
+    );
     assert!(site.cloud_images("bad").is_empty());
     std::fs::remove_file(site.cloud_dir("bad").join("fail-upload")).unwrap();
     site.wait_uploads("fedora", "bad", UploadState::Ready, 1);
-    site.wait("the last failed record to be removed", || site.uploads_in("fedora", "bad", UploadState::Failed).is_empty().then_some(()));
-    assert_eq!(site.uploads_in("fedora", "good", UploadState::Ready).len(), 1, "exactly one ready upload per provider");
+    site.wait("the last failed record to be removed", || {
+        site.uploads_in("fedora", "bad", UploadState::Failed)
+            .is_empty()
+            .then_some(())
+    });
+    assert_eq!(
+        site.uploads_in("fedora", "good", UploadState::Ready).len(),
+        1,
+        "exactly one ready upload per provider"
+    );
     site.assert_no_leaks(&["bad", "good"], &[0]);
 }
 
@@ -83,7 +143,11 @@ fn a_failing_provider_does_not_block_the_other_and_failures_do_not_pile_up() {
 fn provider_pause_holds_uploads_of_that_image_only() {
     let site = Site::new("upload_pause");
     let mut body = format!("{}{}", image("held", ""), image("free", ""));
-    body.push_str(&site.provider("cloud", "qcow2", &[], "").replace("\n[[providers.diskimages]]", ""));
+    body.push_str(
+        &site
+            .provider("cloud", "qcow2", &[], "")
+            .replace("\n[[providers.diskimages]]", ""),
+    );
     body.push_str("[[providers.diskimages]]\nname = \"held\"\npause = true\n[[providers.diskimages]]\nname = \"free\"\n");
     site.config(0, "", &body);
     let _b = site.start(0, &[]);
@@ -91,7 +155,10 @@ fn provider_pause_holds_uploads_of_that_image_only() {
     site.wait_uploads("free", "cloud", UploadState::Ready, 1);
     site.request_build("free");
     site.wait_uploads("free", "cloud", UploadState::Ready, 2);
-    assert!(site.uploads("held").is_empty(), "paused for this provider: built, not uploaded");
+    assert!(
+        site.uploads("held").is_empty(),
+        "paused for this provider: built, not uploaded"
+    );
 }
 
 #[test]
@@ -99,42 +166,88 @@ fn post_upload_hook_runs_and_its_failure_deletes_the_cloud_image() {
     let site = Site::new("post_upload_hook");
     let hook = site.path("hook");
     std::fs::write(&hook, "#!/bin/sh\necho \"hook $1 $2 $3\"\n[ -e \"$(dirname \"$3\")/hook-fails\" ] && { echo broken >&2; exit 3; }\ntouch \"$3.post\"\n").unwrap();
-    std::process::Command::new("chmod").args(["+x", hook.to_str().unwrap()]).status().unwrap();
-    let body = format!("{}{}", image("fedora", ""), site.provider("cloud", "raw", &["fedora"], &format!("post-upload-hook = \"{}\"", hook.display())));
+    std::process::Command::new("chmod")
+        .args(["+x", hook.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let body = format!(
+        "{}{}",
+        image("fedora", ""),
+        site.provider(
+            "cloud",
+            "raw",
+            &["fedora"],
+            &format!("post-upload-hook = \"{}\"", hook.display())
+        )
+    );
     site.config(0, "", &body);
     let mut b = site.start(0, &[]);
-    let (build, up) = site.wait_uploads("fedora", "cloud", UploadState::Ready, 1).remove(0);
-    assert!(site.images_dir(0).join(format!("fedora-{build}.raw.post")).exists(), "the hook got the local file name");
-    b.wait_for_log(WAIT, &format!("hook cloud {}", up.upload.external_id.unwrap()));
+    let (build, up) = site
+        .wait_uploads("fedora", "cloud", UploadState::Ready, 1)
+        .remove(0);
+    assert!(
+        site.images_dir(0)
+            .join(format!("fedora-{build}.raw.post"))
+            .exists(),
+        "the hook got the local file name"
+    );
+    b.wait_for_log(
+        WAIT,
+        &format!("hook cloud {}", up.upload.external_id.unwrap()),
+    );
 
     site.control(0, "hook-fails", "");
     site.request_build("fedora");
     b.wait_for_log(WAIT, "post-upload hook");
     site.wait("a failed upload for the new build", || {
-        site.builds("fedora").iter().any(|x| x.id != build && x.uploads.iter().any(|u| u.upload.state == UploadState::Failed)).then_some(())
+        site.builds("fedora")
+            .iter()
+            .any(|x| {
+                x.id != build
+                    && x.uploads
+                        .iter()
+                        .any(|u| u.upload.state == UploadState::Failed)
+            })
+            .then_some(())
     });
-    assert_eq!(site.cloud_images("cloud").len(), 1, "the hook's cloud image was deleted, only the first remains");
+    assert_eq!(
+        site.cloud_images("cloud").len(),
+        1,
+        "the hook's cloud image was deleted, only the first remains"
+    );
     site.assert_no_leaks(&["cloud"], &[0]);
 }
 
 #[test]
 fn image_delete_of_the_only_upload_leads_to_a_reupload() {
     let site = Site::new("reupload");
-    let body = format!("{}{}", image("fedora", ""), site.provider("cloud", "qcow2", &["fedora"], ""));
+    let body = format!(
+        "{}{}",
+        image("fedora", ""),
+        site.provider("cloud", "qcow2", &["fedora"], "")
+    );
     site.config(0, "", &body);
     let _b = site.start(0, &[]);
-    let (build, up) = site.wait_uploads("fedora", "cloud", UploadState::Ready, 1).remove(0);
+    let (build, up) = site
+        .wait_uploads("fedora", "cloud", UploadState::Ready, 1)
+        .remove(0);
     // What `nodepool image-delete` does: set the upload to deleting, without a lock.
     let path = paths::image_upload_path("fedora", &build, "cloud", &up.id);
     let mut rec = up.upload.clone();
     rec.state = UploadState::Deleting;
     site.zk.set_data(&path, &rec.to_json(), None).unwrap();
     let again = site.wait("a new ready upload", || {
-        site.uploads_in("fedora", "cloud", UploadState::Ready).into_iter().find(|(_, u)| u.id != up.id)
+        site.uploads_in("fedora", "cloud", UploadState::Ready)
+            .into_iter()
+            .find(|(_, u)| u.id != up.id)
     });
     assert!(again.1.id > up.id, "a new upload id");
-    site.wait("the deleted upload's record to go", || site.zk.exists(&path).unwrap().is_none().then_some(()));
-    wait_until(WAIT, "the deleted upload's cloud image to go", || site.cloud_images("cloud") == vec![again.1.upload.external_id.clone().unwrap()]);
+    site.wait("the deleted upload's record to go", || {
+        site.zk.exists(&path).unwrap().is_none().then_some(())
+    });
+    wait_until(WAIT, "the deleted upload's cloud image to go", || {
+        site.cloud_images("cloud") == vec![again.1.upload.external_id.clone().unwrap()]
+    });
     site.assert_no_leaks(&["cloud"], &[0]);
 }
 
@@ -151,12 +264,24 @@ fn uploads_start_as_soon_as_the_build_is_ready() {
     site.config(0, "", &body);
     let _b = site.start(0, &["--build-workers", "2", "--upload-workers", "8"]);
     site.wait("60 ready uploads", || {
-        let n: usize = names.iter().map(|n| site.uploads(n).iter().filter(|(_, u)| u.upload.state == UploadState::Ready).count()).sum();
+        let n: usize = names
+            .iter()
+            .map(|n| {
+                site.uploads(n)
+                    .iter()
+                    .filter(|(_, u)| u.upload.state == UploadState::Ready)
+                    .count()
+            })
+            .sum();
         (n == 60).then_some(())
     });
     for n in &names {
         for p in ["p1", "p2", "p3"] {
-            assert_eq!(site.uploads_in(n, p, UploadState::Ready).len(), 1, "{n} {p}");
+            assert_eq!(
+                site.uploads_in(n, p, UploadState::Ready).len(),
+                1,
+                "{n} {p}"
+            );
         }
     }
     for p in ["p1", "p2", "p3"] {
@@ -172,31 +297,66 @@ fn sigterm_during_an_upload_stops_within_the_grace_and_the_upload_is_redone_once
     let site = Site::new("sigterm_upload");
     std::fs::create_dir_all(site.cloud_dir("cloud")).unwrap();
     std::fs::write(site.cloud_dir("cloud").join("slow-upload"), "300").unwrap();
-    site.config(0, "cleanup-interval = 1.0", &format!("{}{}", image("fedora", ""), site.provider("cloud", "raw", &["fedora"], "")));
+    site.config(
+        0,
+        "cleanup-interval = 1.0",
+        &format!(
+            "{}{}",
+            image("fedora", ""),
+            site.provider("cloud", "raw", &["fedora"], "")
+        ),
+    );
     let mut b = site.start(0, &[]);
-    let (build, _) = site.wait_uploads("fedora", "cloud", UploadState::Uploading, 1).remove(0);
+    let (build, _) = site
+        .wait_uploads("fedora", "cloud", UploadState::Uploading, 1)
+        .remove(0);
     let cloud = site.cloud_dir("cloud").display().to_string();
     let uploader = || {
-        let out = std::process::Command::new("pgrep").args(["-f", &format!("dir-cloud upload {cloud}")]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()).collect::<Vec<_>>()
+        let out = std::process::Command::new("pgrep")
+            .args(["-f", &format!("dir-cloud upload {cloud}")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .collect::<Vec<_>>()
     };
     wait_until(WAIT, "the upload command to run", || !uploader().is_empty());
     let started = std::time::Instant::now();
     b.signal(Signal::SIGTERM);
     let status = b.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status:?}\n{}", b.log());
-    assert!(started.elapsed() < Duration::from_secs(20), "stopped within the upload grace period: {:?}", started.elapsed());
-    wait_until(Duration::from_secs(10), "the upload command to die with the builder", || uploader().is_empty());
-    assert!(site.cloud_images("cloud").is_empty(), "no cloud image from the interrupted upload");
     assert!(
-        !nodepool_builder::zk::lock::is_locked(&site.zk, &paths::image_upload_lock_path("fedora", &build, "cloud")).unwrap(),
+        started.elapsed() < Duration::from_secs(20),
+        "stopped within the upload grace period: {:?}",
+        started.elapsed()
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the upload command to die with the builder",
+        || uploader().is_empty(),
+    );
+    assert!(
+        site.cloud_images("cloud").is_empty(),
+        "no cloud image from the interrupted upload"
+    );
+    assert!(
+        !nodepool_builder::zk::lock::is_locked(
+            &site.zk,
+            &paths::image_upload_lock_path("fedora", &build, "cloud")
+        )
+        .unwrap(),
         "the upload lock went with the session"
     );
     // Restarted, the builder removes the orphaned uploading record and uploads once.
     std::fs::remove_file(site.cloud_dir("cloud").join("slow-upload")).unwrap();
     let _b = site.start(0, &[]);
     site.wait_uploads("fedora", "cloud", UploadState::Ready, 1);
-    site.wait("the orphaned uploading record to go", || site.uploads_in("fedora", "cloud", UploadState::Uploading).is_empty().then_some(()));
+    site.wait("the orphaned uploading record to go", || {
+        site.uploads_in("fedora", "cloud", UploadState::Uploading)
+            .is_empty()
+            .then_some(())
+    });
     assert_eq!(site.cloud_images("cloud").len(), 1);
     site.assert_no_leaks(&["cloud"], &[0]);
 }

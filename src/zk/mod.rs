@@ -553,9 +553,15 @@ impl Zk {
         results
             .into_iter()
             .map(|r| match r {
-                zookeeper_client::MultiReadResult::Data { data, stat } => Ok(Some(ReadResult::Data(data, stat))),
-                zookeeper_client::MultiReadResult::Children { children } => Ok(Some(ReadResult::Children(children))),
-                zookeeper_client::MultiReadResult::Error { err: zookeeper_client::Error::NoNode } => Ok(None),
+                zookeeper_client::MultiReadResult::Data { data, stat } => {
+                    Ok(Some(ReadResult::Data(data, stat)))
+                }
+                zookeeper_client::MultiReadResult::Children { children } => {
+                    Ok(Some(ReadResult::Children(children)))
+                }
+                zookeeper_client::MultiReadResult::Error {
+                    err: zookeeper_client::Error::NoNode,
+                } => Ok(None),
                 zookeeper_client::MultiReadResult::Error { err } => Err(ZkError::from(err)),
                 _ => Err(ZkError::Other("unknown multi-read result".into())),
             })
@@ -647,7 +653,9 @@ impl Zk {
     fn set_state(&self, state: ConnState, new_generation: Option<u64>) {
         let ev = {
             let mut st = self.inner.state.lock().unwrap();
-            if st.state == ConnState::Closed {
+            // Closed is final; and a repeated state (the crate may report SyncConnected twice
+            // around a connect) is no news for subscribers.
+            if st.state == ConnState::Closed || (st.state == state && new_generation.is_none()) {
                 return;
             }
             st.state = state;
@@ -732,9 +740,16 @@ impl Zk {
                 let lost = match next_session_state(&mut states, &mut stop_rx, deadline) {
                     Next::Stop => break 'sessions,
                     Next::State(SessionState::Disconnected) => {
-                        warn!("ZooKeeper connection suspended");
-                        suspended_since = Some(Instant::now());
+                        if suspended_since.is_none() {
+                            warn!("ZooKeeper connection suspended");
+                            suspended_since = Some(Instant::now());
+                        }
                         self.set_state(ConnState::Suspended, None);
+                        None
+                    }
+                    Next::State(SessionState::SyncConnected | SessionState::ConnectedReadOnly)
+                        if suspended_since.is_none() =>
+                    {
                         None
                     }
                     Next::State(SessionState::SyncConnected | SessionState::ConnectedReadOnly) => {
@@ -764,12 +779,18 @@ impl Zk {
         if let Some(mut states) = last_states {
             let closed = async {
                 loop {
-                    if matches!(states.changed().await, SessionState::Closed | SessionState::Expired | SessionState::AuthFailed) {
+                    if matches!(
+                        states.changed().await,
+                        SessionState::Closed | SessionState::Expired | SessionState::AuthFailed
+                    ) {
                         break;
                     }
                 }
             };
-            let _ = futures::executor::block_on(select(pin!(closed), async_io::Timer::after(Duration::from_secs(3))));
+            let _ = futures::executor::block_on(select(
+                pin!(closed),
+                async_io::Timer::after(Duration::from_secs(3)),
+            ));
         }
         crate::registry::clear_activity();
         info!("ZooKeeper client closed");

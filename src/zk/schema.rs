@@ -468,7 +468,10 @@ mod tests {
     #[test]
     fn seventeen_digit_state_times_survive_a_read_and_a_write() {
         let golden = br#"{"state": "ready", "state_time": 1795545975.9448047, "external_id": "x", "external_name": "y", "format": "qcow2", "username": "zuul", "python_path": "auto", "shell_type": null}"#;
-        assert_eq!(ImageUpload::from_json(golden).unwrap().to_json(), golden.to_vec());
+        assert_eq!(
+            ImageUpload::from_json(golden).unwrap().to_json(),
+            golden.to_vec()
+        );
     }
 
     #[test]

@@ -29,13 +29,17 @@ pub struct UploadInfo {
 
 impl BuildInfo {
     /// Uploads of this build to `provider`.
-    pub fn uploads_to<'a>(&'a self, provider: &'a str) -> impl Iterator<Item = &'a UploadInfo> + 'a {
+    pub fn uploads_to<'a>(
+        &'a self,
+        provider: &'a str,
+    ) -> impl Iterator<Item = &'a UploadInfo> + 'a {
         self.uploads.iter().filter(move |u| u.provider == provider)
     }
 
     /// Whether a `ready` upload to `provider` exists.
     pub fn has_ready_upload(&self, provider: &str) -> bool {
-        self.uploads_to(provider).any(|u| u.upload.state == UploadState::Ready)
+        self.uploads_to(provider)
+            .any(|u| u.upload.state == UploadState::Ready)
     }
 }
 
@@ -63,15 +67,25 @@ pub fn parse_build(image: &str, id: &str, data: &[u8]) -> Option<ImageBuild> {
 }
 
 /// Parses an upload record, logging what is skipped.
-pub fn parse_upload(image: &str, build: &str, provider: &str, id: &str, data: &[u8]) -> Option<ImageUpload> {
+pub fn parse_upload(
+    image: &str,
+    build: &str,
+    provider: &str,
+    id: &str,
+    data: &[u8],
+) -> Option<ImageUpload> {
     match ImageUpload::from_json(data) {
         Ok(u) => Some(u),
         Err(SchemaError::Empty) => {
-            debug!("image={image} build={build} provider={provider} upload={id}: empty upload znode skipped");
+            debug!(
+                "image={image} build={build} provider={provider} upload={id}: empty upload znode skipped"
+            );
             None
         }
         Err(e) => {
-            warn!("image={image} build={build} provider={provider} upload={id}: skipping unreadable upload record: {e}");
+            warn!(
+                "image={image} build={build} provider={provider} upload={id}: skipping unreadable upload record: {e}"
+            );
             None
         }
     }
@@ -86,12 +100,19 @@ pub fn image_names(zk: &Zk) -> Result<Vec<String>> {
 
 /// Build ids of an image (without `lock`).
 pub fn build_ids(zk: &Zk, image: &str) -> Result<Vec<String>> {
-    Ok(zk.get_children(&paths::image_builds_path(image))?.unwrap_or_default().into_iter().filter(|id| id != "lock").collect())
+    Ok(zk
+        .get_children(&paths::image_builds_path(image))?
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|id| id != "lock")
+        .collect())
 }
 
 /// One build record, `None` when missing, empty or unreadable.
 pub fn read_build(zk: &Zk, image: &str, id: &str) -> Result<Option<ImageBuild>> {
-    Ok(zk.get_data(&paths::image_build_path(image, id))?.and_then(|(d, _)| parse_build(image, id, &d)))
+    Ok(zk
+        .get_data(&paths::image_build_path(image, id))?
+        .and_then(|(d, _)| parse_build(image, id, &d)))
 }
 
 /// Every readable build of an image, with its uploads.
@@ -118,11 +139,19 @@ pub fn upload_ids(zk: &Zk, image: &str, build: &str, provider: &str) -> Result<V
 
 /// Providers that have a directory under a build.
 pub fn build_providers(zk: &Zk, image: &str, build: &str) -> Result<Vec<String>> {
-    Ok(zk.get_children(&paths::image_providers_path(image, build))?.unwrap_or_default())
+    Ok(zk
+        .get_children(&paths::image_providers_path(image, build))?
+        .unwrap_or_default())
 }
 
 /// One upload record, `None` when missing, empty or unreadable.
-pub fn read_upload(zk: &Zk, image: &str, build: &str, provider: &str, id: &str) -> Result<Option<ImageUpload>> {
+pub fn read_upload(
+    zk: &Zk,
+    image: &str,
+    build: &str,
+    provider: &str,
+    id: &str,
+) -> Result<Option<ImageUpload>> {
     Ok(zk
         .get_data(&paths::image_upload_path(image, build, provider, id))?
         .and_then(|(d, _)| parse_upload(image, build, provider, id, &d)))
@@ -134,7 +163,11 @@ pub fn read_uploads(zk: &Zk, image: &str, build: &str) -> Result<Vec<UploadInfo>
     for provider in build_providers(zk, image, build)? {
         for id in upload_ids(zk, image, build, &provider)? {
             if let Some(upload) = read_upload(zk, image, build, &provider, &id)? {
-                out.push(UploadInfo { provider: provider.clone(), id, upload });
+                out.push(UploadInfo {
+                    provider: provider.clone(),
+                    id,
+                    upload,
+                });
             }
         }
     }

@@ -28,7 +28,9 @@ use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, info, warn};
 
 use super::tree::{self, BuildInfo, UploadInfo};
-use super::{ConnState, ReadOp, ReadResult, SessionEvent, WatchEvent, WatchKind, Zk, ZkError, paths};
+use super::{
+    ConnState, ReadOp, ReadResult, SessionEvent, WatchEvent, WatchKind, Zk, ZkError, paths,
+};
 use crate::registry;
 use crate::thread::{self, JoinHandle, ThreadKind};
 
@@ -43,7 +45,11 @@ pub enum ZkEvent {
     RequestBuild { image: String, requested: bool },
     /// Every readable build record of an image, with its uploads, and the ids of build
     /// znodes whose data is empty or unreadable.
-    Builds { image: String, builds: Vec<BuildInfo>, unreadable: Vec<String> },
+    Builds {
+        image: String,
+        builds: Vec<BuildInfo>,
+        unreadable: Vec<String>,
+    },
     /// Everything was re-read after a (re)connect or a verification found a difference.
     Resynced,
     /// The ZooKeeper session changed state.
@@ -74,10 +80,22 @@ impl Watcher {
         let zk = zk.clone();
         let handle = thread::spawn(ThreadKind::ZkEvents, "zk-watch", move || {
             let (raw_tx, raw_rx) = crossbeam_channel::unbounded();
-            let mut w = State { zk, out, raw_tx, configured, known: BTreeSet::new(), armed: HashSet::new(), build_ids: BTreeMap::new(), generation: 0 };
+            let mut w = State {
+                zk,
+                out,
+                raw_tx,
+                configured,
+                known: BTreeSet::new(),
+                armed: HashSet::new(),
+                build_ids: BTreeMap::new(),
+                generation: 0,
+            };
             w.run(cmd_rx, sessions, raw_rx);
         });
-        Watcher { cmd_tx: Some(cmd_tx), handle: Some(handle) }
+        Watcher {
+            cmd_tx: Some(cmd_tx),
+            handle: Some(handle),
+        }
     }
 
     /// Sends a command to the watcher.
@@ -118,7 +136,12 @@ enum Seen<T> {
 }
 
 impl State {
-    fn run(&mut self, cmds: Receiver<WatchCmd>, sessions: Receiver<SessionEvent>, raw: Receiver<WatchEvent>) {
+    fn run(
+        &mut self,
+        cmds: Receiver<WatchCmd>,
+        sessions: Receiver<SessionEvent>,
+        raw: Receiver<WatchEvent>,
+    ) {
         registry::set_activity("watching /nodepool/images");
         if self.zk.state() == ConnState::Connected {
             self.generation = self.zk.session().generation;
@@ -203,7 +226,12 @@ impl State {
             self.sync_images();
             return;
         }
-        let Some(rest) = path.strip_prefix(paths::IMAGE_ROOT).and_then(|r| r.strip_prefix('/')) else { return };
+        let Some(rest) = path
+            .strip_prefix(paths::IMAGE_ROOT)
+            .and_then(|r| r.strip_prefix('/'))
+        else {
+            return;
+        };
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
             [image, "pause"] | [image, "request-build"] => {
@@ -223,7 +251,11 @@ impl State {
         match self.children(path) {
             Ok(Seen::Value(children)) => {
                 let children: BTreeSet<String> = children.into_iter().collect();
-                let new: Vec<String> = children.difference(&self.known).filter(|i| !self.configured.contains(*i)).cloned().collect();
+                let new: Vec<String> = children
+                    .difference(&self.known)
+                    .filter(|i| !self.configured.contains(*i))
+                    .cloned()
+                    .collect();
                 self.known = children.clone();
                 self.send(ZkEvent::Images(children));
                 for image in new {
@@ -240,9 +272,15 @@ impl State {
             Ok(present) => {
                 let image = image.to_string();
                 if path.ends_with("/pause") {
-                    self.send(ZkEvent::Pause { image, paused: present });
+                    self.send(ZkEvent::Pause {
+                        image,
+                        paused: present,
+                    });
                 } else {
-                    self.send(ZkEvent::RequestBuild { image, requested: present });
+                    self.send(ZkEvent::RequestBuild {
+                        image,
+                        requested: present,
+                    });
                 }
             }
             Err(e) => self.failed(path, &e),
@@ -259,7 +297,11 @@ impl State {
                     self.failed(&builds_path, &e);
                 }
                 self.build_ids.insert(image.to_string(), BTreeSet::new());
-                self.send(ZkEvent::Builds { image: image.to_string(), builds: Vec::new(), unreadable: Vec::new() });
+                self.send(ZkEvent::Builds {
+                    image: image.to_string(),
+                    builds: Vec::new(),
+                    unreadable: Vec::new(),
+                });
                 return;
             }
             Err(e) => return self.failed(&builds_path, &e),
@@ -279,19 +321,32 @@ impl State {
                 Err((what, e)) => return self.failed(&what, &e),
             }
         }
-        let unreadable: Vec<String> = all.iter().filter(|id| !builds.iter().any(|b: &BuildInfo| b.id == **id)).cloned().collect();
+        let unreadable: Vec<String> = all
+            .iter()
+            .filter(|id| !builds.iter().any(|b: &BuildInfo| b.id == **id))
+            .cloned()
+            .collect();
         self.build_ids.insert(image.to_string(), all);
-        self.send(ZkEvent::Builds { image: image.to_string(), builds, unreadable });
+        self.send(ZkEvent::Builds {
+            image: image.to_string(),
+            builds,
+            unreadable,
+        });
     }
 
     /// Reads (and watches) every upload of a build.
-    fn sync_uploads(&mut self, image: &str, build: &str) -> Result<Vec<UploadInfo>, (String, ZkError)> {
+    fn sync_uploads(
+        &mut self,
+        image: &str,
+        build: &str,
+    ) -> Result<Vec<UploadInfo>, (String, ZkError)> {
         let mut uploads = Vec::new();
         let providers_path = paths::image_providers_path(image, build);
         let providers = match self.children(&providers_path) {
             Ok(Seen::Value(p)) => p,
             Ok(Seen::Missing) => {
-                self.exists(&providers_path).map_err(|e| (providers_path.clone(), e))?;
+                self.exists(&providers_path)
+                    .map_err(|e| (providers_path.clone(), e))?;
                 return Ok(uploads);
             }
             Err(e) => return Err((providers_path, e)),
@@ -301,7 +356,8 @@ impl State {
             let ids = match self.children(&images_path) {
                 Ok(Seen::Value(ids)) => ids,
                 Ok(Seen::Missing) => {
-                    self.exists(&images_path).map_err(|e| (images_path.clone(), e))?;
+                    self.exists(&images_path)
+                        .map_err(|e| (images_path.clone(), e))?;
                     continue;
                 }
                 Err(e) => return Err((images_path, e)),
@@ -310,8 +366,14 @@ impl State {
                 let path = paths::image_upload_path(image, build, &provider, &id);
                 match self.data(&path) {
                     Ok(Seen::Value(data)) => {
-                        if let Some(upload) = tree::parse_upload(image, build, &provider, &id, &data) {
-                            uploads.push(UploadInfo { provider: provider.clone(), id, upload });
+                        if let Some(upload) =
+                            tree::parse_upload(image, build, &provider, &id, &data)
+                        {
+                            uploads.push(UploadInfo {
+                                provider: provider.clone(),
+                                id,
+                                upload,
+                            });
                         }
                     }
                     Ok(Seen::Missing) => {}
@@ -336,7 +398,10 @@ impl State {
 
     fn children(&mut self, path: &str) -> Result<Seen<Vec<String>>, ZkError> {
         if self.armed.contains(path) {
-            return Ok(self.zk.get_children(path)?.map_or(Seen::Missing, Seen::Value));
+            return Ok(self
+                .zk
+                .get_children(path)?
+                .map_or(Seen::Missing, Seen::Value));
         }
         match self.zk.get_children_watch(path)? {
             Some((children, watch)) => {
@@ -350,7 +415,10 @@ impl State {
 
     fn data(&mut self, path: &str) -> Result<Seen<Vec<u8>>, ZkError> {
         if self.armed.contains(path) {
-            return Ok(self.zk.get_data(path)?.map_or(Seen::Missing, |(d, _)| Seen::Value(d)));
+            return Ok(self
+                .zk
+                .get_data(path)?
+                .map_or(Seen::Missing, |(d, _)| Seen::Value(d)));
         }
         match self.zk.get_data_watch(path)? {
             Some((data, _, watch)) => {
@@ -368,7 +436,11 @@ impl State {
     fn verify(&mut self) {
         let images: Vec<String> = self.images().into_iter().collect();
         let mut ops = vec![ReadOp::Children(paths::IMAGE_ROOT.to_string())];
-        ops.extend(images.iter().map(|i| ReadOp::Children(paths::image_builds_path(i))));
+        ops.extend(
+            images
+                .iter()
+                .map(|i| ReadOp::Children(paths::image_builds_path(i))),
+        );
         let results = match self.zk.multi_read(&ops) {
             Ok(r) => r,
             Err(e) => return self.failed("the image tree (verification)", &e),
@@ -384,13 +456,24 @@ impl State {
         let mut suspicious = Vec::new();
         for (image, res) in images.iter().zip(results.iter().skip(1)) {
             let ids: BTreeSet<String> = match res {
-                Some(ReadResult::Children(ids)) => ids.iter().filter(|id| *id != "lock").cloned().collect(),
+                Some(ReadResult::Children(ids)) => {
+                    ids.iter().filter(|id| *id != "lock").cloned().collect()
+                }
                 _ => BTreeSet::new(),
             };
-            let unarmed = [paths::image_builds_path(image), paths::image_pause_path(image), paths::image_build_request_path(image)]
-                .iter()
-                .chain(ids.iter().map(|id| paths::image_build_path(image, id)).collect::<Vec<_>>().iter())
-                .any(|p| !self.armed.contains(p));
+            let unarmed = [
+                paths::image_builds_path(image),
+                paths::image_pause_path(image),
+                paths::image_build_request_path(image),
+            ]
+            .iter()
+            .chain(
+                ids.iter()
+                    .map(|id| paths::image_build_path(image, id))
+                    .collect::<Vec<_>>()
+                    .iter(),
+            )
+            .any(|p| !self.armed.contains(p));
             if unarmed || self.build_ids.get(image) != Some(&ids) {
                 suspicious.push(image.clone());
             }

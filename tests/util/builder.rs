@@ -26,14 +26,24 @@ pub struct BuilderProcess {
 impl BuilderProcess {
     /// Starts the binary with `args` and extra environment; stderr goes to `log`.
     pub fn start(args: &[&str], env: &[(&str, &str)], log: &Path) -> BuilderProcess {
-        let file = std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+        let file =
+            std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let mut cmd = Command::new(binary());
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::from(file.try_clone().unwrap())).stderr(Stdio::from(file));
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file));
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        BuilderProcess { child: Some(child), log: log.to_path_buf(), description: format!("nodepool-builder {}", args.join(" ")) }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        BuilderProcess {
+            child: Some(child),
+            log: log.to_path_buf(),
+            description: format!("nodepool-builder {}", args.join(" ")),
+        }
     }
 
     /// The process id.
@@ -59,7 +69,11 @@ impl BuilderProcess {
             }
         });
         if found != Some(true) {
-            let why = if found == Some(false) { "the process exited first" } else { "timed out" };
+            let why = if found == Some(false) {
+                "the process exited first"
+            } else {
+                "timed out"
+            };
             panic!(
                 "{why} after at most {timeout:?}: waiting for {needle:?} in the log of `{}`\n--- log tail ---\n{}",
                 self.description,
@@ -70,7 +84,8 @@ impl BuilderProcess {
 
     /// Sends a signal.
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal the builder");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig)
+            .expect("signal the builder");
     }
 
     /// Waits for the process to exit and returns its status; panics with the log tail if it

@@ -51,8 +51,16 @@ impl Site {
             tls: None,
             auth: None,
         });
-        assert!(zk.wait_connected(Duration::from_secs(30)), "test session to zookeeper");
-        Site { dir, server, chroot, zk }
+        assert!(
+            zk.wait_connected(Duration::from_secs(30)),
+            "test session to zookeeper"
+        );
+        Site {
+            dir,
+            server,
+            chroot,
+            zk,
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -75,11 +83,16 @@ impl Site {
     pub fn config(&self, n: usize, top: &str, body: &str) -> PathBuf {
         let certs = self.server.certs();
         // Test defaults, unless `top` sets the key itself.
-        let defaults: String = ["zookeeper-timeout = 6.0", "retry-backoff-initial = 1.0", "retry-backoff-max = 4.0", "resync-interval = 30.0"]
-            .iter()
-            .filter(|l| !top.contains(l.split(" =").next().unwrap()))
-            .map(|l| format!("{l}\n"))
-            .collect();
+        let defaults: String = [
+            "zookeeper-timeout = 6.0",
+            "retry-backoff-initial = 1.0",
+            "retry-backoff-max = 4.0",
+            "resync-interval = 30.0",
+        ]
+        .iter()
+        .filter(|l| !top.contains(l.split(" =").next().unwrap()))
+        .map(|l| format!("{l}\n"))
+        .collect();
         let cfg = format!(
             r#"images-dir = "{images}"
 build-log-dir = "{logs}"
@@ -117,11 +130,19 @@ key = "{key}"
     }
 
     /// Like [`Site::start`], with extra environment (e.g. `OS_CLIENT_CONFIG_FILE`).
-    pub fn start_with_env(&self, n: usize, extra_args: &[&str], env: &[(&str, &str)]) -> BuilderProcess {
+    pub fn start_with_env(
+        &self,
+        n: usize,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> BuilderProcess {
         let cfg = self.path(&format!("builder{n}.toml"));
         let mut args = vec!["-d", "-c", cfg.to_str().unwrap()];
         args.extend_from_slice(extra_args);
-        let mut all_env = vec![("NODEPOOL_BUILDER_LOG", "debug,zookeeper_client=info,rustls=info,ureq=info")];
+        let mut all_env = vec![(
+            "NODEPOOL_BUILDER_LOG",
+            "debug,zookeeper_client=info,rustls=info,ureq=info",
+        )];
         all_env.extend_from_slice(env);
         let mut b = BuilderProcess::start(&args, &all_env, &self.path(&format!("builder{n}.log")));
         b.wait_for_log(WAIT, "ready: builder_id=");
@@ -130,11 +151,16 @@ key = "{key}"
 
     /// Every readable build of `image` with its uploads.
     pub fn builds(&self, image: &str) -> Vec<BuildInfo> {
-        self.zk.retry(Duration::from_secs(10), |zk| tree::read_image(zk, image)).expect("read the image tree")
+        self.zk
+            .retry(Duration::from_secs(10), |zk| tree::read_image(zk, image))
+            .expect("read the image tree")
     }
 
     pub fn builds_in(&self, image: &str, state: BuildState) -> Vec<BuildInfo> {
-        self.builds(image).into_iter().filter(|b| b.build.state == state).collect()
+        self.builds(image)
+            .into_iter()
+            .filter(|b| b.build.state == state)
+            .collect()
     }
 
     /// Waits until `image` has at least `n` builds in `state`; returns them.
@@ -149,9 +175,14 @@ key = "{key}"
     /// Waits for a `ready` build of `image` that is not in `known`; adds it to `known`.
     #[track_caller]
     pub fn wait_new_ready(&self, image: &str, known: &mut Vec<String>) -> BuildInfo {
-        let b = self.wait(&format!("a new ready build of {image} (besides {known:?})"), || {
-            self.builds_in(image, BuildState::Ready).into_iter().find(|b| !known.contains(&b.id))
-        });
+        let b = self.wait(
+            &format!("a new ready build of {image} (besides {known:?})"),
+            || {
+                self.builds_in(image, BuildState::Ready)
+                    .into_iter()
+                    .find(|b| !known.contains(&b.id))
+            },
+        );
         known.push(b.id.clone());
         b
     }
@@ -162,17 +193,27 @@ key = "{key}"
     pub fn wait<T>(&self, what: &str, f: impl FnMut() -> Option<T>) -> T {
         match poll_for(WAIT, f) {
             Some(v) => v,
-            None => panic!("timed out after {WAIT:?}: waiting for {what}\n{}", self.dump()),
+            None => panic!(
+                "timed out after {WAIT:?}: waiting for {what}\n{}",
+                self.dump()
+            ),
         }
     }
 
     /// The ZooKeeper tree and the tails of the builder logs, for failure messages.
     pub fn dump(&self) -> String {
-        let mut out = format!("--- tree {} ---\n{}", self.chroot, self.server.tree(&self.chroot));
+        let mut out = format!(
+            "--- tree {} ---\n{}",
+            self.chroot,
+            self.server.tree(&self.chroot)
+        );
         for n in 0..4 {
             let log = self.path(&format!("builder{n}.log"));
             if log.exists() {
-                out.push_str(&format!("--- builder{n}.log (tail) ---\n{}\n", file_tail(&log, 80)));
+                out.push_str(&format!(
+                    "--- builder{n}.log (tail) ---\n{}\n",
+                    file_tail(&log, 80)
+                ));
             }
         }
         out
@@ -180,19 +221,28 @@ key = "{key}"
 
     /// Creates the `request-build` znode the way `nodepool image-build` does.
     pub fn request_build(&self, image: &str) {
-        self.zk.ensure_path(&paths::image_build_request_path(image)).unwrap();
+        self.zk
+            .ensure_path(&paths::image_build_request_path(image))
+            .unwrap();
     }
 
     pub fn request_pending(&self, image: &str) -> bool {
-        self.zk.exists(&paths::image_build_request_path(image)).unwrap().is_some()
+        self.zk
+            .exists(&paths::image_build_request_path(image))
+            .unwrap()
+            .is_some()
     }
 
     pub fn pause(&self, image: &str) {
-        self.zk.create_with_parents(&paths::image_pause_path(image), b"", Mode::Persistent).unwrap();
+        self.zk
+            .create_with_parents(&paths::image_pause_path(image), b"", Mode::Persistent)
+            .unwrap();
     }
 
     pub fn unpause(&self, image: &str) {
-        self.zk.delete(&paths::image_pause_path(image), None).unwrap();
+        self.zk
+            .delete(&paths::image_pause_path(image), None)
+            .unwrap();
     }
 
     /// Touches a fake-dib control file in builder `n`'s images dir.
@@ -217,13 +267,16 @@ key = "{key}"
 
     /// The build log of a build.
     pub fn build_log(&self, n: usize, image: &str, build: &str) -> String {
-        std::fs::read_to_string(self.log_dir(n).join(format!("{image}-{build}.log"))).unwrap_or_default()
+        std::fs::read_to_string(self.log_dir(n).join(format!("{image}-{build}.log")))
+            .unwrap_or_default()
     }
 
     /// Waits until `path` does not exist.
     #[track_caller]
     pub fn wait_gone(&self, path: &Path) {
-        wait_until(WAIT, &format!("{} to disappear", path.display()), || !path.exists());
+        wait_until(WAIT, &format!("{} to disappear", path.display()), || {
+            !path.exists()
+        });
     }
 
     /// The directory a `dir-cloud` provider uploads into.
@@ -254,7 +307,9 @@ key = "{key}"
         let mut v: Vec<String> = std::fs::read_dir(self.cloud_dir(provider))
             .map(|it| {
                 it.filter_map(|e| e.ok())
-                    .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.'))
+                    .filter(|e| {
+                        e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.')
+                    })
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .collect()
             })
@@ -265,26 +320,47 @@ key = "{key}"
 
     /// The `properties` file of a `dir-cloud` image.
     pub fn cloud_properties(&self, provider: &str, id: &str) -> String {
-        std::fs::read_to_string(self.cloud_dir(provider).join(id).join("properties")).unwrap_or_default()
+        std::fs::read_to_string(self.cloud_dir(provider).join(id).join("properties"))
+            .unwrap_or_default()
     }
 
     /// Every readable upload of `image` as (build id, upload).
     pub fn uploads(&self, image: &str) -> Vec<(String, UploadInfo)> {
-        self.builds(image).into_iter().flat_map(|b| b.uploads.into_iter().map(move |u| (b.id.clone(), u))).collect()
+        self.builds(image)
+            .into_iter()
+            .flat_map(|b| b.uploads.into_iter().map(move |u| (b.id.clone(), u)))
+            .collect()
     }
 
     /// Uploads of `image` to `provider` in `state`.
-    pub fn uploads_in(&self, image: &str, provider: &str, state: UploadState) -> Vec<(String, UploadInfo)> {
-        self.uploads(image).into_iter().filter(|(_, u)| u.provider == provider && u.upload.state == state).collect()
+    pub fn uploads_in(
+        &self,
+        image: &str,
+        provider: &str,
+        state: UploadState,
+    ) -> Vec<(String, UploadInfo)> {
+        self.uploads(image)
+            .into_iter()
+            .filter(|(_, u)| u.provider == provider && u.upload.state == state)
+            .collect()
     }
 
     /// Waits until `image` has at least `n` uploads to `provider` in `state`.
     #[track_caller]
-    pub fn wait_uploads(&self, image: &str, provider: &str, state: UploadState, n: usize) -> Vec<(String, UploadInfo)> {
-        self.wait(&format!("{n} {state} upload(s) of {image} to {provider}"), || {
-            let u = self.uploads_in(image, provider, state);
-            (u.len() >= n).then_some(u)
-        })
+    pub fn wait_uploads(
+        &self,
+        image: &str,
+        provider: &str,
+        state: UploadState,
+        n: usize,
+    ) -> Vec<(String, UploadInfo)> {
+        self.wait(
+            &format!("{n} {state} upload(s) of {image} to {provider}"),
+            || {
+                let u = self.uploads_in(image, provider, state);
+                (u.len() >= n).then_some(u)
+            },
+        )
     }
 
     /// Nothing leaked: every image in the given `dir-cloud` providers has a `ready` or
@@ -292,7 +368,11 @@ key = "{key}"
     /// record; no empty znode at build or upload depth.
     #[track_caller]
     pub fn assert_no_leaks(&self, providers: &[&str], builders: &[usize]) {
-        let images: Vec<String> = self.zk.get_children(paths::IMAGE_ROOT).unwrap().unwrap_or_default();
+        let images: Vec<String> = self
+            .zk
+            .get_children(paths::IMAGE_ROOT)
+            .unwrap()
+            .unwrap_or_default();
         let mut external = std::collections::BTreeSet::new();
         for image in &images {
             for id in tree::build_ids(&self.zk, image).unwrap() {
@@ -303,9 +383,15 @@ key = "{key}"
                 for p in tree::build_providers(&self.zk, image, &id).unwrap() {
                     for u in tree::upload_ids(&self.zk, image, &id, &p).unwrap() {
                         let up = paths::image_upload_path(image, &id, &p, &u);
-                        let data = self.zk.get_data(&up).unwrap().map(|(d, _)| d).unwrap_or_default();
+                        let data = self
+                            .zk
+                            .get_data(&up)
+                            .unwrap()
+                            .map(|(d, _)| d)
+                            .unwrap_or_default();
                         assert!(!data.is_empty(), "empty upload znode {up}\n{}", self.dump());
-                        let rec = nodepool_builder::zk::schema::ImageUpload::from_json(&data).unwrap();
+                        let rec =
+                            nodepool_builder::zk::schema::ImageUpload::from_json(&data).unwrap();
                         if matches!(rec.state, UploadState::Ready | UploadState::Deleting)
                             && let Some(x) = rec.external_id
                         {
@@ -317,13 +403,22 @@ key = "{key}"
         }
         for p in providers {
             for id in self.cloud_images(p) {
-                assert!(external.contains(&(p.to_string(), id.clone())), "leaked cloud image {id} in {p}\n{}", self.dump());
+                assert!(
+                    external.contains(&(p.to_string(), id.clone())),
+                    "leaked cloud image {id} in {p}\n{}",
+                    self.dump()
+                );
             }
         }
         for n in builders {
-            for (image, id) in nodepool_builder::cleanup::local_builds(&self.images_dir(*n)).unwrap() {
+            for (image, id) in
+                nodepool_builder::cleanup::local_builds(&self.images_dir(*n)).unwrap()
+            {
                 assert!(
-                    self.zk.exists(&paths::image_build_path(&image, &id)).unwrap().is_some(),
+                    self.zk
+                        .exists(&paths::image_build_path(&image, &id))
+                        .unwrap()
+                        .is_some(),
                     "leaked local files of {image}-{id} in builder {n}\n{}",
                     self.dump()
                 );
