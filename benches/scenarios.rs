@@ -1,11 +1,14 @@
-//! Measured scenarios of this builder, against real ZooKeeper servers started by the test
-//! tooling, with the test image builder and a directory "cloud". Shared by the bench binary
+//! Measured scenarios, each run for this builder and then for nodepool-builder 11.0.0 (Python,
+//! [`super::upstream`]) on the same real ZooKeeper (one TLS server for the whole run, one chroot
+//! per builder and scenario, one builder alive at a time) and the same real Glance, with the
+//! same test image builder script and equivalent configs. Shared by the bench binary
 //! (`cargo bench --bench builder`, full sizes) and by a smoke test in the test suite (one
 //! small iteration each, so the harness cannot rot).
 //!
 //! Each scenario returns figures; nothing here asserts a target — the README compares.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nodepool_builder::config;
@@ -22,64 +25,148 @@ use crate::util::zk::{ZkOptions, ZkServer};
 pub struct Sizes {
     /// MiB of the image uploaded to Glance by both this builder and openstacksdk.
     pub upload_mib: u64,
-    /// Manual requests timed for the latency scenario.
+    /// Manual requests timed for the latency scenario (per builder).
     pub requests: usize,
     /// Seconds each idle window lasts.
     pub idle_secs: u64,
     /// Builds in the large cleanup tree (uploads = 10 × builds).
     pub cleanup_builds: usize,
+    /// Diskimages × providers of the large steady state.
+    pub big: (usize, usize),
 }
 
 impl Sizes {
     #[allow(dead_code)] // Used by the bench binary, not by the smoke test.
     pub const FULL: Sizes = Sizes {
         upload_mib: 1024,
-        requests: 20,
+        requests: 10,
         idle_secs: 60,
         cleanup_builds: 1000,
+        big: (20, 3),
     };
     pub const QUICK: Sizes = Sizes {
         upload_mib: 16,
         requests: 2,
         idle_secs: 5,
         cleanup_builds: 40,
+        big: (4, 2),
     };
 }
 
-/// One named figure.
-#[derive(Debug, Clone)]
-pub struct Figure {
-    pub name: String,
-    pub value: f64,
-    pub unit: &'static str,
+/// Which builder a figure is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    /// This builder (the Rust binary under test).
+    Ours,
+    /// nodepool-builder 11.0.0 from PyPI.
+    Upstream,
 }
 
-fn fig(name: impl Into<String>, value: f64, unit: &'static str) -> Figure {
-    Figure {
-        name: name.into(),
-        value,
-        unit,
+impl Subject {
+    pub const BOTH: [Subject; 2] = [Subject::Ours, Subject::Upstream];
+
+    fn tag(self) -> &'static str {
+        match self {
+            Subject::Ours => "ours",
+            Subject::Upstream => "nodepool11",
+        }
     }
 }
 
-/// A site on its own server, so `mntr` counts only this builder's traffic.
-fn dedicated_site(name: &str) -> Site {
-    let server: &'static ZkServer = Box::leak(Box::new(ZkServer::start(ZkOptions {
-        tls: true,
-        tick_time_ms: 2000,
-    })));
-    Site::on(name, server)
+/// Which way is better for a figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Better {
+    Lower,
+    Higher,
 }
 
-/// `images` diskimages, each uploaded to `providers` OpenStack providers on the shared real
-/// Glance (through a clouds.yaml the builder finds via `OS_CLIENT_CONFIG_FILE`).
-fn images_and_providers(site: &Site, images: usize, providers: usize) -> String {
+/// One measured row: this builder's figure and, where there is one, the reference's
+/// (nodepool-builder 11, or openstacksdk for the upload rows).
+#[derive(Debug, Clone)]
+pub struct Figure {
+    pub name: String,
+    pub unit: &'static str,
+    pub better: Better,
+    pub ours: f64,
+    pub reference: Option<f64>,
+}
+
+impl Figure {
+    /// How many times better this builder is (reference / ours for lower-is-better figures,
+    /// ours / reference otherwise); `None` without a reference.
+    pub fn ratio(&self) -> Option<f64> {
+        let r = self.reference?;
+        Some(match self.better {
+            Better::Lower => r / self.ours,
+            Better::Higher => self.ours / r,
+        })
+    }
+}
+
+/// Figures of one scenario, keyed by name, filled in per subject.
+#[derive(Default)]
+struct Pairs {
+    rows: Vec<Figure>,
+}
+
+impl Pairs {
+    fn put(
+        &mut self,
+        subject: Subject,
+        name: &str,
+        value: f64,
+        unit: &'static str,
+        better: Better,
+    ) {
+        let row = match self.rows.iter_mut().position(|f| f.name == name) {
+            Some(i) => &mut self.rows[i],
+            None => {
+                self.rows.push(Figure {
+                    name: name.to_string(),
+                    unit,
+                    better,
+                    ours: f64::NAN,
+                    reference: None,
+                });
+                self.rows.last_mut().unwrap()
+            }
+        };
+        match subject {
+            Subject::Ours => row.ours = value,
+            Subject::Upstream => row.reference = Some(value),
+        }
+    }
+}
+
+/// The one TLS ZooKeeper server of a benchmark run (not the test suite's shared server, so
+/// `mntr` counts only the builder being measured). Every scenario runs on it, one builder at a
+/// time, each in its own chroot.
+fn bench_server() -> &'static ZkServer {
+    static SERVER: std::sync::OnceLock<ZkServer> = std::sync::OnceLock::new();
+    SERVER.get_or_init(|| {
+        ZkServer::start(ZkOptions {
+            tls: true,
+            tick_time_ms: 2000,
+        })
+    })
+}
+
+/// Writes the clouds.yaml both builders read (through `OS_CLIENT_CONFIG_FILE`): one cloud,
+/// `bench`, that is the shared real Glance without Keystone.
+fn write_clouds(site: &Site) -> PathBuf {
     let glance = crate::util::glance::GlanceServer::shared();
+    let path = site.path("clouds.yaml");
     let clouds = format!(
         "clouds:\n  bench:\n    auth_type: none\n    image_endpoint_override: {}\n",
         glance.url()
     );
-    std::fs::write(site.path("clouds.yaml"), clouds).unwrap();
+    std::fs::write(&path, clouds).unwrap();
+    path
+}
+
+/// `images` diskimages `img00..`, each uploaded to `providers` OpenStack providers `p0..` of
+/// the `bench` cloud, as this builder's TOML.
+fn images_and_providers(images: usize, providers: usize) -> String {
     let names: Vec<String> = (0..images).map(|i| format!("img{i:02}")).collect();
     let mut body: String = names
         .iter()
@@ -87,7 +174,7 @@ fn images_and_providers(site: &Site, images: usize, providers: usize) -> String 
         .collect();
     for p in 0..providers {
         body.push_str(&format!(
-            "\n[[providers]]\nname = \"p{p}\"\ncloud = \"bench\"\nrate = 0.0\n"
+            "\n[[providers]]\nname = \"p{p}\"\ncloud = \"bench\"\nrate = 0.001\n"
         ));
         for n in &names {
             body.push_str(&format!("[[providers.diskimages]]\nname = \"{n}\"\n"));
@@ -96,14 +183,61 @@ fn images_and_providers(site: &Site, images: usize, providers: usize) -> String 
     body
 }
 
-/// Starts builder 0 of a site made by [`images_and_providers`].
-fn start_builder(site: &Site, args: &[&str]) -> crate::util::builder::BuilderProcess {
-    let clouds = site.path("clouds.yaml");
-    site.start_with_env(
-        0,
-        args,
-        &[("OS_CLIENT_CONFIG_FILE", clouds.to_str().unwrap())],
-    )
+/// A running builder of either kind.
+enum Daemon {
+    Ours(crate::util::builder::BuilderProcess),
+    Upstream(super::upstream::UpstreamBuilder),
+}
+
+impl Daemon {
+    fn pid(&self) -> i32 {
+        match self {
+            Daemon::Ours(b) => b.pid(),
+            Daemon::Upstream(b) => b.pid(),
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        match self {
+            Daemon::Ours(b) => b.log(),
+            Daemon::Upstream(b) => b.log_tail(),
+        }
+    }
+}
+
+/// A new site (chroot and directories) on the benchmark server with `images` × `providers`
+/// configured for `subject`, and that builder started with the same worker counts for both.
+fn start_subject(
+    subject: Subject,
+    scenario: &str,
+    images: usize,
+    providers: usize,
+    workers: (usize, usize),
+) -> (Site, Daemon) {
+    let site = Site::on(&format!("{scenario}_{}", subject.tag()), bench_server());
+    let clouds = write_clouds(&site);
+    let (builds, uploads) = (workers.0.to_string(), workers.1.to_string());
+    let daemon = match subject {
+        Subject::Ours => {
+            site.config(
+                0,
+                "cleanup-interval = 60.0\nresync-interval = 300.0\nzookeeper-timeout = 10.0",
+                &images_and_providers(images, providers),
+            );
+            Daemon::Ours(site.start_with_env(
+                0,
+                &["--build-workers", &builds, "--upload-workers", &uploads],
+                &[("OS_CLIENT_CONFIG_FILE", clouds.to_str().unwrap())],
+            ))
+        }
+        Subject::Upstream => {
+            super::upstream::write_config(&site, images, providers, &[]);
+            Daemon::Upstream(super::upstream::UpstreamBuilder::start(
+                &site, workers.0, workers.1,
+            ))
+        }
+    };
+    (site, daemon)
 }
 
 fn ready_uploads(site: &Site, images: usize) -> usize {
@@ -117,6 +251,20 @@ fn ready_uploads(site: &Site, images: usize) -> usize {
         .sum()
 }
 
+fn wait_all_uploaded(site: &Site, d: &Daemon, images: usize, providers: usize, limit: Duration) {
+    let want = images * providers;
+    poll_for(limit, || {
+        (ready_uploads(site, images) >= want).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{want} uploads never became ready within {limit:?}\n{}\nbuilder log:\n{}",
+            site.dump(),
+            d.log_tail()
+        )
+    });
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -125,86 +273,85 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx]
 }
 
+fn packets(server: &ZkServer) -> f64 {
+    server
+        .mntr()
+        .get("zk_packets_received")
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// Packets ZooKeeper received over `secs` seconds, minus our own `mntr` probes, per minute.
 fn idle_rate(server: &ZkServer, secs: u64) -> f64 {
-    let count = |m: &BTreeMap<String, String>| {
-        m.get("zk_packets_received")
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    let before = count(&server.mntr());
+    let before = packets(server);
     let start = Instant::now();
     let _ = poll_for(Duration::from_secs(secs), || None::<()>);
-    let after = count(&server.mntr());
+    let after = packets(server);
     let elapsed = start.elapsed().as_secs_f64();
     // The second probe is counted by `after`; the first is part of the window, so subtract 1.
     (after - before - 1.0).max(0.0) * 60.0 / elapsed
 }
 
-/// Empty ZooKeeper → `images` × `providers` built and uploaded to Glance (wall time), then
-/// idle traffic.
-pub fn burst_and_idle(images: usize, providers: usize, sizes: Sizes) -> Vec<Figure> {
-    let site = dedicated_site(&format!("bench_{images}x{providers}"));
-    let server = site.server;
-    site.config(
-        0,
-        "cleanup-interval = 60.0\nresync-interval = 300.0\nzookeeper-timeout = 10.0",
-        &images_and_providers(&site, images, providers),
-    );
+/// Empty ZooKeeper → `images` × `providers` built and uploaded to Glance (wall time from the
+/// builder's start), then one idle window: ZooKeeper requests per minute and CPU seconds per
+/// minute over it, and the resident set at its end.
+fn steady_state(subject: Subject, images: usize, providers: usize, sizes: Sizes, out: &mut Pairs) {
     let start = Instant::now();
-    let b = start_builder(&site, &["--upload-workers", "8", "--build-workers", "2"]);
-    let want = images * providers;
-    poll_for(Duration::from_secs(300), || {
-        (ready_uploads(&site, images) >= want).then_some(())
-    })
-    .unwrap_or_else(|| panic!("{want} uploads never became ready\n{}", site.dump()));
+    let (site, d) = start_subject(
+        subject,
+        &format!("steady_{images}x{providers}"),
+        images,
+        providers,
+        (2, 8),
+    );
+    wait_all_uploaded(&site, &d, images, providers, Duration::from_secs(900));
     let burst = start.elapsed().as_secs_f64();
-    // Let the janitor's first passes settle before measuring idle traffic, and close the
-    // harness's own session: only the builder talks to this server while we count.
+    // Let the last records settle and close the harness's own session: only the builder talks
+    // to the server while we count.
     let _ = poll_for(Duration::from_secs(3), || None::<()>);
     site.zk.close();
-    let idle = idle_rate(server, sizes.idle_secs);
-    let rss = rss_kib(b.pid());
-    let cpu = cpu_secs(b.pid());
-    let _ = poll_for(Duration::from_secs(sizes.idle_secs.min(10)), || None::<()>);
-    let cpu_idle = (cpu_secs(b.pid()) - cpu) * 60.0 / sizes.idle_secs.min(10) as f64;
-    vec![
-        fig(
-            format!("empty → {images}×{providers} built and uploaded"),
-            burst,
-            "s",
-        ),
-        fig(
-            format!("idle ZooKeeper requests, {images}×{providers}"),
-            idle,
-            "req/min",
-        ),
-        fig(
-            format!("RSS after the burst, {images}×{providers}"),
-            rss / 1024.0,
-            "MiB",
-        ),
-        fig(
-            format!("CPU per idle minute, {images}×{providers}"),
-            cpu_idle,
-            "s/min",
-        ),
-    ]
+    let cpu0 = cpu_secs(d.pid());
+    let t0 = Instant::now();
+    let idle = idle_rate(bench_server(), sizes.idle_secs);
+    let cpu_idle = (cpu_secs(d.pid()) - cpu0) * 60.0 / t0.elapsed().as_secs_f64();
+    let rss = rss_kib(d.pid()) / 1024.0;
+    let shape = format!("{images}×{providers}");
+    out.put(
+        subject,
+        &format!("empty → {shape} built and uploaded"),
+        burst,
+        "s",
+        Better::Lower,
+    );
+    out.put(
+        subject,
+        &format!("idle ZooKeeper requests, {shape}"),
+        idle,
+        "req/min",
+        Better::Lower,
+    );
+    out.put(
+        subject,
+        &format!("CPU per idle minute, {shape}"),
+        cpu_idle,
+        "s/min",
+        Better::Lower,
+    );
+    out.put(
+        subject,
+        &format!("RSS after {} s idle, {shape}", sizes.idle_secs),
+        rss,
+        "MiB",
+        Better::Lower,
+    );
+    drop(d);
 }
 
-/// `request-build` created → `building` record created, by the znodes' server-side ctimes.
-pub fn request_latency(sizes: Sizes) -> Vec<Figure> {
-    let site = dedicated_site("bench_latency");
-    site.config(
-        0,
-        "zookeeper-timeout = 10.0",
-        &images_and_providers(&site, 3, 2),
-    );
-    let _b = start_builder(&site, &[]);
-    poll_for(Duration::from_secs(120), || {
-        (ready_uploads(&site, 3) >= 6).then_some(())
-    })
-    .expect("initial builds and uploads");
+/// `request-build` created (as `nodepool image-build` does: an empty znode) → `building`
+/// record created, by the znodes' server-side ctimes; and → every upload of that build `ready`.
+fn request_latency(subject: Subject, sizes: Sizes, out: &mut Pairs) {
+    let (site, d) = start_subject(subject, "latency", 3, 2, (1, 4));
+    wait_all_uploaded(&site, &d, 3, 2, Duration::from_secs(300));
     let mut lat = Vec::new();
     let mut all_up = Vec::new();
     for i in 0..sizes.requests {
@@ -213,20 +360,20 @@ pub fn request_latency(sizes: Sizes) -> Vec<Figure> {
         let req = paths::image_build_request_path(&image);
         site.zk.ensure_path(&req).unwrap();
         let req_ctime = site.zk.exists(&req).unwrap().map(|s| s.ctime).unwrap_or(0);
-        let new = poll_for(Duration::from_secs(60), || {
+        let t_req = Instant::now();
+        let new = poll_for(Duration::from_secs(120), || {
             site.builds(&image)
                 .into_iter()
                 .find(|b| !known.contains(&b.id))
         })
-        .expect("a new build");
+        .unwrap_or_else(|| panic!("no build for the request\n{}", d.log_tail()));
         let (_, stat) = site
             .zk
             .get_data(&paths::image_build_path(&image, &new.id))
             .unwrap()
             .expect("build znode");
         lat.push((stat.ctime - req_ctime) as f64);
-        let t0 = Instant::now();
-        poll_for(Duration::from_secs(60), || {
+        poll_for(Duration::from_secs(300), || {
             let b = site.builds(&image).into_iter().find(|b| b.id == new.id)?;
             (b.build.state == BuildState::Ready
                 && b.uploads
@@ -236,35 +383,47 @@ pub fn request_latency(sizes: Sizes) -> Vec<Figure> {
                     >= 2)
                 .then_some(())
         })
-        .expect("uploads of the new build");
-        // ctime resolution is 1 ms; the upload time is measured from the request by the wall clock.
-        all_up.push(t0.elapsed().as_secs_f64() * 1000.0 + (stat.ctime - req_ctime) as f64);
+        .unwrap_or_else(|| panic!("no uploads of the requested build\n{}", d.log_tail()));
+        all_up.push(t_req.elapsed().as_secs_f64() * 1000.0);
     }
     lat.sort_by(f64::total_cmp);
     all_up.sort_by(f64::total_cmp);
-    vec![
-        fig("request → building, p50", percentile(&lat, 0.5), "ms"),
-        fig("request → building, p95", percentile(&lat, 0.95), "ms"),
-        fig(
-            "request → all uploads ready, p50",
-            percentile(&all_up, 0.5),
-            "ms",
-        ),
-        fig(
-            "request → all uploads ready, p95",
-            percentile(&all_up, 0.95),
-            "ms",
-        ),
-    ]
+    let n = sizes.requests;
+    out.put(
+        subject,
+        &format!("request → building, p50 ({n} requests)"),
+        percentile(&lat, 0.5),
+        "ms",
+        Better::Lower,
+    );
+    out.put(
+        subject,
+        &format!("request → building, p95 ({n} requests)"),
+        percentile(&lat, 0.95),
+        "ms",
+        Better::Lower,
+    );
+    out.put(
+        subject,
+        "request → all uploads ready, p50",
+        percentile(&all_up, 0.5),
+        "ms",
+        Better::Lower,
+    );
+    out.put(
+        subject,
+        "request → all uploads ready, p95",
+        percentile(&all_up, 0.95),
+        "ms",
+        Better::Lower,
+    );
+    drop(d);
 }
 
 /// One janitor pass over a steady-state tree of `builds` builds and 10 × `builds` uploads
 /// (nothing to delete), and over a tree ten times smaller: ZooKeeper requests and wall time.
 pub fn cleanup_cost(sizes: Sizes) -> Vec<Figure> {
-    let server: &'static ZkServer = Box::leak(Box::new(ZkServer::start(ZkOptions {
-        tls: false,
-        tick_time_ms: 2000,
-    })));
+    let server = bench_server();
     let mut out = Vec::new();
     for builds in [sizes.cleanup_builds / 10, sizes.cleanup_builds] {
         let chroot = server.chroot(&format!("cleanup_{builds}"));
@@ -351,22 +510,26 @@ pub fn cleanup_cost(sizes: Sizes) -> Vec<Figure> {
             0,
             "a steady-state tree has nothing to delete"
         );
-        out.push(fig(
-            format!(
-                "cleanup pass, {builds} builds / {} uploads: ZooKeeper requests",
+        out.push(Figure {
+            name: format!(
+                "janitor full pass, {builds} builds / {} uploads: ZooKeeper requests",
                 builds * providers
             ),
-            after - before - 1.0,
-            "req",
-        ));
-        out.push(fig(
-            format!(
-                "cleanup pass, {builds} builds / {} uploads: wall time",
+            unit: "req",
+            better: Better::Lower,
+            ours: after - before - 1.0,
+            reference: None,
+        });
+        out.push(Figure {
+            name: format!(
+                "janitor full pass, {builds} builds / {} uploads: wall time",
                 builds * providers
             ),
-            report.took.as_secs_f64() * 1000.0,
-            "ms",
-        ));
+            unit: "ms",
+            better: Better::Lower,
+            ours: report.took.as_secs_f64() * 1000.0,
+            reference: None,
+        });
         zk.close();
     }
     out
@@ -444,18 +607,20 @@ pub fn upload_throughput(sizes: Sizes) -> Vec<Figure> {
         / 1024.0;
     let mb = bytes / 1e6;
     vec![
-        fig(
-            format!("upload {:.0} MB qcow2 to Glance: this builder", mb),
-            mb / ours_secs,
-            "MB/s",
-        ),
-        fig(
-            format!("upload {:.0} MB qcow2 to Glance: openstacksdk", mb),
-            mb / sdk_secs,
-            "MB/s",
-        ),
-        fig("upload: this builder's peak RSS", ours_peak, "MiB"),
-        fig("upload: openstacksdk's peak RSS", sdk_peak, "MiB"),
+        Figure {
+            name: format!("upload {mb:.0} MB qcow2 to Glance (ref: openstacksdk create_image)"),
+            unit: "MB/s",
+            better: Better::Higher,
+            ours: mb / ours_secs,
+            reference: Some(mb / sdk_secs),
+        },
+        Figure {
+            name: "upload: peak RSS (ref: openstacksdk create_image)".into(),
+            unit: "MiB",
+            better: Better::Lower,
+            ours: ours_peak,
+            reference: Some(sdk_peak),
+        },
     ]
 }
 
@@ -499,35 +664,78 @@ pub fn cpu_secs(pid: i32) -> f64 {
     (utime + stime) / ticks
 }
 
-/// Runs every scenario; returns all figures.
+/// Runs every scenario, each for this builder and then for nodepool-builder 11 (where there
+/// is an equivalent), on the same ZooKeeper and Glance; returns all figures.
 pub fn run_all(sizes: Sizes) -> Vec<Figure> {
     let mut all = Vec::new();
-    all.extend(request_latency(sizes));
-    all.extend(burst_and_idle(3, 2, sizes));
-    all.extend(burst_and_idle(20, 3, sizes));
-    all.extend(cleanup_cost(sizes));
+    let mut pairs = Pairs::default();
+    for subject in Subject::BOTH {
+        steady_state(subject, 3, 2, sizes, &mut pairs);
+    }
+    for subject in Subject::BOTH {
+        steady_state(subject, sizes.big.0, sizes.big.1, sizes, &mut pairs);
+    }
+    for subject in Subject::BOTH {
+        request_latency(subject, sizes, &mut pairs);
+    }
+    all.extend(pairs.rows);
     all.extend(upload_throughput(sizes));
+    all.extend(cleanup_cost(sizes));
     all
 }
 
-/// The figures as a table and as JSON.
+fn num(v: f64) -> String {
+    if !v.is_finite() {
+        "—".into()
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// The figures as a table (this builder, the reference, the ratio: how many times better this
+/// builder is) and as JSON.
 pub fn render(figures: &[Figure]) -> (String, String) {
     let width = figures
         .iter()
         .map(|f| f.name.chars().count())
         .max()
         .unwrap_or(10);
-    let mut table = String::new();
+    let mut table = format!(
+        "{:<width$}  {:>10}  {:>10}  {:>8}  unit\n",
+        "figure", "ours", "reference", "ratio"
+    );
     for f in figures {
         table.push_str(&format!(
-            "{:<width$}  {:>12.1} {}\n",
-            f.name, f.value, f.unit
+            "{:<width$}  {:>10}  {:>10}  {:>8}  {}\n",
+            f.name,
+            num(f.ours),
+            f.reference.map(num).unwrap_or_else(|| "—".into()),
+            match f.ratio() {
+                Some(r) if r.is_finite() => format!("{}×", num(r)),
+                // This builder measured 0 (below the counter's resolution), the reference not.
+                Some(r) if r.is_infinite() => "∞".into(),
+                _ => "—".into(),
+            },
+            f.unit
         ));
     }
     let json = serde_json::to_string_pretty(
         &figures
             .iter()
-            .map(|f| serde_json::json!({"name": f.name, "value": f.value, "unit": f.unit}))
+            .map(|f| {
+                serde_json::json!({
+                    "name": f.name,
+                    "unit": f.unit,
+                    "better": match f.better { Better::Lower => "lower", Better::Higher => "higher" },
+                    "ours": f.ours,
+                    "reference": f.reference,
+                    "ratio": f.ratio(),
+                })
+            })
             .collect::<Vec<_>>(),
     )
     .unwrap_or_default();

@@ -1,8 +1,11 @@
 //! The benchmark's scenarios, once each at small sizes, so the harness cannot rot (the full
-//! run is `cargo bench --bench builder`). Figures are printed, not asserted.
+//! run is `cargo bench --bench builder`), for this builder and for nodepool-builder 11.
+//! Figures are printed, not asserted.
 
 #[path = "../benches/scenarios.rs"]
 mod scenarios;
+#[path = "../benches/upstream.rs"]
+mod upstream;
 
 #[test]
 fn every_benchmark_scenario_runs_at_small_sizes() {
@@ -11,7 +14,13 @@ fn every_benchmark_scenario_runs_at_small_sizes() {
     eprintln!("{table}");
     assert!(figures.len() >= 18, "{table}");
     assert!(
-        figures.iter().all(|f| f.value.is_finite()),
+        figures
+            .iter()
+            .all(|f| f.ours.is_finite() && f.reference.is_none_or(f64::is_finite)),
         "every figure was measured:\n{table}"
+    );
+    assert!(
+        figures.iter().filter(|f| f.reference.is_some()).count() >= 14,
+        "nodepool-builder 11 ran beside this builder:\n{table}"
     );
 }
