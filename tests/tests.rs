@@ -1,6 +1,8 @@
 //! The one integration-test binary. Every module drives real servers (ZooKeeper, kazoo, ...);
 //! nothing is mocked.
 
+/// Bad upload input: Glance behind a fault proxy answers 500/503/415, stalls, vanishes.
+mod bad_input;
 /// The benchmark harness at small sizes (the full run is `cargo bench`).
 mod bench_smoke;
 /// The build pipeline: the real binary, real ZooKeeper, the test image builder.

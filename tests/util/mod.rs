@@ -9,6 +9,8 @@
 //!   test binary, dedicated ones for fault injection) and the test certificates.
 //! * [`python`]: the kazoo virtualenv and the Python helper scripts in
 //!   `tests/fixtures/python/`.
+//! * [`faultproxy`]: an HTTP proxy in front of a real Glance that injects 500/503/415
+//!   answers, stalls, or vanishes for chosen requests.
 //! * [`nodepool`]: the Python nodepool 11 CLI (its own virtualenv) and runners that compare
 //!   its output with our operator subcommands'.
 //!
@@ -23,6 +25,7 @@
 #![allow(dead_code)]
 
 pub mod builder;
+pub mod faultproxy;
 pub mod glance;
 pub mod nodepool;
 pub mod np;
