@@ -17,6 +17,8 @@ mod config;
 mod daemon;
 /// Daemon mode: fork, pidfile, readiness, log file, SIGHUP.
 mod daemon_mode;
+/// A full images-dir (a small tmpfs) during a build: failed cleanly, resumes with space.
+mod disk;
 /// The test image builder script that stands in for diskimage-builder.
 mod fake_dib;
 /// Cloud drivers against a real Glance (and Keystone) from PyPI.

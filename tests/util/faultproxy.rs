@@ -131,6 +131,8 @@ impl FaultProxy {
             stopping: AtomicBool::new(false),
         });
         let s = shared.clone();
+        // Test-side threads: the daemon's spawn wrapper is for the daemon's own threads.
+        #[allow(clippy::disallowed_methods)]
         let acceptor = std::thread::Builder::new()
             .name("fault-proxy".into())
             .spawn(move || {
@@ -140,6 +142,7 @@ impl FaultProxy {
                     }
                     let Ok(conn) = conn else { continue };
                     let s = s.clone();
+                    #[allow(clippy::disallowed_methods)]
                     let _ = std::thread::Builder::new()
                         .name("fault-proxy-conn".into())
                         .spawn(move || handle(&s, conn));

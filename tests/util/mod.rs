@@ -11,6 +11,7 @@
 //!   `tests/fixtures/python/`.
 //! * [`faultproxy`]: an HTTP proxy in front of a real Glance that injects 500/503/415
 //!   answers, stalls, or vanishes for chosen requests.
+//! * [`tmpfs`]: a small tmpfs a test mounts (as root) to fill a file system for real.
 //! * [`nodepool`]: the Python nodepool 11 CLI (its own virtualenv) and runners that compare
 //!   its output with our operator subcommands'.
 //!
@@ -30,6 +31,7 @@ pub mod glance;
 pub mod nodepool;
 pub mod np;
 pub mod python;
+pub mod tmpfs;
 pub mod zk;
 
 use std::path::{Path, PathBuf};
