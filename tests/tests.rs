@@ -31,6 +31,8 @@ mod harness;
 mod ops;
 /// One real diskimage-builder build (debian-minimal, tar and qcow2) through the daemon.
 mod real_dib;
+/// Security: mutual TLS, digest ACLs, no credentials in logs, secret file modes.
+mod security;
 /// SIGUSR2 stack capture of registered threads, in-process.
 mod stackdump;
 /// SIGUSR2 stack dumps of the real daemon.
