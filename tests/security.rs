@@ -6,10 +6,12 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use nodepool_builder::model::BuildState;
+use nix::sys::signal::Signal;
+use nodepool_builder::model::{BuildState, UploadState};
 use nodepool_builder::zk::{Zk, ZkConfig, paths, tree};
 
 use crate::util::builder::BuilderProcess;
+use crate::util::glance::{GlanceServer, KeystoneServer};
 use crate::util::np::{Site, WAIT};
 use crate::util::python::{describe_output, kz_args, kz_plain_args, run_kazoo};
 use crate::util::zk::ZkServer;
@@ -233,4 +235,139 @@ fn digest_auth_makes_every_builder_znode_creator_only() {
         BuildState::Ready
     );
     zk.close();
+}
+
+/// Every file under `dir` (recursively) whose content contains `needle`.
+fn files_containing(dir: &std::path::Path, needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_containing(&path, needle));
+        } else if std::fs::read(&path).is_ok_and(|b| String::from_utf8_lossy(&b).contains(needle)) {
+            found.push(path.display().to_string());
+        }
+    }
+    found
+}
+
+#[test]
+fn credentials_never_reach_logs_or_stack_dumps() {
+    let keystone = KeystoneServer::shared();
+    let glance = GlanceServer::shared_with_keystone();
+    let pid = std::process::id();
+    let user = format!("np-secrets-{pid}");
+    let good_password = "Ks-upload-S3cret-pw-4711";
+    let bad_password = "Ks-wrong-S3cret-pw-0815";
+    keystone.create_user(
+        &user,
+        good_password,
+        KeystoneServer::NODEPOOL_PROJECT,
+        "member",
+    );
+    let site = Site::new("no_secrets");
+    let cloud = |name: &str, user: &str| {
+        format!(
+            "  {name}:\n    auth_type: password\n    region_name: RegionOne\n    auth:\n      auth_url: {}\n      username: {user}\n      project_name: {}\n      user_domain_name: Default\n      project_domain_name: Default\n",
+            keystone.auth_url(),
+            KeystoneServer::NODEPOOL_PROJECT
+        )
+    };
+    let clouds = site.path("clouds.yaml");
+    std::fs::write(
+        &clouds,
+        format!(
+            "clouds:\n{}{}",
+            cloud("ks-good", &user),
+            cloud("ks-bad", KeystoneServer::NODEPOOL_USER)
+        ),
+    )
+    .unwrap();
+    // The passwords live in secure.yaml, readable by us only.
+    let secure_yaml = site.path("secure.yaml");
+    std::fs::write(
+        &secure_yaml,
+        format!(
+            "clouds:\n  ks-good:\n    auth:\n      password: {good_password}\n  ks-bad:\n    auth:\n      password: {bad_password}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&secure_yaml, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let secure = secure_with_digest(&site);
+    let (good, bad) = (format!("secrets-good-{pid}"), format!("secrets-bad-{pid}"));
+    let provider = |name: &str, cloud: &str| {
+        format!(
+            "\n[[providers]]\nname = \"{name}\"\ncloud = \"{cloud}\"\nrate = 0.0\n[[providers.diskimages]]\nname = \"fedora\"\n"
+        )
+    };
+    site.config(
+        0,
+        "",
+        &format!(
+            "{ONE_IMAGE}{}{}",
+            provider(&good, "ks-good"),
+            provider(&bad, "ks-bad")
+        ),
+    );
+    let mut b = site.start_with_env(
+        0,
+        &["-s", secure.to_str().unwrap()],
+        &[
+            ("OS_CLIENT_CONFIG_FILE", clouds.to_str().unwrap()),
+            ("OS_CLIENT_SECURE_FILE", secure_yaml.to_str().unwrap()),
+        ],
+    );
+    let zk = digest_session(&site);
+    let up = crate::util::poll_for(WAIT, || {
+        tree::read_image(&zk, "fedora")
+            .ok()?
+            .into_iter()
+            .flat_map(|b| b.uploads)
+            .find(|u| u.provider == good && u.upload.state == UploadState::Ready)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "timed out after {WAIT:?}: waiting for a ready upload through Keystone\n{}",
+            crate::util::file_tail(&site.path("builder0.log"), 40)
+        )
+    });
+    assert!(
+        glance
+            .get_image(up.upload.external_id.as_deref().unwrap())
+            .is_some()
+    );
+    // The other cloud's password is wrong: its uploads fail with Keystone's 401.
+    b.wait_for_log(WAIT, &format!("to provider {bad}: provider {bad}"));
+    b.wait_for_log(WAIT, "401");
+    // A stack dump of every thread, while everything holds its credentials.
+    b.signal(Signal::SIGUSR2);
+    b.wait_for_log(WAIT, "End debug handler");
+    zk.close();
+    drop(b);
+
+    let zk_password = ZK_DIGEST.split_once(':').unwrap().1;
+    let log = std::fs::read_to_string(site.path("builder0.log")).unwrap();
+    assert!(
+        log.contains("Beginning debug handler"),
+        "the dump is in the log"
+    );
+    for secret in [good_password, bad_password, zk_password, ZK_DIGEST] {
+        assert!(
+            !log.contains(secret),
+            "the daemon log shows {secret:?}:\n{}",
+            log.lines()
+                .filter(|l| l.contains(secret))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        for dir in [site.log_dir(0), site.images_dir(0)] {
+            let found = files_containing(&dir, secret);
+            assert!(found.is_empty(), "{secret:?} is in {found:?}");
+        }
+    }
+    // Nor do Keystone tokens (fernet tokens start with gAAAAA).
+    assert!(!log.contains("gAAAAA"), "a token in the log");
 }
