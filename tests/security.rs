@@ -371,3 +371,132 @@ fn credentials_never_reach_logs_or_stack_dumps() {
     // Nor do Keystone tokens (fernet tokens start with gAAAAA).
     assert!(!log.contains("gAAAAA"), "a token in the log");
 }
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn check_config(
+    cfg: &std::path::Path,
+    secure: &std::path::Path,
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut cmd = std::process::Command::new(crate::util::builder::binary());
+    cmd.args([
+        "check-config",
+        "-c",
+        cfg.to_str().unwrap(),
+        "-s",
+        secure.to_str().unwrap(),
+    ]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn secret_files_readable_by_others_are_named_once_and_world_writable_ones_refused() {
+    let site = Site::new("secret_modes");
+    let secure = secure_with_digest(&site);
+    // An OpenStack provider: its clouds.yaml holds a password, its secure.yaml does too.
+    let clouds = site.path("clouds.yaml");
+    std::fs::write(
+        &clouds,
+        "clouds:\n  c:\n    auth_type: password\n    auth:\n      auth_url: http://127.0.0.1:9/v3\n      username: u\n      password: in-clouds-yaml\n      project_name: p\n",
+    )
+    .unwrap();
+    let secure_yaml = site.path("os-secure.yaml");
+    std::fs::write(
+        &secure_yaml,
+        "clouds:\n  c:\n    auth:\n      password: in-secure-yaml\n",
+    )
+    .unwrap();
+    let body = format!(
+        "{ONE_IMAGE}\n[[providers]]\nname = \"p\"\ncloud = \"c\"\n[[providers.diskimages]]\nname = \"fedora\"\n"
+    );
+    let cfg = site.config(0, "", &body);
+    let env = [
+        ("OS_CLIENT_CONFIG_FILE", clouds.to_str().unwrap()),
+        ("OS_CLIENT_SECURE_FILE", secure_yaml.to_str().unwrap()),
+    ];
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // All three private: no warning.
+    for f in [&secure, &clouds, &secure_yaml] {
+        chmod(f, 0o600);
+    }
+    let out = check_config(&cfg, &secure, &env);
+    assert!(
+        out.status.success() && !stderr(&out).contains("warning"),
+        "{out:?}"
+    );
+
+    // Readable by others: one warning per file, naming it and its mode; still valid.
+    chmod(&secure, 0o644);
+    chmod(&clouds, 0o640);
+    chmod(&secure_yaml, 0o604);
+    let out = check_config(&cfg, &secure, &env);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{out:?}");
+    for (f, what) in [
+        (&secure, "readable by its group and everyone (mode 0644)"),
+        (&clouds, "readable by its group (mode 0640)"),
+        (&secure_yaml, "readable by everyone (mode 0604)"),
+    ] {
+        let line = format!("warning: secret file {} is {what}", f.display());
+        assert_eq!(err.matches(&line).count(), 1, "{line:?} once in:\n{err}");
+    }
+    assert_eq!(err.lines().count(), 3, "{err}");
+
+    // The daemon says the same once, in its log, and runs.
+    let mut b = site.start_with_env(0, &["-s", secure.to_str().unwrap()], &env);
+    b.wait_for_log(WAIT, "ready: builder_id=");
+    let log = b.log();
+    for f in [&secure, &clouds, &secure_yaml] {
+        assert_eq!(
+            log.matches(&format!("secret file {} is readable", f.display()))
+                .count(),
+            1,
+            "{log}"
+        );
+    }
+    drop(b);
+
+    // A clouds.yaml without secrets may be readable by everyone.
+    std::fs::write(&clouds, "clouds:\n  c:\n    auth_type: password\n    auth:\n      auth_url: http://127.0.0.1:9/v3\n      username: u\n      project_name: p\n").unwrap();
+    chmod(&clouds, 0o644);
+    let out = check_config(&cfg, &secure, &env);
+    assert!(
+        !stderr(&out).contains(&clouds.display().to_string()),
+        "{out:?}"
+    );
+
+    // Writable by everyone: refused by check-config and by the daemon, which never starts.
+    chmod(&secure_yaml, 0o666);
+    let out = check_config(&cfg, &secure, &env);
+    let line = format!(
+        "error: secret file {} is writable by everyone (mode 0666); refusing to use it",
+        secure_yaml.display()
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr(&out).contains(&line), "{out:?}");
+    let mut b = BuilderProcess::start(
+        &[
+            "-d",
+            "-c",
+            cfg.to_str().unwrap(),
+            "-s",
+            secure.to_str().unwrap(),
+        ],
+        &env,
+        &site.path("refused.log"),
+    );
+    let status = b.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(2), "{}", b.log());
+    assert!(
+        b.log().contains(&line) && !b.log().contains("ready"),
+        "{}",
+        b.log()
+    );
+}
