@@ -276,7 +276,7 @@ fn glance_415_on_the_data_upload_deletes_the_created_image() {
 /// A stall past `image-upload-timeout`; the timeout is raised (SIGHUP) with the fault lifted
 /// so the healthy upload is not raced against the short one on a busy machine.
 fn stall_then_recovery(name: &str, rule: Rule, cause: &str, injected: &str) {
-    let w = World::new(name, vec![rule], 3);
+    let w = World::new(name, vec![rule], 5);
     let mut b = w.start();
     w.expect_failures(&mut b, cause);
     assert!(w.proxy.count(injected) >= 2, "{}", w.context());
