@@ -229,6 +229,18 @@ fn digest_auth_makes_every_builder_znode_creator_only() {
             }
         }
     }
+    // Writing with the digest works (a node of our own under /nodepool), without it not.
+    let probe = "/nodepool/kazoo-probe";
+    let out = kz(&site, None, &["create", probe, "x"]);
+    assert!(
+        out.status.code() == Some(1) && String::from_utf8_lossy(&out.stderr).contains("NoAuth"),
+        "{}",
+        describe_output(&out)
+    );
+    for cmd in [vec!["create", probe, "x"], vec!["delete", probe]] {
+        let out = kz(&site, Some(ZK_DIGEST), &cmd);
+        assert!(out.status.success(), "{cmd:?}: {}", describe_output(&out));
+    }
     // Nothing was changed by the refused writes.
     assert_eq!(
         tree::read_image(&zk, "fedora").unwrap()[0].build.state,
