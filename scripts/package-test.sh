@@ -124,6 +124,12 @@ check_daemon_process() {
     alive "$pid" || die "no daemon process $pid"
     uid=$(id -u nodepool)
     gid=$(id -g nodepool)
+    # No root needed: never uid 0 (real, effective, saved, fs) and no capabilities left.
+    [ "$uid" -ne 0 ] || die "the user nodepool has uid 0"
+    awk '/^Uid:/ { exit !($2 != 0 && $3 != 0 && $4 != 0 && $5 != 0) }' "/proc/$pid/status" \
+        || die "pid $pid runs as root: $(grep '^Uid:' "/proc/$pid/status")"
+    awk '/^Cap(Eff|Prm):/ { if ($2 !~ /^0+$/) bad = 1 } END { exit bad }' "/proc/$pid/status" \
+        || die "pid $pid has capabilities: $(grep '^Cap' "/proc/$pid/status" | tr '\n' ' ')"
     awk -v u="$uid" '/^Uid:/ { exit !($2 == u && $3 == u && $4 == u && $5 == u) }' "/proc/$pid/status" \
         || die "pid $pid does not run as nodepool ($uid): $(grep '^Uid:' "/proc/$pid/status")"
     awk -v g="$gid" '/^Gid:/ { exit !($2 == g && $3 == g && $4 == g && $5 == g) }' "/proc/$pid/status" \
@@ -135,7 +141,7 @@ check_daemon_process() {
     [ "$tty" = 0 ] || die "pid $pid has a controlling terminal ($tty)"
     grep -qx 'NODEPOOL_BUILDER_LOG=info,nodepool.stack_dump=debug' < <(tr '\0' '\n' <"/proc/$pid/environ") \
         || die "the daemon's environment lacks NODEPOOL_BUILDER_LOG from $DEFAULTS"
-    log "ok: daemon pid $pid: uid/gid nodepool ($uid/$gid), ppid $ppid, pgrp $pgrp, session $session, no tty, exe /usr/sbin/$PKG, HOME=$(tr '\0' '\n' <"/proc/$pid/environ" | sed -n 's/^HOME=//p')"
+    log "ok: daemon pid $pid: uid/gid nodepool ($uid/$gid, not root, no capabilities), ppid $ppid, pgrp $pgrp, session $session, no tty, exe /usr/sbin/$PKG, HOME=$(tr '\0' '\n' <"/proc/$pid/environ" | sed -n 's/^HOME=//p')"
 }
 
 # ---------------------------------------------------------------------------------------

@@ -367,6 +367,7 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
     let reason = if !guard.is_valid() {
         Some(format!("ZooKeeper lost while building {image}"))
     } else if rc != Some(0) || timed_out {
+        let detail = detail.or_else(|| out_of_space(job, &build_id));
         Some(format!(
             "DIB failed creating {image} ({}) (timeout={}){}",
             rc.map(|r| r.to_string()).unwrap_or_else(|| "none".into()),
@@ -606,6 +607,39 @@ fn run_dib(
         Ok(command::Outcome::Cancelled) => (Some(1), false, Some("stopped by shutdown".into())),
         Err(e) => (None, false, Some(format!("waiting for DIB: {e}"))),
     }
+}
+
+/// How much of the end of a failed build's log is searched for the out-of-space error.
+const LOG_TAIL_SEARCHED: u64 = 64 * 1024;
+
+/// When the end of the build log reports `ENOSPC` ("No space left on device"), says so with
+/// the free space of images-dir now, so the daemon log tells the operator why DIB failed.
+fn out_of_space(job: &BuildJob, build_id: &str) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let path = job
+        .env
+        .build_log_dir
+        .join(format!("{}-{build_id}.log", job.image));
+    let mut file = std::fs::File::open(&path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_SEARCHED)))
+        .ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC).to_string();
+    // The OS message carries " (os error 28)"; tools print only the text before it.
+    let text = enospc.split(" (os error").next().unwrap_or(&enospc);
+    if !String::from_utf8_lossy(&tail).contains(text) {
+        return None;
+    }
+    let free = match free_gib(&job.env.images_dir) {
+        Ok(gib) => format!("{:.1} MiB free now", gib * 1024.0),
+        Err(e) => format!("free space unknown: {e}"),
+    };
+    Some(format!(
+        "out of disk space: the build log says \"{text}\" (images-dir {}: {free})",
+        job.env.images_dir.display()
+    ))
 }
 
 fn append_line(path: &Path, line: &str) {

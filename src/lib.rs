@@ -11,6 +11,7 @@
 //! * `thread`, `registry`, `stackdump`: every thread is spawned through `thread::spawn`,
 //!   registered by name, and dumped with a real backtrace on SIGUSR2.
 //! * `scheduler`, `build`, `upload`, `cleanup`, `provider`, `stats`: the daemon's work.
+//! * `secret_files`: warns about secret files others can read, refuses world-writable ones.
 //! * `cli`, `app`: command line and wiring.
 //!
 //! # Architecture invariants
@@ -40,6 +41,7 @@ pub mod ops;
 pub mod provider;
 pub mod registry;
 pub mod scheduler;
+pub mod secret_files;
 pub mod signals;
 pub mod stackdump;
 pub mod stats;

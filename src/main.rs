@@ -22,7 +22,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
 use nodepool_builder::cli::{Cli, Command};
 use nodepool_builder::daemon::{self, Pidfile, ReadyPipe, Role, StartOutcome};
-use nodepool_builder::{app, config, identity, logging, registry, stackdump, thread};
+use nodepool_builder::{app, config, identity, logging, registry, secret_files, stackdump, thread};
 
 const HINT: &str = "hint: run `nodepool-builder -d` to see the log in the foreground";
 
@@ -66,7 +66,14 @@ fn make_paths_absolute(cli: &mut Cli) -> std::io::Result<()> {
 
 fn check_config(cli: &Cli) -> ExitCode {
     match config::load(&cli.config, cli.secure.as_deref()) {
-        Ok(_) => {
+        Ok(cfg) => {
+            let findings = secret_files::check(&cfg, cli.secure.as_deref());
+            if refuse_secret_files(&findings) {
+                return ExitCode::from(2);
+            }
+            for f in &findings {
+                eprintln!("nodepool-builder: warning: {f}");
+            }
             println!("{}: configuration is valid", cli.config.display());
             ExitCode::SUCCESS
         }
@@ -77,11 +84,34 @@ fn check_config(cli: &Cli) -> ExitCode {
     }
 }
 
-fn load_config(cli: &Cli) -> Result<config::Config, ExitCode> {
-    config::load(&cli.config, cli.secure.as_deref()).map_err(|errors| {
+/// Loads the configuration and checks its secret files: a world-writable one is refused;
+/// the others that others can read are returned, to be logged once logging is up.
+fn load_config(cli: &Cli) -> Result<(config::Config, Vec<secret_files::Finding>), ExitCode> {
+    let cfg = config::load(&cli.config, cli.secure.as_deref()).map_err(|errors| {
         eprintln!("{errors}");
         ExitCode::from(2)
-    })
+    })?;
+    let findings = secret_files::check(&cfg, cli.secure.as_deref());
+    if refuse_secret_files(&findings) {
+        return Err(ExitCode::from(2));
+    }
+    Ok((cfg, findings))
+}
+
+/// Prints the fatal findings; true when there was one.
+fn refuse_secret_files(findings: &[secret_files::Finding]) -> bool {
+    let mut fatal = false;
+    for f in findings.iter().filter(|f| f.is_fatal()) {
+        eprintln!("nodepool-builder: error: {f}");
+        fatal = true;
+    }
+    fatal
+}
+
+fn warn_secret_files(findings: &[secret_files::Finding]) {
+    for f in findings {
+        log::warn!("{f}");
+    }
 }
 
 fn options(cli: &Cli) -> app::Options {
@@ -127,8 +157,8 @@ fn remove_pidfile(pidfile: Option<Pidfile>) {
 }
 
 fn run_foreground(cli: Cli, pidfile_given: bool, notify_socket: Option<OsString>) -> ExitCode {
-    let cfg = match load_config(&cli) {
-        Ok(cfg) => cfg,
+    let (cfg, findings) = match load_config(&cli) {
+        Ok(loaded) => loaded,
         Err(code) => return code,
     };
     let pidfile = if pidfile_given {
@@ -153,6 +183,7 @@ fn run_foreground(cli: Cli, pidfile_given: bool, notify_socket: Option<OsString>
     };
     logging::init_stderr(cli.debug);
     let _main = install_diagnostics();
+    warn_secret_files(&findings);
     let result = app::run(cfg, options(&cli), || {
         notify_ready(notify_socket.as_ref(), "READY=1")
     });
@@ -169,8 +200,8 @@ fn run_foreground(cli: Cli, pidfile_given: bool, notify_socket: Option<OsString>
 
 fn run_daemon(cli: Cli, notify_socket: Option<OsString>) -> ExitCode {
     daemon::close_inherited_fds();
-    let cfg = match load_config(&cli) {
-        Ok(cfg) => cfg,
+    let (cfg, findings) = match load_config(&cli) {
+        Ok(loaded) => loaded,
         Err(code) => return code,
     };
     let pidfile = match Pidfile::acquire(&cli.pidfile) {
@@ -220,6 +251,7 @@ fn run_daemon(cli: Cli, notify_socket: Option<OsString>) -> ExitCode {
         cli.pidfile.display(),
         cli.config.display()
     );
+    warn_secret_files(&findings);
     let result = run_daemon_app(cfg, &cli, &ready, notify_socket.as_ref());
     remove_pidfile(Some(pidfile));
     match result {

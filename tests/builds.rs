@@ -369,6 +369,27 @@ fn dib_exiting_0_without_all_formats_is_a_failed_build() {
 }
 
 #[test]
+fn dib_exiting_0_without_any_file_is_a_failed_build_naming_the_file() {
+    let site = Site::new("dib_nofiles");
+    site.config(0, "", ONE_IMAGE);
+    let nofiles = site.control(0, "fake-dib.nofiles", "");
+    let mut b = site.start(0, &[]);
+    b.wait_for_log(WAIT, "(failure 1)");
+    let log = b.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("DIB exited 0 but did not write"))
+        .unwrap_or_else(|| panic!("the cause is logged: {log}"));
+    assert!(
+        line.contains(".qcow2") && line.contains("image=fedora build="),
+        "{line}"
+    );
+    assert!(site.builds_in("fedora", BuildState::Ready).is_empty());
+    std::fs::remove_file(nofiles).unwrap();
+    site.wait_builds("fedora", BuildState::Ready, 1);
+}
+
+#[test]
 fn build_log_retention_keeps_exact_image_logs_only() {
     let site = Site::new("log_retention");
     site.config(

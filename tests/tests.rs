@@ -1,6 +1,8 @@
 //! The one integration-test binary. Every module drives real servers (ZooKeeper, kazoo, ...);
 //! nothing is mocked.
 
+/// Bad upload input: Glance behind a fault proxy answers 500/503/415, stalls, vanishes.
+mod bad_input;
 /// The benchmark harness at small sizes (the full run is `cargo bench`).
 mod bench_smoke;
 /// The build pipeline: the real binary, real ZooKeeper, the test image builder.
@@ -15,6 +17,8 @@ mod config;
 mod daemon;
 /// Daemon mode: fork, pidfile, readiness, log file, SIGHUP.
 mod daemon_mode;
+/// A full images-dir (a small tmpfs) during a build: failed cleanly, resumes with space.
+mod disk;
 /// The test image builder script that stands in for diskimage-builder.
 mod fake_dib;
 /// Cloud drivers against a real Glance (and Keystone) from PyPI.
@@ -27,6 +31,8 @@ mod harness;
 mod ops;
 /// One real diskimage-builder build (debian-minimal, tar and qcow2) through the daemon.
 mod real_dib;
+/// Security: mutual TLS, digest ACLs, no credentials in logs, secret file modes.
+mod security;
 /// SIGUSR2 stack capture of registered threads, in-process.
 mod stackdump;
 /// SIGUSR2 stack dumps of the real daemon.

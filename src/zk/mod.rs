@@ -45,6 +45,7 @@ pub mod component;
 pub mod lock;
 pub mod paths;
 pub mod schema;
+pub mod tlscheck;
 pub mod tree;
 pub mod watcher;
 
@@ -65,6 +66,9 @@ use zookeeper_client::{Acls, Client, CreateMode, EventType, OneshotWatcher, Sess
 pub use zookeeper_client::Stat;
 
 use crate::thread::{self, JoinHandle, ThreadKind};
+
+/// Bound on each step of the TLS check after a failed TLS connect (per host).
+const TLS_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Connection settings, derived from the `zookeeper-*` keys of the config.
 #[derive(Debug, Clone, PartialEq)]
@@ -694,9 +698,14 @@ impl Zk {
                 Some(Ok(client)) => client,
                 Some(Err(e)) => {
                     if last_retry_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        // The client hides TLS failures behind "connection lost": find out why.
+                        let why = self.inner.cfg.tls.as_ref().and_then(|tls| {
+                            tlscheck::diagnose(tls, &self.inner.cfg.hosts, TLS_CHECK_TIMEOUT)
+                        });
                         warn!(
-                            "Retrying zookeeper connection to {}: {e}",
-                            self.inner.cfg.connect_string()
+                            "Retrying zookeeper connection to {}: {e}{}",
+                            self.inner.cfg.connect_string(),
+                            why.map(|w| format!("; TLS check: {w}")).unwrap_or_default()
                         );
                         last_retry_log = Some(Instant::now());
                     }

@@ -9,6 +9,9 @@
 //!   test binary, dedicated ones for fault injection) and the test certificates.
 //! * [`python`]: the kazoo virtualenv and the Python helper scripts in
 //!   `tests/fixtures/python/`.
+//! * [`faultproxy`]: an HTTP proxy in front of a real Glance that injects 500/503/415
+//!   answers, stalls, or vanishes for chosen requests.
+//! * [`tmpfs`]: a small tmpfs a test mounts (as root) to fill a file system for real.
 //! * [`nodepool`]: the Python nodepool 11 CLI (its own virtualenv) and runners that compare
 //!   its output with our operator subcommands'.
 //!
@@ -23,10 +26,12 @@
 #![allow(dead_code)]
 
 pub mod builder;
+pub mod faultproxy;
 pub mod glance;
 pub mod nodepool;
 pub mod np;
 pub mod python;
+pub mod tmpfs;
 pub mod zk;
 
 use std::path::{Path, PathBuf};

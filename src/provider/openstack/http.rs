@@ -202,10 +202,21 @@ impl Http {
         body: &mut Body,
         timeout: Duration,
     ) -> Result<Reply, TransportError> {
-        let fail = |e: ureq::Error| TransportError {
-            timed_out: matches!(e, ureq::Error::Timeout(_)),
-            maybe_sent: !never_sent(&e),
-            message: format!("{method} {}: {e}", strip_query(url)),
+        let fail = |e: ureq::Error| {
+            // ureq says only "timeout: global"; the operator needs to know which wait ran out.
+            let message = match &e {
+                ureq::Error::Timeout(ureq::Timeout::Global) => format!(
+                    "{method} {}: timed out after {:.1?} without an answer",
+                    strip_query(url),
+                    timeout
+                ),
+                _ => format!("{method} {}: {e}", strip_query(url)),
+            };
+            TransportError {
+                timed_out: matches!(e, ureq::Error::Timeout(_)),
+                maybe_sent: !never_sent(&e),
+                message,
+            }
         };
         let mut builder = ureq::http::Request::builder()
             .method(method)
