@@ -37,7 +37,22 @@ pub(crate) struct Sink {
 
 impl Sink {
     pub fn error(&mut self, pos: Pos, message: impl Into<String>) {
-        self.errors.push((pos, message.into()));
+        let mut message = message.into();
+        // One error, one line: control characters that a quoted key or a value brought into
+        // the message are escaped.
+        if message.contains(char::is_control) {
+            message = message
+                .chars()
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_default().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect();
+        }
+        self.errors.push((pos, message));
     }
 }
 
