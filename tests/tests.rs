@@ -1,6 +1,8 @@
 //! The one integration-test binary. Every module drives real servers (ZooKeeper, kazoo, ...);
 //! nothing is mocked.
 
+/// Bad data: the fuzz targets' checks over the seed corpus, nasty records, mutated configs.
+mod bad_data;
 /// The benchmark harness at small sizes (the full run is `cargo bench`).
 mod bench_smoke;
 /// The build pipeline: the real binary, real ZooKeeper, the test image builder.
