@@ -19,8 +19,11 @@ use nodepool_builder::zk::schema::{ImageBuild, ImageUpload, SchemaError};
 #[path = "fuzz/checks.rs"]
 mod checks;
 
+/// One fuzz target's check, as the target runs it.
+type Check = fn(&[u8]);
+
 /// The fuzz targets, each with its check.
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[(&str, Check)] = &[
     ("build_record", |d| drop(checks::build_record(d))),
     ("upload_record", |d| drop(checks::upload_record(d))),
     ("znode_path", |d| drop(checks::znode_path(d))),
@@ -624,4 +627,105 @@ fn states_of_the_golden_records_are_what_nodepool_wrote() {
     assert_eq!(build(READY).unwrap().state, BuildState::Ready);
     assert_eq!(upload(UPLOADING).unwrap().state, UploadState::Uploading);
     assert_eq!(upload(UPLOAD_READY).unwrap().state, UploadState::Ready);
+}
+
+/// How many warning lines of `log` mention `what`.
+fn warnings_about(log: &str, what: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains(" WARN ") && l.contains(what))
+        .count()
+}
+
+#[test]
+fn a_daemon_skips_bad_znodes_with_one_warning_each_and_carries_on() {
+    use crate::util::np::Site;
+    use nodepool_builder::zk::Mode;
+
+    let site = Site::new("bad_znodes");
+    let body = format!(
+        "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{{fake_dib}}\"\nformats = [\"raw\"]\n{}",
+        site.provider("cloud", "raw", &["fedora"], "")
+    );
+    site.config(0, "cleanup-interval = 0.2", &body);
+    let b = site.start(0, &[]);
+    let first = site.wait_builds("fedora", BuildState::Ready, 1).remove(0);
+    site.wait_uploads("fedora", "cloud", UploadState::Ready, 1);
+
+    // Bad build records beside the good one, bad upload records beside its upload, and junk
+    // in the lock directories, which are no records at all.
+    let bad_builds = [
+        ("badjson", &b"{\"state\": \"ready\", \"state_ti"[..]),
+        (
+            "badtype",
+            br#"{"state": "ready", "state_time": "yesterday"}"#,
+        ),
+        ("badstate", br#"{"state": "paused", "state_time": 1.0}"#),
+        ("badutf8", b"{\"state\": \"ready\", \"builder\": \"\xff\"}"),
+        ("badarray", b"[[[[[[[[[[]]]]]]]]]]"),
+    ];
+    for (id, data) in bad_builds {
+        let path = paths::image_build_path("fedora", id);
+        site.zk.create(&path, data, Mode::Persistent).unwrap();
+    }
+    let uploads = paths::image_uploads_path("fedora", &first.id, "cloud");
+    let bad_uploads = [
+        ("0000000900", &b"{\"state\""[..]),
+        ("0000000901", br#"{"state": "ready", "external_id": 17}"#),
+        ("0000000902", br#"{"state": "uploaded"}"#),
+    ];
+    for (id, data) in bad_uploads {
+        let path = format!("{uploads}/{id}");
+        site.zk.create(&path, data, Mode::Persistent).unwrap();
+    }
+    site.zk
+        .set_data(&paths::image_build_lock_path("fedora"), b"{not json", None)
+        .unwrap();
+    site.zk
+        .set_data(&format!("{uploads}/lock"), b"[1, 2", None)
+        .unwrap();
+
+    // Many janitor passes and a whole build and upload later, the daemon has read every bad
+    // node many times over.
+    let passes = |log: &str| log.matches("cleanup pass:").count();
+    let before = passes(&b.log());
+    site.request_build("fedora");
+    site.wait_builds("fedora", BuildState::Ready, 2);
+    site.wait_uploads("fedora", "cloud", UploadState::Ready, 2);
+    site.wait("ten more janitor passes", || {
+        (passes(&b.log()) >= before + 10).then_some(())
+    });
+
+    let log = b.log();
+    for (id, _) in bad_builds {
+        assert_eq!(
+            warnings_about(
+                &log,
+                &format!("build={id}: skipping unreadable build record")
+            ),
+            1,
+            "one warning for build {id}\n{}",
+            site.dump()
+        );
+    }
+    for (id, _) in bad_uploads {
+        assert_eq!(
+            warnings_about(
+                &log,
+                &format!("upload={id}: skipping unreadable upload record")
+            ),
+            1,
+            "one warning for upload {id}\n{}",
+            site.dump()
+        );
+    }
+    assert_eq!(warnings_about(&log, "=lock"), 0, "locks are no records");
+    // The bad records are left alone: they are not the builder's to delete.
+    for (id, _) in bad_builds {
+        assert!(
+            site.zk
+                .exists(&paths::image_build_path("fedora", id))
+                .unwrap()
+                .is_some()
+        );
+    }
 }
