@@ -14,6 +14,10 @@
 #                    runs instead of starting afresh
 #   TARGET...        only these targets (default: all)
 #
+# Targets: build_record, upload_record (the znode record readers), znode_path (the positional
+# path parser), config_main (the loader on one file), config_secure (main and secure file,
+# separated by a NUL byte).
+#
 # A long manual session, e.g. ten minutes per target from a random seed, growing a corpus:
 #   scripts/fuzz.sh --time 600 --seed 0 --keep
 #
@@ -47,6 +51,13 @@ declare -A CI_RUNS=(
     [config_secure]=80000
 )
 ALL_TARGETS=(build_record upload_record znode_path config_main config_secure)
+# libFuzzer dictionaries (tests/fuzz/dicts): tokens and extreme values of each input language.
+declare -A DICT=(
+    [build_record]=record.dict
+    [upload_record]=record.dict
+    [config_main]=config.dict
+    [config_secure]=config.dict
+)
 
 log() { printf 'fuzz: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 2; }
@@ -93,6 +104,7 @@ for target in "${targets[@]}"; do
     [[ -d "$FUZZ_DIR/regressions/$target" ]] && inputs+=("$FUZZ_DIR/regressions/$target")
     limit=("-runs=${runs:-${CI_RUNS[$target]}}")
     [[ -n "$time" ]] && limit=("-max_total_time=$time")
+    [[ -v DICT[$target] ]] && limit+=("-dict=$FUZZ_DIR/dicts/${DICT[$target]}")
     log "$target: ${limit[*]} -seed=$seed"
     start=$SECONDS
     if "$bin_dir/$target" "${inputs[@]}" "${limit[@]}" -seed="$seed" \
