@@ -227,3 +227,38 @@ pub fn read_uploads(zk: &Zk, image: &str, build: &str) -> Result<Vec<UploadInfo>
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_record_is_news_once_per_bad_data() {
+        // Paths of their own: other tests of this binary parse records too.
+        let path = || "/nodepool/images/tree-unit-test/builds/b1".to_string();
+        assert!(first_time_unreadable(path(), b"{"));
+        assert!(!first_time_unreadable(path(), b"{"), "same bad data again");
+        assert!(first_time_unreadable(path(), b"[1"), "other bad data");
+        assert!(!first_time_unreadable(path(), b"[1"));
+        readable(path);
+        assert!(
+            first_time_unreadable(path(), b"[1"),
+            "bad again after a good read"
+        );
+        let other = "/nodepool/images/tree-unit-test/builds/b2".to_string();
+        assert!(first_time_unreadable(other, b"[1"), "each znode on its own");
+    }
+
+    #[test]
+    fn parse_build_and_upload_skip_what_they_cannot_read() {
+        let image = "tree-unit-test-parse";
+        assert_eq!(parse_build(image, "b", b""), None);
+        assert_eq!(parse_build(image, "b", b"{\"state\": 1}"), None);
+        assert_eq!(parse_build(image, "b", b"{\"state\": 1}"), None);
+        let ok = parse_build(image, "b", br#"{"state": "ready"}"#).unwrap();
+        assert_eq!(ok.state, BuildState::Ready);
+        assert_eq!(parse_upload(image, "b", "p", "0000000001", b"nope"), None);
+        let ok = parse_upload(image, "b", "p", "0000000001", br#"{"state": "failed"}"#);
+        assert_eq!(ok.unwrap().state, UploadState::Failed);
+    }
+}
