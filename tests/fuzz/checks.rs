@@ -10,7 +10,7 @@
 //! * a znode path that parses is rebuilt exactly by the path functions;
 //! * a configuration that loads is usable (every duration fits an `Instant`); one that does
 //!   not load has errors, each at a `line:col` inside the file it names, in file and
-//!   position order, one line each.
+//!   position order, one line each, and none quoting a line of the secure file.
 
 #![allow(dead_code)]
 
@@ -287,6 +287,23 @@ fn check_config(result: &Result<Config, ConfigErrors>, files: &[(&Path, &str)]) 
                 let here = (index, error.line, error.col);
                 assert!(here >= last, "errors out of order: {errors}");
                 last = here;
+            }
+            // The secure file holds credentials: its lines are never quoted back.
+            if let Some((_, secure)) = files.iter().find(|(p, _)| *p == Path::new(SECURE_PATH)) {
+                let messages: Vec<&str> = errors
+                    .0
+                    .iter()
+                    .filter(|e| e.file == Path::new(SECURE_PATH))
+                    .map(|e| e.message.as_str())
+                    .collect();
+                let messages = messages.join("\n");
+                for line in secure.lines().map(str::trim) {
+                    let quotable = line.len() >= 10 && line.contains(" = ");
+                    assert!(
+                        !quotable || !messages.contains(line),
+                        "a secure file error echoes {line:?}: {errors}"
+                    );
+                }
             }
         }
     }
