@@ -1,6 +1,8 @@
 //! The one integration-test binary. Every module drives real servers (ZooKeeper, kazoo, ...);
 //! nothing is mocked.
 
+/// Bad data: the fuzz targets' checks over the seed corpus, nasty records, mutated configs.
+mod bad_data;
 /// Bad upload input: Glance behind a fault proxy answers 500/503/415, stalls, vanishes.
 mod bad_input;
 /// The benchmark harness at small sizes (the full run is `cargo bench`).

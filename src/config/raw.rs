@@ -37,7 +37,22 @@ pub(crate) struct Sink {
 
 impl Sink {
     pub fn error(&mut self, pos: Pos, message: impl Into<String>) {
-        self.errors.push((pos, message.into()));
+        let mut message = message.into();
+        // One error, one line: control characters that a quoted key or a value brought into
+        // the message are escaped.
+        if message.contains(char::is_control) {
+            message = message
+                .chars()
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_default().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect();
+        }
+        self.errors.push((pos, message));
     }
 }
 
@@ -175,7 +190,8 @@ pub(crate) fn read_main(src: &Source, base: &Path, root: &DeTable<'_>, sink: &mu
     });
     let zookeeper_timeout = r
         .number(sink, "zookeeper-timeout")
-        .and_then(|v| positive_f64(sink, "zookeeper-timeout", v));
+        .and_then(|v| positive_f64(sink, "zookeeper-timeout", v))
+        .and_then(|v| seconds(sink, "zookeeper-timeout", v));
     let images_dir_required_free = r
         .integer(sink, "images-dir-required-free")
         .and_then(|v| non_negative(sink, "images-dir-required-free", v));
@@ -186,17 +202,24 @@ pub(crate) fn read_main(src: &Source, base: &Path, root: &DeTable<'_>, sink: &mu
             v.value >= 0.0,
             "`cleanup-interval` must not be negative (0 disables cleanup)",
         )
+        .and_then(|v| seconds(sink, "cleanup-interval", v))
     });
     let resync_interval = r
         .number(sink, "resync-interval")
-        .and_then(|v| positive_f64(sink, "resync-interval", v));
+        .and_then(|v| positive_f64(sink, "resync-interval", v))
+        .and_then(|v| seconds(sink, "resync-interval", v));
     let backoff_initial = r
         .number(sink, "retry-backoff-initial")
-        .and_then(|v| positive_f64(sink, "retry-backoff-initial", v));
-    let backoff_max = r.number(sink, "retry-backoff-max");
-    // Compare with the defaults standing in for absent keys, but not when a present
-    // `retry-backoff-initial` was already rejected.
-    if backoff_initial.is_some() || !r.has("retry-backoff-initial") {
+        .and_then(|v| positive_f64(sink, "retry-backoff-initial", v))
+        .and_then(|v| seconds(sink, "retry-backoff-initial", v));
+    let backoff_max = r
+        .number(sink, "retry-backoff-max")
+        .and_then(|v| seconds(sink, "retry-backoff-max", v));
+    // Compare with the defaults standing in for absent keys, but not when a present key was
+    // already rejected.
+    if (backoff_initial.is_some() || !r.has("retry-backoff-initial"))
+        && (backoff_max.is_some() || !r.has("retry-backoff-max"))
+    {
         let initial = backoff_initial
             .as_ref()
             .map_or(defaults::RETRY_BACKOFF_INITIAL, |v| v.value);
@@ -443,9 +466,11 @@ fn read_diskimage(
         pause: d.boolean(sink, "pause").map(|v| v.value),
         rebuild_age: d
             .integer(sink, "rebuild-age")
+            .and_then(|v| whole_seconds(sink, "rebuild-age", v))
             .and_then(|v| positive(sink, "rebuild-age", v)),
         build_timeout: d
             .integer(sink, "build-timeout")
+            .and_then(|v| whole_seconds(sink, "build-timeout", v))
             .and_then(|v| positive(sink, "build-timeout", v)),
         release: d.release(sink),
         username: d.string(sink, "username").map(|v| v.value),
@@ -491,13 +516,15 @@ fn read_provider(
     let delete_command = p.command(sink, "delete-command");
     let rate = p
         .number(sink, "rate")
-        .and_then(|v| check(sink, &v, v.value >= 0.0, "`rate` must not be negative"));
+        .and_then(|v| check(sink, &v, v.value >= 0.0, "`rate` must not be negative"))
+        .and_then(|v| seconds(sink, "rate", v));
     let image_name_format = p.string(sink, "image-name-format");
     if let Some(format) = &image_name_format {
         check_image_name_format(sink, format);
     }
     let image_upload_timeout = p
         .integer(sink, "image-upload-timeout")
+        .and_then(|v| whole_seconds(sink, "image-upload-timeout", v))
         .and_then(|v| positive(sink, "image-upload-timeout", v));
     let post_upload_hook = p.path(sink, base, "post-upload-hook");
 
@@ -654,6 +681,26 @@ fn non_negative(sink: &mut Sink, key: &str, v: At<i64>) -> Option<u64> {
         sink.error(v.pos, format!("`{key}` must not be negative"));
         None
     }
+}
+
+/// The longest time a key may give, in seconds (100 years): more is surely a mistake, and
+/// would overflow the deadlines the daemon computes from it (`Instant` + `Duration`).
+pub(crate) const MAX_SECONDS: i64 = 3_155_760_000;
+
+/// Rejects a number of seconds above [`MAX_SECONDS`].
+fn seconds(sink: &mut Sink, key: &str, v: At<f64>) -> Option<At<f64>> {
+    let ok = v.value <= MAX_SECONDS as f64;
+    check(sink, &v, ok, &too_long(key))
+}
+
+/// Rejects a whole number of seconds above [`MAX_SECONDS`].
+fn whole_seconds(sink: &mut Sink, key: &str, v: At<i64>) -> Option<At<i64>> {
+    let ok = v.value <= MAX_SECONDS;
+    check(sink, &v, ok, &too_long(key))
+}
+
+fn too_long(key: &str) -> String {
+    format!("`{key}` must be at most {MAX_SECONDS} seconds (100 years)")
 }
 
 fn positive_f64(sink: &mut Sink, key: &str, v: At<f64>) -> Option<At<f64>> {

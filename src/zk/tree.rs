@@ -4,6 +4,15 @@
 //! the `lock` children, empty znodes (left by lock acquisitions racing a delete) and
 //! unparsable records, each unparsable record with one warning; they never fail on odd data,
 //! only on ZooKeeper errors.
+//!
+//! The janitor, the watcher and the workers all read the tree, the janitor on every pass, so
+//! an unreadable record is warned about only the first time its data is seen (and again if it
+//! changes to other bad data, or becomes readable and then bad again); later reads of the same
+//! bad data log at debug.
+
+use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Mutex, PoisonError};
 
 use log::{debug, warn};
 
@@ -51,16 +60,51 @@ pub fn newest_ready(builds: &[BuildInfo]) -> Option<&BuildInfo> {
         .max_by(|a, b| a.build.state_time.total_cmp(&b.build.state_time))
 }
 
+/// Unreadable records already warned about: znode path to a hash of the data.
+static WARNED: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+
+/// Forgetting everything beyond this many unreadable records keeps the memory bounded; the
+/// price is one more warning for each.
+const MAX_WARNED: usize = 10_000;
+
+/// Whether `data` at `path` is unreadable news (the first time it is seen), remembering it.
+fn first_time_unreadable(path: String, data: &[u8]) -> bool {
+    let mut hasher = DefaultHasher::new();
+    data.hash(&mut hasher);
+    let hash = hasher.finish();
+    let mut warned = WARNED.lock().unwrap_or_else(PoisonError::into_inner);
+    if warned.len() >= MAX_WARNED && !warned.contains_key(&path) {
+        warned.clear();
+    }
+    warned.insert(path, hash) != Some(hash)
+}
+
+/// A record at `path` read fine: if it is bad again later, that is news again.
+fn readable(path: impl FnOnce() -> String) {
+    let mut warned = WARNED.lock().unwrap_or_else(PoisonError::into_inner);
+    if !warned.is_empty() {
+        warned.remove(&path());
+    }
+}
+
 /// Parses a build record, logging what is skipped.
 pub fn parse_build(image: &str, id: &str, data: &[u8]) -> Option<ImageBuild> {
+    let path = || paths::image_build_path(image, id);
     match ImageBuild::from_json(data) {
-        Ok(b) => Some(b),
+        Ok(b) => {
+            readable(path);
+            Some(b)
+        }
         Err(SchemaError::Empty) => {
             debug!("image={image} build={id}: empty build znode skipped");
             None
         }
-        Err(e) => {
+        Err(e) if first_time_unreadable(path(), data) => {
             warn!("image={image} build={id}: skipping unreadable build record: {e}");
+            None
+        }
+        Err(e) => {
+            debug!("image={image} build={id}: still skipping unreadable build record: {e}");
             None
         }
     }
@@ -74,17 +118,27 @@ pub fn parse_upload(
     id: &str,
     data: &[u8],
 ) -> Option<ImageUpload> {
+    let path = || paths::image_upload_path(image, build, provider, id);
     match ImageUpload::from_json(data) {
-        Ok(u) => Some(u),
+        Ok(u) => {
+            readable(path);
+            Some(u)
+        }
         Err(SchemaError::Empty) => {
             debug!(
                 "image={image} build={build} provider={provider} upload={id}: empty upload znode skipped"
             );
             None
         }
-        Err(e) => {
+        Err(e) if first_time_unreadable(path(), data) => {
             warn!(
                 "image={image} build={build} provider={provider} upload={id}: skipping unreadable upload record: {e}"
+            );
+            None
+        }
+        Err(e) => {
+            debug!(
+                "image={image} build={build} provider={provider} upload={id}: still skipping unreadable upload record: {e}"
             );
             None
         }
@@ -172,4 +226,39 @@ pub fn read_uploads(zk: &Zk, image: &str, build: &str) -> Result<Vec<UploadInfo>
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_record_is_news_once_per_bad_data() {
+        // Paths of their own: other tests of this binary parse records too.
+        let path = || "/nodepool/images/tree-unit-test/builds/b1".to_string();
+        assert!(first_time_unreadable(path(), b"{"));
+        assert!(!first_time_unreadable(path(), b"{"), "same bad data again");
+        assert!(first_time_unreadable(path(), b"[1"), "other bad data");
+        assert!(!first_time_unreadable(path(), b"[1"));
+        readable(path);
+        assert!(
+            first_time_unreadable(path(), b"[1"),
+            "bad again after a good read"
+        );
+        let other = "/nodepool/images/tree-unit-test/builds/b2".to_string();
+        assert!(first_time_unreadable(other, b"[1"), "each znode on its own");
+    }
+
+    #[test]
+    fn parse_build_and_upload_skip_what_they_cannot_read() {
+        let image = "tree-unit-test-parse";
+        assert_eq!(parse_build(image, "b", b""), None);
+        assert_eq!(parse_build(image, "b", b"{\"state\": 1}"), None);
+        assert_eq!(parse_build(image, "b", b"{\"state\": 1}"), None);
+        let ok = parse_build(image, "b", br#"{"state": "ready"}"#).unwrap();
+        assert_eq!(ok.state, BuildState::Ready);
+        assert_eq!(parse_upload(image, "b", "p", "0000000001", b"nope"), None);
+        let ok = parse_upload(image, "b", "p", "0000000001", br#"{"state": "failed"}"#);
+        assert_eq!(ok.unwrap().state, UploadState::Failed);
+    }
 }
