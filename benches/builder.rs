@@ -1,4 +1,4 @@
-//! `cargo bench --bench builder [-- --quick]`: measures this builder against real ZooKeeper
+//! `cargo bench --bench builder [-- [--quick] [--only steady,latency,upload,janitor]]`: measures this builder against real ZooKeeper
 //! servers (started by the test tooling) and prints one table; the raw figures go to
 //! `target/bench/builder.json`. A scenario that cannot run panics, so the exit status is
 //! non-zero.
@@ -26,7 +26,15 @@ fn main() {
     } else {
         scenarios::Sizes::FULL
     };
-    let figures = scenarios::run_all(sizes);
+    // `-- --only steady,latency,upload,janitor` runs a subset.
+    let args: Vec<String> = std::env::args().collect();
+    let only: Vec<String> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    let figures = scenarios::run_all(sizes, &only);
     let (table, json) = scenarios::render(&figures);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&dir).expect("create target/bench");

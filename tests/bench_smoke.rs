@@ -9,7 +9,7 @@ mod upstream;
 
 #[test]
 fn every_benchmark_scenario_runs_at_small_sizes() {
-    let figures = scenarios::run_all(scenarios::Sizes::QUICK);
+    let figures = scenarios::run_all(scenarios::Sizes::QUICK, &[]);
     let (table, _) = scenarios::render(&figures);
     eprintln!("{table}");
     assert!(figures.len() >= 18, "{table}");
