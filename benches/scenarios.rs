@@ -327,6 +327,7 @@ fn steady_state(subject: Subject, images: usize, providers: usize, sizes: Sizes,
     let idle = idle_rate(bench_server(), sizes.idle_secs);
     let cpu_idle = (cpu_secs(d.pid()) - cpu0) * 60.0 / t0.elapsed().as_secs_f64();
     let rss = rss_kib(d.pid()) / 1024.0;
+    let private = smaps_rollup_kib(d.pid(), "Anonymous:") / 1024.0;
     let shape = format!("{images}×{providers}");
     // Where the resident set is (anonymous vs file-backed, per mapping), for the record.
     let dir = crate::util::repo_root().join("target/bench");
@@ -362,6 +363,13 @@ fn steady_state(subject: Subject, images: usize, providers: usize, sizes: Sizes,
         subject,
         &format!("RSS after {} s idle, {shape}", sizes.idle_secs),
         rss,
+        "MiB",
+        Better::Lower,
+    );
+    out.put(
+        subject,
+        &format!("  of which private (anonymous), {shape}"),
+        private,
         "MiB",
         Better::Lower,
     );
@@ -561,7 +569,7 @@ pub fn cleanup_cost(sizes: Sizes) -> Vec<Figure> {
 /// `create_image` of the same file to the same Glance; MB/s and peak RSS of each.
 pub fn upload_throughput(sizes: Sizes) -> Vec<Figure> {
     let glance = crate::util::glance::GlanceServer::shared();
-    let site = Site::new("bench_upload");
+    let site = Site::on("bench_upload", bench_server());
     let clouds = site.path("clouds.yaml");
     std::fs::write(
         &clouds,
@@ -652,6 +660,19 @@ pub fn peak_rss_kib(pid: i32) -> f64 {
         .and_then(|s| {
             s.lines()
                 .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// One field of `/proc/<pid>/smaps_rollup`, KiB (the rest of the resident set is file-backed:
+/// the program's code and its shared libraries, clean pages shared with the page cache).
+pub fn smaps_rollup_kib(pid: i32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(f64::NAN)
