@@ -9,6 +9,8 @@
 //!   test binary, dedicated ones for fault injection) and the test certificates.
 //! * [`python`]: the kazoo virtualenv and the Python helper scripts in
 //!   `tests/fixtures/python/`.
+//! * [`ensemble`]: a three-member TLS ZooKeeper ensemble on loopback, for failover tests.
+//! * [`invariants`]: the invariants fault-injection tests check, continuously and at the end.
 //! * [`nodepool`]: the Python nodepool 11 CLI (its own virtualenv) and runners that compare
 //!   its output with our operator subcommands'.
 //!
@@ -23,7 +25,9 @@
 #![allow(dead_code)]
 
 pub mod builder;
+pub mod ensemble;
 pub mod glance;
+pub mod invariants;
 pub mod nodepool;
 pub mod np;
 pub mod python;
