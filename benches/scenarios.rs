@@ -334,6 +334,7 @@ pub fn cleanup_cost(sizes: Sizes) -> Vec<Figure> {
                 .map(|p| (format!("p{p}"), "raw".to_string()))
                 .collect(),
             snapshot: None,
+            abandoned: Default::default(),
         };
         let count = || {
             server

@@ -64,6 +64,10 @@ pub struct CleanupRequest {
     /// the whole tree itself (at start-up and after a reconnect). With a snapshot, an idle
     /// pass costs no ZooKeeper request at all: only what it decides to change is re-read.
     pub snapshot: Option<BTreeMap<String, ImageSnapshot>>,
+    /// (image, build id) of builds this process gave up on without recording a result (its
+    /// session was gone for longer than the retries): still `building` in ZooKeeper, built by
+    /// nobody. Removed without waiting for the image build lock.
+    pub abandoned: BTreeSet<(String, String)>,
 }
 
 /// One image as watched: readable builds (with uploads) and unreadable build znode ids.
@@ -348,8 +352,13 @@ impl Pass<'_> {
             _ if keep.contains(&b.id) => Ok(false),
             BuildState::Building => {
                 // In progress if anyone holds the image build lock; otherwise an orphan of a
-                // crashed builder (its lock vanished with its session).
-                if lock::is_locked(self.zk, &paths::image_build_lock_path(image))? {
+                // crashed builder (its lock vanished with its session). A build this process
+                // abandoned is an orphan whoever holds the lock now (a rebuild, say).
+                let abandoned = self
+                    .req
+                    .abandoned
+                    .contains(&(image.to_string(), b.id.clone()));
+                if !abandoned && lock::is_locked(self.zk, &paths::image_build_lock_path(image))? {
                     return Ok(false);
                 }
                 match tree::read_build(self.zk, image, &b.id)? {

@@ -87,6 +87,10 @@ struct ImageState {
     failures: u32,
     /// The last "not enough free space" was logged (log once until space returns).
     no_space_logged: bool,
+    /// Builds of this process whose result could not be recorded: their records still say
+    /// `building`. The janitor removes them without waiting for the image build lock to be
+    /// free (a rebuild may hold it for a long time meanwhile).
+    abandoned: BTreeSet<String>,
 }
 
 /// Per (image, provider) upload state.
@@ -366,7 +370,14 @@ impl Scheduler {
                     st.requested = false;
                 }
             }
-            BuildResult::Failed { build_id, reason } => {
+            BuildResult::Failed {
+                build_id,
+                reason,
+                unrecorded,
+            } => {
+                if unrecorded && let Some(id) = &build_id {
+                    st.abandoned.insert(id.clone());
+                }
                 st.failures += 1;
                 let delay = backoff(backoff_initial, backoff_max, st.failures);
                 st.retry_at = Some(now + delay);
@@ -540,11 +551,19 @@ impl Scheduler {
                 })
                 .collect()
         });
+        let mut abandoned = BTreeSet::new();
+        for (name, st) in self.images.iter_mut() {
+            // Forget the ones whose record is gone (removed by any builder's janitor).
+            let builds = &st.builds;
+            st.abandoned.retain(|id| builds.iter().any(|b| &b.id == id));
+            abandoned.extend(st.abandoned.iter().map(|id| (name.clone(), id.clone())));
+        }
         let req = CleanupRequest {
             cfg: self.cfg.clone(),
             drivers: self.drivers.clone(),
             provider_formats: self.provider_formats.clone(),
             snapshot,
+            abandoned,
         };
         if janitor.request(req) {
             self.cleanup_running = true;

@@ -2,7 +2,7 @@
 //! `util::invariants` sampled during every scenario and checked in full at its end:
 //!
 //! 1. a three-member TLS ensemble loses its leader, then a follower, during builds and
-//!    uploads (and gets them back);
+//!    uploads (and gets them back), then its quorum for longer than the session timeout;
 //! 2. the server is frozen beyond the session timeout during a build and during an upload;
 //! 3. a builder is killed (with its children, as a service manager would) mid-build and
 //!    mid-upload, and is restarted or replaced by a second builder;
@@ -503,6 +503,73 @@ fn session_expiry_during_a_build_and_an_upload_redoes_the_work_once() {
     summary("session-expiry", seed, faults, &checker, "");
 }
 
+/// Regression: a build whose result could not be recorded (no quorum for longer than the
+/// write retries) left its record `building`, and the janitor removed such an orphan only
+/// once the image build lock was free. After a quorum loss the old session (and its lock)
+/// outlives the builder's interest in it by a session timeout, and a rebuild taking the lock
+/// right when it expired ran beside the stale `building` record until it finished (seen by
+/// the ensemble scenario). The builder now removes the record of a build it abandoned at
+/// once, whoever holds the lock.
+#[test]
+fn a_build_abandoned_without_quorum_is_removed_while_the_old_lock_lingers() {
+    let seed = seed();
+    let mut ens = Ensemble::start("faults_abandoned", 500);
+    let (site, checker) = ensemble_site(
+        &ens,
+        "faults_abandoned",
+        &["fedora"],
+        1,
+        "zookeeper-timeout = 10.0",
+    );
+    let sampler = Sampler::start(&checker);
+    let pause = site.control(0, "fake-dib.pause", "");
+    let mut b = site.start(0, &[]);
+    let zk = checker.zk();
+    let abandoned = wait_cond(&site, &checker, WAIT, "the first build", || {
+        builds(zk, "fedora")
+            .into_iter()
+            .find(|x| x.build.state == BuildState::Building)
+    })
+    .id;
+    let leader = ens.leader();
+    let follower = *ens.running().iter().find(|&&m| m != leader).unwrap();
+    ens.kill(leader);
+    ens.kill(follower);
+    b.wait_for_log(WAIT, "ZooKeeper session lost");
+    // The DIB finishes while there is no quorum: the result cannot be recorded.
+    std::fs::remove_file(&pause).unwrap();
+    b.wait_for_log(WAIT, "cannot record the build result");
+    ens.restart(leader);
+    ens.restart(follower);
+    // The old session is alive again for up to a session timeout, holding the image build
+    // lock; the builder has a new one. The abandoned record must go meanwhile.
+    let lock = paths::image_build_lock_path("fedora");
+    wait_cond(
+        &site,
+        &checker,
+        WAIT,
+        "the abandoned building record to go",
+        || {
+            zk.exists(&paths::image_build_path("fedora", &abandoned))
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    );
+    let held = nodepool_builder::zk::lock::is_locked(zk, &lock).unwrap();
+    let rebuilt = builds(zk, "fedora").iter().any(|x| x.id != abandoned);
+    assert!(
+        held && !rebuilt,
+        "the abandoned record went only after the old session's lock (held={held}, rebuilt={rebuilt})\n{}",
+        logs(&site)
+    );
+    checker.wait_final(SETTLE, 1, &|| {
+        format!("{}{}", logs(&site), ens.log_tails(20))
+    });
+    sampler.stop();
+    summary("abandoned-build", seed, 2, &checker, "");
+}
+
 // ---------------------------------------------------------------------------------------
 // Scenario 4: several builders, many images, bursts of requests, random pauses.
 
@@ -677,6 +744,11 @@ fn ensemble_loses_its_leader_then_a_follower_during_builds_and_uploads() {
             );
             ens.restart(victim);
         }
+    }
+    // Quorum lost (two of three down) for longer than the session timeout in mid-build:
+    // the builders' sessions are gone; once the quorum is back the work is redone once.
+    for n in names {
+        checker.request_build(n);
     }
     wait_cond(&site, &checker, WAIT, "some image building", || {
         names
