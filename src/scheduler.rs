@@ -88,8 +88,8 @@ struct ImageState {
     /// The last "not enough free space" was logged (log once until space returns).
     no_space_logged: bool,
     /// Builds of this process whose result could not be recorded: their records still say
-    /// `building`. The janitor removes them without waiting for the image build lock to be
-    /// free (a rebuild may hold it for a long time meanwhile).
+    /// `building`. The janitor records them `failed` without waiting for the image build
+    /// lock to be free (a rebuild may hold it for a long time meanwhile).
     abandoned: BTreeSet<String>,
 }
 
@@ -551,13 +551,11 @@ impl Scheduler {
                 })
                 .collect()
         });
-        let mut abandoned = BTreeSet::new();
-        for (name, st) in self.images.iter_mut() {
-            // Forget the ones whose record is gone (removed by any builder's janitor).
-            let builds = &st.builds;
-            st.abandoned.retain(|id| builds.iter().any(|b| &b.id == id));
-            abandoned.extend(st.abandoned.iter().map(|id| (name.clone(), id.clone())));
-        }
+        let abandoned = self
+            .images
+            .iter()
+            .flat_map(|(name, st)| st.abandoned.iter().map(|id| (name.clone(), id.clone())))
+            .collect();
         let req = CleanupRequest {
             cfg: self.cfg.clone(),
             drivers: self.drivers.clone(),
@@ -574,6 +572,11 @@ impl Scheduler {
 
     fn on_cleanup(&mut self, report: CleanupReport) {
         self.cleanup_running = false;
+        for (image, id) in &report.abandoned_resolved {
+            if let Some(st) = self.images.get_mut(image) {
+                st.abandoned.remove(id);
+            }
+        }
         self.emit_gauges();
         let periodic = Instant::now() + Duration::from_secs_f64(self.cfg.cleanup_interval.max(0.1));
         let mut due = self.cleanup_due.map_or(periodic, |d| d.min(periodic));

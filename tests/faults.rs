@@ -508,8 +508,8 @@ fn session_expiry_during_a_build_and_an_upload_redoes_the_work_once() {
 /// once the image build lock was free. After a quorum loss the old session (and its lock)
 /// outlives the builder's interest in it by a session timeout, and a rebuild taking the lock
 /// right when it expired ran beside the stale `building` record until it finished (seen by
-/// the ensemble scenario). The builder now removes the record of a build it abandoned at
-/// once, whoever holds the lock.
+/// the ensemble scenario). The builder now records a build it abandoned as `failed` at once,
+/// whoever holds the lock, and the janitor deletes it like any failed build.
 #[test]
 fn a_build_abandoned_without_quorum_is_removed_while_the_old_lock_lingers() {
     let seed = seed();
