@@ -522,6 +522,7 @@ pub fn cleanup_cost(sizes: Sizes) -> Vec<Figure> {
                 .map(|p| (format!("p{p}"), "raw".to_string()))
                 .collect(),
             snapshot: None,
+            abandoned: Default::default(),
         };
         let count = || {
             server

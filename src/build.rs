@@ -85,6 +85,9 @@ pub enum BuildResult {
     Failed {
         build_id: Option<String>,
         reason: String,
+        /// The build's record could not be rewritten (ZooKeeper was gone for longer than the
+        /// retries): it still says `building` although nobody builds it any more.
+        unrecorded: bool,
     },
     /// Nothing was done, for a good reason (lock held, request gone, already built, paused).
     Skipped { reason: String },
@@ -187,6 +190,7 @@ fn worker(
             result: BuildResult::Failed {
                 build_id: None,
                 reason: "build worker panicked".into(),
+                unrecorded: false,
             },
             builds: None,
         });
@@ -320,6 +324,7 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
             BuildResult::Failed {
                 build_id: None,
                 reason: format!("cannot write the building record: {e}"),
+                unrecorded: false,
             },
             None,
         );
@@ -403,6 +408,7 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
             BuildResult::Failed {
                 build_id: Some(build_id),
                 reason: format!("cannot record the result: {e}"),
+                unrecorded: true,
             },
             None,
         );
@@ -417,6 +423,7 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
             BuildResult::Failed {
                 build_id: Some(build_id),
                 reason,
+                unrecorded: false,
             }
         }
         None => {

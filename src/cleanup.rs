@@ -64,6 +64,11 @@ pub struct CleanupRequest {
     /// the whole tree itself (at start-up and after a reconnect). With a snapshot, an idle
     /// pass costs no ZooKeeper request at all: only what it decides to change is re-read.
     pub snapshot: Option<BTreeMap<String, ImageSnapshot>>,
+    /// (image, build id) of builds this process gave up on without recording a result (its
+    /// session was gone for longer than the retries): still `building` in ZooKeeper, built by
+    /// nobody. The pass records them `failed` (what the build would have written), without
+    /// waiting for the image build lock, so they are deleted like any failed build.
+    pub abandoned: BTreeSet<(String, String)>,
 }
 
 /// One image as watched: readable builds (with uploads) and unreadable build znode ids.
@@ -83,6 +88,9 @@ pub struct CleanupReport {
     /// Something failed and should be retried at this instant (cloud delete back-off).
     pub retry_at: Option<Instant>,
     pub took: Duration,
+    /// Entries of [`CleanupRequest::abandoned`] dealt with (recorded `failed`, or no longer
+    /// `building`, or gone).
+    pub abandoned_resolved: Vec<(String, String)>,
 }
 
 /// Handle of the `cleanup` thread.
@@ -169,6 +177,7 @@ pub fn pass(zk: &Zk, req: &CleanupRequest, state: &mut JanitorState) -> CleanupR
         state,
         report: CleanupReport::default(),
     };
+    p.fail_abandoned_builds();
     let tree = match &req.snapshot {
         Some(snapshot) => Some(snapshot.clone()),
         None => read_tree(zk, &mut p),
@@ -275,6 +284,49 @@ impl Pass<'_> {
 
     fn retry_at(&mut self, t: Instant) {
         self.report.retry_at = Some(self.report.retry_at.map_or(t, |r| r.min(t)));
+    }
+
+    /// Records every still-`building` build of [`CleanupRequest::abandoned`] as `failed`
+    /// (only if unchanged since read), whoever holds the image build lock now: only this
+    /// process could have been building it. Failures are retried on the next pass.
+    fn fail_abandoned_builds(&mut self) {
+        for (image, id) in &self.req.abandoned {
+            let path = paths::image_build_path(image, id);
+            let done = match self.zk.get_data(&path) {
+                Ok(None) => true,
+                Ok(Some((data, stat))) => match tree::parse_build(image, id, &data) {
+                    Some(mut b) if b.state == BuildState::Building => {
+                        b.state = BuildState::Failed;
+                        b.state_time = crate::model::now_epoch();
+                        match self.zk.set_data(&path, &b.to_json(), Some(stat.version)) {
+                            Ok(_) => {
+                                info!(
+                                    "image={image} build={id}: recorded the build abandoned while ZooKeeper was gone as failed"
+                                );
+                                true
+                            }
+                            Err(ZkError::NoNode) => true,
+                            Err(e) => {
+                                self.error(&format!(
+                                    "image={image} build={id}: cannot record the abandoned build as failed: {e}"
+                                ));
+                                false
+                            }
+                        }
+                    }
+                    _ => true,
+                },
+                Err(e) => {
+                    self.error(&format!("image={image} build={id}: {e}"));
+                    false
+                }
+            };
+            if done {
+                self.report
+                    .abandoned_resolved
+                    .push((image.clone(), id.clone()));
+            }
+        }
     }
 
     fn cleanup_image(

@@ -87,6 +87,10 @@ struct ImageState {
     failures: u32,
     /// The last "not enough free space" was logged (log once until space returns).
     no_space_logged: bool,
+    /// Builds of this process whose result could not be recorded: their records still say
+    /// `building`. The janitor records them `failed` without waiting for the image build
+    /// lock to be free (a rebuild may hold it for a long time meanwhile).
+    abandoned: BTreeSet<String>,
 }
 
 /// Per (image, provider) upload state.
@@ -366,7 +370,14 @@ impl Scheduler {
                     st.requested = false;
                 }
             }
-            BuildResult::Failed { build_id, reason } => {
+            BuildResult::Failed {
+                build_id,
+                reason,
+                unrecorded,
+            } => {
+                if unrecorded && let Some(id) = &build_id {
+                    st.abandoned.insert(id.clone());
+                }
                 st.failures += 1;
                 let delay = backoff(backoff_initial, backoff_max, st.failures);
                 st.retry_at = Some(now + delay);
@@ -540,11 +551,17 @@ impl Scheduler {
                 })
                 .collect()
         });
+        let abandoned = self
+            .images
+            .iter()
+            .flat_map(|(name, st)| st.abandoned.iter().map(|id| (name.clone(), id.clone())))
+            .collect();
         let req = CleanupRequest {
             cfg: self.cfg.clone(),
             drivers: self.drivers.clone(),
             provider_formats: self.provider_formats.clone(),
             snapshot,
+            abandoned,
         };
         if janitor.request(req) {
             self.cleanup_running = true;
@@ -555,6 +572,11 @@ impl Scheduler {
 
     fn on_cleanup(&mut self, report: CleanupReport) {
         self.cleanup_running = false;
+        for (image, id) in &report.abandoned_resolved {
+            if let Some(st) = self.images.get_mut(image) {
+                st.abandoned.remove(id);
+            }
+        }
         self.emit_gauges();
         let periodic = Instant::now() + Duration::from_secs_f64(self.cfg.cleanup_interval.max(0.1));
         let mut due = self.cleanup_due.map_or(periodic, |d| d.min(periodic));

@@ -23,6 +23,8 @@ mod daemon_mode;
 mod disk;
 /// The test image builder script that stands in for diskimage-builder.
 mod fake_dib;
+/// Fault injection (ensemble failover, session expiry, crashes, many builders) with invariant checks.
+mod faults;
 /// Cloud drivers against a real Glance (and Keystone) from PyPI.
 mod glance;
 /// The upload pipeline against a real Glance through clouds.yaml.

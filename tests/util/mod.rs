@@ -12,6 +12,8 @@
 //! * [`faultproxy`]: an HTTP proxy in front of a real Glance that injects 500/503/415
 //!   answers, stalls, or vanishes for chosen requests.
 //! * [`tmpfs`]: a small tmpfs a test mounts (as root) to fill a file system for real.
+//! * [`ensemble`]: a three-member TLS ZooKeeper ensemble on loopback, for failover tests.
+//! * [`invariants`]: the invariants fault-injection tests check, continuously and at the end.
 //! * [`nodepool`]: the Python nodepool 11 CLI (its own virtualenv) and runners that compare
 //!   its output with our operator subcommands'.
 //!
@@ -26,8 +28,10 @@
 #![allow(dead_code)]
 
 pub mod builder;
+pub mod ensemble;
 pub mod faultproxy;
 pub mod glance;
+pub mod invariants;
 pub mod nodepool;
 pub mod np;
 pub mod python;

@@ -47,7 +47,7 @@ use super::{ensure_test_env, file_tail, poll_for, run_dir, sanitize};
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Jars on the server's classpath; see real-services.md §a.1 for why each is there.
-const CLASSPATH: [&str; 4] = [
+pub const CLASSPATH: [&str; 4] = [
     "/usr/share/java/zookeeper.jar",
     "/usr/share/java/netty-codec.jar",
     "/usr/share/java/netty-resolver.jar",
@@ -767,7 +767,7 @@ fn thread_states(pid: u32) -> Vec<char> {
 
 /// Makes sure java and the jars are there, running `scripts/test-env.sh zookeeper` once if
 /// not. Panics with what is missing.
-fn ensure_zookeeper_installed() {
+pub fn ensure_zookeeper_installed() {
     static CHECKED: OnceLock<Result<(), String>> = OnceLock::new();
     let result = CHECKED.get_or_init(|| {
         if zookeeper_missing().is_empty() {
