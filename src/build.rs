@@ -396,6 +396,10 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
         record.formats = job.formats.clone();
     }
     let write = zk.retry(zk.config().session_timeout, |zk| {
+        // A retry may run on a new session: `ready` is only written while the lock holds.
+        if record.state == BuildState::Ready && !guard.is_valid() {
+            return Err(ZkError::SessionLost);
+        }
         zk.set_data(&build_path, &record.to_json(), None)
     });
     if let Err(e) = write {

@@ -347,6 +347,10 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
     };
     let write = if guard.is_valid() {
         zk.retry(zk.config().session_timeout, |zk| {
+            // A retry may run on a new session: write only while the lock still holds.
+            if !guard.is_valid() {
+                return Err(ZkError::SessionLost);
+            }
             zk.set_data(&upload_path, &record.to_json(), None)
                 .map(|_| ())
         })
