@@ -233,7 +233,6 @@ impl Ensemble {
                 )
             })
             .collect();
-        let certs = certs();
         let cfg = format!(
             "# Written by tests/util/ensemble.rs.\n\
              tickTime={tick}\n\
@@ -247,21 +246,11 @@ impl Ensemble {
              admin.enableServer=false\n\
              maxClientCnxns=0\n\
              forceSync=no\n\
-             secureClientPort={tls}\n\
-             secureClientPortAddress=127.0.0.1\n\
-             serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory\n\
-             ssl.keyStore.location={keystore}\n\
-             ssl.keyStore.type=PEM\n\
-             ssl.trustStore.location={ca}\n\
-             ssl.trustStore.type=PEM\n\
-             ssl.clientAuth=need\n\
-             authProvider.x509=org.apache.zookeeper.server.auth.X509AuthenticationProvider\n",
+             {tls}",
             tick = self.tick_time_ms,
             data = data.display(),
             plain = m.plain_port,
-            tls = m.tls_port,
-            keystore = certs.server_keystore.display(),
-            ca = certs.ca.display(),
+            tls = super::zk::tls_config_lines(m.tls_port),
         );
         std::fs::write(dir.join("zoo.cfg"), cfg).expect("write zoo.cfg");
     }

@@ -415,20 +415,7 @@ impl ZkServer {
             plain = self.plain_port,
         );
         if let Some(tls_port) = self.tls_port {
-            let certs = certs();
-            cfg.push_str(&format!(
-                "secureClientPort={tls_port}\n\
-                 secureClientPortAddress=127.0.0.1\n\
-                 serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory\n\
-                 ssl.keyStore.location={keystore}\n\
-                 ssl.keyStore.type=PEM\n\
-                 ssl.trustStore.location={ca}\n\
-                 ssl.trustStore.type=PEM\n\
-                 ssl.clientAuth=need\n\
-                 authProvider.x509=org.apache.zookeeper.server.auth.X509AuthenticationProvider\n",
-                keystore = certs.server_keystore.display(),
-                ca = certs.ca.display(),
-            ));
+            cfg.push_str(&tls_config_lines(tls_port));
         }
         std::fs::create_dir_all(self.data_dir())
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", self.data_dir().display()));
@@ -936,4 +923,23 @@ fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
             .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "<non-string panic>".into())
     })
+}
+
+/// zoo.cfg lines of a TLS client port on loopback with the test certificates: client
+/// certificates required, x509 authentication (shared by single servers and ensembles).
+pub fn tls_config_lines(tls_port: u16) -> String {
+    let certs = certs();
+    format!(
+        "secureClientPort={tls_port}\n\
+         secureClientPortAddress=127.0.0.1\n\
+         serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory\n\
+         ssl.keyStore.location={keystore}\n\
+         ssl.keyStore.type=PEM\n\
+         ssl.trustStore.location={ca}\n\
+         ssl.trustStore.type=PEM\n\
+         ssl.clientAuth=need\n\
+         authProvider.x509=org.apache.zookeeper.server.auth.X509AuthenticationProvider\n",
+        keystore = certs.server_keystore.display(),
+        ca = certs.ca.display(),
+    )
 }
