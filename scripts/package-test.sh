@@ -410,7 +410,7 @@ kill -USR2 "$PID"
 wait_until 20 "the stack dump to end" log_has_more "End debug handler" "$n"
 grep -Eq 'nodepool_builder::.* src/[a-z_/]+\.rs:[0-9]+' "$DAEMON_LOG" \
     || die "the stack dump has no file:line of ours (is the debug file found?)"
-grep -E 'nodepool_builder::.* src/[a-z_/]+\.rs:[0-9]+' "$DAEMON_LOG" | head -n 3
+grep -m 3 -E 'nodepool_builder::.* src/[a-z_/]+\.rs:[0-9]+' "$DAEMON_LOG"
 
 expect_rc 0 logrotate -v -f -s "$WORK/logrotate.state" /etc/logrotate.d/$PKG
 [ -s "$DAEMON_LOG.1" ] || die "logrotate did not rotate $DAEMON_LOG"
