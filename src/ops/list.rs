@@ -50,96 +50,77 @@ pub struct StatusRow {
 }
 
 pub fn dib_image_list(zk: &Zk, json: bool) -> std::result::Result<String, OpsError> {
-    let rows = zk
-        .retry(READ_RETRY, build_rows)
-        .map_err(OpsError::zk("reading the builds under /nodepool/images"))?;
-    Ok(if json {
-        to_json(&rows)
-    } else {
-        let now = model::now_epoch();
-        let cells: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                vec![
-                    r.id.clone(),
-                    r.image.clone(),
-                    r.builder.clone().unwrap_or_default(),
-                    r.formats.join(","),
-                    r.state.clone(),
-                    format_age(now, r.age),
-                ]
-            })
-            .collect();
-        table::render(
-            &["ID", "Image", "Builder", "Formats", "State", "Age"],
-            &cells,
-        )
+    let headers = ["ID", "Image", "Builder", "Formats", "State", "Age"];
+    listing(zk, json, build_rows, "builds", &headers, |r: &BuildRow, now| {
+        vec![
+            r.id.clone(),
+            r.image.clone(),
+            r.builder.clone().unwrap_or_default(),
+            r.formats.join(","),
+            r.state.clone(),
+            format_age(now, r.age),
+        ]
     })
 }
 
 pub fn image_list(zk: &Zk, json: bool) -> std::result::Result<String, OpsError> {
-    let rows = zk
-        .retry(READ_RETRY, upload_rows)
-        .map_err(OpsError::zk("reading the uploads under /nodepool/images"))?;
-    Ok(if json {
-        to_json(&rows)
-    } else {
-        let now = model::now_epoch();
-        let cells: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                vec![
-                    r.id.clone(),
-                    r.upload_id.clone(),
-                    r.provider.clone(),
-                    r.image.clone(),
-                    r.external_name.clone().unwrap_or_default(),
-                    r.external_id.clone().unwrap_or_default(),
-                    r.state.clone(),
-                    format_age(now, r.age),
-                ]
-            })
-            .collect();
-        let headers = [
-            "Build ID",
-            "Upload ID",
-            "Provider",
-            "Image",
-            "Provider Image Name",
-            "Provider Image ID",
-            "State",
-            "Age",
-        ];
-        table::render(&headers, &cells)
+    let headers = [
+        "Build ID",
+        "Upload ID",
+        "Provider",
+        "Image",
+        "Provider Image Name",
+        "Provider Image ID",
+        "State",
+        "Age",
+    ];
+    listing(zk, json, upload_rows, "uploads", &headers, |r: &UploadRow, now| {
+        vec![
+            r.id.clone(),
+            r.upload_id.clone(),
+            r.provider.clone(),
+            r.image.clone(),
+            r.external_name.clone().unwrap_or_default(),
+            r.external_id.clone().unwrap_or_default(),
+            r.state.clone(),
+            format_age(now, r.age),
+        ]
     })
 }
 
 pub fn image_status(zk: &Zk, json: bool) -> std::result::Result<String, OpsError> {
-    let rows = zk
-        .retry(READ_RETRY, status_rows)
-        .map_err(OpsError::zk("reading the images under /nodepool/images"))?;
-    Ok(if json {
-        to_json(&rows)
-    } else {
-        let now = model::now_epoch();
-        let cells: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                vec![
-                    r.image.clone(),
-                    if r.paused { "True" } else { "False" }.to_string(),
-                    r.build_request.unwrap_or_default().to_string(),
-                    r.build_request_age
-                        .map(|t| format_age(now, t))
-                        .unwrap_or_default(),
-                ]
-            })
-            .collect();
-        table::render(
-            &["Image", "Paused", "Build Request", "Build Request Age"],
-            &cells,
-        )
+    let headers = ["Image", "Paused", "Build Request", "Build Request Age"];
+    listing(zk, json, status_rows, "images", &headers, |r: &StatusRow, now| {
+        vec![
+            r.image.clone(),
+            if r.paused { "True" } else { "False" }.to_string(),
+            r.build_request.unwrap_or_default().to_string(),
+            r.build_request_age
+                .map(|t| format_age(now, t))
+                .unwrap_or_default(),
+        ]
     })
+}
+
+/// Reads the rows (retrying after a connection loss) and renders them as JSON or as a
+/// table of `headers` with one `cells(row, now)` per row.
+fn listing<R: Serialize>(
+    zk: &Zk,
+    json: bool,
+    read: fn(&Zk) -> Result<Vec<R>>,
+    what: &str,
+    headers: &[&str],
+    cells: impl Fn(&R, f64) -> Vec<String>,
+) -> std::result::Result<String, OpsError> {
+    let rows = zk
+        .retry(READ_RETRY, read)
+        .map_err(OpsError::zk(format!("reading the {what} under /nodepool/images")))?;
+    if json {
+        return Ok(to_json(&rows));
+    }
+    let now = model::now_epoch();
+    let cells: Vec<Vec<String>> = rows.iter().map(|r| cells(r, now)).collect();
+    Ok(table::render(headers, &cells))
 }
 
 /// Every readable build, images by name, builds by `state_time` then id.
