@@ -21,14 +21,14 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use nodepool_builder::model::{BuildState, UploadState};
 use nodepool_builder::zk::tree::{self, BuildInfo};
-use nodepool_builder::zk::{Zk, ZkConfig, paths};
+use nodepool_builder::zk::{Zk, paths};
 
 use crate::util::builder::BuilderProcess;
 use crate::util::ensemble::Ensemble;
 use crate::util::invariants::{Checker, CloudSpec, Sampler};
 use crate::util::np::{Site, WAIT};
 use crate::util::zk::{ZkOptions, ZkServer};
-use crate::util::{file_tail, poll_for, test_dir};
+use crate::util::{file_tail, poll_for};
 
 /// The seed when `NPB_FAULTS_SEED` is unset.
 const DEFAULT_SEED: u64 = 0x6e70_625f_6661_756c;
@@ -198,6 +198,20 @@ fn checker_for(site: &Site, clouds: &[(&str, &[&str])], builders: &[usize]) -> A
     )
 }
 
+/// Configs for `builders` of `site` with one image `fedora` on the directory cloud `cloud`
+/// (`top` added to the top level), and their checker.
+fn fedora_on_cloud(site: &Site, builders: &[usize], top: &str) -> Arc<Checker> {
+    let body = format!(
+        "{}{}",
+        image("fedora"),
+        site.provider("cloud", "raw", &["fedora"], "")
+    );
+    for n in builders {
+        site.config(*n, &format!("cleanup-interval = 1.0\n{top}"), &body);
+    }
+    checker_for(site, &[("cloud", &["fedora"])], builders)
+}
+
 fn cloud_specs(site: &Site, clouds: &[(&str, &[&str])]) -> Vec<CloudSpec> {
     clouds
         .iter()
@@ -219,25 +233,9 @@ fn ensemble_site(
     top: &str,
 ) -> (Site, Arc<Checker>) {
     let chroot = ens.chroot(name);
-    let zk = Zk::connect(ZkConfig {
-        hosts: ens.plain_hosts(),
-        chroot: Some(chroot.clone()),
-        session_timeout: Duration::from_secs(10),
-        tls: None,
-        auth: None,
-    });
-    assert!(
-        zk.wait_connected(Duration::from_secs(30)),
-        "test session to the ensemble"
-    );
-    // A Site for its directories, configs and builder helpers; its `server` (the shared
-    // one) is not used: the configs are pointed at the ensemble below.
-    let site = Site {
-        dir: test_dir(name),
-        server: ZkServer::shared(),
-        chroot: chroot.clone(),
-        zk,
-    };
+    // The shared server only lends its certificates: the configs are pointed at the
+    // ensemble below.
+    let site = Site::with_session(name, ZkServer::shared(), chroot.clone(), ens.plain_hosts());
     let body = format!(
         "{}{}",
         images.iter().map(|n| image(n)).collect::<String>(),
@@ -272,14 +270,7 @@ fn ensemble_site(
 fn builder_killed_mid_build_is_taken_over_by_a_second_builder() {
     let seed = seed();
     let site = Site::new("faults_crash_build");
-    let body = format!(
-        "{}{}",
-        image("fedora"),
-        site.provider("cloud", "raw", &["fedora"], "")
-    );
-    site.config(0, "cleanup-interval = 1.0", &body);
-    site.config(1, "cleanup-interval = 1.0", &body);
-    let checker = checker_for(&site, &[("cloud", &["fedora"])], &[0, 1]);
+    let checker = fedora_on_cloud(&site, &[0, 1], "");
     let sampler = Sampler::start(&checker);
     // The DIB writes its files, then sleeps: the files exist, the record says building.
     let slow = site.control(0, "fake-dib.slow", "60");
@@ -337,13 +328,7 @@ fn builder_killed_mid_build_is_taken_over_by_a_second_builder() {
 fn builder_killed_mid_upload_is_restarted_and_uploads_once() {
     let seed = seed();
     let site = Site::new("faults_crash_upload");
-    let body = format!(
-        "{}{}",
-        image("fedora"),
-        site.provider("cloud", "raw", &["fedora"], "")
-    );
-    site.config(0, "cleanup-interval = 1.0", &body);
-    let checker = checker_for(&site, &[("cloud", &["fedora"])], &[0]);
+    let checker = fedora_on_cloud(&site, &[0], "");
     let sampler = Sampler::start(&checker);
     std::fs::create_dir_all(site.cloud_dir("cloud")).unwrap();
     let slow = site.cloud_dir("cloud").join("slow-upload");
@@ -400,13 +385,7 @@ fn session_expiry_during_a_build_and_an_upload_redoes_the_work_once() {
     // A dedicated server: this test freezes it. Leaked on purpose: it dies with the process.
     let server: &'static ZkServer = Box::leak(Box::new(ZkServer::start(ZkOptions::tls())));
     let site = Site::on("faults_session", server);
-    let body = format!(
-        "{}{}",
-        image("fedora"),
-        site.provider("cloud", "raw", &["fedora"], "")
-    );
-    site.config(0, "cleanup-interval = 1.0\nzookeeper-timeout = 4.0", &body);
-    let checker = checker_for(&site, &[("cloud", &["fedora"])], &[0]);
+    let checker = fedora_on_cloud(&site, &[0], "zookeeper-timeout = 4.0");
     let sampler = Sampler::start(&checker);
     let zk_pid = Pid::from_raw(server.pid() as i32);
     let lost = |b: &BuilderProcess| b.log().matches("ZooKeeper session lost").count();

@@ -42,10 +42,22 @@ impl Site {
 
     /// A new site on a given (TLS) server, e.g. a dedicated one a test freezes.
     pub fn on(name: &str, server: &'static ZkServer) -> Site {
-        let chroot = server.chroot(name);
+        let hosts = vec![("127.0.0.1".into(), server.plain_port())];
+        Site::with_session(name, server, server.chroot(name), hosts)
+    }
+
+    /// A site whose test session talks to `hosts` (plaintext ports) under `chroot`;
+    /// `server` still gives the configs their certificates and TLS port (a test on an
+    /// ensemble rewrites the server list of its configs).
+    pub fn with_session(
+        name: &str,
+        server: &'static ZkServer,
+        chroot: String,
+        hosts: Vec<(String, u16)>,
+    ) -> Site {
         let dir = test_dir(name);
         let zk = Zk::connect(ZkConfig {
-            hosts: vec![("127.0.0.1".into(), server.plain_port())],
+            hosts,
             chroot: Some(chroot.clone()),
             session_timeout: Duration::from_secs(10),
             tls: None,
