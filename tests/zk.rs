@@ -13,6 +13,7 @@ use nodepool_builder::zk::{
 use crate::util::python::{KazooChild, kz_args, kz_tls_args, run_kazoo, run_kazoo_ok};
 use crate::util::wait_until;
 use crate::util::zk::{ZkOptions, ZkServer};
+use crate::util::zkproxy::{self, ZkProxy};
 
 const CONNECT: Duration = Duration::from_secs(30);
 
@@ -370,6 +371,59 @@ fn our_lock_blocks_kazoo_both_ways() {
     kazoo.expect_line(Duration::from_secs(20), "held");
     kazoo.close_stdin();
     kazoo.expect_line(Duration::from_secs(10), "released");
+}
+
+#[test]
+fn lost_replies_of_lock_creates_and_deletes_leave_no_orphan_contender() {
+    // A contender whose create or delete reply is lost would, if left behind, hold the
+    // lock for as long as our session lives: for a daemon, for ever.
+    let server = ZkServer::shared();
+    let chroot = server.chroot("lock_lost_replies");
+    let proxy = ZkProxy::start(server.plain_port());
+    let zk = connect(ZkConfig {
+        hosts: vec![("127.0.0.1".into(), proxy.port())],
+        ..plain_cfg(server, &chroot, Duration::from_secs(6))
+    });
+    let other = connect(plain_cfg(server, &chroot, Duration::from_secs(6)));
+    let path = paths::image_build_lock_path("img");
+    let names = |zk: &Zk| lock::contenders(zk, &path).unwrap();
+    let node_name = |g: &lock::LockGuard| g.node().rsplit('/').next().unwrap().to_string();
+
+    // The lock is free and the reply to our contender's create is lost: we adopt the node.
+    proxy.cut_reply_of(zkproxy::CREATE, "__lock__");
+    let guard = lock::try_lock(&zk, &path)
+        .expect("a lost create reply is not an error")
+        .expect("the free lock is ours");
+    assert_eq!(proxy.cuts(), 1, "the create's reply was lost");
+    assert_eq!(names(&other), vec![node_name(&guard)], "one contender: ours");
+
+    // The reply to the release's delete is lost: the release still completes.
+    proxy.cut_reply_of(zkproxy::DELETE, "__lock__");
+    drop(guard);
+    assert_eq!(proxy.cuts(), 2, "the delete's reply was lost");
+    assert!(names(&other).is_empty(), "released: {:?}", names(&other));
+
+    // Another builder holds the lock; the replies to our try's create and then to its
+    // delete are lost: we report "held by another" and leave nothing behind.
+    let holder = lock::try_lock(&other, &path).unwrap().expect("free lock");
+    proxy.cut_reply_of(zkproxy::CREATE, "__lock__");
+    assert!(lock::try_lock(&zk, &path).unwrap().is_none(), "held");
+    assert_eq!(proxy.cuts(), 3);
+    assert_eq!(names(&other), vec![node_name(&holder)]);
+    proxy.cut_reply_of(zkproxy::DELETE, "__lock__");
+    assert!(lock::try_lock(&zk, &path).unwrap().is_none(), "held");
+    assert_eq!(proxy.cuts(), 4);
+    assert_eq!(names(&other), vec![node_name(&holder)]);
+
+    // Once the holder lets go, the lock is ours at once: nothing of ours blocks it.
+    drop(holder);
+    let guard = lock::try_lock(&zk, &path).unwrap().expect("free again");
+    assert_eq!(names(&other), vec![node_name(&guard)]);
+    assert_eq!(
+        zk.session().generation,
+        1,
+        "all of it within the first session"
+    );
 }
 
 #[test]

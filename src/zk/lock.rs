@@ -14,8 +14,13 @@
 //! # Hazards
 //!
 //! * Sequential creates are not idempotent: after a connection loss during the create we list
-//!   the directory and adopt the child carrying our unique prefix, so no orphan contender is
-//!   left behind to block everyone until our session ends.
+//!   the directory (once connected again) and adopt the child carrying our unique prefix
+//!   before creating anything again, so no orphan contender is left behind to block
+//!   everyone until our session ends, which for a daemon is never.
+//! * For the same reason every later step survives a connection loss in the same session:
+//!   the reads are retried, and giving a contender up (a failed try, a timeout, a release)
+//!   retries its delete until it is done or the session is gone (and the node with it). A
+//!   lost reply of a delete is harmless: the retry finds the node gone.
 //! * Taking a lock re-creates a deleted build or upload znode as an empty node (that is how
 //!   kazoo behaves too); record readers skip empty data.
 //! * A [`LockGuard`] knows the session generation it was taken in. After the session is lost
@@ -111,14 +116,22 @@ impl LockGuard {
             return Ok(());
         }
         self.released = true;
-        if self.zk.session().generation != self.generation {
-            // The session that owned the node is gone, and the node with it.
-            return Ok(());
-        }
-        match self.zk.delete(&self.node, None) {
-            Ok(()) | Err(ZkError::NoNode) | Err(ZkError::SessionLost) | Err(ZkError::Closed) => {
-                Ok(())
+        let generation = self.generation;
+        let deleted = self.zk.retry(op_timeout(&self.zk), |zk| {
+            if zk.session().generation != generation {
+                // The session that owned the node is gone, and the node with it.
+                return Ok(());
             }
+            match zk.delete(&self.node, None) {
+                // NoNode: gone already, or our earlier delete worked and its reply was lost.
+                Ok(()) | Err(ZkError::NoNode) => Ok(()),
+                Err(e) => Err(e),
+            }
+        });
+        match deleted {
+            Ok(()) | Err(ZkError::SessionLost) | Err(ZkError::Closed) => Ok(()),
+            // Retried until the session was given up: the node ends with it.
+            Err(e) if e.is_connection_loss() && !self.is_valid() => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -229,7 +242,7 @@ fn acquire_remote(
 ) -> Result<Option<LockGuard>, LockError> {
     let session = zk.session();
     let generation = session.generation;
-    let op_timeout = zk.config().session_timeout.max(Duration::from_secs(2));
+    let op_timeout = op_timeout(zk);
     let prefix = format!("{}__lock__", uuid::Uuid::new_v4().simple());
     // Usually the lock directory exists: try the contender first and create the directory
     // (with its parents, as kazoo does) only when it is missing.
@@ -257,7 +270,9 @@ fn acquire_remote(
         .to_string();
     let our_seq = sequence_of(&our_name).unwrap_or_default().to_string();
     loop {
-        let children = zk.get_children(path)?.unwrap_or_default();
+        let children = zk
+            .retry(op_timeout, |zk| zk.get_children(path))?
+            .unwrap_or_default();
         if !children.iter().any(|c| *c == our_name) {
             guard.released = true;
             return Err(LockError::Lost {
@@ -277,7 +292,8 @@ fn acquire_remote(
             guard.release_inner()?;
             return Ok(None);
         };
-        let (stat, watch) = zk.exists_watch(&format!("{path}/{predecessor}"))?;
+        let predecessor = format!("{path}/{predecessor}");
+        let (stat, watch) = zk.retry(op_timeout, |zk| zk.exists_watch(&predecessor))?;
         if stat.is_none() {
             continue;
         }
@@ -297,7 +313,15 @@ fn acquire_remote(
     }
 }
 
-/// Creates our contender node, adopting it after a connection loss instead of leaving an orphan.
+/// How long one lock step keeps retrying through a connection loss: longer than the
+/// supervisor waits before it gives a suspended session up.
+fn op_timeout(zk: &Zk) -> Duration {
+    zk.config().session_timeout.max(Duration::from_secs(2))
+}
+
+/// Creates our contender node. After a connection loss the create may have reached the
+/// server: from then on each attempt first looks for a child with our prefix and adopts it,
+/// and creates only when there is none.
 fn create_contender(
     zk: &Zk,
     dir: &str,
@@ -305,19 +329,20 @@ fn create_contender(
     timeout: Duration,
 ) -> Result<String, ZkError> {
     let target = format!("{dir}/{prefix}");
+    let mut maybe_created = false;
     zk.retry(timeout, |zk| {
-        match zk.create(&target, b"", Mode::EphemeralSequential) {
-            Err(e) if e.is_connection_loss() => {
-                // The create may have reached the server: adopt our node if it is there.
-                if let Ok(Some(children)) = zk.get_children(dir)
-                    && let Some(mine) = children.iter().find(|c| c.starts_with(prefix))
-                {
-                    return Ok(format!("{dir}/{mine}"));
-                }
-                Err(e)
+        if maybe_created {
+            let children = zk.get_children(dir)?.unwrap_or_default();
+            if let Some(mine) = children.iter().find(|c| c.starts_with(prefix)) {
+                debug!("adopted lock contender {dir}/{mine} after a connection loss");
+                return Ok(format!("{dir}/{mine}"));
             }
-            other => other,
         }
+        let created = zk.create(&target, b"", Mode::EphemeralSequential);
+        if matches!(&created, Err(e) if e.is_connection_loss()) {
+            maybe_created = true;
+        }
+        created
     })
 }
 

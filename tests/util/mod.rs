@@ -37,6 +37,7 @@ pub mod np;
 pub mod python;
 pub mod tmpfs;
 pub mod zk;
+pub mod zkproxy;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
