@@ -104,15 +104,7 @@ fn removing_an_image_from_one_provider_deletes_only_that_upload() {
 #[test]
 fn a_third_build_rotates_out_the_oldest_keeping_two() {
     let site = Site::new("rotation");
-    site.config(
-        0,
-        "build-log-retention = 1",
-        &format!(
-            "{}{}",
-            image("fedora", ""),
-            site.provider("cloud", "raw", &["fedora"], "")
-        ),
-    );
+    site.fedora_on_cloud(0, "build-log-retention = 1");
     let _b = site.start(0, &[]);
     let (first, _) = site
         .wait_uploads("fedora", "cloud", UploadState::Ready, 1)
@@ -150,15 +142,7 @@ fn a_third_build_rotates_out_the_oldest_keeping_two() {
 #[test]
 fn failing_cloud_deletes_are_retried_until_they_succeed_and_files_go_first() {
     let site = Site::new("delete_retries");
-    site.config(
-        0,
-        "cleanup-interval = 1.0",
-        &format!(
-            "{}{}",
-            image("fedora", ""),
-            site.provider("cloud", "raw", &["fedora"], "")
-        ),
-    );
+    site.fedora_on_cloud(0, "cleanup-interval = 1.0");
     let mut b = site.start(0, &[]);
     let (build, up) = site
         .wait_uploads("fedora", "cloud", UploadState::Ready, 1)
@@ -285,12 +269,7 @@ fn dib_image_delete_with_two_builders_one_offline() {
 #[test]
 fn orphans_of_a_killed_builder_are_cleaned_and_the_work_redone() {
     let site = Site::new("orphans");
-    let body = format!(
-        "{}{}",
-        image("fedora", ""),
-        site.provider("cloud", "raw", &["fedora"], "")
-    );
-    site.config(0, "cleanup-interval = 1.0", &body);
+    site.fedora_on_cloud(0, "cleanup-interval = 1.0");
     let hang = site.control(0, "fake-dib.hang", "");
     let mut b = site.start(0, &[]);
     let building = site

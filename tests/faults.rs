@@ -201,13 +201,8 @@ fn checker_for(site: &Site, clouds: &[(&str, &[&str])], builders: &[usize]) -> A
 /// Configs for `builders` of `site` with one image `fedora` on the directory cloud `cloud`
 /// (`top` added to the top level), and their checker.
 fn fedora_on_cloud(site: &Site, builders: &[usize], top: &str) -> Arc<Checker> {
-    let body = format!(
-        "{}{}",
-        image("fedora"),
-        site.provider("cloud", "raw", &["fedora"], "")
-    );
     for n in builders {
-        site.config(*n, &format!("cleanup-interval = 1.0\n{top}"), &body);
+        site.fedora_on_cloud(*n, &format!("cleanup-interval = 1.0\n{top}"));
     }
     checker_for(site, &[("cloud", &["fedora"])], builders)
 }

@@ -288,7 +288,6 @@ fn uploads_start_as_soon_as_the_build_is_ready() {
         assert_eq!(site.cloud_images(p).len(), 20);
     }
     site.assert_no_leaks(&["p1", "p2", "p3"], &[0]);
-    let _ = Duration::ZERO;
 }
 
 #[test]
@@ -297,15 +296,7 @@ fn sigterm_during_an_upload_stops_within_the_grace_and_the_upload_is_redone_once
     let site = Site::new("sigterm_upload");
     std::fs::create_dir_all(site.cloud_dir("cloud")).unwrap();
     std::fs::write(site.cloud_dir("cloud").join("slow-upload"), "300").unwrap();
-    site.config(
-        0,
-        "cleanup-interval = 1.0",
-        &format!(
-            "{}{}",
-            image("fedora", ""),
-            site.provider("cloud", "raw", &["fedora"], "")
-        ),
-    );
+    site.fedora_on_cloud(0, "cleanup-interval = 1.0");
     let mut b = site.start(0, &[]);
     let (build, _) = site
         .wait_uploads("fedora", "cloud", UploadState::Uploading, 1)

@@ -314,6 +314,16 @@ key = "{key}"
         t
     }
 
+    /// Writes the config of builder `n` with the commonest body: one diskimage `fedora`
+    /// built by the fake DIB, uploaded as raw to the directory cloud `cloud`.
+    pub fn fedora_on_cloud(&self, n: usize, top: &str) -> PathBuf {
+        let body = format!(
+            "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{{fake_dib}}\"\n{}",
+            self.provider("cloud", "raw", &["fedora"], "")
+        );
+        self.config(n, top, &body)
+    }
+
     /// Image ids in a `dir-cloud` provider.
     pub fn cloud_images(&self, provider: &str) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.cloud_dir(provider))
