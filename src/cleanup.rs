@@ -642,8 +642,8 @@ impl Pass<'_> {
     /// Cloud images tagged `nodepool_provider_name=<provider>` whose build and upload ids have
     /// no record in ZooKeeper (any state) — left by a builder killed mid-upload — are deleted
     /// when seen in two consecutive passes (the `uploading` record is written before the cloud
-    /// is touched, so an upload in progress is never mistaken for a leak). Drivers that cannot
-    /// list images (the command driver) report none.
+    /// is touched, so an upload in progress is never mistaken for a leak). A command provider
+    /// without a `list-command` reports none; a listing that fails deletes nothing.
     fn cleanup_leaked_cloud_images(&mut self, all: &BTreeMap<String, Vec<BuildInfo>>) {
         let mut known: BTreeSet<(String, String, String)> = BTreeSet::new();
         for builds in all.values() {

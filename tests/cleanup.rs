@@ -318,6 +318,63 @@ fn orphans_of_a_killed_builder_are_cleaned_and_the_work_redone() {
 }
 
 #[test]
+fn a_cloud_image_without_a_record_is_found_by_the_list_command_and_deleted() {
+    let site = Site::new("listed_leak");
+    site.config(
+        0,
+        "cleanup-interval = 1.0",
+        &format!(
+            "{}{}",
+            image("fedora", ""),
+            site.provider("cloud", "raw", &["fedora"], &site.list_command("cloud"))
+        ),
+    );
+    let mut b = site.start(0, &[]);
+    let (build, up) = site
+        .wait_uploads("fedora", "cloud", UploadState::Ready, 1)
+        .remove(0);
+    let kept = up.upload.external_id.clone().unwrap();
+    // What a builder killed right after the cloud accepted an image leaves: an image whose
+    // upload has no record. And an image the builder did not upload at all.
+    let leaked = site.cloud_upload(
+        "cloud",
+        &[
+            ("NODEPOOL_BUILD_ID", &build),
+            ("NODEPOOL_UPLOAD_ID", "0000000099"),
+            ("NODEPOOL_PROVIDER", "cloud"),
+        ],
+    );
+    let foreign = site.cloud_upload("cloud", &[]);
+    b.wait_for_log(WAIT, &format!("Deleting leaked image {leaked}"));
+    wait_until(WAIT, "the leaked image to go", || {
+        !site.cloud_images("cloud").contains(&leaked)
+    });
+    let mut left = site.cloud_images("cloud");
+    left.sort();
+    let mut want = vec![kept, foreign];
+    want.sort();
+    assert_eq!(left, want, "the recorded and the foreign image stay");
+
+    // A listing that fails is reported and deletes nothing.
+    std::fs::write(site.cloud_dir("cloud").join("fail-list"), "").unwrap();
+    let again = site.cloud_upload(
+        "cloud",
+        &[
+            ("NODEPOOL_BUILD_ID", &build),
+            ("NODEPOOL_UPLOAD_ID", "0000000098"),
+            ("NODEPOOL_PROVIDER", "cloud"),
+        ],
+    );
+    b.wait_for_log(WAIT, "cannot list cloud images for leak detection");
+    assert!(b.log().contains("list refused (fail-list present)"), "the reason is logged");
+    assert!(site.cloud_images("cloud").contains(&again));
+    std::fs::remove_file(site.cloud_dir("cloud").join("fail-list")).unwrap();
+    wait_until(WAIT, "the second leak to go once listing works", || {
+        !site.cloud_images("cloud").contains(&again)
+    });
+}
+
+#[test]
 fn empty_znodes_left_by_lock_races_are_removed() {
     let site = Site::new("empty_znodes");
     site.config(

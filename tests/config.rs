@@ -207,6 +207,7 @@ fn full_config_merges_parents_secure_file_and_both_drivers() {
         Driver::Command {
             upload_command: strings(&["/usr/local/bin/upload", "{file}", "{image_name}"]),
             delete_command: strings(&["/usr/local/bin/delete", "{external_id}"]),
+            list_command: Some(strings(&["/usr/local/bin/list", "--provider={provider}"])),
             image_format: "raw".into()
         }
     );

@@ -22,7 +22,7 @@ use serde_json::Value;
 use crate::util::glance::{
     GlanceServer, KeystoneOptions, KeystoneServer, fixtures_dir, qemu_image, write_random,
 };
-use crate::util::{process_alive, test_dir, wait_for, wait_until};
+use crate::util::{process_alive, repo_root, test_dir, wait_for, wait_until};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -1141,6 +1141,7 @@ fn command_provider(name: &str, mode: &str, store: &Path) -> Provider {
                 store.to_string_lossy().into_owned(),
                 "{external_id}".into(),
             ],
+            list_command: None,
             image_format: "raw".into(),
         },
         rate: 1.0,
@@ -1194,6 +1195,74 @@ fn command_driver_uploads_and_deletes() {
     assert!(!copied.exists());
     let deleted = std::fs::read_to_string(store.join("deleted")).unwrap();
     assert_eq!(deleted, format!("{0} {0} cmd\n", uploaded.external_id));
+}
+
+#[test]
+fn command_driver_lists_what_its_list_command_prints() {
+    let dir = test_dir("command-list");
+    let cloud = dir.path().join("cloud");
+    let file = dir.path().join("x.raw");
+    write_random(&file, 4096);
+    let dir_cloud = repo_root().join("etc/quickstart/dir-cloud");
+    let template = |args: &[&str]| -> Vec<String> {
+        let mut argv = vec![dir_cloud.to_string_lossy().into_owned()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        argv
+    };
+    let cloud_arg = cloud.to_string_lossy().into_owned();
+    let with_list = |list_command: Vec<String>| Driver::Command {
+        upload_command: template(&["upload", &cloud_arg, "{file}", "{external_name}"]),
+        delete_command: template(&["delete", &cloud_arg, "{external_id}"]),
+        list_command: Some(list_command),
+        image_format: "raw".into(),
+    };
+    let mut provider = command_provider("cmd-list", "ok", dir.path());
+    provider.driver = with_list(template(&["list", &cloud_arg]));
+    let driver = for_provider(&provider, None).unwrap();
+    assert!(driver.list_images().unwrap().is_empty(), "an empty cloud");
+    let req = request("cmd-list", &file, "raw");
+    let uploaded = driver.upload(&req).unwrap_or_else(|e| panic!("{e}"));
+    let listed = driver.list_images().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].id, uploaded.external_id);
+    assert_eq!(listed[0].name, req.external_name);
+    let prop = |k: &str| listed[0].properties.get(k).map(String::as_str);
+    assert_eq!(prop("nodepool_build_id"), Some(req.build_id.as_str()));
+    assert_eq!(prop("nodepool_upload_id"), Some("0000000001"));
+    assert_eq!(prop("nodepool_provider_name"), Some("cmd-list"));
+
+    // A listing that fails, or prints anything but image lines, or too much, is an error
+    // (and the janitor deletes nothing on an error).
+    std::fs::write(cloud.join("fail-list"), "").unwrap();
+    let err = driver.list_images().unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Command, "{err}");
+    assert!(err.message.contains("list refused"), "{err}");
+    for (argv, want) in [
+        (
+            vec!["/bin/echo", "abc"],
+            "line 1: expected `ID BUILD_ID UPLOAD_ID [NAME]`",
+        ),
+        (
+            vec!["/bin/echo", "abc not-an-id 0000000001"],
+            "are not a nodepool build id",
+        ),
+        (
+            vec!["/bin/sh", "-c", "yes 'x 00ff 0000000001' | head -c 17000000"],
+            "printed more than 16777216 bytes",
+        ),
+    ] {
+        provider.driver = with_list(argv.iter().map(|a| a.to_string()).collect());
+        let err = for_provider(&provider, None)
+            .unwrap()
+            .list_images()
+            .unwrap_err();
+        assert!(err.message.contains(want), "{argv:?}: {err}");
+    }
+    // Its template knows only {provider}.
+    provider.driver = with_list(template(&["list", "{external_id}"]));
+    let err = for_provider(&provider, None).err().unwrap();
+    assert_eq!(err.kind, ErrorKind::Config, "{err}");
+    assert!(err.message.contains("list-command"), "{err}");
 }
 
 #[test]

@@ -215,6 +215,8 @@ pub enum Driver {
         upload_command: Vec<String>,
         /// The argv template of the delete command.
         delete_command: Vec<String>,
+        /// The argv template of the optional list command (leak detection).
+        list_command: Option<Vec<String>>,
         image_format: String,
     },
 }

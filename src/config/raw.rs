@@ -514,6 +514,7 @@ fn read_provider(
     }
     let upload_command = p.command(sink, "upload-command");
     let delete_command = p.command(sink, "delete-command");
+    let list_command = p.command(sink, "list-command");
     let rate = p
         .number(sink, "rate")
         .and_then(|v| check(sink, &v, v.value >= 0.0, "`rate` must not be negative"))
@@ -534,7 +535,7 @@ fn read_provider(
     {
         "openstack" => {
             p.require(sink, "cloud");
-            for key in ["upload-command", "delete-command"] {
+            for key in ["upload-command", "delete-command", "list-command"] {
                 p.only_for(sink, key, "command");
             }
             cloud.map(|cloud| Driver::OpenStack {
@@ -553,6 +554,7 @@ fn read_provider(
                 (Some(upload_command), Some(delete_command)) => Some(Driver::Command {
                     upload_command,
                     delete_command,
+                    list_command,
                     image_format: image_format
                         .map_or_else(|| defaults::COMMAND_IMAGE_FORMAT.to_owned(), |f| f.value),
                 }),

@@ -25,7 +25,15 @@
 //! The upload command prints the cloud's id for the image on its **last non-empty line of
 //! stdout**. A non-zero exit, a signal, or no id is a failure whose message has the exit
 //! status and the last lines of stderr. A delete command should exit 0 when the image is
-//! already gone. `list_images` returns nothing: the driver cannot see the cloud.
+//! already gone.
+//!
+//! The optional `list-command` (placeholder `{provider}`, variable `NODEPOOL_PROVIDER`) lets
+//! the janitor find cloud images that have no upload record, such as the one a cloud
+//! accepted in the instant before a builder was killed. It prints one line per image it
+//! knows this provider uploaded for nodepool, `ID BUILD_ID UPLOAD_ID` (the build and upload
+//! ids the upload command was given), optionally followed by a name for the logs; empty
+//! lines are ignored. Any other line fails the whole listing, and a failed listing deletes
+//! nothing. Without a list command the driver lists nothing and such an image stays.
 //!
 //! # How commands run
 //!
@@ -67,6 +75,9 @@ const UPLOAD_PLACEHOLDERS: [&str; 7] = [
     "provider",
 ];
 const DELETE_PLACEHOLDERS: [&str; 2] = ["external_id", "provider"];
+const LIST_PLACEHOLDERS: [&str; 1] = ["provider"];
+/// Most bytes of stdout a list command may print (about 200,000 images).
+const LIST_OUTPUT_LIMIT: usize = 16 << 20;
 
 /// A provider whose uploads and deletions are commands.
 pub struct CommandDriver {
@@ -74,6 +85,7 @@ pub struct CommandDriver {
     image_format: String,
     upload_command: Vec<String>,
     delete_command: Vec<String>,
+    list_command: Option<Vec<String>>,
     delete_timeout: Duration,
 }
 
@@ -83,6 +95,7 @@ impl CommandDriver {
         let config::Driver::Command {
             upload_command,
             delete_command,
+            list_command,
             image_format,
         } = &provider.driver
         else {
@@ -116,11 +129,15 @@ impl CommandDriver {
         };
         check("upload-command", upload_command, &UPLOAD_PLACEHOLDERS)?;
         check("delete-command", delete_command, &DELETE_PLACEHOLDERS)?;
+        if let Some(list_command) = list_command {
+            check("list-command", list_command, &LIST_PLACEHOLDERS)?;
+        }
         Ok(CommandDriver {
             name: provider.name.clone(),
             image_format: image_format.clone(),
             upload_command: upload_command.clone(),
             delete_command: delete_command.clone(),
+            list_command: list_command.clone(),
             delete_timeout: Duration::from_secs(provider.image_upload_timeout.max(1)),
         })
     }
@@ -154,7 +171,14 @@ impl ProviderDriver for CommandDriver {
             "upload command for image {} ({})",
             req.external_name, req.image_name
         );
-        let output = self.run(&self.upload_command, &values, env, req.timeout, &context)?;
+        let output = self.run(
+            &self.upload_command,
+            &values,
+            env,
+            req.timeout,
+            KEEP_OUTPUT,
+            &context,
+        )?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         match stdout.lines().map(str::trim).rfind(|l| !l.is_empty()) {
             Some(id) => Ok(Uploaded {
@@ -184,30 +208,97 @@ impl ProviderDriver for CommandDriver {
             &values,
             env,
             self.delete_timeout,
+            KEEP_OUTPUT,
             &context,
         )
         .map(|_| ())
     }
 
     fn list_images(&self) -> Result<Vec<CloudImage>, ProviderError> {
-        Ok(Vec::new())
+        let Some(list_command) = &self.list_command else {
+            return Ok(Vec::new());
+        };
+        let values = BTreeMap::from([("provider", self.name.as_str())]);
+        let env = environment(&values);
+        let context = "list command";
+        let output = self.run(
+            list_command,
+            &values,
+            env,
+            self.delete_timeout,
+            LIST_OUTPUT_LIMIT,
+            context,
+        )?;
+        let error = |msg: String| {
+            ProviderError::new(
+                ErrorKind::Command,
+                format!("provider {}: {context}: {msg}", self.name),
+            )
+        };
+        if output.stdout_truncated {
+            return Err(error(format!(
+                "`{}` printed more than {LIST_OUTPUT_LIMIT} bytes",
+                list_command[0]
+            )));
+        }
+        parse_listing(&self.name, &output.stdout).map_err(error)
     }
+}
+
+/// The images a list command printed (see the module docs), tagged as this provider's.
+fn parse_listing(provider: &str, stdout: &[u8]) -> Result<Vec<CloudImage>, String> {
+    let text = std::str::from_utf8(stdout).map_err(|_| "the output is not UTF-8".to_string())?;
+    let mut images = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let mut fields = line.split_whitespace();
+        let Some(id) = fields.next() else { continue };
+        let (Some(build_id), Some(upload_id)) = (fields.next(), fields.next()) else {
+            return Err(format!(
+                "line {}: expected `ID BUILD_ID UPLOAD_ID [NAME]`, got {line:?}",
+                n + 1
+            ));
+        };
+        if !crate::model::is_build_id(build_id) || !is_upload_id(upload_id) {
+            return Err(format!(
+                "line {}: {build_id:?} {upload_id:?} are not a nodepool build id (lowercase hex) and upload id (10 digits)",
+                n + 1
+            ));
+        }
+        images.push(CloudImage {
+            id: id.to_string(),
+            name: fields.collect::<Vec<_>>().join(" "),
+            properties: BTreeMap::from([
+                ("nodepool_build_id".to_string(), build_id.to_string()),
+                ("nodepool_upload_id".to_string(), upload_id.to_string()),
+                ("nodepool_provider_name".to_string(), provider.to_string()),
+            ]),
+        });
+    }
+    Ok(images)
+}
+
+fn is_upload_id(s: &str) -> bool {
+    s.len() == 10 && s.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// What a command printed.
 struct Output {
     stdout: Vec<u8>,
     stderr: Vec<u8>,
+    /// More than the kept tail of stdout was printed.
+    stdout_truncated: bool,
 }
 
 impl CommandDriver {
-    /// Runs `template` with `values` substituted; success means exit status 0.
+    /// Runs `template` with `values` substituted; success means exit status 0. Only the
+    /// last `keep_stdout` bytes of stdout are kept.
     fn run(
         &self,
         template: &[String],
         values: &BTreeMap<&str, &str>,
         env: Vec<(String, String)>,
         timeout: Duration,
+        keep_stdout: usize,
         context: &str,
     ) -> Result<Output, ProviderError> {
         let argv: Vec<String> = template.iter().map(|arg| substitute(arg, values)).collect();
@@ -252,7 +343,7 @@ impl CommandDriver {
             reaped: false,
         };
         let started = Instant::now();
-        match running.collect(started + timeout) {
+        match running.collect(started + timeout, keep_stdout) {
             Ok((status, output)) => {
                 log::debug!(
                     "provider {}: `{program}` ended ({status}) after {:.1?}",
@@ -298,18 +389,24 @@ enum Collect {
 
 impl Running {
     /// Reads stdout and stderr until the child exits, or kills the group at `deadline`.
-    fn collect(&mut self, deadline: Instant) -> Result<(ExitStatus, Output), Collect> {
+    fn collect(
+        &mut self,
+        deadline: Instant,
+        keep_stdout: usize,
+    ) -> Result<(ExitStatus, Output), Collect> {
         let mut stdout = Pipe::new(
             self.child
                 .stdout
                 .take()
                 .map(|p| File::from(OwnedFd::from(p))),
+            keep_stdout,
         );
         let mut stderr = Pipe::new(
             self.child
                 .stderr
                 .take()
                 .map(|p| File::from(OwnedFd::from(p))),
+            KEEP_OUTPUT,
         );
         loop {
             if let Some(status) = self.child.try_wait().map_err(Collect::Io)? {
@@ -318,23 +415,14 @@ impl Running {
                 // does not keep us here.
                 stdout.drain_ready();
                 stderr.drain_ready();
-                return Ok((
-                    status,
-                    Output {
-                        stdout: stdout.data,
-                        stderr: stderr.data,
-                    },
-                ));
+                return Ok((status, Output::of(stdout, stderr)));
             }
             let now = Instant::now();
             if now >= deadline {
                 self.kill_group();
                 stdout.drain_ready();
                 stderr.drain_ready();
-                return Err(Collect::TimedOut(Output {
-                    stdout: stdout.data,
-                    stderr: stderr.data,
-                }));
+                return Err(Collect::TimedOut(Output::of(stdout, stderr)));
             }
             let slice = (deadline - now).min(POLL_SLICE);
             wait_readable(&mut [&mut stdout, &mut stderr], slice).map_err(Collect::Io)?;
@@ -360,20 +448,44 @@ impl Drop for Running {
     }
 }
 
+impl Output {
+    fn of(stdout: Pipe, stderr: Pipe) -> Output {
+        Output {
+            stdout_truncated: stdout.truncated,
+            stdout: stdout.data,
+            stderr: stderr.data,
+        }
+    }
+}
+
 /// One output pipe and the tail of what came through it.
 struct Pipe {
     reader: Option<File>,
     data: Vec<u8>,
+    /// How many bytes of the tail are kept.
+    keep: usize,
+    /// Whether bytes before the kept tail were dropped.
+    truncated: bool,
 }
 
 impl Pipe {
-    fn new(reader: Option<File>) -> Pipe {
+    fn new(reader: Option<File>, keep: usize) -> Pipe {
         if let Some(r) = &reader {
             set_nonblocking(r.as_raw_fd());
         }
         Pipe {
             reader,
             data: Vec::new(),
+            keep,
+            truncated: false,
+        }
+    }
+
+    /// Drops all but the last `keep` bytes of `data` once it holds more than `limit`.
+    fn trim(data: &mut Vec<u8>, truncated: &mut bool, keep: usize, limit: usize) {
+        if data.len() > limit {
+            data.drain(..data.len() - keep);
+            *truncated = true;
         }
     }
 
@@ -395,9 +507,7 @@ impl Pipe {
                 Ok(n) => {
                     read += n;
                     self.data.extend_from_slice(&buf[..n]);
-                    if self.data.len() > 2 * KEEP_OUTPUT {
-                        self.data.drain(..self.data.len() - KEEP_OUTPUT);
-                    }
+                    Pipe::trim(&mut self.data, &mut self.truncated, self.keep, 2 * self.keep);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // WouldBlock: nothing more for now. Anything else: treat as closed.
@@ -408,9 +518,7 @@ impl Pipe {
                 }
             }
         }
-        if self.data.len() > KEEP_OUTPUT {
-            self.data.drain(..self.data.len() - KEEP_OUTPUT);
-        }
+        Pipe::trim(&mut self.data, &mut self.truncated, self.keep, self.keep);
     }
 }
 

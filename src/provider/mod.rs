@@ -121,7 +121,7 @@ pub trait ProviderDriver: Send + Sync {
     fn delete(&self, external_id: &str) -> Result<(), ProviderError>;
 
     /// Lists the cloud images carrying `nodepool_provider_name=<this provider>`, for leak
-    /// detection. Drivers that cannot list return an empty list.
+    /// detection. A command provider without a `list-command` returns an empty list.
     fn list_images(&self) -> Result<Vec<CloudImage>, ProviderError>;
 }
 

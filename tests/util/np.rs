@@ -324,6 +324,31 @@ key = "{key}"
         self.config(n, top, &body)
     }
 
+    /// The `list-command` line of a `dir-cloud` provider (for [`Site::provider`]'s `extra`).
+    pub fn list_command(&self, name: &str) -> String {
+        format!(
+            "list-command = [\"{}\", \"list\", \"{}\"]",
+            super::repo_root().join("etc/quickstart/dir-cloud").display(),
+            self.cloud_dir(name).display()
+        )
+    }
+
+    /// Puts an image into the `dir-cloud` provider `name` the way its upload command does,
+    /// with `env` as the builder's NODEPOOL_* variables; returns the image id.
+    pub fn cloud_upload(&self, name: &str, env: &[(&str, &str)]) -> String {
+        let file = self.path("outside-upload.raw");
+        std::fs::write(&file, b"an image").unwrap();
+        let out = std::process::Command::new(super::repo_root().join("etc/quickstart/dir-cloud"))
+            .args(["upload".as_ref(), self.cloud_dir(name).as_os_str(), file.as_os_str()])
+            .arg("outside")
+            .envs(env.iter().copied())
+            .output()
+            .expect("run dir-cloud");
+        assert!(out.status.success(), "dir-cloud upload: {out:?}");
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        stdout.lines().last().unwrap().to_string()
+    }
+
     /// Image ids in a `dir-cloud` provider.
     pub fn cloud_images(&self, provider: &str) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.cloud_dir(provider))
