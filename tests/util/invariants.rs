@@ -17,9 +17,9 @@
 //! * **Final** ([`Checker::wait_final`], once the scenario has stopped injecting): the
 //!   continuous ones plus exactly one `ready` upload per (newest ready build, provider);
 //!   no cloud image without an upload record carrying its id; no local image file without a
-//!   build record; no empty znode at build or upload depth; every lock contender owned by the
-//!   session of a running builder (there are exactly as many builder registrations as running
-//!   builders, and each lock's ephemeral owner is one of their sessions); every manual
+//!   build record; no empty znode at build or upload depth; no lock contender at all (the
+//!   builders are idle by then, so any contender is one left behind) and exactly as many
+//!   builder registrations as running builders; every manual
 //!   request served (its `request-build` znode gone and a `ready` build newer than the
 //!   request). The system is given time to converge; on time-out every violation is
 //!   reported with the ZooKeeper tree, the clouds and the images directories.
@@ -55,11 +55,6 @@ pub struct Checker {
     violations: Mutex<Vec<String>>,
     /// Builder ids of killed builder processes with the time of their latest kill.
     killed: Mutex<BTreeMap<String, f64>>,
-    /// The time of every kill.
-    killed_times: Mutex<Vec<f64>>,
-    /// See [`Checker::tolerate_crash_window_leaks`]; the leaks tolerated so far.
-    tolerate_crash_leaks: AtomicBool,
-    crash_leaks: Mutex<BTreeSet<String>>,
     /// Every build a sample has seen, with the last state seen: (image, id) → state.
     seen: Mutex<BTreeMap<(String, String), BuildState>>,
 }
@@ -102,9 +97,6 @@ impl Checker {
             violations: Mutex::new(Vec::new()),
             seen: Mutex::new(BTreeMap::new()),
             killed: Mutex::new(BTreeMap::new()),
-            killed_times: Mutex::new(Vec::new()),
-            tolerate_crash_leaks: AtomicBool::new(false),
-            crash_leaks: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -137,69 +129,6 @@ impl Checker {
             .lock()
             .unwrap()
             .insert(builder_id.to_string(), at);
-        self.killed_times.lock().unwrap().push(at);
-    }
-
-    /// KNOWN LIMITATION, for scenarios that kill builders at random moments: the command
-    /// driver cannot list cloud images, so the builder's leak detection cannot see an image
-    /// the cloud accepted just before the builder was killed and before it recorded the
-    /// image's id. Such an image is tolerated (and counted, see
-    /// [`Checker::crash_window_leaks`]) only if its `properties` name an upload that has no
-    /// record and it appeared in the 5 s before a kill of [`Checker::builder_killed`]. Every
-    /// other cloud image without a record is still a violation.
-    pub fn tolerate_crash_window_leaks(&self) {
-        self.tolerate_crash_leaks.store(true, Ordering::Relaxed);
-    }
-
-    /// How many cloud images were tolerated as crash-window leaks.
-    pub fn crash_window_leaks(&self) -> usize {
-        self.crash_leaks.lock().unwrap().len()
-    }
-
-    /// Whether a cloud image without a record is a leak of a kill's window (see
-    /// [`Checker::tolerate_crash_window_leaks`]).
-    fn is_crash_window_leak(&self, dir: &std::path::Path) -> Result<bool> {
-        if !self.tolerate_crash_leaks.load(Ordering::Relaxed) {
-            return Ok(false);
-        }
-        let props = std::fs::read_to_string(dir.join("properties")).unwrap_or_default();
-        let prop = |k: &str| {
-            props
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("NODEPOOL_{k}=")))
-                .map(str::to_string)
-        };
-        let (Some(image), Some(build), Some(provider), Some(upload)) = (
-            prop("IMAGE_NAME"),
-            prop("BUILD_ID"),
-            prop("PROVIDER"),
-            prop("UPLOAD_ID"),
-        ) else {
-            return Ok(false);
-        };
-        if self
-            .zk
-            .exists(&paths::image_upload_path(
-                &image, &build, &provider, &upload,
-            ))?
-            .is_some()
-        {
-            return Ok(false);
-        }
-        let Some(appeared) = std::fs::metadata(dir)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| d.as_secs_f64())
-        else {
-            return Ok(false);
-        };
-        Ok(self
-            .killed_times
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|k| *k >= appeared && *k - appeared <= 5.0))
     }
 
     /// How many manual requests found no pending request of their image (the rest joined
@@ -367,10 +296,6 @@ impl Checker {
         for cloud in &self.clouds {
             for id in cloud_images(&cloud.dir) {
                 if !external.contains(&(cloud.name.clone(), id.clone())) {
-                    if self.is_crash_window_leak(&cloud.dir.join(&id))? {
-                        self.crash_leaks.lock().unwrap().insert(id);
-                        continue;
-                    }
                     out.push(format!(
                         "cloud {}: image {id} has no upload record",
                         cloud.name
@@ -415,7 +340,7 @@ impl Checker {
                 }
             }
         }
-        // Locks held only by the sessions of running builders.
+        // Registrations of running builders only, and no lock left.
         let sessions = self.builder_sessions()?;
         if sessions.len() != running_builders {
             out.push(format!(
@@ -423,12 +348,18 @@ impl Checker {
                 sessions.len()
             ));
         }
+        // With every request served the builders are idle and hold no lock: a contender
+        // left now, even by a running builder, would block its image or upload for as long
+        // as that builder's session lives.
         for (lock, owner) in self.lock_contenders()? {
-            if !sessions.contains(&owner) {
-                out.push(format!(
-                    "lock contender {lock} is owned by session {owner:#x}, not a running builder's"
-                ));
-            }
+            let whose = if sessions.contains(&owner) {
+                "a running builder's session, which is idle"
+            } else {
+                "no running builder's session"
+            };
+            out.push(format!(
+                "lock contender {lock} is left behind (owner {owner:#x}: {whose})"
+            ));
         }
         // Manual requests served.
         for (image, at) in self.requests.lock().unwrap().iter() {
