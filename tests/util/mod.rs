@@ -90,7 +90,8 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// This test process's scratch directory, `target/tmp/run-<pid>`, created on first use.
-/// Directories of earlier test processes that have exited are removed at that moment.
+/// Directories of earlier test processes that have exited are removed at that moment,
+/// unless they hold the files of a failed test (see [`keep_after_failure`]).
 pub fn run_dir() -> &'static Path {
     static RUN_DIR: OnceLock<PathBuf> = OnceLock::new();
     RUN_DIR.get_or_init(|| {
@@ -175,6 +176,20 @@ pub fn file_tail(path: &Path, n: usize) -> String {
     }
 }
 
+/// Marks a run directory whose files a failed test left for inspection.
+const KEEP_MARKER: &str = "KEEP";
+
+/// Called from a test directory's owner when it is dropped: during a panic (a failing
+/// test) the directory is kept, its run directory marked so later runs leave it alone
+/// (delete it by hand), and its path printed.
+pub fn keep_after_failure(dir: &mut tempfile::TempDir) {
+    if std::thread::panicking() {
+        dir.disable_cleanup(true);
+        let _ = std::fs::write(run_dir().join(KEEP_MARKER), "");
+        eprintln!("kept the failed test's files in {}", dir.path().display());
+    }
+}
+
 /// Removes `run-<pid>` directories under `base` whose process no longer exists.
 fn sweep_stale_run_dirs(base: &Path) {
     let Ok(entries) = std::fs::read_dir(base) else {
@@ -189,7 +204,10 @@ fn sweep_stale_run_dirs(base: &Path) {
         else {
             continue;
         };
-        if pid as u32 != std::process::id() && !process_alive(pid) {
+        if pid as u32 != std::process::id()
+            && !process_alive(pid)
+            && !entry.path().join(KEEP_MARKER).exists()
+        {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

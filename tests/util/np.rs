@@ -31,6 +31,7 @@ pub struct Site {
 impl Drop for Site {
     fn drop(&mut self) {
         self.zk.close();
+        super::keep_after_failure(&mut self.dir);
     }
 }
 
