@@ -12,7 +12,7 @@
 //! `create_image`; and the cost of one janitor pass over a tree of 1,000 builds / 10,000
 //! uploads next to one ten times smaller (no reference).
 
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 #[path = "../tests/util/mod.rs"]
 mod util;
 

@@ -144,13 +144,10 @@ impl BuildPool {
         }
     }
 
-    /// Hands a job to an idle worker; gives it back when every worker is busy.
-    pub fn try_submit(&self, job: BuildJob) -> Result<(), BuildJob> {
-        match self.job_tx.as_ref().map(|tx| tx.try_send(job)) {
-            Some(Ok(())) => Ok(()),
-            Some(Err(e)) => Err(e.into_inner()),
-            None => unreachable!("the pool is alive until dropped"),
-        }
+    /// Hands a job to an idle worker; false (the job dropped) when every worker is busy.
+    pub fn try_submit(&self, job: BuildJob) -> bool {
+        let tx = self.job_tx.as_ref().expect("the pool is alive until dropped");
+        tx.try_send(job).is_ok()
     }
 
     /// Stops taking jobs and waits for the workers to finish their current job.

@@ -18,6 +18,7 @@
 //!    * Deleting an upload: set it `deleting` (under its upload-number lock, keeping
 //!      `external_id`), delete the cloud image by id, then delete the record. A failed cloud
 //!      delete is retried with back-off, per image id.
+//!
 //! C. Local files: each builder deletes only its own files, for builds whose record is
 //!    `deleting` or gone (also after being offline), and prunes uploaded formats of `ready`
 //!    builds with `delete-after-upload`, never touching builds in progress.
@@ -252,7 +253,9 @@ fn read_tree(zk: &Zk, p: &mut Pass<'_>) -> Option<BTreeMap<String, ImageSnapshot
 fn recency_table(
     all: &BTreeMap<String, Vec<BuildInfo>>,
 ) -> BTreeSet<(String, String, String, String)> {
-    let mut per: BTreeMap<(String, String), Vec<(f64, String, String)>> = BTreeMap::new();
+    // (image, provider) -> (state_time, build id, upload id) of its ready uploads.
+    type ReadyUploads = BTreeMap<(String, String), Vec<(f64, String, String)>>;
+    let mut per: ReadyUploads = BTreeMap::new();
     for (image, builds) in all {
         for b in builds.iter().filter(|b| b.build.state == BuildState::Ready) {
             for u in b

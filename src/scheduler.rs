@@ -510,13 +510,11 @@ impl Scheduler {
                 },
             };
             debug!("image={image}: handing a build to a worker: {}", job.cause);
-            match self.pool.try_submit(job) {
-                Ok(()) => self.state(&image).in_flight = true,
-                Err(_) => {
-                    debug!("every build worker is busy; image={image} waits");
-                    return;
-                }
+            if !self.pool.try_submit(job) {
+                debug!("every build worker is busy; image={image} waits");
+                return;
             }
+            self.state(&image).in_flight = true;
         }
     }
 
@@ -775,10 +773,10 @@ impl Scheduler {
                     file,
                     driver: driver.clone(),
                 };
-                match self.uploads.try_submit(job) {
-                    Ok(()) => slot.in_flight = true,
-                    Err(_) => return, // Every upload worker is busy.
+                if !self.uploads.try_submit(job) {
+                    return; // Every upload worker is busy.
                 }
+                slot.in_flight = true;
             }
         }
     }

@@ -109,13 +109,10 @@ impl UploadPool {
         }
     }
 
-    /// Hands a job to an idle worker; gives it back when every worker is busy.
-    pub fn try_submit(&self, job: UploadJob) -> Result<(), UploadJob> {
-        match self.job_tx.as_ref().map(|tx| tx.try_send(job)) {
-            Some(Ok(())) => Ok(()),
-            Some(Err(e)) => Err(e.into_inner()),
-            None => unreachable!("the pool is alive until dropped"),
-        }
+    /// Hands a job to an idle worker; false (the job dropped) when every worker is busy.
+    pub fn try_submit(&self, job: UploadJob) -> bool {
+        let tx = self.job_tx.as_ref().expect("the pool is alive until dropped");
+        tx.try_send(job).is_ok()
     }
 
     /// Stops taking jobs; waits for running uploads until `grace` passes, then leaves them

@@ -30,8 +30,11 @@ pub fn register_builder(zk: &Zk, hostname: &str, version: &str) -> Result<String
 /// Tracks which session generation the builder is registered in.
 #[derive(Clone, Default)]
 pub struct Registration {
-    state: Arc<(Mutex<(u64, Option<String>)>, Condvar)>,
+    state: Arc<(Mutex<Registered>, Condvar)>,
 }
+
+/// The session generation registered in (0: none yet) and the registration node.
+type Registered = (u64, Option<String>);
 
 impl Registration {
     /// Waits until the component is registered in the current session; returns its node.

@@ -273,7 +273,7 @@ fn acquire_remote(
         let children = zk
             .retry(op_timeout, |zk| zk.get_children(path))?
             .unwrap_or_default();
-        if !children.iter().any(|c| *c == our_name) {
+        if !children.contains(&our_name) {
             guard.released = true;
             return Err(LockError::Lost {
                 path: path.to_string(),

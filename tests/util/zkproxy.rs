@@ -60,14 +60,14 @@ impl ZkProxy {
             stop: AtomicBool::new(false),
         });
         let s = shared.clone();
-        let acceptor = std::thread::spawn(move || {
+        let acceptor = test_thread("zk-proxy", move || {
             for client in listener.incoming() {
                 if s.stop.load(Ordering::SeqCst) {
                     break;
                 }
                 let Ok(client) = client else { continue };
                 let s = s.clone();
-                std::thread::spawn(move || {
+                test_thread("zk-proxy-conn", move || {
                     let _ = serve(&s, client);
                 });
             }
@@ -116,6 +116,18 @@ impl Drop for ZkProxy {
     }
 }
 
+/// A named test-side thread (the daemon's spawn wrapper is for the daemon's own threads).
+fn test_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    #[allow(clippy::disallowed_methods)]
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .expect("spawn a zookeeper proxy thread")
+}
+
 /// One length-framed packet, the length included.
 fn read_packet(r: &mut impl Read) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
@@ -151,7 +163,7 @@ fn serve(s: &Arc<Shared>, client: TcpStream) -> io::Result<()> {
     let doomed: Arc<Mutex<Option<i32>>> = Arc::new(Mutex::new(None));
     let (mut c_in, mut s_out) = (client.try_clone()?, server.try_clone()?);
     let (shared, doomed_req) = (s.clone(), doomed.clone());
-    let requests = std::thread::spawn(move || -> io::Result<()> {
+    let requests = test_thread("zk-proxy-requests", move || -> io::Result<()> {
         s_out.write_all(&read_packet(&mut c_in)?)?;
         loop {
             let p = read_packet(&mut c_in)?;
