@@ -25,7 +25,8 @@ use nodepool_builder::zk::{Zk, paths};
 
 use crate::util::builder::BuilderProcess;
 use crate::util::ensemble::Ensemble;
-use crate::util::invariants::{Checker, CloudSpec, Sampler};
+use crate::util::glance::GlanceServer;
+use crate::util::invariants::{Checker, Cloud, CloudSpec, Sampler};
 use crate::util::np::{Site, WAIT};
 use crate::util::zk::{ZkOptions, ZkServer};
 use crate::util::{file_tail, poll_for};
@@ -212,7 +213,7 @@ fn cloud_specs(site: &Site, clouds: &[(&str, &[&str])]) -> Vec<CloudSpec> {
         .iter()
         .map(|(name, images)| CloudSpec {
             name: name.to_string(),
-            dir: site.cloud_dir(name),
+            cloud: Cloud::Dir(site.cloud_dir(name)),
             images: images.iter().map(|s| s.to_string()).collect(),
         })
         .collect()
@@ -555,21 +556,35 @@ fn three_builders_serve_bursts_of_requests_with_random_pauses() {
     let site = Site::new("faults_many");
     let names: Vec<String> = (0..20).map(|i| format!("img{i:02}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    // One real Glance through the OpenStack driver. It is shared by this process's tests,
+    // so the provider has a name of its own (its images are those tagged with it).
+    let glance = GlanceServer::shared();
+    let provider = "faults-many";
+    let clouds = site.glance_clouds(glance, &[("glance", Some("raw"))]);
+    let env = [("OS_CLIENT_CONFIG_FILE", clouds.as_str())];
     let body = format!(
         "{}{}",
         names.iter().map(|n| image(n)).collect::<String>(),
-        // Builders die at random moments here, also right after the cloud accepted an
-        // image and before its id was recorded: the list command lets the janitor find it.
-        site.provider("cloud", "raw", &refs, &site.list_command("cloud"))
+        Site::openstack_provider(provider, "glance", &refs, "")
     );
     for n in 0..3 {
         site.config(n, "cleanup-interval = 2.0", &body);
         // Builds take a moment, so requests and pauses land while others build.
         site.control(n, "fake-dib.slow", "0.5");
     }
-    let checker = checker_for(&site, &[("cloud", &refs)], &[0, 1, 2]);
+    let checker = Checker::new(
+        vec![("127.0.0.1".into(), site.server.plain_port())],
+        &site.chroot,
+        vec![CloudSpec {
+            name: provider.to_string(),
+            cloud: Cloud::Glance(glance),
+            images: names.clone(),
+        }],
+        (0..3).map(|n| site.images_dir(n)).collect(),
+    );
     let sampler = Sampler::start(&checker);
-    let mut builders: Vec<BuilderProcess> = (0..3).map(|n| site.start(n, &[])).collect();
+    let mut builders: Vec<BuilderProcess> =
+        (0..3).map(|n| site.start_with_env(n, &[], &env)).collect();
     let mut paused = std::collections::BTreeSet::new();
     let (mut sent, mut pauses, mut bursts, mut crashes) = (0, 0, 0, 0);
     // Cloud images without a record the janitors found and deleted (a builder's log starts
@@ -598,7 +613,7 @@ fn three_builders_serve_bursts_of_requests_with_random_pauses() {
             let n = rng.below(builders.len());
             leaks_deleted += leaks_deleted_by(&builders[n]);
             crash(&site, &checker, n, &mut builders[n]);
-            builders[n] = site.start(n, &[]);
+            builders[n] = site.start_with_env(n, &[], &env);
             crashes += 1;
         }
         // Load shape: space the bursts out.

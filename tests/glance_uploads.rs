@@ -11,32 +11,6 @@ use crate::util::glance::GlanceServer;
 use crate::util::np::{Site, WAIT};
 use crate::util::wait_until;
 
-/// A clouds.yaml with one `auth_type: none` cloud per (name, image_format) at `glance`.
-fn clouds_yaml(site: &Site, glance: &GlanceServer, clouds: &[(&str, Option<&str>)]) -> String {
-    let mut y = String::from("clouds:\n");
-    for (name, format) in clouds {
-        y.push_str(&format!(
-            "  {name}:\n    auth_type: none\n    image_endpoint_override: {}\n",
-            glance.url()
-        ));
-        if let Some(f) = format {
-            y.push_str(&format!("    image_format: {f}\n"));
-        }
-    }
-    let path = site.path("clouds.yaml");
-    std::fs::write(&path, y).unwrap();
-    path.display().to_string()
-}
-
-fn openstack(name: &str, cloud: &str, images: &[&str], extra: &str) -> String {
-    let mut t =
-        format!("\n[[providers]]\nname = \"{name}\"\ncloud = \"{cloud}\"\nrate = 0.0\n{extra}\n");
-    for i in images {
-        t.push_str(&format!("[[providers.diskimages]]\nname = \"{i}\"\n[providers.diskimages.meta]\npurpose = \"test\"\n"));
-    }
-    t
-}
-
 fn md5_of(path: &std::path::Path) -> String {
     let out = std::process::Command::new("md5sum")
         .arg(path)
@@ -53,16 +27,15 @@ fn md5_of(path: &std::path::Path) -> String {
 fn one_build_goes_to_two_glance_providers_in_their_formats() {
     let glance = GlanceServer::shared();
     let site = Site::new("glance_two");
-    let clouds = clouds_yaml(
-        &site,
+    let clouds = site.glance_clouds(
         glance,
         &[("vhd-cloud", Some("vhd")), ("plain-cloud", None)],
     );
     let (pv, pq) = ("glance-two-vhd", "glance-two-qcow2");
     let body = format!(
         "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{{fake_dib}}\"\n[diskimages.metadata]\nowner = \"ci\"\n{}{}",
-        openstack(pv, "vhd-cloud", &["fedora"], ""),
-        openstack(pq, "plain-cloud", &["fedora"], ""),
+        Site::openstack_provider(pv, "vhd-cloud", &["fedora"], ""),
+        Site::openstack_provider(pq, "plain-cloud", &["fedora"], ""),
     );
     site.config(0, "", &body);
     let _b = site.start_with_env(0, &[], &[("OS_CLIENT_CONFIG_FILE", &clouds)]);
@@ -108,11 +81,11 @@ fn one_build_goes_to_two_glance_providers_in_their_formats() {
 fn glance_killed_mid_upload_is_retried_and_leaves_no_stray_image() {
     let mut glance = GlanceServer::start();
     let site = Site::new("glance_killed");
-    let clouds = clouds_yaml(&site, &glance, &[("cloud", None)]);
+    let clouds = site.glance_clouds(&glance, &[("cloud", None)]);
     let provider = "glance-killed";
     let body = format!(
         "\n[[diskimages]]\nname = \"big\"\ndib-cmd = \"{{fake_dib}}\"\n[diskimages.env-vars]\nFAKE_DIB_SIZE_MB = \"384\"\n{}",
-        openstack(provider, "cloud", &["big"], "")
+        Site::openstack_provider(provider, "cloud", &["big"], "")
     );
     site.config(0, "", &body);
     let mut b = site.start_with_env(0, &[], &[("OS_CLIENT_CONFIG_FILE", &clouds)]);

@@ -1,6 +1,7 @@
 //! The invariants every fault-injection scenario must keep, checked through a ZooKeeper
 //! session of the checker's own (plaintext, so it works on single servers and ensembles
-//! alike) plus the directory clouds and the builders' images directories.
+//! alike) plus the clouds (`dir-cloud` directories or a real Glance) and the builders'
+//! images directories.
 //!
 //! Two kinds of checks:
 //!
@@ -34,14 +35,43 @@ use nodepool_builder::model::{BuildState, UploadState};
 use nodepool_builder::zk::tree::{self, BuildInfo};
 use nodepool_builder::zk::{Zk, ZkConfig, ZkError, paths};
 
+use super::glance::GlanceServer;
 use super::poll_for;
 
-/// A provider the invariants know about: a directory cloud and the images it lists.
-#[derive(Clone, Debug)]
+/// A provider the invariants know about: its cloud and the images it lists.
+#[derive(Clone)]
 pub struct CloudSpec {
     pub name: String,
-    pub dir: PathBuf,
+    pub cloud: Cloud,
     pub images: Vec<String>,
+}
+
+/// Where a provider's images live.
+#[derive(Clone)]
+pub enum Cloud {
+    /// A `dir-cloud` directory.
+    Dir(PathBuf),
+    /// A real Glance; the provider's images are those tagged with its name.
+    Glance(&'static GlanceServer),
+}
+
+impl CloudSpec {
+    /// The ids of the provider's cloud images, or why they cannot be listed.
+    pub fn image_ids(&self) -> std::result::Result<Vec<String>, String> {
+        match &self.cloud {
+            Cloud::Dir(dir) => Ok(cloud_images(dir)),
+            Cloud::Glance(glance) => {
+                let listed = std::panic::catch_unwind(|| glance.images_of(&self.name));
+                let images = listed.map_err(|_| format!("Glance at {} did not answer", glance.url()))?;
+                let mut ids: Vec<String> = images
+                    .iter()
+                    .filter_map(|i| i["id"].as_str().map(str::to_string))
+                    .collect();
+                ids.sort();
+                Ok(ids)
+            }
+        }
+    }
 }
 
 /// Checks the invariants of one site.
@@ -294,7 +324,14 @@ impl Checker {
             }
         }
         for cloud in &self.clouds {
-            for id in cloud_images(&cloud.dir) {
+            let ids = match cloud.image_ids() {
+                Ok(ids) => ids,
+                Err(e) => {
+                    out.push(format!("cloud {}: {e}", cloud.name));
+                    continue;
+                }
+            };
+            for id in ids {
                 if !external.contains(&(cloud.name.clone(), id.clone())) {
                     out.push(format!(
                         "cloud {}: image {id} has no upload record",
@@ -490,7 +527,7 @@ impl Checker {
             out.push_str(&format!(
                 "--- cloud {}: {:?}\n",
                 cloud.name,
-                cloud_images(&cloud.dir)
+                cloud.image_ids()
             ));
         }
         for dir in &self.images_dirs {

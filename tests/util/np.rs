@@ -10,6 +10,7 @@ use nodepool_builder::zk::tree::{self, BuildInfo, UploadInfo};
 use nodepool_builder::zk::{Mode, Zk, ZkConfig, paths};
 
 use super::builder::BuilderProcess;
+use super::glance::GlanceServer;
 use super::zk::ZkServer;
 use super::{file_tail, poll_for, test_dir, wait_until};
 
@@ -348,6 +349,38 @@ key = "{key}"
         assert!(out.status.success(), "dir-cloud upload: {out:?}");
         let stdout = String::from_utf8(out.stdout).unwrap();
         stdout.lines().last().unwrap().to_string()
+    }
+
+    /// Writes a clouds.yaml with one `auth_type: none` cloud per (name, image_format) at
+    /// `glance`; returns its path (for `OS_CLIENT_CONFIG_FILE`).
+    pub fn glance_clouds(&self, glance: &GlanceServer, clouds: &[(&str, Option<&str>)]) -> String {
+        let mut y = String::from("clouds:\n");
+        for (name, format) in clouds {
+            y.push_str(&format!(
+                "  {name}:\n    auth_type: none\n    image_endpoint_override: {}\n",
+                glance.url()
+            ));
+            if let Some(f) = format {
+                y.push_str(&format!("    image_format: {f}\n"));
+            }
+        }
+        let path = self.path("clouds.yaml");
+        std::fs::write(&path, y).unwrap();
+        path.display().to_string()
+    }
+
+    /// A `[[providers]]` entry of the OpenStack driver on clouds.yaml entry `cloud`, listing
+    /// `images` (each with a `purpose` property); `extra` is added to the provider table.
+    pub fn openstack_provider(name: &str, cloud: &str, images: &[&str], extra: &str) -> String {
+        let mut t = format!(
+            "\n[[providers]]\nname = \"{name}\"\ncloud = \"{cloud}\"\nrate = 0.0\n{extra}\n"
+        );
+        for i in images {
+            t.push_str(&format!(
+                "[[providers.diskimages]]\nname = \"{i}\"\n[providers.diskimages.meta]\npurpose = \"test\"\n"
+            ));
+        }
+        t
     }
 
     /// Image ids in a `dir-cloud` provider.
