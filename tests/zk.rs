@@ -427,6 +427,34 @@ fn lost_replies_of_lock_creates_and_deletes_leave_no_orphan_contender() {
 }
 
 #[test]
+fn a_lost_reply_to_the_component_registration_does_not_register_twice() {
+    let server = ZkServer::shared();
+    let chroot = server.chroot("component_lost_reply");
+    let proxy = ZkProxy::start(server.plain_port());
+    proxy.cut_reply_of(zkproxy::CREATE, "/nodepool/components/builder/");
+    let zk = Session(Zk::new(ZkConfig {
+        hosts: vec![("127.0.0.1".into(), proxy.port())],
+        ..plain_cfg(server, &chroot, Duration::from_secs(6))
+    }));
+    let reg = component::register_on_every_session(&zk, "vm".into(), "0.1.0".into());
+    zk.start();
+    let node = reg.wait(&zk, CONNECT).expect("component registered");
+    assert_eq!(proxy.cuts(), 1, "the registration's reply was lost");
+    let other = connect(plain_cfg(server, &chroot, Duration::from_secs(6)));
+    let root = paths::component_kind_path("builder");
+    let children = other.get_children(&root).unwrap().unwrap_or_default();
+    assert_eq!(
+        children
+            .iter()
+            .map(|c| format!("{root}/{c}"))
+            .collect::<Vec<_>>(),
+        vec![node],
+        "one registration, the one the builder knows"
+    );
+    assert_eq!(zk.session().generation, 1, "within the first session");
+}
+
+#[test]
 fn frozen_server_means_lost_session_then_a_new_one_with_registration() {
     let mut server = ZkServer::start(ZkOptions::default());
     let timeout = Duration::from_secs(4);

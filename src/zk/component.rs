@@ -58,15 +58,49 @@ impl Registration {
     }
 }
 
+/// Our session's registration node, if there is one: after a connection loss during the
+/// create, the node may exist although its reply never came.
+fn own_registration(zk: &Zk, hostname: &str) -> Result<Option<String>> {
+    let Some(session) = zk.session_id() else {
+        return Ok(None);
+    };
+    let root = paths::component_kind_path("builder");
+    for child in zk.get_children(&root)?.unwrap_or_default() {
+        let node = format!("{root}/{child}");
+        if child.starts_with(hostname)
+            && zk
+                .exists(&node)?
+                .is_some_and(|stat| stat.ephemeral_owner == session)
+        {
+            return Ok(Some(node));
+        }
+    }
+    Ok(None)
+}
+
 /// Makes `register_builder` run after every new ZooKeeper session (the first one included),
-/// retrying on connection loss for up to one session timeout.
+/// retrying on connection loss for up to one session timeout. A retry after a connection
+/// loss first adopts a node our session already created, so the builder is never
+/// registered twice.
 pub fn register_on_every_session(zk: &Zk, hostname: String, version: String) -> Registration {
     let registration = Registration::default();
     let state = registration.state.clone();
     zk.on_new_session(move |zk| {
         let generation = zk.session().generation;
         let timeout = zk.config().session_timeout;
-        match zk.retry(timeout, |zk| register_builder(zk, &hostname, &version)) {
+        let mut maybe_created = false;
+        let registered = zk.retry(timeout, |zk| {
+            if maybe_created && let Some(node) = own_registration(zk, &hostname)? {
+                info!("Adopted builder component {node} after a connection loss");
+                return Ok(node);
+            }
+            let created = register_builder(zk, &hostname, &version);
+            if matches!(&created, Err(e) if e.is_connection_loss()) {
+                maybe_created = true;
+            }
+            created
+        });
+        match registered {
             Ok(node) => {
                 let (lock, cond) = &*state;
                 *lock.lock().unwrap() = (generation, Some(node));

@@ -626,6 +626,16 @@ impl Zk {
         }
     }
 
+    /// The id of the current session, while there is one.
+    pub fn session_id(&self) -> Option<i64> {
+        self.inner
+            .client
+            .read()
+            .unwrap()
+            .as_ref()
+            .map(|c| c.session_id().0)
+    }
+
     fn client(&self) -> Result<Client> {
         match self.inner.client.read().unwrap().as_ref() {
             Some(c) => Ok(c.clone()),
