@@ -246,10 +246,10 @@ fn acquire_remote(
     let prefix = format!("{}__lock__", uuid::Uuid::new_v4().simple());
     // Usually the lock directory exists: try the contender first and create the directory
     // (with its parents, as kazoo does) only when it is missing.
-    let node = match create_contender(zk, path, &prefix, op_timeout) {
+    let node = match create_contender(zk, path, &prefix, generation, op_timeout) {
         Err(ZkError::NoNode) => {
             zk.retry(op_timeout, |zk| zk.ensure_path(path))?;
-            create_contender(zk, path, &prefix, op_timeout)?
+            create_contender(zk, path, &prefix, generation, op_timeout)?
         }
         other => other?,
     };
@@ -319,18 +319,23 @@ fn op_timeout(zk: &Zk) -> Duration {
     zk.config().session_timeout.max(Duration::from_secs(2))
 }
 
-/// Creates our contender node. After a connection loss the create may have reached the
-/// server: from then on each attempt first looks for a child with our prefix and adopts it,
-/// and creates only when there is none.
+/// Creates our contender node in session `generation`. After a connection loss the create
+/// may have reached the server: from then on each attempt first looks for a child with our
+/// prefix and adopts it, and creates only when there is none. Never in a later session: a
+/// node created there would outlive the guard that believes it died with the old one.
 fn create_contender(
     zk: &Zk,
     dir: &str,
     prefix: &str,
+    generation: u64,
     timeout: Duration,
 ) -> Result<String, ZkError> {
     let target = format!("{dir}/{prefix}");
     let mut maybe_created = false;
     zk.retry(timeout, |zk| {
+        if zk.session().generation != generation {
+            return Err(ZkError::SessionLost);
+        }
         if maybe_created {
             let children = zk.get_children(dir)?.unwrap_or_default();
             if let Some(mine) = children.iter().find(|c| c.starts_with(prefix)) {
