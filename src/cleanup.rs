@@ -212,6 +212,19 @@ pub fn pass(zk: &Zk, req: &CleanupRequest, state: &mut JanitorState) -> CleanupR
     p.report
 }
 
+/// (provider, build id, upload id) of every upload record in `builds`.
+fn known_uploads<'b>(
+    builds: impl Iterator<Item = &'b Vec<BuildInfo>>,
+) -> BTreeSet<(String, String, String)> {
+    let mut known = BTreeSet::new();
+    for b in builds.flatten() {
+        for u in &b.uploads {
+            known.insert((u.provider.clone(), b.id.clone(), u.id.clone()));
+        }
+    }
+    known
+}
+
 /// Reads the whole image tree; `None` (with the error counted) unless every image was read,
 /// because a missing image would look deleted (its local files) or leaked (its cloud images).
 fn read_tree(zk: &Zk, p: &mut Pass<'_>) -> Option<BTreeMap<String, ImageSnapshot>> {
@@ -644,19 +657,14 @@ impl Pass<'_> {
 
     /// Cloud images tagged `nodepool_provider_name=<provider>` whose build and upload ids have
     /// no record in ZooKeeper (any state) — left by a builder killed mid-upload — are deleted
-    /// when seen in two consecutive passes (the `uploading` record is written before the cloud
-    /// is touched, so an upload in progress is never mistaken for a leak). A command provider
+    /// when seen in two consecutive passes. The tree this pass started from may predate an
+    /// upload that began since, so an image it does not know is checked against the records
+    /// read again after the listing: the `uploading` record is written before the cloud is
+    /// touched, so an upload in progress is never mistaken for a leak. A command provider
     /// without a `list-command` reports none; a listing that fails deletes nothing.
     fn cleanup_leaked_cloud_images(&mut self, all: &BTreeMap<String, Vec<BuildInfo>>) {
-        let mut known: BTreeSet<(String, String, String)> = BTreeSet::new();
-        for builds in all.values() {
-            for b in builds {
-                for u in &b.uploads {
-                    known.insert((u.provider.clone(), b.id.clone(), u.id.clone()));
-                }
-            }
-        }
-        let mut candidates = BTreeSet::new();
+        let mut unknown = Vec::new();
+        let known = known_uploads(all.values());
         for (provider, driver) in self.req.drivers.clone() {
             let images = match driver.list_images() {
                 Ok(i) => i,
@@ -667,39 +675,54 @@ impl Pass<'_> {
             };
             for img in images {
                 let (Some(build), Some(upload)) = (
-                    img.properties.get("nodepool_build_id"),
-                    img.properties.get("nodepool_upload_id"),
+                    img.properties.get("nodepool_build_id").cloned(),
+                    img.properties.get("nodepool_upload_id").cloned(),
                 ) else {
                     continue;
                 };
-                if img.properties.get("nodepool_provider_name") != Some(&provider) {
+                if img.properties.get("nodepool_provider_name") != Some(&provider)
+                    || known.contains(&(provider.clone(), build.clone(), upload.clone()))
+                {
                     continue;
                 }
-                if known.contains(&(provider.clone(), build.clone(), upload.clone())) {
-                    continue;
-                }
-                let key = (provider.clone(), img.id.clone());
-                if !self.state.leak_candidates.contains(&key) {
-                    debug!(
-                        "provider={provider}: cloud image {} ({}) has no record; deleting it if still so next pass",
-                        img.id, img.name
-                    );
-                    candidates.insert(key);
-                    continue;
-                }
-                warn!(
-                    "Deleting leaked image {} ({}) in {provider}: build {build} upload {upload} has no record",
+                unknown.push((provider.clone(), driver.clone(), img, build, upload));
+            }
+        }
+        if unknown.is_empty() {
+            self.state.leak_candidates.clear();
+            return;
+        }
+        let zk = self.zk;
+        let Some(now) = read_tree(zk, self) else {
+            return; // Keep the candidates; decide when ZooKeeper can be read.
+        };
+        let known = known_uploads(now.values().map(|snap| &snap.builds));
+        let mut candidates = BTreeSet::new();
+        for (provider, driver, img, build, upload) in unknown {
+            if known.contains(&(provider.clone(), build.clone(), upload.clone())) {
+                continue;
+            }
+            let key = (provider.clone(), img.id.clone());
+            if !self.state.leak_candidates.contains(&key) {
+                debug!(
+                    "provider={provider}: cloud image {} ({}) has no record; deleting it if still so next pass",
                     img.id, img.name
                 );
-                match driver.delete(&img.id) {
-                    Ok(()) => self.report.deleted_uploads += 1,
-                    Err(e) => {
-                        candidates.insert(key);
-                        self.error(&format!(
-                            "cannot delete leaked image {} in {provider}: {e}",
-                            img.id
-                        ));
-                    }
+                candidates.insert(key);
+                continue;
+            }
+            warn!(
+                "Deleting leaked image {} ({}) in {provider}: build {build} upload {upload} has no record",
+                img.id, img.name
+            );
+            match driver.delete(&img.id) {
+                Ok(()) => self.report.deleted_uploads += 1,
+                Err(e) => {
+                    candidates.insert(key);
+                    self.error(&format!(
+                        "cannot delete leaked image {} in {provider}: {e}",
+                        img.id
+                    ));
                 }
             }
         }
