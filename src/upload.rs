@@ -19,7 +19,9 @@
 //!
 //! Nothing leaks: when the hook fails, or the `ready` record cannot be written (session
 //! lost), the cloud image is deleted before the job reports failure (upstream quirk Q2 leaked
-//! it). The driver itself deletes any cloud image of a failed upload.
+//! it). The driver itself deletes any cloud image of a failed upload. And nothing dangles:
+//! the `ready` write is conditional on the record's first version, so a write whose reply
+//! was lost is settled by fencing it (see `settle`) before the image is deleted.
 //!
 //! Shutdown does not wait for uploads beyond a grace period (uploads can take hours);
 //! records of interrupted uploads stay `uploading` with a free lock and are removed by the
@@ -342,14 +344,24 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
             )
         }
     };
+    let data = record.to_json();
     let write = if guard.is_valid() {
         zk.retry(zk.config().session_timeout, |zk| {
             // A retry may run on a new session: write only while the lock still holds.
             if !guard.is_valid() {
                 return Err(ZkError::SessionLost);
             }
-            zk.set_data(&upload_path, &record.to_json(), None)
-                .map(|_| ())
+            // Only over the `uploading` record as created (version 0): see `settle`.
+            match zk.set_data(&upload_path, &data, Some(0)) {
+                Ok(_) => Ok(()),
+                // An earlier attempt landed although its reply was lost.
+                Err(ZkError::BadVersion)
+                    if zk.get_data(&upload_path)?.is_some_and(|(d, _)| d == data) =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
         })
     } else {
         Err(ZkError::SessionLost)
@@ -364,6 +376,13 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
         }
         (Ok(()), _) => outcome,
         (Err(e), UploadResult::Ready { external_id, .. }) => {
+            if settle(zk, &upload_path, &data) == Settled::Recorded {
+                stats.upload_done(image, provider, upload_started.elapsed());
+                info!(
+                    "Image build {image}-{build_id} (external_id {external_id}) in {provider} is ready (its record was written although the reply was lost: {e})"
+                );
+                return outcome;
+            }
             error!(
                 "image={image} build={build_id} provider={provider} upload={upload_id}: cannot record the ready upload ({e}); deleting cloud image {external_id}"
             );
@@ -382,6 +401,55 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
                 "image={image} build={build_id} provider={provider} upload={upload_id}: cannot record the failure: {e}"
             );
             outcome
+        }
+    }
+}
+
+/// What became of a `ready` write whose outcome is unknown.
+#[derive(Debug, PartialEq, Eq)]
+enum Settled {
+    /// It landed: the record is ours and the image must stay.
+    Recorded,
+    /// It never will: the record was fenced (`failed`), is gone, or was changed by someone
+    /// else; or ZooKeeper could not be asked in time.
+    NotRecorded,
+}
+
+/// Settles a `ready` write (`data`) whose outcome was lost with the connection: a write
+/// sent before a server froze may still land after the session is given up. Writing a
+/// bare `failed` record over version 0 decides it, in whatever session we have now: if
+/// that write succeeds, the late one (also conditional on version 0) can never land; if
+/// it finds another version, the record is read to see whether it is ours. Without this
+/// the cloud image could be deleted under a `ready` record naming it, and the launcher
+/// would boot from an image that is gone.
+fn settle(zk: &Zk, upload_path: &str, data: &[u8]) -> Settled {
+    let deadline = std::time::Instant::now() + 2 * zk.config().session_timeout;
+    let fence = ImageUpload::bare_failed(model::now_epoch()).to_json();
+    loop {
+        let session = zk.session();
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || !zk.wait_connected(left) {
+            warn!("{upload_path}: ZooKeeper unreachable; taking the ready write as lost");
+            return Settled::NotRecorded;
+        }
+        let answer = match zk.set_data(upload_path, &fence, Some(0)) {
+            Ok(_) | Err(ZkError::NoNode) => Ok(false),
+            Err(ZkError::BadVersion) => zk
+                .get_data(upload_path)
+                .map(|r| r.is_some_and(|(d, _)| d == data)),
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(true) => return Settled::Recorded,
+            Ok(false) => return Settled::NotRecorded,
+            Err(e) if e.is_connection_loss() || e == ZkError::SessionLost => {
+                // Not connected after all: wait for the next state (briefly) and ask again.
+                zk.wait_state_change(session, Duration::from_millis(200));
+            }
+            Err(e) => {
+                warn!("{upload_path}: cannot settle the ready write ({e}); taking it as lost");
+                return Settled::NotRecorded;
+            }
         }
     }
 }

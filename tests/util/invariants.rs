@@ -17,7 +17,8 @@
 //!   error (a member just died) are skipped, not counted.
 //! * **Final** ([`Checker::wait_final`], once the scenario has stopped injecting): the
 //!   continuous ones plus exactly one `ready` upload per (newest ready build, provider);
-//!   no cloud image without an upload record carrying its id; no local image file without a
+//!   no cloud image without an upload record carrying its id, and no `ready` upload whose
+//!   image is not in its cloud; no local image file without a
 //!   build record; no empty znode at build or upload depth; no lock contender at all (the
 //!   builders are idle by then, so any contender is one left behind) and exactly as many
 //!   builder registrations as running builders; every manual
@@ -331,12 +332,27 @@ impl Checker {
                     continue;
                 }
             };
-            for id in ids {
+            for id in &ids {
                 if !external.contains(&(cloud.name.clone(), id.clone())) {
                     out.push(format!(
                         "cloud {}: image {id} has no upload record",
                         cloud.name
                     ));
+                }
+            }
+            // And the other way round: a launcher booting from a `ready` upload must find
+            // its image.
+            for (image, builds) in &all {
+                for b in builds {
+                    for u in b.uploads_to(&cloud.name) {
+                        let Some(x) = &u.upload.external_id else { continue };
+                        if u.upload.state == UploadState::Ready && !ids.contains(x) {
+                            out.push(format!(
+                                "image {image}: ready upload {}-{}/{} names cloud image {x}, which {} does not have",
+                                b.id, cloud.name, u.id, cloud.name
+                            ));
+                        }
+                    }
                 }
             }
         }

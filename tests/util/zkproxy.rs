@@ -22,6 +22,8 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// The request type of a setData.
+pub const SET_DATA: &[i32] = &[5];
 /// Request types of a create: create, create2, createContainer, createTTL.
 pub const CREATE: &[i32] = &[1, 15, 19, 21];
 /// The request type of a delete.
@@ -30,12 +32,16 @@ pub const DELETE: &[i32] = &[2];
 struct Rule {
     types: Vec<i32>,
     path_part: String,
+    /// Go down after the cut (see [`ZkProxy::cut_reply_then_go_down`]).
+    then_down: bool,
 }
 
 struct Shared {
     upstream: SocketAddr,
     rule: Mutex<Option<Rule>>,
     cuts: AtomicUsize,
+    /// While down, every new connection is closed at once.
+    down: AtomicBool,
     /// Every connection pair, to shut them when the proxy goes.
     conns: Mutex<Vec<TcpStream>>,
     stop: AtomicBool,
@@ -56,6 +62,7 @@ impl ZkProxy {
             upstream: SocketAddr::from(([127, 0, 0, 1], upstream_port)),
             rule: Mutex::new(None),
             cuts: AtomicUsize::new(0),
+            down: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
@@ -86,9 +93,26 @@ impl ZkProxy {
     /// Arms the one-shot cut: the reply to the next request of one of `types` whose path
     /// contains `path_part` is lost, and that connection cut.
     pub fn cut_reply_of(&self, types: &[i32], path_part: &str) {
+        self.arm(types, path_part, false);
+    }
+
+    /// Like [`ZkProxy::cut_reply_of`], and from the cut on the proxy is down: ZooKeeper is
+    /// unreachable through it (the session is lost) until [`ZkProxy::set_down`]`(false)`.
+    pub fn cut_reply_then_go_down(&self, types: &[i32], path_part: &str) {
+        self.arm(types, path_part, true);
+    }
+
+    /// Makes ZooKeeper unreachable through the proxy (every connection is closed at once)
+    /// or reachable again.
+    pub fn set_down(&self, down: bool) {
+        self.shared.down.store(down, Ordering::SeqCst);
+    }
+
+    fn arm(&self, types: &[i32], path_part: &str, then_down: bool) {
         *self.shared.rule.lock().unwrap() = Some(Rule {
             types: types.to_vec(),
             path_part: path_part.to_string(),
+            then_down,
         });
     }
 
@@ -153,14 +177,19 @@ fn request_path(p: &[u8]) -> Option<String> {
 }
 
 fn serve(s: &Arc<Shared>, client: TcpStream) -> io::Result<()> {
+    if s.down.load(Ordering::SeqCst) {
+        let _ = client.shutdown(Shutdown::Both);
+        return Ok(());
+    }
     let server = TcpStream::connect(s.upstream)?;
     {
         let mut conns = s.conns.lock().unwrap();
         conns.push(client.try_clone()?);
         conns.push(server.try_clone()?);
     }
-    // The xid whose reply is to be lost, set by the request side.
-    let doomed: Arc<Mutex<Option<i32>>> = Arc::new(Mutex::new(None));
+    // The xid whose reply is to be lost and whether to go down then, set by the request
+    // side.
+    let doomed: Arc<Mutex<Option<(i32, bool)>>> = Arc::new(Mutex::new(None));
     let (mut c_in, mut s_out) = (client.try_clone()?, server.try_clone()?);
     let (shared, doomed_req) = (s.clone(), doomed.clone());
     let requests = test_thread("zk-proxy-requests", move || -> io::Result<()> {
@@ -174,8 +203,8 @@ fn serve(s: &Arc<Shared>, client: TcpStream) -> io::Result<()> {
                         && request_path(&p).is_some_and(|path| path.contains(&r.path_part))
                 });
                 if hit {
-                    rule.take();
-                    *doomed_req.lock().unwrap() = Some(xid);
+                    let then_down = rule.take().is_some_and(|r| r.then_down);
+                    *doomed_req.lock().unwrap() = Some((xid, then_down));
                 }
             }
             s_out.write_all(&p)?;
@@ -186,7 +215,12 @@ fn serve(s: &Arc<Shared>, client: TcpStream) -> io::Result<()> {
         c_out.write_all(&read_packet(&mut s_in)?)?;
         loop {
             let p = read_packet(&mut s_in)?;
-            if int32(&p, 4).is_some() && *doomed.lock().unwrap() == int32(&p, 4) {
+            if let Some((xid, then_down)) = *doomed.lock().unwrap()
+                && int32(&p, 4) == Some(xid)
+            {
+                if then_down {
+                    s.down.store(true, Ordering::SeqCst);
+                }
                 s.cuts.fetch_add(1, Ordering::SeqCst);
                 return Ok(());
             }
