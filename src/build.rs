@@ -38,7 +38,7 @@ use crate::stats::Stats;
 use crate::thread::{self, JoinHandle, ThreadKind};
 use crate::zk::schema::ImageBuild;
 use crate::zk::tree::{self, BuildInfo};
-use crate::zk::{ConnState, Mode, ReadOp, ReadResult, Zk, ZkError, lock, paths};
+use crate::zk::{ConnState, Mode, ReadOp, ReadResult, Zk, ZkError, fence, lock, paths};
 
 /// Grace between SIGTERM and SIGKILL of a DIB process group.
 pub const DIB_GRACE: Duration = Duration::from_secs(10);
@@ -392,13 +392,24 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
         record.state = BuildState::Ready;
         record.formats = job.formats.clone();
     }
-    let write = zk.retry(zk.config().session_timeout, |zk| {
-        // A retry may run on a new session: `ready` is only written while the lock holds.
-        if record.state == BuildState::Ready && !guard.is_valid() {
-            return Err(ZkError::SessionLost);
+    // `ready` is only written while the lock holds; a failure may be recorded without it.
+    let data = record.to_json();
+    let lock_needed = (record.state == BuildState::Ready).then_some(&guard);
+    let timeout = zk.config().session_timeout;
+    let mut write = fence::write_result(zk, &build_path, &data, lock_needed, timeout);
+    if let Err(e) = &write
+        && record.state == BuildState::Ready
+    {
+        let mut failed = record.clone();
+        failed.state = BuildState::Failed;
+        failed.formats.clear();
+        if fence::settle(zk, &build_path, &data, &failed.to_json()) == fence::Settled::Recorded {
+            info!(
+                "image={image} build={build_id}: the ready record was written although the reply was lost ({e})"
+            );
+            write = Ok(());
         }
-        zk.set_data(&build_path, &record.to_json(), None)
-    });
+    }
     if let Err(e) = write {
         error!(
             "image={image} build={build_id}: cannot record the build result ({e}); deleting its local files"

@@ -489,13 +489,14 @@ fn session_expiry_during_a_build_and_an_upload_redoes_the_work_once() {
     );
 }
 
-#[test]
-fn a_ready_write_that_landed_although_the_session_was_lost_keeps_its_image() {
-    // The builder talks plaintext to ZooKeeper through a proxy that loses the reply to the
-    // `ready` write of the first upload and then stays down until the builder has given
-    // its session up: the write landed, the builder cannot know. Deleting the image now
-    // would leave a `ready` record naming an image that is gone.
-    let site = Site::new("faults_lost_ready_reply");
+/// A builder on `site` (one image on the directory cloud) that talks plaintext to ZooKeeper
+/// through a proxy; the proxy loses the reply to the first `ready` write under `path_part`
+/// and stays down until the builder has given its session up. The write landed, the builder
+/// cannot know; deleting the files or the image now would leave a `ready` record naming
+/// something gone. The builder must log `settled` when it finds its write landed; then the
+/// final invariants must hold with the one build (its files kept) and its one upload.
+fn lose_the_reply_to_a_ready_write(name: &str, path_part: &str, settled: &str) {
+    let site = Site::new(name);
     let proxy = ZkProxy::start(site.server.plain_port());
     let checker = fedora_on_cloud(&site, &[0], "");
     let cfg = site.path("builder0.toml");
@@ -510,23 +511,46 @@ fn a_ready_write_that_landed_although_the_session_was_lost_keeps_its_image() {
     );
     std::fs::write(&cfg, format!("{}{servers}{}", &text[..start], &text[end..])).unwrap();
     let sampler = Sampler::start(&checker);
-    proxy.cut_reply_then_go_down(zkproxy::SET_DATA, "/providers/cloud/images/0");
+    proxy.cut_reply_then_go_down(zkproxy::SET_DATA, path_part);
     let mut b = site.start(0, &[]);
     b.wait_for_log(WAIT, "ZooKeeper session lost");
     assert_eq!(proxy.cuts(), 1, "the ready write's reply was lost");
     proxy.set_down(false);
+    b.wait_for_log(WAIT, settled);
     checker.wait_final(SETTLE, 1, &|| logs(&site));
     sampler.stop();
-    b.wait_for_log(WAIT, "its record was written although the reply was lost");
-    let uploads = site.uploads("fedora");
-    assert_eq!(uploads.len(), 1, "one upload, not redone: {uploads:?}");
-    assert_eq!(site.cloud_images("cloud").len(), 1, "its image kept");
+    let builds = site.builds("fedora");
+    assert_eq!(builds.len(), 1, "one build: {builds:?}");
     assert!(
-        !b.log().contains("cannot record the ready upload"),
-        "{}",
-        b.log()
+        !site.local_files(0, "fedora", &builds[0].id).is_empty(),
+        "the ready build keeps its files"
     );
-    summary("lost-ready-reply", seed(), 1, &checker, "");
+    let uploads = site.uploads("fedora");
+    assert_eq!(uploads.len(), 1, "one upload, nothing redone: {uploads:?}");
+    assert_eq!(site.cloud_images("cloud").len(), 1, "one image");
+    let log = b.log();
+    for wrong in ["cannot record the ready upload", "cannot record the build result"] {
+        assert!(!log.contains(wrong), "{log}");
+    }
+    summary(name, seed(), 1, &checker, "");
+}
+
+#[test]
+fn a_ready_upload_write_that_landed_although_the_session_was_lost_keeps_its_image() {
+    lose_the_reply_to_a_ready_write(
+        "lost-upload-reply",
+        "/providers/cloud/images/0",
+        "its record was written although the reply was lost",
+    );
+}
+
+#[test]
+fn a_ready_build_write_that_landed_although_the_session_was_lost_keeps_its_files() {
+    lose_the_reply_to_a_ready_write(
+        "lost-build-reply",
+        "/nodepool/images/fedora/builds/",
+        "the ready record was written although the reply was lost",
+    );
 }
 
 /// Regression: a build whose result could not be recorded (no quorum for longer than the

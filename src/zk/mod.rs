@@ -42,6 +42,7 @@
 //! end the session (that releases every lock and ephemeral node at once).
 
 pub mod component;
+pub mod fence;
 pub mod lock;
 pub mod paths;
 pub mod schema;

@@ -1,0 +1,90 @@
+//! Writing a build's or an upload's result exactly once, although a reply can be lost.
+//!
+//! A worker creates its record (`building`, `uploading`) and later overwrites it with the
+//! result. If the connection drops while the result is on its way, the worker cannot know
+//! whether it landed: a write sent just before a server froze may even land after the
+//! worker gave its session up. Acting on a wrong guess is harmful either way: deleting the
+//! files or the cloud image of a result that did land leaves a `ready` record that names
+//! something gone.
+//!
+//! So the result is written only over the record as it was created (version 0), and an
+//! unknown outcome is *settled*: a fence record (a `failed` one) is written over version 0
+//! in whatever session there is now. If the fence lands, the late write (conditional on the
+//! same version) never can; if the version has moved, the record is read to see whether it
+//! holds our result.
+
+use std::time::{Duration, Instant};
+
+use log::warn;
+
+use super::{Zk, ZkError, lock::LockGuard};
+
+/// Writes `data` over the record at `path` as it was created (version 0), retrying on
+/// connection loss for up to `timeout`. With `guard`, every attempt first checks the lock
+/// still holds. A retry that finds the version moved because an earlier attempt landed
+/// (its reply lost) succeeds.
+pub fn write_result(
+    zk: &Zk,
+    path: &str,
+    data: &[u8],
+    guard: Option<&LockGuard>,
+    timeout: Duration,
+) -> Result<(), ZkError> {
+    zk.retry(timeout, |zk| {
+        // A retry may run on a new session: write only while the lock still holds.
+        if guard.is_some_and(|g| !g.is_valid()) {
+            return Err(ZkError::SessionLost);
+        }
+        match zk.set_data(path, data, Some(0)) {
+            Ok(_) => Ok(()),
+            Err(ZkError::BadVersion) if holds(zk, path, data)? => Ok(()),
+            Err(e) => Err(e),
+        }
+    })
+}
+
+/// What became of a result write whose outcome is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// It landed: the record holds the result.
+    Recorded,
+    /// It never will: the fence landed, the record is gone or holds something else, or
+    /// ZooKeeper could not be asked within twice the session timeout.
+    NotRecorded,
+}
+
+/// Settles a write of `data` to `path` whose outcome was lost (see the module docs) by
+/// writing `fence` over version 0.
+pub fn settle(zk: &Zk, path: &str, data: &[u8], fence: &[u8]) -> Settled {
+    let deadline = Instant::now() + 2 * zk.config().session_timeout;
+    loop {
+        let session = zk.session();
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || !zk.wait_connected(left) {
+            warn!("{path}: ZooKeeper unreachable; taking the result write as lost");
+            return Settled::NotRecorded;
+        }
+        let answer = match zk.set_data(path, fence, Some(0)) {
+            Ok(_) | Err(ZkError::NoNode) => Ok(false),
+            Err(ZkError::BadVersion) => holds(zk, path, data),
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(true) => return Settled::Recorded,
+            Ok(false) => return Settled::NotRecorded,
+            Err(e) if e.is_connection_loss() || e == ZkError::SessionLost => {
+                // Not connected after all: wait for the next state (briefly), ask again.
+                zk.wait_state_change(session, Duration::from_millis(200));
+            }
+            Err(e) => {
+                warn!("{path}: cannot settle the result write ({e}); taking it as lost");
+                return Settled::NotRecorded;
+            }
+        }
+    }
+}
+
+/// Whether the record at `path` holds exactly `data`.
+fn holds(zk: &Zk, path: &str, data: &[u8]) -> Result<bool, ZkError> {
+    Ok(zk.get_data(path)?.is_some_and(|(d, _)| d == data))
+}
