@@ -21,7 +21,7 @@
 //! lost), the cloud image is deleted before the job reports failure (upstream quirk Q2 leaked
 //! it). The driver itself deletes any cloud image of a failed upload. And nothing dangles:
 //! the `ready` write is conditional on the record's first version, so a write whose reply
-//! was lost is settled by fencing it (see `settle`) before the image is deleted.
+//! was lost is settled (`zk::fence`) before the image is deleted.
 //!
 //! Shutdown does not wait for uploads beyond a grace period (uploads can take hours);
 //! records of interrupted uploads stay `uploading` with a free lock and are removed by the
@@ -44,7 +44,7 @@ use crate::stats::Stats;
 use crate::thread::{self, JoinHandle, ThreadKind};
 use crate::zk::schema::ImageUpload;
 use crate::zk::tree::{self, BuildInfo};
-use crate::zk::{Mode, Zk, ZkError, lock, paths};
+use crate::zk::{Mode, Zk, ZkError, fence, lock, paths};
 
 /// Everything a worker needs to upload one build to one provider; built by the scheduler.
 #[derive(Clone)]
@@ -205,6 +205,17 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
             };
         }
         Ok(None) => {
+            // Taking the lock re-created the parents of its directory: if the build was
+            // deleted just before, that is an empty build znode; remove it with our lock.
+            let build_path = paths::image_build_path(image, build_id);
+            if let Ok(Some((data, _))) = zk.get_data(&build_path)
+                && data.iter().all(u8::is_ascii_whitespace)
+            {
+                drop(guard);
+                if let Err(e) = zk.delete_recursive(&build_path) {
+                    warn!("{build_path}: cannot remove what our lock re-created: {e}");
+                }
+            }
             return UploadResult::Skipped {
                 reason: "the build is gone".into(),
             };
@@ -259,17 +270,24 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
         build.shell_type.as_deref(),
         model::now_epoch(),
     );
+    // Not with parents: the lock made them, and if the janitor has deleted the build since,
+    // re-creating them would put this upload under a build znode without data, where no
+    // reader sees it (and its image would look leaked).
     let prefix = format!("{}/", paths::image_uploads_path(image, build_id, provider));
-    let upload_path =
-        match zk.create_with_parents(&prefix, &uploading.to_json(), Mode::PersistentSequential) {
-            Ok(p) => p,
-            Err(e) => {
-                return UploadResult::Failed {
-                    upload_id: None,
-                    reason: format!("cannot create the uploading record: {e}"),
-                };
-            }
-        };
+    let upload_path = match zk.create(&prefix, &uploading.to_json(), Mode::PersistentSequential) {
+        Ok(p) => p,
+        Err(ZkError::NoNode) => {
+            return UploadResult::Skipped {
+                reason: "the build was deleted while we locked it".into(),
+            };
+        }
+        Err(e) => {
+            return UploadResult::Failed {
+                upload_id: None,
+                reason: format!("cannot create the uploading record: {e}"),
+            };
+        }
+    };
     let upload_id = upload_path
         .rsplit('/')
         .next()
@@ -345,27 +363,8 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
         }
     };
     let data = record.to_json();
-    let write = if guard.is_valid() {
-        zk.retry(zk.config().session_timeout, |zk| {
-            // A retry may run on a new session: write only while the lock still holds.
-            if !guard.is_valid() {
-                return Err(ZkError::SessionLost);
-            }
-            // Only over the `uploading` record as created (version 0): see `settle`.
-            match zk.set_data(&upload_path, &data, Some(0)) {
-                Ok(_) => Ok(()),
-                // An earlier attempt landed although its reply was lost.
-                Err(ZkError::BadVersion)
-                    if zk.get_data(&upload_path)?.is_some_and(|(d, _)| d == data) =>
-                {
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
-        })
-    } else {
-        Err(ZkError::SessionLost)
-    };
+    let timeout = zk.config().session_timeout;
+    let write = fence::write_result(zk, &upload_path, &data, Some(&guard), timeout);
     match (write, &outcome) {
         (Ok(()), UploadResult::Ready { external_id, .. }) => {
             stats.upload_done(image, provider, upload_started.elapsed());
@@ -376,7 +375,8 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
         }
         (Ok(()), _) => outcome,
         (Err(e), UploadResult::Ready { external_id, .. }) => {
-            if settle(zk, &upload_path, &data) == Settled::Recorded {
+            let failed = ImageUpload::bare_failed(model::now_epoch()).to_json();
+            if fence::settle(zk, &upload_path, &data, &failed) == fence::Settled::Recorded {
                 stats.upload_done(image, provider, upload_started.elapsed());
                 info!(
                     "Image build {image}-{build_id} (external_id {external_id}) in {provider} is ready (its record was written although the reply was lost: {e})"
@@ -401,55 +401,6 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
                 "image={image} build={build_id} provider={provider} upload={upload_id}: cannot record the failure: {e}"
             );
             outcome
-        }
-    }
-}
-
-/// What became of a `ready` write whose outcome is unknown.
-#[derive(Debug, PartialEq, Eq)]
-enum Settled {
-    /// It landed: the record is ours and the image must stay.
-    Recorded,
-    /// It never will: the record was fenced (`failed`), is gone, or was changed by someone
-    /// else; or ZooKeeper could not be asked in time.
-    NotRecorded,
-}
-
-/// Settles a `ready` write (`data`) whose outcome was lost with the connection: a write
-/// sent before a server froze may still land after the session is given up. Writing a
-/// bare `failed` record over version 0 decides it, in whatever session we have now: if
-/// that write succeeds, the late one (also conditional on version 0) can never land; if
-/// it finds another version, the record is read to see whether it is ours. Without this
-/// the cloud image could be deleted under a `ready` record naming it, and the launcher
-/// would boot from an image that is gone.
-fn settle(zk: &Zk, upload_path: &str, data: &[u8]) -> Settled {
-    let deadline = std::time::Instant::now() + 2 * zk.config().session_timeout;
-    let fence = ImageUpload::bare_failed(model::now_epoch()).to_json();
-    loop {
-        let session = zk.session();
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() || !zk.wait_connected(left) {
-            warn!("{upload_path}: ZooKeeper unreachable; taking the ready write as lost");
-            return Settled::NotRecorded;
-        }
-        let answer = match zk.set_data(upload_path, &fence, Some(0)) {
-            Ok(_) | Err(ZkError::NoNode) => Ok(false),
-            Err(ZkError::BadVersion) => zk
-                .get_data(upload_path)
-                .map(|r| r.is_some_and(|(d, _)| d == data)),
-            Err(e) => Err(e),
-        };
-        match answer {
-            Ok(true) => return Settled::Recorded,
-            Ok(false) => return Settled::NotRecorded,
-            Err(e) if e.is_connection_loss() || e == ZkError::SessionLost => {
-                // Not connected after all: wait for the next state (briefly) and ask again.
-                zk.wait_state_change(session, Duration::from_millis(200));
-            }
-            Err(e) => {
-                warn!("{upload_path}: cannot settle the ready write ({e}); taking it as lost");
-                return Settled::NotRecorded;
-            }
         }
     }
 }
