@@ -206,7 +206,8 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
         }
         Ok(None) => {
             // Taking the lock re-created the parents of its directory: if the build was
-            // deleted just before, that is an empty build znode; remove it with our lock.
+            // deleted just before, that is an empty build znode; remove it (our lock, which
+            // lives inside it, goes first).
             let build_path = paths::image_build_path(image, build_id);
             if let Ok(Some((data, _))) = zk.get_data(&build_path)
                 && data.iter().all(u8::is_ascii_whitespace)
