@@ -504,6 +504,16 @@ fn frozen_server_means_lost_session_then_a_new_one_with_registration() {
         "a new sequential node: the old one may linger until the server expires it"
     );
     assert!(zk.exists(&second).unwrap().is_some());
+    // A create bound to the lost session (a lock contender sent just as the session was
+    // replaced) must not land in the new one, where it would outlive its guard.
+    assert_eq!(
+        zk.create_in(gen1, "/late-contender", b"", Mode::Ephemeral),
+        Err(ZkError::SessionLost)
+    );
+    assert!(zk.exists("/late-contender").unwrap().is_none());
+    let now = zk.session().generation;
+    zk.create_in(now, "/late-contender", b"", Mode::Ephemeral)
+        .expect("a create bound to the current session");
     drop(guard);
     wait_until(
         Duration::from_secs(20),

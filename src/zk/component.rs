@@ -10,15 +10,16 @@ use std::time::{Duration, Instant};
 
 use log::info;
 
-use super::{Mode, Result, Zk, paths, schema};
+use super::{Mode, Result, Zk, ZkError, paths, schema};
 
-/// Registers this builder; returns the created node's path.
-pub fn register_builder(zk: &Zk, hostname: &str, version: &str) -> Result<String> {
+/// Registers this builder in session `generation`; returns the created node's path.
+pub fn register_builder(zk: &Zk, generation: u64, hostname: &str, version: &str) -> Result<String> {
     for kind in paths::COMPONENT_KINDS {
         zk.ensure_path(&paths::component_kind_path(kind))?;
     }
     let data = schema::builder_component_json(hostname, version);
-    let node = zk.create(
+    let node = zk.create_in(
+        generation,
         &paths::builder_component_prefix(hostname),
         &data,
         Mode::EphemeralSequential,
@@ -90,11 +91,14 @@ pub fn register_on_every_session(zk: &Zk, hostname: String, version: String) -> 
         let timeout = zk.config().session_timeout;
         let mut maybe_created = false;
         let registered = zk.retry(timeout, |zk| {
+            if zk.session().generation != generation {
+                return Err(ZkError::SessionLost); // The next session's hook registers.
+            }
             if maybe_created && let Some(node) = own_registration(zk, &hostname)? {
                 info!("Adopted builder component {node} after a connection loss");
                 return Ok(node);
             }
-            let created = register_builder(zk, &hostname, &version);
+            let created = register_builder(zk, generation, &hostname, &version);
             if matches!(&created, Err(e) if e.is_connection_loss()) {
                 maybe_created = true;
             }

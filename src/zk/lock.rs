@@ -16,7 +16,9 @@
 //! * Sequential creates are not idempotent: after a connection loss during the create we list
 //!   the directory (once connected again) and adopt the child carrying our unique prefix
 //!   before creating anything again, so no orphan contender is left behind to block
-//!   everyone until our session ends, which for a daemon is never.
+//!   everyone until our session ends, which for a daemon is never. The create is bound to
+//!   the guard's session (`Zk::create_in`), so it cannot land in the session that replaces
+//!   it either.
 //! * For the same reason every later step survives a connection loss in the same session:
 //!   the reads are retried, and giving a contender up (a failed try, a timeout, a release)
 //!   retries its delete until it is done or the session is gone (and the node with it). A
@@ -321,8 +323,9 @@ fn op_timeout(zk: &Zk) -> Duration {
 
 /// Creates our contender node in session `generation`. After a connection loss the create
 /// may have reached the server: from then on each attempt first looks for a child with our
-/// prefix and adopts it, and creates only when there is none. Never in a later session: a
-/// node created there would outlive the guard that believes it died with the old one.
+/// prefix and adopts it, and creates only when there is none. Never in a later session
+/// (`Zk::create_in`): a node created there would outlive the guard that believes it died
+/// with the old one.
 fn create_contender(
     zk: &Zk,
     dir: &str,
@@ -333,9 +336,6 @@ fn create_contender(
     let target = format!("{dir}/{prefix}");
     let mut maybe_created = false;
     zk.retry(timeout, |zk| {
-        if zk.session().generation != generation {
-            return Err(ZkError::SessionLost);
-        }
         if maybe_created {
             let children = zk.get_children(dir)?.unwrap_or_default();
             if let Some(mine) = children.iter().find(|c| c.starts_with(prefix)) {
@@ -343,7 +343,7 @@ fn create_contender(
                 return Ok(format!("{dir}/{mine}"));
             }
         }
-        let created = zk.create(&target, b"", Mode::EphemeralSequential);
+        let created = zk.create_in(generation, &target, b"", Mode::EphemeralSequential);
         if matches!(&created, Err(e) if e.is_connection_loss()) {
             maybe_created = true;
         }

@@ -285,7 +285,8 @@ pub struct Zk {
 struct Inner {
     cfg: ZkConfig,
     call_timeout: Duration,
-    client: RwLock<Option<Client>>,
+    /// The current session's client and the generation it is published as.
+    client: RwLock<Option<(Client, u64)>>,
     state: Mutex<SessionEvent>,
     changed: Condvar,
     subscribers: Mutex<Vec<Sender<SessionEvent>>>,
@@ -458,9 +459,31 @@ impl Zk {
     /// Creates a znode; returns its path (with the sequence suffix for sequential modes).
     /// Open ACLs unless authentication is configured (then creator-only).
     pub fn create(&self, path: &str, data: &[u8], mode: Mode) -> Result<String> {
-        let c = self.client()?;
-        let acls = self.acls();
-        let opts = create_mode(mode).with_acls(acls);
+        self.create_with(&self.client()?, path, data, mode)
+    }
+
+    /// Creates a znode only in session `generation`: a client belongs to one session for its
+    /// whole life, so checking the client's generation and sending through that very client
+    /// leaves no window in which a session replaced meanwhile gets the node (an ephemeral
+    /// created there would outlive a caller that believes it died with the old session).
+    pub fn create_in(
+        &self,
+        generation: u64,
+        path: &str,
+        data: &[u8],
+        mode: Mode,
+    ) -> Result<String> {
+        let slot = self.inner.client.read().unwrap().clone();
+        match slot {
+            Some((c, g)) if g == generation => self.create_with(&c, path, data, mode),
+            // The slot is empty only between a lost session and the next one.
+            _ if self.state() == ConnState::Closed => Err(ZkError::Closed),
+            _ => Err(ZkError::SessionLost),
+        }
+    }
+
+    fn create_with(&self, c: &Client, path: &str, data: &[u8], mode: Mode) -> Result<String> {
+        let opts = create_mode(mode).with_acls(self.acls());
         let (_, seq) = self.wait(c.create(path, data, &opts))?;
         Ok(match mode {
             Mode::PersistentSequential | Mode::EphemeralSequential => format!("{path}{seq}"),
@@ -634,12 +657,12 @@ impl Zk {
             .read()
             .unwrap()
             .as_ref()
-            .map(|c| c.session_id().0)
+            .map(|(c, _)| c.session_id().0)
     }
 
     fn client(&self) -> Result<Client> {
         match self.inner.client.read().unwrap().as_ref() {
-            Some(c) => Ok(c.clone()),
+            Some((c, _)) => Ok(c.clone()),
             None => match self.state() {
                 ConnState::Closed => Err(ZkError::Closed),
                 ConnState::Lost => Err(ZkError::SessionLost),
@@ -738,7 +761,7 @@ impl Zk {
                 client.session_id().0,
                 client.session_timeout()
             );
-            *self.inner.client.write().unwrap() = Some(client.clone());
+            *self.inner.client.write().unwrap() = Some((client.clone(), generation));
             self.set_state(ConnState::Connected, Some(generation));
             self.run_hooks();
             crate::registry::set_activity(format!(
