@@ -113,7 +113,10 @@ impl UploadPool {
 
     /// Hands a job to an idle worker; false (the job dropped) when every worker is busy.
     pub fn try_submit(&self, job: UploadJob) -> bool {
-        let tx = self.job_tx.as_ref().expect("the pool is alive until dropped");
+        let tx = self
+            .job_tx
+            .as_ref()
+            .expect("the pool is alive until dropped");
         tx.try_send(job).is_ok()
     }
 

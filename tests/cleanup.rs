@@ -366,7 +366,10 @@ fn a_cloud_image_without_a_record_is_found_by_the_list_command_and_deleted() {
         ],
     );
     b.wait_for_log(WAIT, "cannot list cloud images for leak detection");
-    assert!(b.log().contains("list refused (fail-list present)"), "the reason is logged");
+    assert!(
+        b.log().contains("list refused (fail-list present)"),
+        "the reason is logged"
+    );
     assert!(site.cloud_images("cloud").contains(&again));
     std::fs::remove_file(site.cloud_dir("cloud").join("fail-list")).unwrap();
     wait_until(WAIT, "the second leak to go once listing works", || {

@@ -479,7 +479,11 @@ fn session_expiry_during_a_build_and_an_upload_redoes_the_work_once() {
         "the interrupted upload was neither recorded nor redone:\n{}",
         b.log()
     );
-    let how = if recorded_late { "recorded_late" } else { "redone" };
+    let how = if recorded_late {
+        "recorded_late"
+    } else {
+        "redone"
+    };
     summary(
         "session-expiry",
         seed,
@@ -529,7 +533,10 @@ fn lose_the_reply_to_a_ready_write(name: &str, path_part: &str, settled: &str) {
     assert_eq!(uploads.len(), 1, "one upload, nothing redone: {uploads:?}");
     assert_eq!(site.cloud_images("cloud").len(), 1, "one image");
     let log = b.log();
-    for wrong in ["cannot record the ready upload", "cannot record the build result"] {
+    for wrong in [
+        "cannot record the ready upload",
+        "cannot record the build result",
+    ] {
         assert!(!log.contains(wrong), "{log}");
     }
     summary(name, seed(), 1, &checker, "");

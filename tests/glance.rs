@@ -1247,7 +1247,11 @@ fn command_driver_lists_what_its_list_command_prints() {
             "are not a nodepool build id",
         ),
         (
-            vec!["/bin/sh", "-c", "yes 'x 00ff 0000000001' | head -c 17000000"],
+            vec![
+                "/bin/sh",
+                "-c",
+                "yes 'x 00ff 0000000001' | head -c 17000000",
+            ],
             "printed more than 16777216 bytes",
         ),
     ] {

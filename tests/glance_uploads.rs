@@ -27,10 +27,7 @@ fn md5_of(path: &std::path::Path) -> String {
 fn one_build_goes_to_two_glance_providers_in_their_formats() {
     let glance = GlanceServer::shared();
     let site = Site::new("glance_two");
-    let clouds = site.glance_clouds(
-        glance,
-        &[("vhd-cloud", Some("vhd")), ("plain-cloud", None)],
-    );
+    let clouds = site.glance_clouds(glance, &[("vhd-cloud", Some("vhd")), ("plain-cloud", None)]);
     let (pv, pq) = ("glance-two-vhd", "glance-two-qcow2");
     let body = format!(
         "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{{fake_dib}}\"\n[diskimages.metadata]\nowner = \"ci\"\n{}{}",

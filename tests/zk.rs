@@ -395,7 +395,11 @@ fn lost_replies_of_lock_creates_and_deletes_leave_no_orphan_contender() {
         .expect("a lost create reply is not an error")
         .expect("the free lock is ours");
     assert_eq!(proxy.cuts(), 1, "the create's reply was lost");
-    assert_eq!(names(&other), vec![node_name(&guard)], "one contender: ours");
+    assert_eq!(
+        names(&other),
+        vec![node_name(&guard)],
+        "one contender: ours"
+    );
 
     // The reply to the release's delete is lost: the release still completes.
     proxy.cut_reply_of(zkproxy::DELETE, "__lock__");

@@ -51,16 +51,23 @@ pub struct StatusRow {
 
 pub fn dib_image_list(zk: &Zk, json: bool) -> std::result::Result<String, OpsError> {
     let headers = ["ID", "Image", "Builder", "Formats", "State", "Age"];
-    listing(zk, json, build_rows, "builds", &headers, |r: &BuildRow, now| {
-        vec![
-            r.id.clone(),
-            r.image.clone(),
-            r.builder.clone().unwrap_or_default(),
-            r.formats.join(","),
-            r.state.clone(),
-            format_age(now, r.age),
-        ]
-    })
+    listing(
+        zk,
+        json,
+        build_rows,
+        "builds",
+        &headers,
+        |r: &BuildRow, now| {
+            vec![
+                r.id.clone(),
+                r.image.clone(),
+                r.builder.clone().unwrap_or_default(),
+                r.formats.join(","),
+                r.state.clone(),
+                format_age(now, r.age),
+            ]
+        },
+    )
 }
 
 pub fn image_list(zk: &Zk, json: bool) -> std::result::Result<String, OpsError> {
@@ -74,32 +81,46 @@ pub fn image_list(zk: &Zk, json: bool) -> std::result::Result<String, OpsError> 
         "State",
         "Age",
     ];
-    listing(zk, json, upload_rows, "uploads", &headers, |r: &UploadRow, now| {
-        vec![
-            r.id.clone(),
-            r.upload_id.clone(),
-            r.provider.clone(),
-            r.image.clone(),
-            r.external_name.clone().unwrap_or_default(),
-            r.external_id.clone().unwrap_or_default(),
-            r.state.clone(),
-            format_age(now, r.age),
-        ]
-    })
+    listing(
+        zk,
+        json,
+        upload_rows,
+        "uploads",
+        &headers,
+        |r: &UploadRow, now| {
+            vec![
+                r.id.clone(),
+                r.upload_id.clone(),
+                r.provider.clone(),
+                r.image.clone(),
+                r.external_name.clone().unwrap_or_default(),
+                r.external_id.clone().unwrap_or_default(),
+                r.state.clone(),
+                format_age(now, r.age),
+            ]
+        },
+    )
 }
 
 pub fn image_status(zk: &Zk, json: bool) -> std::result::Result<String, OpsError> {
     let headers = ["Image", "Paused", "Build Request", "Build Request Age"];
-    listing(zk, json, status_rows, "images", &headers, |r: &StatusRow, now| {
-        vec![
-            r.image.clone(),
-            if r.paused { "True" } else { "False" }.to_string(),
-            r.build_request.unwrap_or_default().to_string(),
-            r.build_request_age
-                .map(|t| format_age(now, t))
-                .unwrap_or_default(),
-        ]
-    })
+    listing(
+        zk,
+        json,
+        status_rows,
+        "images",
+        &headers,
+        |r: &StatusRow, now| {
+            vec![
+                r.image.clone(),
+                if r.paused { "True" } else { "False" }.to_string(),
+                r.build_request.unwrap_or_default().to_string(),
+                r.build_request_age
+                    .map(|t| format_age(now, t))
+                    .unwrap_or_default(),
+            ]
+        },
+    )
 }
 
 /// Reads the rows (retrying after a connection loss) and renders them as JSON or as a
@@ -112,9 +133,9 @@ fn listing<R: Serialize>(
     headers: &[&str],
     cells: impl Fn(&R, f64) -> Vec<String>,
 ) -> std::result::Result<String, OpsError> {
-    let rows = zk
-        .retry(READ_RETRY, read)
-        .map_err(OpsError::zk(format!("reading the {what} under /nodepool/images")))?;
+    let rows = zk.retry(READ_RETRY, read).map_err(OpsError::zk(format!(
+        "reading the {what} under /nodepool/images"
+    )))?;
     if json {
         return Ok(to_json(&rows));
     }

@@ -507,7 +507,12 @@ impl Pipe {
                 Ok(n) => {
                     read += n;
                     self.data.extend_from_slice(&buf[..n]);
-                    Pipe::trim(&mut self.data, &mut self.truncated, self.keep, 2 * self.keep);
+                    Pipe::trim(
+                        &mut self.data,
+                        &mut self.truncated,
+                        self.keep,
+                        2 * self.keep,
+                    );
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // WouldBlock: nothing more for now. Anything else: treat as closed.

@@ -63,7 +63,8 @@ impl CloudSpec {
             Cloud::Dir(dir) => Ok(cloud_images(dir)),
             Cloud::Glance(glance) => {
                 let listed = std::panic::catch_unwind(|| glance.images_of(&self.name));
-                let images = listed.map_err(|_| format!("Glance at {} did not answer", glance.url()))?;
+                let images =
+                    listed.map_err(|_| format!("Glance at {} did not answer", glance.url()))?;
                 let mut ids: Vec<String> = images
                     .iter()
                     .filter_map(|i| i["id"].as_str().map(str::to_string))
@@ -345,7 +346,9 @@ impl Checker {
             for (image, builds) in &all {
                 for b in builds {
                     for u in b.uploads_to(&cloud.name) {
-                        let Some(x) = &u.upload.external_id else { continue };
+                        let Some(x) = &u.upload.external_id else {
+                            continue;
+                        };
                         if u.upload.state == UploadState::Ready && !ids.contains(x) {
                             out.push(format!(
                                 "image {image}: ready upload {}-{}/{} names cloud image {x}, which {} does not have",

@@ -330,7 +330,9 @@ key = "{key}"
     pub fn list_command(&self, name: &str) -> String {
         format!(
             "list-command = [\"{}\", \"list\", \"{}\"]",
-            super::repo_root().join("etc/quickstart/dir-cloud").display(),
+            super::repo_root()
+                .join("etc/quickstart/dir-cloud")
+                .display(),
             self.cloud_dir(name).display()
         )
     }
@@ -341,7 +343,11 @@ key = "{key}"
         let file = self.path("outside-upload.raw");
         std::fs::write(&file, b"an image").unwrap();
         let out = std::process::Command::new(super::repo_root().join("etc/quickstart/dir-cloud"))
-            .args(["upload".as_ref(), self.cloud_dir(name).as_os_str(), file.as_os_str()])
+            .args([
+                "upload".as_ref(),
+                self.cloud_dir(name).as_os_str(),
+                file.as_os_str(),
+            ])
             .arg("outside")
             .envs(env.iter().copied())
             .output()

@@ -158,7 +158,10 @@ fn read_packet(r: &mut impl Read) -> io::Result<Vec<u8>> {
     r.read_exact(&mut len)?;
     let n = i32::from_be_bytes(len);
     if !(0..=16 << 20).contains(&n) {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad frame length"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad frame length",
+        ));
     }
     let mut p = len.to_vec();
     p.resize(4 + n as usize, 0);
