@@ -17,8 +17,8 @@ use nodepool_builder::zk::schema::{ImageBuild, ImageUpload};
 use nodepool_builder::zk::{Mode, Zk, ZkConfig, paths};
 
 use crate::util::np::Site;
-use crate::util::poll_for;
 use crate::util::zk::{ZkOptions, ZkServer};
+use crate::util::{cpu_secs, poll_for};
 
 /// Sizes of one run.
 #[derive(Debug, Clone, Copy)]
@@ -689,22 +689,6 @@ pub fn rss_kib(pid: i32) -> f64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(f64::NAN)
-}
-
-/// User + system CPU seconds of a process.
-pub fn cpu_secs(pid: i32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return f64::NAN;
-    };
-    let after_comm = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    let utime: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
-    let stime: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
-    (utime + stime) / ticks
 }
 
 /// Runs every scenario, each for this builder and then for nodepool-builder 11 (where there

@@ -9,6 +9,10 @@
 //! [`ZkEvent::RequestBuild`] within milliseconds, and the job is handed to an idle build
 //! worker at once.
 //!
+//! Every source is either live or `never()` (see [`Sources`]): with cleanup disabled there
+//! is no janitor channel at all, and a source whose senders vanish is replaced the moment
+//! its end is seen, never spun on.
+//!
 //! # Decisions
 //!
 //! A configured diskimage needs a build when it is not paused (by config or by the ZooKeeper
@@ -118,8 +122,15 @@ pub fn run(setup: Setup) {
     );
     let (up_tx, up_rx) = crossbeam_channel::unbounded();
     let uploads = UploadPool::start(setup.upload_workers, &setup.zk, up_tx, stats.clone());
-    let (cl_tx, cl_rx) = crossbeam_channel::unbounded();
-    let janitor = (setup.cfg.cleanup_interval > 0.0).then(|| Janitor::start(&setup.zk, cl_tx));
+    // Cleanup disabled (`cleanup-interval = 0`): no janitor, and a source that never fires in
+    // its place. A receiver whose senders are gone is always ready, so selecting on it would
+    // spin the loop ahead of every other source.
+    let (janitor, cl_rx) = if setup.cfg.cleanup_interval > 0.0 {
+        let (cl_tx, cl_rx) = crossbeam_channel::unbounded();
+        (Some(Janitor::start(&setup.zk, cl_tx)), cl_rx)
+    } else {
+        (None, never())
+    };
     let watcher = Watcher::start(&setup.zk, image_names(&setup.cfg), zk_tx);
     let mut s = Scheduler {
         zk: setup.zk.clone(),
@@ -148,7 +159,13 @@ pub fn run(setup: Setup) {
     };
     s.next_verify = Instant::now() + s.verify_interval();
     s.make_drivers();
-    s.run_loop(&setup.signals, &zk_rx, &out_rx, &up_rx, &cl_rx);
+    s.run_loop(Sources {
+        signals: setup.signals,
+        zk: zk_rx,
+        builds: out_rx.clone(),
+        uploads: up_rx,
+        cleanup: cl_rx,
+    });
 
     // Ordered shutdown: cancel running builds, collect their outcomes, join the workers.
     drop(cancel_tx);
@@ -209,15 +226,24 @@ struct Scheduler {
     stopping: bool,
 }
 
+/// Every source the scheduler loop selects on, in priority order.
+///
+/// A source whose senders are all gone is replaced by `never()` the moment its end is seen:
+/// a disconnected receiver is always ready, and would starve every source after it (with
+/// cleanup disabled, a dropped janitor channel once kept the loop spinning one core and
+/// `request-build` znodes unserved). Each end is a decision, logged once: the signal
+/// handler or the ZooKeeper watcher gone stops the daemon; a worker pool or the janitor gone
+/// is an error the daemon survives without that work.
+struct Sources {
+    signals: Receiver<ControlSignal>,
+    zk: Receiver<ZkEvent>,
+    builds: Receiver<BuildOutcome>,
+    uploads: Receiver<UploadOutcome>,
+    cleanup: Receiver<CleanupReport>,
+}
+
 impl Scheduler {
-    fn run_loop(
-        &mut self,
-        signals: &Receiver<ControlSignal>,
-        zk_rx: &Receiver<ZkEvent>,
-        out_rx: &Receiver<BuildOutcome>,
-        up_rx: &Receiver<UploadOutcome>,
-        cl_rx: &Receiver<CleanupReport>,
-    ) {
+    fn run_loop(&mut self, mut src: Sources) {
         crate::registry::set_activity("scheduling");
         loop {
             let deadline = self.next_deadline();
@@ -227,43 +253,66 @@ impl Scheduler {
             };
             let started;
             select_biased! {
-                recv(signals) -> sig => {
+                recv(src.signals) -> sig => {
                     started = Instant::now();
                     match sig {
-                        Ok(ControlSignal::Shutdown) | Err(_) => {
+                        Ok(ControlSignal::Shutdown) => {
                             info!("Stopping: no new builds; cancelling running builds");
+                            self.stopping = true;
+                            return;
+                        }
+                        Err(_) => {
+                            error!("the signal handler is gone; stopping");
                             self.stopping = true;
                             return;
                         }
                         Ok(ControlSignal::Reload) => self.reload(),
                     }
                 }
-                recv(out_rx) -> outcome => {
+                recv(src.builds) -> outcome => {
                     started = Instant::now();
-                    if let Ok(outcome) = outcome {
-                        self.on_build(outcome);
-                        self.cleanup_soon();
+                    match outcome {
+                        Ok(outcome) => {
+                            self.on_build(outcome);
+                            self.cleanup_soon();
+                        }
+                        Err(_) => {
+                            error!("every build worker is gone; no more builds until a restart");
+                            src.builds = never();
+                        }
                     }
                 }
-                recv(up_rx) -> outcome => {
+                recv(src.uploads) -> outcome => {
                     started = Instant::now();
-                    if let Ok(outcome) = outcome {
-                        self.on_upload(outcome);
-                        self.cleanup_soon();
+                    match outcome {
+                        Ok(outcome) => {
+                            self.on_upload(outcome);
+                            self.cleanup_soon();
+                        }
+                        Err(_) => {
+                            error!("every upload worker is gone; no more uploads until a restart");
+                            src.uploads = never();
+                        }
                     }
                 }
-                recv(cl_rx) -> report => {
+                recv(src.cleanup) -> report => {
                     started = Instant::now();
-                    if let Ok(report) = report {
-                        self.on_cleanup(report);
+                    match report {
+                        Ok(report) => self.on_cleanup(report),
+                        Err(_) => {
+                            error!("the cleanup thread is gone; no more cleanup until a restart");
+                            src.cleanup = never();
+                            self.janitor = None;
+                        }
                     }
                 }
-                recv(zk_rx) -> ev => {
+                recv(src.zk) -> ev => {
                     started = Instant::now();
                     match ev {
                         Ok(ev) => self.on_zk(ev),
                         Err(_) => {
                             error!("the ZooKeeper watcher stopped; stopping");
+                            self.stopping = true;
                             return;
                         }
                     }

@@ -9,7 +9,7 @@ use nodepool_builder::zk::paths;
 
 use crate::util::np::{Site, WAIT};
 use crate::util::zk::{ZkOptions, ZkServer};
-use crate::util::{process_alive, wait_for, wait_until};
+use crate::util::{cpu_secs, process_alive, wait_for, wait_until};
 
 const ONE_IMAGE: &str = r#"
 [[diskimages]]
@@ -56,6 +56,35 @@ fn first_build_then_manual_request_is_served_at_once() {
     );
     assert!(b.log().contains("Manual build request for image fedora"));
     assert!(b.log().contains("request-build znode present"));
+}
+
+/// `cleanup-interval = 0` disables the janitor. Its channel, left without a sender, once
+/// kept the scheduler loop spinning a core ahead of ZooKeeper events, so a request was never
+/// served.
+#[test]
+fn with_cleanup_disabled_a_manual_request_is_served_and_idle_costs_no_cpu() {
+    let site = Site::new("cleanup_disabled");
+    site.config(0, "cleanup-interval = 0", ONE_IMAGE);
+    let b = site.start(0, &[]);
+    site.wait_builds("fedora", BuildState::Ready, 1);
+    site.request_build("fedora");
+    site.wait_builds("fedora", BuildState::Ready, 2);
+    wait_until(WAIT, "the request-build znode to be served", || {
+        !site.request_pending("fedora")
+    });
+    // The observation window of an idle daemon (a measurement, not a synchronisation).
+    let before = cpu_secs(b.pid());
+    std::thread::sleep(Duration::from_secs(10));
+    let used = cpu_secs(b.pid()) - before;
+    assert!(
+        used < 0.5,
+        "an idle daemon with cleanup disabled used {used:.2} s of CPU in 10 s\n{}",
+        site.dump()
+    );
+    assert!(
+        !b.log().contains("cleanup pass"),
+        "no janitor pass runs with cleanup disabled"
+    );
 }
 
 #[test]
