@@ -19,6 +19,11 @@
 //!      `external_id`), delete the cloud image by id, then delete the record. A failed cloud
 //!      delete is retried with back-off, per image id.
 //!
+//! Leaked cloud images (our addition for every driver that can list its images): an image
+//! tagged with our provider name whose upload has no znode, seen in two consecutive passes,
+//! is deleted. Existence decides, never parsing: an upload znode, or a build znode whose
+//! data we cannot read, keeps every cloud image it may point at (warned about once).
+//!
 //! C. Local files: each builder deletes only its own files, for builds whose record is
 //!    `deleting` or gone (also after being offline), and prunes uploaded formats of `ready`
 //!    builds with `delete-after-upload`, never touching builds in progress.
@@ -160,6 +165,91 @@ pub struct JanitorState {
     delete_failures: HashMap<(String, String), (u32, Instant)>,
     /// Cloud images tagged by us but unknown to ZooKeeper in the last pass, per provider.
     leak_candidates: BTreeSet<(String, String)>,
+    /// Cloud images kept only because a record we cannot read may point at them (warned
+    /// about once, when they first are).
+    kept_for_unreadable: BTreeSet<(String, String)>,
+}
+
+/// Why ZooKeeper may still point at a cloud image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pointer {
+    /// Its upload record exists and reads fine.
+    Record,
+    /// Its upload znode exists, but its data is no upload record we can read.
+    UnreadableUpload,
+    /// Its build znode exists, but its data is no build record we can read (an unknown
+    /// state, a wrong type, nothing at all): whatever uploads that build has are kept.
+    UnreadableBuild,
+}
+
+impl std::fmt::Display for Pointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pointer::Record => "its upload record exists",
+            Pointer::UnreadableUpload => {
+                "its upload record exists but cannot be read; it is kept until the record is fixed or removed"
+            }
+            Pointer::UnreadableBuild => {
+                "its build record exists but cannot be read; it is kept until the record is fixed or removed"
+            }
+        })
+    }
+}
+
+/// The records that may point at cloud images, keyed on which znodes exist: every upload
+/// znode whatever its data, and every build znode whose data we cannot read. Leak detection
+/// asks it before calling a cloud image leaked, so a record written by a newer nodepool, or
+/// damaged by hand, never gets its cloud image deleted (it costs what one full tree read
+/// costs, and is read only when the cloud shows images the watched tree does not know).
+struct RecordIndex {
+    /// (provider, build id, upload id) of every upload znode, and whether its data reads.
+    uploads: BTreeMap<(String, String, String), bool>,
+    /// Build ids whose znode exists with data that is no build record we can read.
+    unreadable_builds: BTreeSet<String>,
+}
+
+impl RecordIndex {
+    fn read(zk: &Zk) -> Result<RecordIndex, ZkError> {
+        let mut index = RecordIndex {
+            uploads: BTreeMap::new(),
+            unreadable_builds: BTreeSet::new(),
+        };
+        for image in tree::image_names(zk)? {
+            for build in tree::build_ids(zk, &image)? {
+                let Some((data, _)) = zk.get_data(&paths::image_build_path(&image, &build))? else {
+                    continue; // Deleted since it was listed: points at nothing any more.
+                };
+                if tree::parse_build(&image, &build, &data).is_none() {
+                    index.unreadable_builds.insert(build.clone());
+                }
+                for provider in tree::build_providers(zk, &image, &build)? {
+                    for upload in tree::upload_ids(zk, &image, &build, &provider)? {
+                        let path = paths::image_upload_path(&image, &build, &provider, &upload);
+                        let Some((data, _)) = zk.get_data(&path)? else {
+                            continue;
+                        };
+                        let readable =
+                            tree::parse_upload(&image, &build, &provider, &upload, &data).is_some();
+                        index
+                            .uploads
+                            .insert((provider.clone(), build.clone(), upload), readable);
+                    }
+                }
+            }
+        }
+        Ok(index)
+    }
+
+    /// What may point at the cloud image of (provider, build, upload); `None`: nothing.
+    fn points_at(&self, provider: &str, build: &str, upload: &str) -> Option<Pointer> {
+        let key = (provider.to_string(), build.to_string(), upload.to_string());
+        match self.uploads.get(&key) {
+            Some(true) => Some(Pointer::Record),
+            Some(false) => Some(Pointer::UnreadableUpload),
+            None if self.unreadable_builds.contains(build) => Some(Pointer::UnreadableBuild),
+            None => None,
+        }
+    }
 }
 
 struct Pass<'a> {
@@ -660,8 +750,10 @@ impl Pass<'_> {
     /// when seen in two consecutive passes. The tree this pass started from may predate an
     /// upload that began since, so an image it does not know is checked against the records
     /// read again after the listing: the `uploading` record is written before the cloud is
-    /// touched, so an upload in progress is never mistaken for a leak. A command provider
-    /// without a `list-command` reports none; a listing that fails deletes nothing.
+    /// touched, so an upload in progress is never mistaken for a leak. That second look goes
+    /// by which znodes exist, not by what we can parse ([`RecordIndex`]): a record we cannot
+    /// read is never a reason to delete what it may point at. A command provider without a
+    /// `list-command` reports none; a listing that fails deletes nothing.
     fn cleanup_leaked_cloud_images(&mut self, all: &BTreeMap<String, Vec<BuildInfo>>) {
         let mut unknown = Vec::new();
         let known = known_uploads(all.values());
@@ -690,19 +782,36 @@ impl Pass<'_> {
         }
         if unknown.is_empty() {
             self.state.leak_candidates.clear();
+            self.state.kept_for_unreadable.clear();
             return;
         }
-        let zk = self.zk;
-        let Some(now) = read_tree(zk, self) else {
-            return; // Keep the candidates; decide when ZooKeeper can be read.
-        };
-        let known = known_uploads(now.values().map(|snap| &snap.builds));
-        let mut candidates = BTreeSet::new();
-        for (provider, driver, img, build, upload) in unknown {
-            if known.contains(&(provider.clone(), build.clone(), upload.clone())) {
-                continue;
+        let index = match RecordIndex::read(self.zk) {
+            Ok(index) => index,
+            Err(e) => {
+                // Keep the candidates; decide when ZooKeeper can be read.
+                return self.error(&format!(
+                    "cannot read the records for leak detection: {e}; deleting nothing"
+                ));
             }
+        };
+        let mut candidates = BTreeSet::new();
+        let mut kept_for_unreadable = BTreeSet::new();
+        for (provider, driver, img, build, upload) in unknown {
             let key = (provider.clone(), img.id.clone());
+            match index.points_at(&provider, &build, &upload) {
+                Some(Pointer::Record) => continue,
+                Some(why) => {
+                    if !self.state.kept_for_unreadable.contains(&key) {
+                        warn!(
+                            "provider={provider}: keeping cloud image {} ({}) of build {build} upload {upload}: {why}",
+                            img.id, img.name
+                        );
+                    }
+                    kept_for_unreadable.insert(key);
+                    continue;
+                }
+                None => {}
+            }
             if !self.state.leak_candidates.contains(&key) {
                 debug!(
                     "provider={provider}: cloud image {} ({}) has no record; deleting it if still so next pass",
@@ -727,6 +836,7 @@ impl Pass<'_> {
             }
         }
         self.state.leak_candidates = candidates;
+        self.state.kept_for_unreadable = kept_for_unreadable;
     }
 
     /// Part C: local files of our own builds. The snapshot answers for builds it knows;

@@ -6,6 +6,7 @@ use nix::sys::signal::Signal;
 use nodepool_builder::model::{BuildState, UploadState};
 use nodepool_builder::zk::{Mode, paths};
 
+use crate::util::builder::BuilderProcess;
 use crate::util::np::{Site, WAIT};
 use crate::util::wait_until;
 
@@ -401,4 +402,136 @@ fn empty_znodes_left_by_lock_races_are_removed() {
         "the real build is untouched"
     );
     site.assert_no_leaks(&[], &[0]);
+}
+
+/// Records our parser rejects, planted beside a real build: a build in a state nodepool 11
+/// does not know (from a newer nodepool, say) with a valid upload, an empty build znode with
+/// a valid upload, and an upload record with a wrong type on the real build. Each points at
+/// a cloud image that `put` creates with the ids the builder would tag it with; `listed`
+/// lists the cloud's images. None of them may go in five janitor passes; once the records
+/// are removed, leak detection deletes them.
+pub(crate) fn unreadable_records_keep_their_cloud_images(
+    site: &Site,
+    builder: &mut BuilderProcess,
+    provider: &str,
+    put: impl Fn(&str, &str) -> String,
+    listed: impl Fn() -> Vec<String>,
+) {
+    let (build, _) = site
+        .wait_uploads("fedora", provider, UploadState::Ready, 1)
+        .remove(0);
+    let upload_json = |external_id: &str| {
+        format!(
+            r#"{{"state": "ready", "state_time": 1.0, "external_id": "{external_id}", "external_name": "planted", "format": "raw"}}"#
+        )
+    };
+    let mut planted = Vec::new();
+    for (build_id, build_data) in [
+        (
+            "000000000000000000000000000000b2",
+            &br#"{"state": "archived", "state_time": 1.0, "formats": "raw"}"#[..],
+        ),
+        ("000000000000000000000000000000b3", &b""[..]),
+    ] {
+        let cloud_id = put(build_id, "0000000001");
+        site.zk
+            .create_with_parents(
+                &paths::image_build_path("fedora", build_id),
+                build_data,
+                Mode::Persistent,
+            )
+            .unwrap();
+        site.zk
+            .create_with_parents(
+                &paths::image_upload_path("fedora", build_id, provider, "0000000001"),
+                upload_json(&cloud_id).as_bytes(),
+                Mode::Persistent,
+            )
+            .unwrap();
+        planted.push((paths::image_build_path("fedora", build_id), cloud_id));
+    }
+    let cloud_id = put(&build, "0000000077");
+    let bad_upload = paths::image_upload_path("fedora", &build, provider, "0000000077");
+    site.zk
+        .create_with_parents(
+            &bad_upload,
+            format!(
+                r#"{{"state": "ready", "state_time": 1.0, "external_id": 5, "note": "{cloud_id}"}}"#
+            )
+            .as_bytes(),
+            Mode::Persistent,
+        )
+        .unwrap();
+    planted.push((bad_upload, cloud_id));
+
+    let passes = |b: &BuilderProcess| b.log().matches("cleanup pass:").count();
+    let before = passes(builder);
+    site.wait("five janitor passes over the planted records", || {
+        (passes(builder) >= before + 5).then_some(())
+    });
+    let images = listed();
+    for (record, cloud_id) in &planted {
+        assert!(
+            images.contains(cloud_id),
+            "cloud image {cloud_id} of {record} was deleted\n{}",
+            site.dump()
+        );
+        assert!(
+            site.zk.exists(record).unwrap().is_some(),
+            "{record} is kept"
+        );
+    }
+    let log = builder.log();
+    let (_, unreadable_upload_image) = planted.last().unwrap();
+    assert_eq!(
+        log.matches(&format!("keeping cloud image {unreadable_upload_image}"))
+            .count(),
+        1,
+        "one warning for the image kept by an unreadable upload record"
+    );
+    assert!(!log.contains("Deleting leaked image"), "nothing deleted");
+
+    // The records gone, the images are leaks like any other.
+    for (record, _) in &planted {
+        site.zk.delete_recursive(record).unwrap();
+    }
+    site.wait("the cloud images of the removed records to go", || {
+        let images = listed();
+        planted
+            .iter()
+            .all(|(_, id)| !images.contains(id))
+            .then_some(())
+    });
+}
+
+#[test]
+fn unreadable_records_keep_their_images_in_a_directory_cloud() {
+    let site = Site::new("unreadable_records_dir");
+    site.config(
+        0,
+        "cleanup-interval = 1.0",
+        &format!(
+            "{}{}",
+            image("fedora", ""),
+            site.provider("cloud", "raw", &["fedora"], &site.list_command("cloud"))
+        ),
+    );
+    let mut b = site.start(0, &[]);
+    unreadable_records_keep_their_cloud_images(
+        &site,
+        &mut b,
+        "cloud",
+        |build, upload| {
+            site.cloud_upload(
+                "cloud",
+                &[
+                    ("NODEPOOL_BUILD_ID", build),
+                    ("NODEPOOL_UPLOAD_ID", upload),
+                    ("NODEPOOL_PROVIDER", "cloud"),
+                ],
+            )
+        },
+        || site.cloud_images("cloud"),
+    );
+    site.assert_no_leaks(&["cloud"], &[0]);
 }

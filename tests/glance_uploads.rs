@@ -167,3 +167,53 @@ fn two_builders_with_the_files_upload_once_per_provider() {
     });
     site.assert_no_leaks(&["cloud"], &[0]);
 }
+
+/// The existence-keyed leak detection of `cleanup::unreadable_records_keep_their_cloud_images`
+/// on a real Glance through the OpenStack driver: images Glance holds for records we cannot
+/// read survive five janitor passes.
+#[test]
+fn unreadable_records_keep_their_images_in_glance() {
+    let glance = GlanceServer::shared();
+    let site = Site::new("unreadable_records_glance");
+    let clouds = site.glance_clouds(glance, &[("unreadable-cloud", Some("raw"))]);
+    let provider = "glance-unreadable";
+    let body = format!(
+        "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{{fake_dib}}\"\n{}",
+        Site::openstack_provider(provider, "unreadable-cloud", &["fedora"], ""),
+    );
+    site.config(0, "cleanup-interval = 1.0", &body);
+    let mut b = site.start_with_env(0, &[], &[("OS_CLIENT_CONFIG_FILE", &clouds)]);
+    let url = glance.url();
+    crate::cleanup::unreadable_records_keep_their_cloud_images(
+        &site,
+        &mut b,
+        provider,
+        |build, upload| {
+            // What a builder leaves when it dies right after Glance created the image.
+            let image = serde_json::json!({
+                "name": format!("fedora-planted-{upload}"),
+                "disk_format": "raw",
+                "container_format": "bare",
+                "nodepool_build_id": build,
+                "nodepool_upload_id": upload,
+                "nodepool_provider_name": provider,
+            });
+            let reply = crate::util::glance::http_expect(
+                "POST",
+                &format!("{url}/v2/images"),
+                None,
+                Some(&image),
+                201,
+            );
+            reply.json()["id"].as_str().unwrap().to_string()
+        },
+        || {
+            glance
+                .images_of(provider)
+                .iter()
+                .map(|i| i["id"].as_str().unwrap().to_string())
+                .collect()
+        },
+    );
+    assert_eq!(glance.images_of(provider).len(), 1, "only the real upload");
+}
