@@ -170,6 +170,14 @@ pub struct JanitorState {
     kept_for_unreadable: BTreeSet<(String, String)>,
 }
 
+/// A record's lock, held, and the record as read under it.
+struct Locked {
+    _guard: LockGuard,
+    data: Vec<u8>,
+    /// The version read, for a write only over exactly that record.
+    version: i32,
+}
+
 /// Why ZooKeeper may still point at a cloud image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pointer {
@@ -601,12 +609,42 @@ impl Pass<'_> {
             {
                 return Ok(()); // In progress.
             }
-            let Some(_guard) = self.lock_record(&path, &lock_path)? else {
+            let Some(locked) = self.lock_record(&path, &lock_path)? else {
                 return Ok(());
             };
+            // The decision was made from the pass's snapshot; write only over the record it
+            // saw. One that changed since (an upload that finished: `ready` with its
+            // `external_id`) is decided again by the next pass, from what it says then.
+            match ImageUpload::from_json(&locked.data) {
+                Ok(now) if now == upload => {}
+                Ok(now) => {
+                    debug!(
+                        "image={image} build={build} provider={provider} upload={id}: {} since this pass read it ({}); deciding again next pass",
+                        now.state, upload.state
+                    );
+                    self.cleanup_soon();
+                    return Ok(());
+                }
+                Err(e) => {
+                    debug!(
+                        "image={image} build={build} provider={provider} upload={id}: not deleting an unreadable record: {e}"
+                    );
+                    return Ok(());
+                }
+            }
             upload.state = UploadState::Deleting;
             upload.state_time = model::now_epoch();
-            self.zk.set_data(&path, &upload.to_json(), None)?;
+            match self
+                .zk
+                .set_data(&path, &upload.to_json(), Some(locked.version))
+            {
+                Ok(_) => {}
+                Err(ZkError::BadVersion | ZkError::NoNode) => {
+                    self.cleanup_soon();
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
         }
         if let Some(external_id) = upload.external_id.clone() {
             let key = (provider.to_string(), external_id.clone());
@@ -657,10 +695,15 @@ impl Pass<'_> {
         Ok(())
     }
 
+    /// Asks for another pass soon: something changed under this one.
+    fn cleanup_soon(&mut self) {
+        self.retry_at(Instant::now() + Duration::from_millis(500));
+    }
+
     /// Takes a record's lock without waiting. Taking a lock creates its parents, so if the
     /// record vanished meanwhile (another builder deleted it), our lock re-created it as an
     /// empty znode: delete that and report `None`.
-    fn lock_record(&mut self, record: &str, lock_path: &str) -> Result<Option<LockGuard>, ZkError> {
+    fn lock_record(&mut self, record: &str, lock_path: &str) -> Result<Option<Locked>, ZkError> {
         if self.zk.exists(record)?.is_none() {
             return Ok(None);
         }
@@ -671,7 +714,11 @@ impl Pass<'_> {
             Err(e) => return Err(ZkError::Other(e.to_string())),
         };
         match self.zk.get_data(record)? {
-            Some((data, _)) if !data.iter().all(u8::is_ascii_whitespace) => Ok(Some(guard)),
+            Some((data, stat)) if !data.iter().all(u8::is_ascii_whitespace) => Ok(Some(Locked {
+                _guard: guard,
+                data,
+                version: stat.version,
+            })),
             _ => {
                 debug!("{record} vanished while we locked it; removing what the lock re-created");
                 self.zk.delete_recursive(record)?;
@@ -690,16 +737,27 @@ impl Pass<'_> {
             .all(|u| u.upload.state == UploadState::Deleting)
         {
             let current = tree::read_build(self.zk, image, &b.id)?;
-            if let Some(mut current) = current
-                && current.state != BuildState::Deleting
-            {
+            if current.is_some_and(|c| c.state != BuildState::Deleting) {
                 let lock_path = paths::image_build_number_lock_path(image, &b.id);
-                let Some(_guard) = self.lock_record(&path, &lock_path)? else {
+                let Some(locked) = self.lock_record(&path, &lock_path)? else {
                     return Ok(()); // Someone else works on it; next pass.
                 };
-                current.state = BuildState::Deleting;
-                current.state_time = model::now_epoch();
-                self.zk.set_data(&path, &current.to_json(), None)?;
+                // Written over exactly what was read under the lock.
+                let Some(mut current) = tree::parse_build(image, &b.id, &locked.data) else {
+                    return Ok(());
+                };
+                if current.state != BuildState::Deleting {
+                    current.state = BuildState::Deleting;
+                    current.state_time = model::now_epoch();
+                    match self
+                        .zk
+                        .set_data(&path, &current.to_json(), Some(locked.version))
+                    {
+                        Ok(_) => {}
+                        Err(ZkError::BadVersion | ZkError::NoNode) => return Ok(()),
+                        Err(e) => return Err(e),
+                    }
+                }
             }
         }
         // Any upload znode left (even an unreadable one) keeps the build znode.

@@ -2,8 +2,14 @@
 //! and the fixed quirks, with a directory cloud so leaked cloud images are visible. Every test
 //! ends with a leak check.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
 use nix::sys::signal::Signal;
+use nodepool_builder::cleanup::{self, CleanupRequest, ImageSnapshot, JanitorState};
+use nodepool_builder::config;
 use nodepool_builder::model::{BuildState, UploadState};
+use nodepool_builder::provider::{ProviderDriver, for_provider};
 use nodepool_builder::zk::{Mode, paths};
 
 use crate::util::builder::BuilderProcess;
@@ -532,6 +538,157 @@ fn unreadable_records_keep_their_images_in_a_directory_cloud() {
             )
         },
         || site.cloud_images("cloud"),
+    );
+    site.assert_no_leaks(&["cloud"], &[0]);
+}
+
+/// The janitor decides from a snapshot of the tree, and an upload may finish between that
+/// snapshot and the janitor's write. Here the snapshot still says `uploading` (as the watcher
+/// saw it before the upload finished) when the record already says `ready` with its cloud
+/// image, and the provider no longer lists the image (as after a SIGHUP mid-upload). The pass
+/// must not write its stale `deleting` (without `external_id`) over the `ready` record, which
+/// would leave the cloud image without a record; the next pass deletes both.
+#[test]
+fn an_upload_that_became_ready_after_the_janitor_read_it_is_not_clobbered() {
+    let site = Site::new("stale_snapshot");
+    let cfg_path = site.config(
+        0,
+        "",
+        &format!(
+            "{}{}{}",
+            image("fedora", ""),
+            image("other", ""),
+            site.provider("cloud", "raw", &["other"], "")
+        ),
+    );
+    let cfg = Arc::new(config::load(&cfg_path, None).expect("the test config loads"));
+    let driver: Arc<dyn ProviderDriver> = Arc::from(for_provider(&cfg.providers[0], None).unwrap());
+
+    let build = "00000000000000000000000000000c0d";
+    let cloud_id = site.cloud_upload(
+        "cloud",
+        &[
+            ("NODEPOOL_BUILD_ID", build),
+            ("NODEPOOL_UPLOAD_ID", "0000000001"),
+            ("NODEPOOL_PROVIDER", "cloud"),
+        ],
+    );
+    site.zk
+        .create_with_parents(
+            &paths::image_build_path("fedora", build),
+            br#"{"state": "ready", "state_time": 1.0, "formats": "raw"}"#,
+            Mode::Persistent,
+        )
+        .unwrap();
+    let upload = paths::image_upload_path("fedora", build, "cloud", "0000000001");
+    let ready = format!(
+        r#"{{"state": "ready", "state_time": 2.0, "external_id": "{cloud_id}", "external_name": "fedora-1", "format": "raw"}}"#
+    );
+    site.zk
+        .create_with_parents(&upload, ready.as_bytes(), Mode::Persistent)
+        .unwrap();
+
+    let mut stale = site.builds("fedora");
+    stale[0].uploads[0].upload.state = UploadState::Uploading;
+    stale[0].uploads[0].upload.external_id = None;
+    let stale_pass = CleanupRequest {
+        cfg,
+        drivers: BTreeMap::from([("cloud".to_string(), driver)]),
+        provider_formats: BTreeMap::from([("cloud".to_string(), "raw".to_string())]),
+        snapshot: Some(BTreeMap::from([(
+            "fedora".to_string(),
+            ImageSnapshot {
+                builds: stale,
+                unreadable: Vec::new(),
+            },
+        )])),
+        abandoned: BTreeSet::new(),
+    };
+    let mut janitor = JanitorState::default();
+    cleanup::pass(&site.zk, &stale_pass, &mut janitor);
+    let (data, _) = site
+        .zk
+        .get_data(&upload)
+        .unwrap()
+        .expect("the record stays");
+    assert_eq!(
+        String::from_utf8(data).unwrap(),
+        ready,
+        "the ready record is untouched by a pass that read it as uploading"
+    );
+    assert!(site.cloud_images("cloud").contains(&cloud_id));
+
+    let fresh_pass = CleanupRequest {
+        snapshot: None,
+        ..stale_pass
+    };
+    cleanup::pass(&site.zk, &fresh_pass, &mut janitor);
+    assert!(
+        site.zk.exists(&upload).unwrap().is_none(),
+        "the obsolete upload's record goes\n{}",
+        site.dump()
+    );
+    assert!(
+        !site.cloud_images("cloud").contains(&cloud_id),
+        "with its cloud image"
+    );
+    site.assert_no_leaks(&["cloud"], &[0]);
+}
+
+/// The same race through the real daemon: an upload held in the cloud while a SIGHUP takes
+/// the image off its provider. Whatever the janitor's passes saw meanwhile, the upload ends
+/// `ready` and is then deleted through its record, cloud image included: nothing leaks (the
+/// provider has no `list-command`, so no leak detection could mend a lost record).
+#[test]
+fn an_image_taken_off_its_provider_mid_upload_is_deleted_with_its_cloud_image() {
+    let site = Site::new("removed_mid_upload");
+    let with = |images: &[&str]| {
+        site.config(
+            0,
+            "cleanup-interval = 1.0",
+            &format!(
+                "{}{}{}",
+                image("fedora", ""),
+                image("other", ""),
+                site.provider("cloud", "raw", images, "")
+            ),
+        )
+    };
+    with(&["fedora"]);
+    std::fs::create_dir_all(site.cloud_dir("cloud")).unwrap();
+    let hold = site.cloud_dir("cloud").join("hold-upload");
+    std::fs::write(&hold, "").unwrap();
+    let mut b = site.start(0, &[]);
+    let held = site.cloud_dir("cloud").join("upload-held");
+    wait_until(WAIT, "the upload to be held in the cloud", || held.exists());
+
+    with(&["other"]);
+    b.signal(Signal::SIGHUP);
+    b.wait_for_log(WAIT, "Configuration reloaded from");
+    let passes = |b: &BuilderProcess| b.log().matches("cleanup pass:").count();
+    let before = passes(&b);
+    site.wait("two janitor passes while the upload is held", || {
+        (passes(&b) >= before + 2).then_some(())
+    });
+    std::fs::remove_file(&hold).unwrap();
+
+    b.wait_for_log(WAIT, "Deleting image build fedora-");
+    site.wait("fedora's upload record and its cloud image to go", || {
+        let others: Vec<String> = site
+            .uploads("other")
+            .into_iter()
+            .filter_map(|(_, u)| u.upload.external_id)
+            .collect();
+        (site.uploads("fedora").is_empty() && site.cloud_images("cloud") == others).then_some(())
+    });
+    let log = b.log();
+    let deleting = log
+        .lines()
+        .find(|l| l.contains("Deleting image build fedora-"))
+        .unwrap();
+    assert!(
+        deleting.contains("from cloud (external_id "),
+        "deleted through the record's external_id: {deleting}"
     );
     site.assert_no_leaks(&["cloud"], &[0]);
 }
