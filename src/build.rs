@@ -406,11 +406,30 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
         let mut failed = record.clone();
         failed.state = BuildState::Failed;
         failed.formats.clear();
-        if fence::settle(zk, &build_path, &data, &failed.to_json()) == fence::Settled::Recorded {
-            info!(
-                "image={image} build={build_id}: the ready record was written although the reply was lost ({e})"
-            );
-            write = Ok(());
+        match fence::settle(zk, &build_path, &data, &failed.to_json()) {
+            fence::Settled::Recorded => {
+                info!(
+                    "image={image} build={build_id}: the ready record was written although the reply was lost ({e})"
+                );
+                write = Ok(());
+            }
+            fence::Settled::Unknown => {
+                // The janitor records it `failed` if it still says `building` (abandoned
+                // builds), and the files go with the record; if `ready` landed, they stay.
+                error!(
+                    "image={image} build={build_id}: cannot learn whether the ready record was written ({e}); keeping its local files"
+                );
+                return outcome(
+                    job,
+                    BuildResult::Failed {
+                        build_id: Some(build_id),
+                        reason: format!("the build's record is unknown: {e}"),
+                        unrecorded: true,
+                    },
+                    None,
+                );
+            }
+            fence::Settled::NotRecorded => {}
         }
     }
     if let Err(e) = write {

@@ -380,12 +380,24 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
         (Ok(()), _) => outcome,
         (Err(e), UploadResult::Ready { external_id, .. }) => {
             let failed = ImageUpload::bare_failed(model::now_epoch()).to_json();
-            if fence::settle(zk, &upload_path, &data, &failed) == fence::Settled::Recorded {
-                stats.upload_done(image, provider, upload_started.elapsed());
-                info!(
-                    "Image build {image}-{build_id} (external_id {external_id}) in {provider} is ready (its record was written although the reply was lost: {e})"
-                );
-                return outcome;
+            match fence::settle(zk, &upload_path, &data, &failed) {
+                fence::Settled::Recorded => {
+                    stats.upload_done(image, provider, upload_started.elapsed());
+                    info!(
+                        "Image build {image}-{build_id} (external_id {external_id}) in {provider} is ready (its record was written although the reply was lost: {e})"
+                    );
+                    return outcome;
+                }
+                fence::Settled::Unknown => {
+                    error!(
+                        "image={image} build={build_id} provider={provider} upload={upload_id}: cannot learn whether the ready upload was recorded ({e}); keeping cloud image {external_id} (leak detection deletes it if no record names it)"
+                    );
+                    return UploadResult::Failed {
+                        upload_id: Some(upload_id),
+                        reason: format!("the upload's record is unknown: {e}"),
+                    };
+                }
+                fence::Settled::NotRecorded => {}
             }
             error!(
                 "image={image} build={build_id} provider={provider} upload={upload_id}: cannot record the ready upload ({e}); deleting cloud image {external_id}"

@@ -33,7 +33,7 @@ use crate::util::invariants::{Checker, Cloud, CloudSpec, Sampler};
 use crate::util::np::{Site, WAIT};
 use crate::util::zk::{ZkOptions, ZkServer};
 use crate::util::zkproxy::{self, ZkProxy};
-use crate::util::{file_tail, poll_for};
+use crate::util::{file_tail, poll_for, wait_until};
 
 /// The seed when `NPB_FAULTS_SEED` is unset.
 const DEFAULT_SEED: u64 = 0x6e70_625f_6661_756c;
@@ -495,11 +495,12 @@ fn session_expiry_during_a_build_and_an_upload_redoes_the_work_once() {
 
 /// A builder on `site` (one image on the directory cloud) that talks plaintext to ZooKeeper
 /// through a proxy; the proxy loses the reply to the first `ready` write under `path_part`
-/// and stays down until the builder has given its session up. The write landed, the builder
-/// cannot know; deleting the files or the image now would leave a `ready` record naming
-/// something gone. The builder must log `settled` when it finds its write landed; then the
-/// final invariants must hold with the one build (its files kept) and its one upload.
-fn lose_the_reply_to_a_ready_write(name: &str, path_part: &str, settled: &str) {
+/// and stays down until the builder has given its session up, and at least `down_for` after
+/// the cut. The write landed, the builder cannot know; deleting the files or the image now
+/// would leave a `ready` record naming something gone, however long ZooKeeper stays away.
+/// The builder must log `settled` when it finds its write landed; then the final
+/// invariants must hold with the one build (its files kept) and its one upload.
+fn lose_the_reply_to_a_ready_write(name: &str, path_part: &str, settled: &str, down_for: Duration) {
     let site = Site::new(name);
     let proxy = ZkProxy::start(site.server.plain_port());
     let checker = fedora_on_cloud(&site, &[0], "");
@@ -517,7 +518,26 @@ fn lose_the_reply_to_a_ready_write(name: &str, path_part: &str, settled: &str) {
     let sampler = Sampler::start(&checker);
     proxy.cut_reply_then_go_down(zkproxy::SET_DATA, path_part);
     let mut b = site.start(0, &[]);
+    wait_until(WAIT, "the reply to the ready write to be lost", || {
+        proxy.cuts() == 1
+    });
+    let cut = std::time::Instant::now();
     b.wait_for_log(WAIT, "ZooKeeper session lost");
+    // The fault's duration, not a synchronisation: ZooKeeper stays away this long.
+    std::thread::sleep(down_for.saturating_sub(cut.elapsed()));
+    // The cut write is the upload's (its image is in the cloud) or the build's (no upload yet).
+    let cut_an_upload = path_part.contains("/providers/");
+    assert_eq!(
+        site.cloud_images("cloud").len(),
+        usize::from(cut_an_upload),
+        "the cloud image is kept while ZooKeeper is away"
+    );
+    assert!(
+        !nodepool_builder::cleanup::local_builds(&site.images_dir(0))
+            .unwrap()
+            .is_empty(),
+        "the local files are kept while ZooKeeper is away"
+    );
     assert_eq!(proxy.cuts(), 1, "the ready write's reply was lost");
     proxy.set_down(false);
     b.wait_for_log(WAIT, settled);
@@ -548,6 +568,7 @@ fn a_ready_upload_write_that_landed_although_the_session_was_lost_keeps_its_imag
         "lost-upload-reply",
         "/providers/cloud/images/0",
         "its record was written although the reply was lost",
+        Duration::ZERO,
     );
 }
 
@@ -557,6 +578,32 @@ fn a_ready_build_write_that_landed_although_the_session_was_lost_keeps_its_files
         "lost-build-reply",
         "/nodepool/images/fedora/builds/",
         "the ready record was written although the reply was lost",
+        Duration::ZERO,
+    );
+}
+
+/// ZooKeeper away for 22 s after the reply to the `ready` upload write was lost: longer than
+/// the write's retries (one session timeout, 6 s in the test configs) and twice the timeout
+/// after them, which is when a settle used to give up and delete. The cloud image stays until
+/// ZooKeeper can say whether the write landed (it did).
+#[test]
+fn a_ready_upload_write_unanswered_for_longer_than_twice_the_timeout_deletes_nothing() {
+    lose_the_reply_to_a_ready_write(
+        "long-lost-upload-reply",
+        "/providers/cloud/images/0",
+        "its record was written although the reply was lost",
+        Duration::from_secs(22),
+    );
+}
+
+/// The same for the `ready` build write: the local files stay.
+#[test]
+fn a_ready_build_write_unanswered_for_longer_than_twice_the_timeout_deletes_nothing() {
+    lose_the_reply_to_a_ready_write(
+        "long-lost-build-reply",
+        "/nodepool/images/fedora/builds/",
+        "the ready record was written although the reply was lost",
+        Duration::from_secs(22),
     );
 }
 

@@ -12,12 +12,20 @@
 //! in whatever session there is now. If the fence lands, the late write (conditional on the
 //! same version) never can; if the version has moved, the record is read to see whether it
 //! holds our result.
+//!
+//! Settling waits for ZooKeeper as long as it takes: how long the server stays away says
+//! nothing about whether the write landed, so no deadline turns "cannot ask" into "lost".
+//! Only when the answer cannot be had at all (the daemon is stopping and closed its
+//! session, or ZooKeeper refuses the question) is the outcome [`Settled::Unknown`], and the
+//! caller then deletes nothing: the cloud image and the local files stay for whoever reads
+//! the record next (an orphaned record is cleaned up, its cloud image found by leak
+//! detection).
 
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::{info, warn};
 
-use super::{Zk, ZkError, lock::LockGuard};
+use super::{ConnState, Zk, ZkError, lock::LockGuard};
 
 /// Writes `data` over the record at `path` as it was created (version 0), retrying on
 /// connection loss for up to `timeout`. With `guard`, every attempt first checks the lock
@@ -48,27 +56,46 @@ pub fn write_result(
 pub enum Settled {
     /// It landed: the record holds the result.
     Recorded,
-    /// It never will: the fence landed, the record is gone or holds something else, or
-    /// ZooKeeper could not be asked within twice the session timeout.
+    /// It never will: the fence landed, or the record is gone or holds something else.
     NotRecorded,
+    /// ZooKeeper could not be asked (the session was closed for a stop, or the question
+    /// was refused): keep everything the result names.
+    Unknown,
 }
 
+/// How often a settle waiting for ZooKeeper looks again (and notices a stop).
+const SETTLE_POLL: Duration = Duration::from_secs(1);
+
 /// Settles a write of `data` to `path` whose outcome was lost (see the module docs) by
-/// writing `fence` over version 0.
+/// writing `fence` over version 0, waiting for ZooKeeper as long as the session is open.
 pub fn settle(zk: &Zk, path: &str, data: &[u8], fence: &[u8]) -> Settled {
-    let deadline = Instant::now() + 2 * zk.config().session_timeout;
+    let mut waiting_since: Option<Instant> = None;
     loop {
+        if zk.state() == ConnState::Closed {
+            warn!("{path}: stopping before ZooKeeper could say whether the result write landed");
+            return Settled::Unknown;
+        }
         let session = zk.session();
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || !zk.wait_connected(left) {
-            warn!("{path}: ZooKeeper unreachable; taking the result write as lost");
-            return Settled::NotRecorded;
+        if !zk.wait_connected(SETTLE_POLL) {
+            if waiting_since.is_none() {
+                warn!(
+                    "{path}: ZooKeeper unreachable; waiting to learn whether the result write landed, deleting nothing meanwhile"
+                );
+                waiting_since = Some(Instant::now());
+            }
+            continue;
         }
         let answer = match zk.set_data(path, fence, Some(0)) {
             Ok(_) | Err(ZkError::NoNode) => Ok(false),
             Err(ZkError::BadVersion) => holds(zk, path, data),
             Err(e) => Err(e),
         };
+        if let Some(since) = waiting_since {
+            info!(
+                "{path}: ZooKeeper answered after {:.1}s",
+                since.elapsed().as_secs_f64()
+            );
+        }
         match answer {
             Ok(true) => return Settled::Recorded,
             Ok(false) => return Settled::NotRecorded,
@@ -77,8 +104,8 @@ pub fn settle(zk: &Zk, path: &str, data: &[u8], fence: &[u8]) -> Settled {
                 zk.wait_state_change(session, Duration::from_millis(200));
             }
             Err(e) => {
-                warn!("{path}: cannot settle the result write ({e}); taking it as lost");
-                return Settled::NotRecorded;
+                warn!("{path}: cannot settle the result write ({e}); deleting nothing");
+                return Settled::Unknown;
             }
         }
     }
