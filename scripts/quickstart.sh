@@ -15,7 +15,30 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 QS_DIR="${QS_DIR:-$REPO/target/quickstart}"
 say() { printf '\033[1mquickstart:\033[0m %s\n' "$*" >&2; }
 
-say "checking prerequisites"
+# The toolchain first: everything else is worth installing only if the binary can be built.
+# The minimum Rust is Cargo.toml's rust-version (what the code and the locked crates need).
+need_rust=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$REPO/Cargo.toml")
+version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
+say "checking prerequisites: Rust >= $need_rust, a C compiler, root or sudo"
+missing=""
+if ! command -v cargo >/dev/null 2>&1 || ! command -v rustc >/dev/null 2>&1; then
+    missing="$missing\n  - cargo and rustc $need_rust or newer: none found. Install rustup (see rustup's own\n    installation instructions), then: rustup toolchain install stable"
+else
+    have_rust=$(rustc --version | awk '{print $2}')
+    if ! version_ge "$have_rust" "$need_rust"; then
+        missing="$missing\n  - rustc $need_rust or newer: found $have_rust ($(command -v rustc)). Debian 12's own\n    rustc is 1.63, too old; with rustup: rustup toolchain install stable && rustup default stable"
+    fi
+fi
+if ! command -v cc >/dev/null 2>&1; then
+    missing="$missing\n  - a C compiler (some crates build C code): apt-get install gcc"
+fi
+if [ "$(id -u)" -ne 0 ] && ! sudo -n true 2>/dev/null; then
+    missing="$missing\n  - root, or sudo without a password: the script installs Debian packages with apt-get"
+fi
+if [ -n "$missing" ]; then
+    printf 'quickstart: cannot start; missing:%b\n' "$missing" >&2
+    exit 1
+fi
 bash "$REPO/scripts/test-env.sh" packages
 if ! command -v qemu-img >/dev/null 2>&1; then
     say "installing qemu-utils"

@@ -156,3 +156,44 @@ fn the_spawn_scan_tells_ours_from_std() {
     assert!(spawn_violations("use std::thread;\ncrate::thread::spawn(ThreadKind::Other, \"x\", f);\nthread::sleep(d);").is_empty());
     assert!(spawn_violations("// std::thread::spawn is forbidden here").is_empty());
 }
+
+/// `rust-version` in Cargo.toml says what building really needs: the newest `rust-version`
+/// of the locked crates (dev-dependencies included: `cargo test` builds them), and at least
+/// 1.88 for the let-chains the code uses. A fresh machine's check (`scripts/quickstart.sh`)
+/// reads it, so a stale value sends people off with a toolchain that cannot build us.
+#[test]
+fn rust_version_is_what_the_code_and_the_locked_crates_need() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["metadata", "--locked", "--offline", "--format-version", "1"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo metadata");
+    assert!(
+        out.status.success(),
+        "cargo metadata: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let parse = |v: &str| -> Vec<u32> { v.split('.').map(|p| p.parse().unwrap()).collect() };
+    let mut ours = None;
+    let mut needed = (parse("1.88"), "let-chains in our code".to_string());
+    for p in meta["packages"].as_array().unwrap() {
+        let Some(rv) = p["rust_version"].as_str() else {
+            continue;
+        };
+        if p["name"] == env!("CARGO_PKG_NAME") {
+            ours = Some(parse(rv));
+        } else if parse(rv) > needed.0 {
+            needed = (parse(rv), format!("{} {}", p["name"], p["version"]));
+        }
+    }
+    let ours = ours.expect("Cargo.toml sets rust-version");
+    let trim = |v: &[u32]| v.iter().rev().skip_while(|&&x| x == 0).count();
+    assert_eq!(
+        ours[..trim(&ours)],
+        needed.0[..trim(&needed.0)],
+        "rust-version should be what {} needs",
+        needed.1
+    );
+}
