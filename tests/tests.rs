@@ -27,6 +27,9 @@ mod fake_dib;
 mod faults;
 /// Cloud drivers against a real Glance (and Keystone) from PyPI.
 mod glance;
+/// Glance behind TLS of a private CA: trusted through cacert, OS_CACERT, REQUESTS_CA_BUNDLE,
+/// the system store; untrusted fails with one clear line.
+mod glance_tls;
 /// The upload pipeline against a real Glance through clouds.yaml.
 mod glance_uploads;
 /// The test harness itself: servers start, TLS works, kazoo connects.

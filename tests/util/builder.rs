@@ -26,6 +26,17 @@ pub struct BuilderProcess {
 impl BuilderProcess {
     /// Starts the binary with `args` and extra environment; stderr goes to `log`.
     pub fn start(args: &[&str], env: &[(&str, &str)], log: &Path) -> BuilderProcess {
+        BuilderProcess::start_without(args, &[], env, log)
+    }
+
+    /// Like [`BuilderProcess::start`], with the variables `unset` removed from the inherited
+    /// environment first (`env` is applied after).
+    pub fn start_without(
+        args: &[&str],
+        unset: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> BuilderProcess {
         let file =
             std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let mut cmd = Command::new(binary());
@@ -33,6 +44,9 @@ impl BuilderProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::from(file.try_clone().unwrap()))
             .stderr(Stdio::from(file));
+        for k in unset {
+            cmd.env_remove(k);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

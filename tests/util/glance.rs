@@ -6,7 +6,8 @@
 //!   by giving their providers unique names and looking only at images carrying their
 //!   `nodepool_provider_name`.
 //! * [`GlanceServer::start`]: a dedicated one, for tests that kill or restart it;
-//!   [`GlanceServer::start_tls`] serves https with the ZooKeeper fixture's test certificates.
+//!   [`GlanceServer::start_tls`] serves https with the ZooKeeper fixture's test certificates
+//!   (uWSGI's own https socket), and [`GlanceServer::shared_tls`] is one such per test binary.
 //! * [`KeystoneServer::shared`] and [`GlanceServer::shared_with_keystone`]: one Keystone per
 //!   test binary, bootstrapped with the projects, users and image endpoints of §b.8, and a
 //!   Glance that validates tokens against it. [`KeystoneOptions::token_expiration`] gives a
@@ -401,6 +402,16 @@ impl GlanceServer {
         match SHARED.get_or_init(|| catch_panic(GlanceServer::start)) {
             Ok(server) => server,
             Err(e) => panic!("the shared Glance server could not be started: {e}"),
+        }
+    }
+
+    /// A fixed-identity Glance serving https (as [`GlanceServer::start_tls`]) shared by every
+    /// test of this binary, started on first use. Never kill or restart it.
+    pub fn shared_tls() -> &'static GlanceServer {
+        static SHARED: OnceLock<Result<GlanceServer, String>> = OnceLock::new();
+        match SHARED.get_or_init(|| catch_panic(GlanceServer::start_tls)) {
+            Ok(server) => server,
+            Err(e) => panic!("the shared https Glance server could not be started: {e}"),
         }
     }
 

@@ -14,6 +14,16 @@ use super::glance::GlanceServer;
 use super::zk::ZkServer;
 use super::{file_tail, poll_for, test_dir, wait_until};
 
+/// The environment variables that decide which CAs the OpenStack driver trusts when
+/// clouds.yaml names none: openstacksdk's and requests' own, and the system store's overrides.
+pub const TRUST_ENV_VARS: [&str; 5] = [
+    "OS_CACERT",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
+
 /// Default wait for something the builder does.
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -150,6 +160,23 @@ key = "{key}"
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> BuilderProcess {
+        self.start_with_env_without(n, extra_args, &[], env)
+    }
+
+    /// Like [`Site::start_with_env`], with the variables that choose which CAs the OpenStack
+    /// driver trusts ([`TRUST_ENV_VARS`]) removed from what the builder inherits, so only
+    /// `env` decides (a test run's own `REQUESTS_CA_BUNDLE` must not change the outcome).
+    pub fn start_with_trust_env(&self, n: usize, env: &[(&str, &str)]) -> BuilderProcess {
+        self.start_with_env_without(n, &[], &TRUST_ENV_VARS, env)
+    }
+
+    fn start_with_env_without(
+        &self,
+        n: usize,
+        extra_args: &[&str],
+        unset: &[&str],
+        env: &[(&str, &str)],
+    ) -> BuilderProcess {
         let cfg = self.path(&format!("builder{n}.toml"));
         let mut args = vec!["-d", "-c", cfg.to_str().unwrap()];
         args.extend_from_slice(extra_args);
@@ -158,7 +185,8 @@ key = "{key}"
             "debug,zookeeper_client=info,rustls=info,ureq=info",
         )];
         all_env.extend_from_slice(env);
-        let mut b = BuilderProcess::start(&args, &all_env, &self.path(&format!("builder{n}.log")));
+        let log = self.path(&format!("builder{n}.log"));
+        let mut b = BuilderProcess::start_without(&args, unset, &all_env, &log);
         b.wait_for_log(WAIT, "ready: builder_id=");
         b
     }
