@@ -700,8 +700,10 @@ impl Scheduler {
     fn make_drivers(&mut self) {
         self.drivers.clear();
         self.provider_formats.clear();
+        // One set-up: the OpenStack providers share the CA stores it reads.
+        let setup = provider::DriverSetup::new(None);
         for p in &self.cfg.providers {
-            let format = match provider::for_provider(p, None) {
+            let format = match setup.driver(p) {
                 Ok(d) => {
                     let format = d.image_format().to_string();
                     self.drivers.insert(p.name.clone(), Arc::from(d));

@@ -131,11 +131,37 @@ pub fn for_provider(
     provider: &config::Provider,
     clouds_yaml: Option<&Path>,
 ) -> Result<Box<dyn ProviderDriver>, ProviderError> {
-    match &provider.driver {
-        config::Driver::OpenStack { .. } => Ok(Box::new(openstack::OpenStackDriver::new(
-            provider,
+    DriverSetup::new(clouds_yaml).driver(provider)
+}
+
+/// One set-up of drivers (at start and at each reload): what its drivers share, i.e. the CA
+/// stores of the OpenStack driver, each read at most once and only when a provider needs it.
+pub struct DriverSetup<'a> {
+    clouds_yaml: Option<&'a Path>,
+    trust: std::sync::Arc<openstack::trust::TrustStores>,
+}
+
+impl<'a> DriverSetup<'a> {
+    /// A set-up in this process's environment; `clouds_yaml` as for [`for_provider`].
+    pub fn new(clouds_yaml: Option<&'a Path>) -> DriverSetup<'a> {
+        DriverSetup {
             clouds_yaml,
-        )?)),
-        config::Driver::Command { .. } => Ok(Box::new(command::CommandDriver::new(provider)?)),
+            trust: std::sync::Arc::new(openstack::trust::TrustStores::from_process()),
+        }
+    }
+
+    /// Creates the driver for a configured provider.
+    pub fn driver(
+        &self,
+        provider: &config::Provider,
+    ) -> Result<Box<dyn ProviderDriver>, ProviderError> {
+        match &provider.driver {
+            config::Driver::OpenStack { .. } => Ok(Box::new(openstack::OpenStackDriver::new_in(
+                provider,
+                self.clouds_yaml,
+                &self.trust,
+            )?)),
+            config::Driver::Command { .. } => Ok(Box::new(command::CommandDriver::new(provider)?)),
+        }
     }
 }

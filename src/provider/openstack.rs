@@ -35,6 +35,14 @@
 //! A Keystone token is reused until shortly before its `expires_at`; a 401 from Glance makes
 //! the driver authenticate again and repeat the request once (the PUT reopens the file).
 //!
+//! # TLS
+//!
+//! Which CAs are trusted (the cloud's `cacert`, `OS_CACERT`, `REQUESTS_CA_BUNDLE`, the system
+//! store; `verify: false`/`insecure: true`) is decided in [`trust`], as openstacksdk decides
+//! it on Debian; the stores are read once per driver set-up. A rejected server certificate
+//! is one line naming the problem and the trusted CAs; nothing was sent, so a create that
+//! failed this way leaves nothing to clean up.
+//!
 //! # Errors
 //!
 //! One line naming the provider, the image and what the cloud said (`HTTP 415 Unsupported
@@ -46,12 +54,13 @@
 pub mod clouds;
 mod http;
 mod keystone;
+pub mod trust;
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use md5::Digest;
@@ -60,6 +69,7 @@ use serde_json::{Value, json};
 use self::clouds::{CloudConfig, SearchEnv, Secret};
 use self::http::{Body, Http, Reply, TransportError, describe_status, query_encode, status_kind};
 use self::keystone::Session;
+use self::trust::TrustStores;
 use super::{CloudImage, ErrorKind, ProviderDriver, ProviderError, UploadRequest, Uploaded};
 use crate::config;
 
@@ -96,10 +106,24 @@ pub struct OpenStackDriver {
 
 impl OpenStackDriver {
     /// Reads the provider's cloud from `clouds_yaml` (and a `secure.yaml` next to it), or
-    /// from the files openstacksdk would find (see [`clouds`]).
+    /// from the files openstacksdk would find (see [`clouds`]); trusts CAs as [`trust`] says,
+    /// reading them for this driver alone.
     pub fn new(
         provider: &config::Provider,
         clouds_yaml: Option<&Path>,
+    ) -> Result<OpenStackDriver, ProviderError> {
+        OpenStackDriver::new_in(
+            provider,
+            clouds_yaml,
+            &Arc::new(TrustStores::from_process()),
+        )
+    }
+
+    /// [`OpenStackDriver::new`] for one driver of a set-up whose providers share `stores`.
+    pub fn new_in(
+        provider: &config::Provider,
+        clouds_yaml: Option<&Path>,
+        stores: &Arc<TrustStores>,
     ) -> Result<OpenStackDriver, ProviderError> {
         let config::Driver::OpenStack {
             cloud,
@@ -149,7 +173,7 @@ impl OpenStackDriver {
         .map_err(|e| {
             ProviderError::new(e.kind, format!("provider {}: {}", provider.name, e.message))
         })?;
-        OpenStackDriver::with_cloud(provider, cloud, image_format.clone())
+        OpenStackDriver::with_cloud(provider, cloud, image_format.clone(), stores)
     }
 
     /// A driver for an already loaded cloud entry.
@@ -157,13 +181,15 @@ impl OpenStackDriver {
         provider: &config::Provider,
         cloud: CloudConfig,
         image_format: Option<String>,
+        stores: &Arc<TrustStores>,
     ) -> Result<OpenStackDriver, ProviderError> {
         let image_format = image_format
             .or_else(|| cloud.image_format.clone())
             .unwrap_or_else(|| DEFAULT_IMAGE_FORMAT.to_string());
-        let http = Http::new(&cloud, provider.rate).map_err(|e| {
+        let trust = stores.trust_for(&cloud).map_err(|e| {
             ProviderError::new(e.kind, format!("provider {}: {}", provider.name, e.message))
         })?;
+        let http = Http::new(trust, provider.rate);
         Ok(OpenStackDriver {
             name: provider.name.clone(),
             image_format,

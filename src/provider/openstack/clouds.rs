@@ -20,7 +20,8 @@
 //! `application_credential_id`/`_name`/`_secret`, `token`); auth keys written at the top
 //! level of the entry are accepted too, as openstacksdk does. Also `default_domain`,
 //! `region_name` or `regions` (a region's `values` are merged over the entry), `interface`
-//! (`endpoint_type`), `image_endpoint_override`, `image_format`, `verify` and `cacert`.
+//! (`endpoint_type`), `image_endpoint_override`, `image_format`, `verify`, `insecure` and
+//! `cacert` (what these mean for TLS, and the environment variables beside them: [`super::trust`]).
 //!
 //! Secrets are held in [`Secret`], whose `Debug` output is `<redacted>`, and no error
 //! message of this module quotes a value from the files.
@@ -192,9 +193,9 @@ pub struct CloudConfig {
     pub interface: String,
     pub image_endpoint_override: Option<String>,
     pub image_format: Option<String>,
-    /// `verify`: false turns TLS certificate verification off.
+    /// False when `verify: false` or `insecure: true` turns TLS certificate verification off.
     pub verify: bool,
-    /// `cacert`: a PEM bundle of CAs to trust instead of the built-in roots.
+    /// `cacert`: a PEM bundle (or directory) of CAs to trust instead of the system store.
     pub cacert: Option<PathBuf>,
 }
 
@@ -323,20 +324,20 @@ pub fn load(
         .or_else(|| scalar(&entry, "endpoint_type"))
         .map(|i| i.trim_end_matches("URL").to_ascii_lowercase())
         .unwrap_or_else(|| "public".to_string());
-    let verify = match entry.get("verify") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(Value::String(s)) => !matches!(
+    let flag = |key: &str, default: bool| match entry.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(Value::String(s)) => Ok(!matches!(
             s.to_ascii_lowercase().as_str(),
             "false" | "no" | "0" | "off"
-        ),
-        Some(_) => {
-            return Err(config_error(format!(
-                "{}: `verify` must be true or false",
-                where_()
-            )));
-        }
+        )),
+        Some(_) => Err(config_error(format!(
+            "{}: `{key}` must be true or false",
+            where_()
+        ))),
     };
+    // openstacksdk: `insecure` wins over `verify`.
+    let verify = flag("verify", true)? && !flag("insecure", false)?;
     let config = CloudConfig {
         name: cloud.to_string(),
         source: clouds.to_path_buf(),

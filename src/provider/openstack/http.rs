@@ -1,6 +1,6 @@
-//! The HTTP layer of the OpenStack driver: one ureq agent per provider, the provider's rate
-//! limit, one retry of idempotent requests on a broken connection, and turning answers into
-//! one-line messages.
+//! The HTTP layer of the OpenStack driver: ureq agents per provider (one for http, and one
+//! for https made on the first https URL), the provider's rate limit, one retry of idempotent
+//! requests on a broken connection, and turning answers into one-line messages.
 //!
 //! Every request, Keystone's included, first waits for its turn in the provider's
 //! [`RateLimiter`]. Answers are returned whatever their status (`http_status_as_error` is
@@ -11,18 +11,23 @@
 //!
 //! CAUTION: uWSGI-served APIs (Glance, Keystone) may close a connection after each response
 //! without saying so; a pooled connection then fails on its next use. GET and DELETE are
-//! therefore retried once on a transport error. Nothing else is retried here.
+//! therefore retried once on a transport error. Nothing else is retried here, and neither is
+//! a rejected server certificate: it is rejected again, and the request was never sent.
+//!
+//! The CAs the https agent trusts come from [`super::trust`] when it is made (so a cloud
+//! reached only over http never reads the system store); a rejected certificate becomes one
+//! line naming the problem and those CAs.
 
 use std::io::Read;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ureq::http::StatusCode;
-use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
+use ureq::tls::{RootCerts, TlsConfig, TlsProvider};
 use ureq::{Agent, SendBody};
 
-use super::clouds::CloudConfig;
-use crate::provider::{ErrorKind, ProviderError};
+use super::trust::{CertificateFailure, CertificateProblem, DriverTrust, Roots};
+use crate::provider::ErrorKind;
 
 /// The largest answer body read into memory.
 pub const MAX_BODY: u64 = 16 << 20;
@@ -113,6 +118,8 @@ pub struct TransportError {
     /// False when the request certainly never reached the server (no connection was made),
     /// true when the server may have acted on it.
     pub maybe_sent: bool,
+    /// Set when the server's certificate was rejected (the request was not sent).
+    pub certificate: Option<CertificateProblem>,
     pub message: String,
 }
 
@@ -128,36 +135,52 @@ impl TransportError {
 
 /// One provider's HTTP client.
 pub struct Http {
-    agent: Agent,
+    /// For `http://` URLs: it needs no CAs (it trusts none, should a proxy ever bring TLS).
+    plain: Agent,
+    /// For `https://` URLs, made on the first one, with the CAs `trust` names then.
+    tls: OnceLock<TlsAgent>,
+    trust: DriverTrust,
     rate: RateLimiter,
 }
 
+/// An agent for https and what it trusts.
+struct TlsAgent {
+    agent: Agent,
+    /// For certificate failures: `the system store (145 certificates)`.
+    trusted: String,
+}
+
 impl Http {
-    /// An agent configured from the cloud's `verify` and `cacert`, with the provider's rate.
-    pub fn new(cloud: &CloudConfig, rate: f64) -> Result<Http, ProviderError> {
-        let mut tls = TlsConfig::builder()
-            .provider(TlsProvider::Rustls)
-            .unversioned_rustls_crypto_provider(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ));
-        if !cloud.verify {
-            tls = tls.disable_verification(true);
-        }
-        if let Some(cacert) = &cloud.cacert {
-            tls = tls.root_certs(load_cacert(cacert)?);
-        }
-        let agent: Agent = Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(CONNECT_TIMEOUT))
-            .user_agent(concat!("nodepool-builder/", env!("CARGO_PKG_VERSION")))
-            .max_redirects(0)
-            .tls_config(tls.build())
-            .build()
-            .into();
-        Ok(Http {
-            agent,
+    /// A client trusting what `trust` names, with the provider's rate.
+    pub fn new(trust: DriverTrust, rate: f64) -> Http {
+        let nothing = Roots {
+            certs: Some(RootCerts::from(Vec::new())),
+            trusted: "nothing".into(),
+        };
+        Http {
+            plain: agent(nothing),
+            tls: OnceLock::new(),
+            trust,
             rate: RateLimiter::new(rate),
-        })
+        }
+    }
+
+    /// The agent for `url`, and what it trusts.
+    fn agent_for(&self, url: &str) -> (&Agent, &str) {
+        let https = url
+            .get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+        if !https {
+            return (&self.plain, "nothing");
+        }
+        let tls = self.tls.get_or_init(|| {
+            let roots = self.trust.roots();
+            TlsAgent {
+                trusted: roots.trusted.clone(),
+                agent: agent(roots),
+            }
+        });
+        (&tls.agent, &tls.trusted)
     }
 
     /// Sends one request and returns the answer, whatever its status. `timeout` bounds the
@@ -180,13 +203,14 @@ impl Http {
                 return Err(TransportError {
                     timed_out: true,
                     maybe_sent: attempt > 1,
+                    certificate: None,
                     message: format!("{method} {}: no time left", strip_query(url)),
                 });
             }
             self.rate.wait();
             match self.send_once(method, url, token, &mut body, left) {
                 Ok(reply) => return Ok(reply),
-                Err(e) if idempotent && attempt == 1 && !e.timed_out => {
+                Err(e) if idempotent && attempt == 1 && !e.timed_out && e.certificate.is_none() => {
                     log::debug!("{method} {url} failed ({}); retrying once", e.message);
                 }
                 Err(e) => return Err(e),
@@ -202,10 +226,18 @@ impl Http {
         body: &mut Body,
         timeout: Duration,
     ) -> Result<Reply, TransportError> {
+        let (agent, trusted) = self.agent_for(url);
         let fail = |e: ureq::Error| {
-            // ureq says only "timeout: global"; the operator needs to know which wait ran out.
-            let message = match &e {
-                ureq::Error::Timeout(ureq::Timeout::Global) => format!(
+            let certificate = CertificateFailure::of(&e);
+            let message = match (&e, &certificate) {
+                // A certificate is checked before anything is sent.
+                (_, Some(failure)) => format!(
+                    "{method} {}: {}",
+                    strip_query(url),
+                    failure.describe(trusted)
+                ),
+                // ureq says only "timeout: global"; the operator needs to know which wait ran out.
+                (ureq::Error::Timeout(ureq::Timeout::Global), None) => format!(
                     "{method} {}: timed out after {:.1?} without an answer",
                     strip_query(url),
                     timeout
@@ -214,7 +246,8 @@ impl Http {
             };
             TransportError {
                 timed_out: matches!(e, ureq::Error::Timeout(_)),
-                maybe_sent: !never_sent(&e),
+                maybe_sent: certificate.is_none() && !never_sent(&e),
+                certificate: certificate.map(|c| c.problem),
                 message,
             }
         };
@@ -228,8 +261,8 @@ impl Http {
         let result = match body {
             Body::None => {
                 let req = builder.body(()).map_err(|e| bad_request(method, url, e))?;
-                self.agent.run(
-                    self.agent
+                agent.run(
+                    agent
                         .configure_request(req)
                         .timeout_global(Some(timeout))
                         .build(),
@@ -240,8 +273,8 @@ impl Http {
                     .header("Content-Type", *content_type)
                     .body(data.as_slice())
                     .map_err(|e| bad_request(method, url, e))?;
-                self.agent.run(
-                    self.agent
+                agent.run(
+                    agent
                         .configure_request(req)
                         .timeout_global(Some(timeout))
                         .build(),
@@ -257,8 +290,8 @@ impl Http {
                     .header("Content-Length", len.to_string())
                     .body(SendBody::from_reader(reader.as_mut()))
                     .map_err(|e| bad_request(method, url, e))?;
-                self.agent.run(
-                    self.agent
+                agent.run(
+                    agent
                         .configure_request(req)
                         .timeout_global(Some(timeout))
                         .build(),
@@ -286,6 +319,27 @@ impl Http {
     }
 }
 
+/// An agent trusting `roots` (no verification when it has no certificates).
+fn agent(roots: Roots) -> Agent {
+    let tls = TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        );
+    let tls = match roots.certs {
+        Some(certs) => tls.root_certs(certs),
+        None => tls.disable_verification(true),
+    };
+    Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .user_agent(concat!("nodepool-builder/", env!("CARGO_PKG_VERSION")))
+        .max_redirects(0)
+        .tls_config(tls.build())
+        .build()
+        .into()
+}
+
 /// Whether `e` means that no connection was made, so the server cannot have seen the request.
 fn never_sent(e: &ureq::Error) -> bool {
     match e {
@@ -303,40 +357,12 @@ fn bad_request(method: &str, url: &str, e: ureq::http::Error) -> TransportError 
     TransportError {
         timed_out: false,
         maybe_sent: false,
+        certificate: None,
         message: format!(
             "{method} {}: cannot build the request: {e}",
             strip_query(url)
         ),
     }
-}
-
-fn load_cacert(path: &std::path::Path) -> Result<RootCerts, ProviderError> {
-    let pem = std::fs::read(path).map_err(|e| {
-        ProviderError::new(
-            ErrorKind::Config,
-            format!("cannot read cacert {}: {e}", path.display()),
-        )
-    })?;
-    let mut certs: Vec<Certificate<'static>> = Vec::new();
-    for item in ureq::tls::parse_pem(&pem) {
-        match item {
-            Ok(PemItem::Certificate(c)) => certs.push(c),
-            Ok(_) => {}
-            Err(e) => {
-                return Err(ProviderError::new(
-                    ErrorKind::Config,
-                    format!("cannot parse cacert {}: {e}", path.display()),
-                ));
-            }
-        }
-    }
-    if certs.is_empty() {
-        return Err(ProviderError::new(
-            ErrorKind::Config,
-            format!("cacert {} holds no certificate", path.display()),
-        ));
-    }
-    Ok(RootCerts::new_with_certs(&certs))
 }
 
 /// `HTTP 415 Unsupported Media Type: <the server's message>`, on one line.
