@@ -452,3 +452,51 @@ pub fn query_encode(value: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::openstack::trust::{TrustEnv, TrustStores};
+
+    /// A loopback port nothing listens on.
+    fn closed_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    #[test]
+    fn only_the_first_https_request_reads_the_system_store() {
+        let stores = Arc::new(TrustStores::new(TrustEnv::default()));
+        let http = Http::new(DriverTrust::System(stores.clone()), 0.0);
+        let port = closed_port();
+        let timeout = Duration::from_secs(10);
+        let plain = http.send(
+            "GET",
+            &format!("http://127.0.0.1:{port}/v2/images"),
+            None,
+            Body::None,
+            timeout,
+        );
+        assert!(plain.is_err(), "nothing listens there");
+        assert!(!stores.system_loaded(), "plain http needs no CAs");
+        let tls = http
+            .send(
+                "GET",
+                &format!("https://127.0.0.1:{port}/v2/images"),
+                None,
+                Body::None,
+                timeout,
+            )
+            .unwrap_err();
+        assert!(
+            stores.system_loaded(),
+            "the https agent trusts the system store"
+        );
+        assert_eq!(
+            tls.certificate, None,
+            "no certificate was seen: {}",
+            tls.message
+        );
+        assert!(!tls.maybe_sent, "{}", tls.message);
+    }
+}

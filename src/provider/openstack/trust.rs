@@ -39,8 +39,8 @@
 //!
 //! # Failures
 //!
-//! [`CertificateProblem::of`] recognises a rejected server certificate in a ureq error, and
-//! [`CertificateProblem::describe`] makes it one line that says what is wrong, in rustls'
+//! [`CertificateFailure::of`] recognises a rejected server certificate in a ureq error, and
+//! [`CertificateFailure::describe`] makes it one line that says what is wrong, in rustls'
 //! words too (`UnknownIssuer`), and which CAs were trusted. A certificate is checked before
 //! any byte of the request is sent, so such a request never reached the cloud: it is not
 //! retried, and an image create that failed this way needs no clean-up.
@@ -222,6 +222,11 @@ impl TrustStores {
         Ok(DriverTrust::Ready(roots))
     }
 
+    /// Whether the system store has been read in this set-up.
+    pub fn system_loaded(&self) -> bool {
+        self.system.get().is_some()
+    }
+
     /// The system store, read on the first call; problems reading it are logged, and what
     /// could be read is used.
     pub fn system(&self) -> Roots {
@@ -375,5 +380,264 @@ impl CertificateFailure {
             CertificateProblem::Rejected => "the server's certificate was rejected",
         };
         format!("{what} ({}); trusted: {trusted}", self.detail)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::openstack::clouds::{self, Auth, AuthType};
+
+    /// A self-signed CA certificate (P-256), made once with the openssl command for these tests.
+    const CA_PEM: &str = "\
+-----BEGIN CERTIFICATE-----
+MIIBpzCCAU2gAwIBAgIUR4mTX+jw4ynOZRVVX43+H7cLS2gwCgYIKoZIzj0EAwIw
+KDEmMCQGA1UEAwwdbm9kZXBvb2wtYnVpbGRlciB1bml0IHRlc3QgQ0EwIBcNMjYx
+MjA3MTgxMzAxWhgPMjEyNjExMTMxODEzMDFaMCgxJjAkBgNVBAMMHW5vZGVwb29s
+LWJ1aWxkZXIgdW5pdCB0ZXN0IENBMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE
+6+462geE+Hx5BBbmGAmCSEpenjSoQGH+PFAXBqesb4bFILqDNshki7cObOBvJwe6
+KTeeOct2PoqdxvIS5Mw9RKNTMFEwHQYDVR0OBBYEFFmtUad2cM0k5METprv64fZP
+O8sNMB8GA1UdIwQYMBaAFFmtUad2cM0k5METprv64fZPO8sNMA8GA1UdEwEB/wQF
+MAMBAf8wCgYIKoZIzj0EAwIDSAAwRQIhALQ7zmxKqEFGPxkGAd3uPLoGzA+2NN5W
+mB7dIq3CYa5SAiB/ybF9BN5Ho0C874oIEB8038ZMJIINOmkuWc5De879eA==
+-----END CERTIFICATE-----
+";
+
+    fn cloud(verify: bool, cacert: Option<&str>) -> CloudConfig {
+        CloudConfig {
+            name: "c".into(),
+            source: PathBuf::from("clouds.yaml"),
+            secure_source: None,
+            auth_type: AuthType::None,
+            auth: Auth::default(),
+            default_domain: None,
+            region_name: None,
+            interface: "public".into(),
+            image_endpoint_override: Some("https://glance.example".into()),
+            image_format: None,
+            verify,
+            cacert: cacert.map(PathBuf::from),
+        }
+    }
+
+    fn bundle(path: &str, origin: Origin) -> Trust {
+        Trust::Bundle {
+            path: PathBuf::from(path),
+            origin,
+        }
+    }
+
+    #[test]
+    fn the_cloud_entry_then_os_cacert_then_requests_variables_then_the_system_store() {
+        let everything = TrustEnv {
+            os_cacert: Some("/os.pem".into()),
+            requests_ca_bundle: Some("/requests.pem".into()),
+            curl_ca_bundle: Some("/curl.pem".into()),
+            ssl_cert_file: Some("/ssl.pem".into()),
+            ssl_cert_dir: None,
+        };
+        assert_eq!(
+            choose(&cloud(false, Some("/cloud.pem")), &everything),
+            Trust::Unverified,
+            "verify: false beats every CA"
+        );
+        assert_eq!(
+            choose(&cloud(true, Some("/cloud.pem")), &everything),
+            bundle("/cloud.pem", Origin::CloudsYaml)
+        );
+        assert_eq!(
+            choose(&cloud(true, None), &everything),
+            bundle("/os.pem", Origin::OsCacert)
+        );
+        let requests = TrustEnv {
+            os_cacert: None,
+            ..everything.clone()
+        };
+        assert_eq!(
+            choose(&cloud(true, None), &requests),
+            bundle("/requests.pem", Origin::RequestsCaBundle)
+        );
+        let curl = TrustEnv {
+            requests_ca_bundle: None,
+            ..requests.clone()
+        };
+        assert_eq!(
+            choose(&cloud(true, None), &curl),
+            bundle("/curl.pem", Origin::CurlCaBundle)
+        );
+        let system = TrustEnv {
+            curl_ca_bundle: None,
+            ..curl
+        };
+        assert_eq!(choose(&cloud(true, None), &system), Trust::System);
+        assert_eq!(
+            choose(&cloud(true, None), &TrustEnv::default()),
+            Trust::System
+        );
+    }
+
+    #[test]
+    fn insecure_wins_over_verify_and_cacert_as_in_openstacksdk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clouds.yaml");
+        let entry = "auth_type: none\n    image_endpoint_override: https://g.example\n";
+        std::fs::write(
+            &path,
+            format!(
+                "clouds:\n  insecure:\n    {entry}    insecure: true\n    verify: true\n    cacert: /nowhere.pem\n\
+                 \x20 insecure-text:\n    {entry}    insecure: 'True'\n\
+                 \x20 not-insecure:\n    {entry}    insecure: 'false'\n\
+                 \x20 no-verify:\n    {entry}    verify: 'no'\n\
+                 \x20 bad:\n    {entry}    insecure: [1]\n"
+            ),
+        )
+        .unwrap();
+        let env = TrustEnv::default();
+        let trust = |name: &str| choose(&clouds::load(&path, None, name, None).unwrap(), &env);
+        assert_eq!(trust("insecure"), Trust::Unverified);
+        assert_eq!(trust("insecure-text"), Trust::Unverified);
+        assert_eq!(trust("not-insecure"), Trust::System);
+        assert_eq!(trust("no-verify"), Trust::Unverified);
+        let err = clouds::load(&path, None, "bad", None).unwrap_err();
+        assert!(
+            err.message.contains("`insecure` must be true or false"),
+            "{err}"
+        );
+
+        // The ignored cacert is not read: the driver is set up.
+        let stores = Arc::new(TrustStores::new(env));
+        let insecure = clouds::load(&path, None, "insecure", None).unwrap();
+        match stores.trust_for(&insecure) {
+            Ok(DriverTrust::Ready(roots)) => assert!(roots.certs.is_none()),
+            Ok(DriverTrust::System(_)) => panic!("verification must be off"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn trusted(stores: &Arc<TrustStores>, cacert: &Path) -> Result<String, ProviderError> {
+        let cloud = cloud(true, Some(cacert.to_str().unwrap()));
+        match stores.trust_for(&cloud)? {
+            DriverTrust::Ready(roots) => Ok(roots.trusted),
+            DriverTrust::System(_) => panic!("a bundle was named"),
+        }
+    }
+
+    #[test]
+    fn bundles_are_pem_files_or_directories_read_once_per_set_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = Arc::new(TrustStores::new(TrustEnv::default()));
+
+        let file = dir.path().join("ca.pem");
+        std::fs::write(&file, CA_PEM).unwrap();
+        let described = trusted(&stores, &file).unwrap();
+        assert_eq!(
+            described,
+            format!(
+                "the CA bundle {} (clouds.yaml cacert, 1 certificate)",
+                file.display()
+            )
+        );
+        // A second provider naming the same bundle shares what was read.
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(trusted(&stores, &file).unwrap(), described);
+        // A new set-up reads it again.
+        let fresh = Arc::new(TrustStores::new(TrustEnv::default()));
+        let err = trusted(&fresh, &file).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Config);
+        assert!(
+            err.message.starts_with(&format!(
+                "CA bundle {} (clouds.yaml cacert): cannot read it: ",
+                file.display()
+            )),
+            "{err}"
+        );
+
+        // A directory, as requests passes it to OpenSSL: its PEM files, other files ignored.
+        let certs = dir.path().join("certs");
+        std::fs::create_dir(&certs).unwrap();
+        std::fs::write(certs.join("ca.pem"), CA_PEM).unwrap();
+        std::fs::write(certs.join("README"), "not a certificate\n").unwrap();
+        assert_eq!(
+            trusted(&stores, &certs).unwrap(),
+            format!(
+                "the CA directory {} (clouds.yaml cacert, 1 certificate)",
+                certs.display()
+            )
+        );
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let err = trusted(&stores, &empty).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Config);
+        assert!(err.message.ends_with("holds no certificate"), "{err}");
+    }
+
+    #[test]
+    fn the_system_store_waits_for_its_first_use_and_is_read_once() {
+        let stores = Arc::new(TrustStores::new(TrustEnv::default()));
+        let trust = stores.trust_for(&cloud(true, None)).unwrap();
+        assert!(matches!(trust, DriverTrust::System(_)));
+        assert!(!stores.system_loaded(), "not read at set-up");
+        let first = trust.roots();
+        assert!(stores.system_loaded());
+        assert!(
+            first.trusted.starts_with("the system store ("),
+            "{}",
+            first.trusted
+        );
+        let again = stores.trust_for(&cloud(true, None)).unwrap().roots();
+        assert_eq!(again.trusted, first.trusted);
+    }
+
+    #[test]
+    fn rejected_certificates_become_one_line_naming_the_problem_and_the_trusted_cas() {
+        use rustls::CertificateError as C;
+        let failure = |e: C| {
+            CertificateFailure::from_rustls(&rustls::Error::InvalidCertificate(e))
+                .expect("a certificate failure")
+        };
+        let unknown = failure(C::UnknownIssuer);
+        assert_eq!(unknown.problem, CertificateProblem::UnknownAuthority);
+        assert_eq!(
+            unknown.describe("the system store (145 certificates)"),
+            "the server's certificate is signed by an unknown authority \
+             (invalid peer certificate: UnknownIssuer); trusted: the system store (145 certificates)"
+        );
+        assert_eq!(
+            failure(C::Expired).problem,
+            CertificateProblem::OutsideValidity
+        );
+        assert_eq!(
+            failure(C::NotValidYet).problem,
+            CertificateProblem::OutsideValidity
+        );
+        assert_eq!(
+            failure(C::NotValidForName).problem,
+            CertificateProblem::WrongHost
+        );
+        assert_eq!(
+            failure(C::BadSignature).problem,
+            CertificateProblem::Rejected
+        );
+        assert!(
+            failure(C::NotValidForName)
+                .describe("x")
+                .starts_with("the server's certificate is not for this host (")
+        );
+        // Other TLS failures are not about the certificate.
+        assert_eq!(
+            CertificateFailure::from_rustls(&rustls::Error::General("boom".into())),
+            None
+        );
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(C::UnknownIssuer),
+        );
+        assert_eq!(
+            CertificateFailure::of(&ureq::Error::Io(io)).map(|f| f.problem),
+            Some(CertificateProblem::UnknownAuthority),
+            "rustls' error inside ureq's io error (how a failed handshake arrives)"
+        );
+        assert_eq!(CertificateFailure::of(&ureq::Error::ConnectionFailed), None);
     }
 }
