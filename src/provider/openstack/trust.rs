@@ -235,31 +235,39 @@ impl TrustStores {
 
     fn load_system(&self) -> Roots {
         let loaded = rustls_native_certs::load_native_certs();
-        let from = match (&self.env.ssl_cert_file, &self.env.ssl_cert_dir) {
-            (Some(file), _) => format!("SSL_CERT_FILE={}: ", file.display()),
-            (None, Some(dir)) => format!("SSL_CERT_DIR={}: ", dir.display()),
-            (None, None) => String::new(),
+        let replaced_by = match (&self.env.ssl_cert_file, &self.env.ssl_cert_dir) {
+            (Some(file), _) => Some(format!("SSL_CERT_FILE={}", file.display())),
+            (None, Some(dir)) => Some(format!("SSL_CERT_DIR={}", dir.display())),
+            (None, None) => None,
+        };
+        let store = match &replaced_by {
+            Some(var) => format!("the system store ({var})"),
+            None => "the system store".to_string(),
         };
         for e in &loaded.errors {
-            log::warn!("the system certificate store: {e}");
-        }
-        if loaded.certs.is_empty() {
-            log::warn!(
-                "the system certificate store ({from}) holds no certificate: https to a cloud \
-                 fails unless its CA is named (clouds.yaml cacert, OS_CACERT, REQUESTS_CA_BUNDLE); \
-                 is the package ca-certificates installed?"
-            );
+            log::warn!("{store}: {e}");
         }
         let n = loaded.certs.len();
-        log::debug!("the system certificate store: {from}{n} certificates");
+        if n == 0 {
+            log::warn!(
+                "{store} holds no certificate: https to a cloud fails unless its CA is named \
+                 (clouds.yaml cacert, OS_CACERT, REQUESTS_CA_BUNDLE); is the package \
+                 ca-certificates installed?"
+            );
+        }
+        log::debug!("{store}: {}", count(n));
         let certs: Vec<Certificate<'static>> = loaded
             .certs
             .iter()
             .map(|c| Certificate::from_der(c.as_ref()).to_owned())
             .collect();
+        let trusted = match replaced_by {
+            Some(var) => format!("the system store ({var}: {})", count(n)),
+            None => format!("the system store ({})", count(n)),
+        };
         Roots {
             certs: Some(RootCerts::from(certs)),
-            trusted: format!("the system store ({from}{})", count(n)),
+            trusted,
         }
     }
 }
