@@ -9,10 +9,13 @@
 //!
 //! 1. The SIGUSR2 handler writes one byte to a non-blocking self-pipe and returns. It saves
 //!    and restores `errno` and does nothing else.
-//! 2. The `stackdump` thread (started by [`install`]) reads that pipe. Reading up to 64 bytes
-//!    at a time coalesces signals that arrive during a dump, as nodepool ignores SIGUSR2
-//!    while it dumps. Each wake-up runs [`log_dump`] inside `catch_unwind`, so a bug in the
-//!    formatting path cannot silently end the feature.
+//! 2. The `stackdump` thread (started by [`install`]) waits for that pipe to turn readable
+//!    and then drains it completely before dumping: every signal that arrived since the last
+//!    dump, one or a thousand, gives one dump, as nodepool ignores SIGUSR2 while it dumps. A
+//!    storm of signals therefore costs one dump per dump duration, not one per signal (an
+//!    earlier version read 64 bytes per wake-up: 1,000 signals 100 µs apart gave 17 dumps,
+//!    seconds of stack walking). Each wake-up runs [`log_dump`] inside `catch_unwind`, so a
+//!    bug in the formatting path cannot silently end the feature.
 //! 3. The dump arms the capture slot of every registered thread (see `registry.rs`) and sends
 //!    it the *capture signal* (SIGURG by default) with `pthread_kill`.
 //! 4. On each target, the capture handler walks its own stack with
@@ -23,6 +26,15 @@
 //!    (for example the ZooKeeper client's executor threads).
 //!
 //! [`capture`] runs steps 3 to 5 without logging, for tests and other in-process callers.
+//!
+//! # Log level
+//!
+//! nodepool logs the dump at DEBUG, so with its default INFO logging a SIGUSR2 shows nothing.
+//! An operator who sends SIGUSR2 wants the dump, so here the level is chosen per dump by
+//! [`dump_level`]: the configured level (DEBUG) when the filter enables it for
+//! [`LOG_TARGET`], otherwise INFO under the same target. Only a filter that switches the
+//! target off below INFO (`nodepool.stack_dump=off` or `warn`) gets no dump, and one warning
+//! naming the variable that turns it on (`NODEPOOL_BUILDER_LOG`).
 //!
 //! # Hazards
 //!
@@ -158,23 +170,14 @@ pub fn install(cfg: Config) -> io::Result<()> {
         return Err(error);
     }
 
-    // 3. The self-pipe; only its write end is non-blocking.
+    // 3. The self-pipe, non-blocking at both ends: the handler must never block, and the
+    //    reader drains it until it would block (it sleeps in poll, not in read).
     let mut fds = [0; 2];
     // SAFETY: fds has room for the two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
         return Err(io::Error::last_os_error());
     }
     let [read_fd, write_fd] = fds;
-    // SAFETY: write_fd is a descriptor we own.
-    if unsafe { libc::fcntl(write_fd, libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
-        let error = io::Error::last_os_error();
-        // SAFETY: both descriptors are ours and used nowhere else yet.
-        unsafe {
-            libc::close(read_fd);
-            libc::close(write_fd);
-        }
-        return Err(error);
-    }
 
     let _ = INSTALLED.set(Installed {
         capture_signal: signal,
@@ -203,25 +206,55 @@ pub fn capture() -> Vec<ThreadStack> {
     capture_timed().stacks
 }
 
+/// At which level a requested dump is logged (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DumpLevel {
+    /// The configured level is enabled for [`LOG_TARGET`].
+    Configured(log::Level),
+    /// The configured level is not, but INFO is: the dump is logged at INFO.
+    Fallback(log::Level),
+    /// Not even INFO is enabled for [`LOG_TARGET`]: no dump, one warning.
+    Off,
+}
+
+/// Chooses the level of a dump: `configured` if `enabled` says so, else INFO if `configured`
+/// is more verbose than INFO and INFO is enabled, else [`DumpLevel::Off`].
+pub fn dump_level(configured: log::Level, enabled: impl Fn(log::Level) -> bool) -> DumpLevel {
+    if enabled(configured) {
+        DumpLevel::Configured(configured)
+    } else if configured > log::Level::Info && enabled(log::Level::Info) {
+        DumpLevel::Fallback(log::Level::Info)
+    } else {
+        DumpLevel::Off
+    }
+}
+
 /// Runs one dump and logs it on [`LOG_TARGET`]; this is what SIGUSR2 triggers.
 ///
-/// If that target is not enabled at the configured level, logs one warning instead (an
-/// operator who sends SIGUSR2 and sees nothing should learn why).
+/// The level comes from [`dump_level`]. If the target is switched off, logs one warning
+/// instead (an operator who sends SIGUSR2 and sees nothing should learn why).
 pub fn log_dump() {
     let Some(installed) = INSTALLED.get() else {
         log::warn!("stack dump requested, but stackdump::install() has not been called");
         return;
     };
-    let level = installed.level;
-    if !log::log_enabled!(target: LOG_TARGET, level) {
-        log::warn!(
-            "stack dump requested, but log target {LOG_TARGET} is not enabled at {level}; \
-             enable it, e.g. RUST_LOG=info,{LOG_TARGET}={}",
-            level.as_str().to_ascii_lowercase()
-        );
-        DUMPS.fetch_add(1, Ordering::Relaxed);
-        return;
-    }
+    let configured = installed.level;
+    let level = match dump_level(
+        configured,
+        |level| log::log_enabled!(target: LOG_TARGET, level),
+    ) {
+        DumpLevel::Configured(level) | DumpLevel::Fallback(level) => level,
+        DumpLevel::Off => {
+            log::warn!(
+                "stack dump requested, but log target {LOG_TARGET} is switched off; \
+                 enable it, e.g. {}=info,{LOG_TARGET}={}",
+                crate::logging::LOG_ENV,
+                configured.as_str().to_ascii_lowercase()
+            );
+            DUMPS.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
     let dump = capture_timed();
     let log_started = Instant::now();
     log::log!(target: LOG_TARGET, level, "Beginning debug handler");
@@ -504,26 +537,80 @@ fn release_symbols() {
     }
 }
 
-/// The `stackdump` thread: one dump per wake-up.
+/// What the `stackdump` thread found in the self-pipe on one wake-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wake {
+    /// This many SIGUSR2 arrived since the last wake-up (at least one); all were consumed.
+    Requested(usize),
+    /// The write end is closed: nothing more can arrive.
+    Closed,
+}
+
+/// Sleeps until the self-pipe (non-blocking read end) is readable, then reads everything in
+/// it, so that all the signals that arrived meanwhile make one dump.
+fn wait_and_drain(read_fd: i32) -> io::Result<Wake> {
+    let mut buffer = [0u8; 256];
+    loop {
+        let mut pollfd = libc::pollfd {
+            fd: read_fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut pollfd, 1, -1) } < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        let mut requested = 0;
+        loop {
+            // SAFETY: reading into a local buffer from our own descriptor.
+            let n = unsafe { libc::read(read_fd, buffer.as_mut_ptr().cast(), buffer.len()) };
+            if n > 0 {
+                requested += n as usize;
+                continue;
+            }
+            if n == 0 {
+                return Ok(match requested {
+                    0 => Wake::Closed,
+                    _ => Wake::Requested(requested),
+                });
+            }
+            let error = io::Error::last_os_error();
+            match error.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => break,
+                _ => return Err(error),
+            }
+        }
+        // Drained; nothing at all was a spurious wake-up, which waits again.
+        if requested > 0 {
+            return Ok(Wake::Requested(requested));
+        }
+    }
+}
+
+/// The `stackdump` thread: one dump per wake-up, however many signals it drained.
 fn dumper_main(read_fd: i32) {
     // No symbolizer warm-up: the first resolve lists the loaded objects (dl_iterate_phdr,
     // under the loader lock) and parses debug info, which costs tens of MiB of peak RSS
     // (more with libc's debug package installed). A daemon that keeps a few MiB resident
     // pays that at its first dump instead, and gives the memory back after every dump.
-    let mut buffer = [0u8; 64];
     loop {
-        // SAFETY: reading into a local buffer from our own descriptor.
-        let n = unsafe { libc::read(read_fd, buffer.as_mut_ptr().cast(), buffer.len()) };
-        if n < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
+        match wait_and_drain(read_fd) {
+            Ok(Wake::Requested(signals)) => {
+                if signals > 1 {
+                    log::debug!("{signals} SIGUSR2 since the last dump: one dump for them all");
+                }
             }
-            log::error!("stack dump disabled: reading the SIGUSR2 pipe failed: {error}");
-            return;
-        }
-        if n == 0 {
-            return; // The write end is never closed; nothing more can arrive.
+            // The write end is never closed; nothing more can arrive.
+            Ok(Wake::Closed) => return,
+            Err(error) => {
+                log::error!("stack dump disabled: reading the SIGUSR2 pipe failed: {error}");
+                return;
+            }
         }
         if let Err(payload) = panic::catch_unwind(log_dump) {
             let message = payload
@@ -1163,4 +1250,36 @@ fn lock_ignoring_poison<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DumpLevel, dump_level};
+    use log::Level;
+
+    #[test]
+    fn a_dump_falls_back_to_info_and_is_off_only_below_it() {
+        let up_to = |max: Option<Level>| move |level: Level| max.is_some_and(|max| level <= max);
+        assert_eq!(
+            dump_level(Level::Debug, up_to(Some(Level::Trace))),
+            DumpLevel::Configured(Level::Debug)
+        );
+        assert_eq!(
+            dump_level(Level::Debug, up_to(Some(Level::Info))),
+            DumpLevel::Fallback(Level::Info)
+        );
+        assert_eq!(
+            dump_level(Level::Debug, up_to(Some(Level::Warn))),
+            DumpLevel::Off
+        );
+        assert_eq!(dump_level(Level::Debug, up_to(None)), DumpLevel::Off);
+        assert_eq!(
+            dump_level(Level::Info, up_to(Some(Level::Info))),
+            DumpLevel::Configured(Level::Info)
+        );
+        assert_eq!(
+            dump_level(Level::Warn, up_to(Some(Level::Error))),
+            DumpLevel::Off
+        );
+    }
 }

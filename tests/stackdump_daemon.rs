@@ -202,3 +202,147 @@ fn sigusr2_dumps_every_thread_of_the_daemon_and_survives_a_burst() {
         b.log()
     );
 }
+
+/// Waits until every dump that began has ended and none began for a second; returns the
+/// number of dumps.
+fn settled_dump_count(b: &crate::util::builder::BuilderProcess) -> usize {
+    let mut last = (usize::MAX, Instant::now());
+    wait_until(WAIT, "the dumps to settle", || {
+        let log = b.log();
+        let (begun, ended) = (
+            count(&log, "Beginning debug handler"),
+            count(&log, "End debug handler"),
+        );
+        if begun != last.0 || begun != ended {
+            last = (begun, Instant::now());
+        }
+        last.1.elapsed() > Duration::from_secs(1)
+    });
+    last.0
+}
+
+#[test]
+fn a_burst_of_1000_sigusr2_gives_a_few_dumps_and_requests_are_served_throughout() {
+    let site = Site::new("sigusr2_storm");
+    let cfg = site.config(0, "", ONE_IMAGE);
+    let log_path = site.path("builder.log");
+    let mut b = crate::util::builder::BuilderProcess::start(
+        &["-f", "-c", cfg.to_str().unwrap()],
+        &[("NODEPOOL_BUILDER_LOG", "info,nodepool.stack_dump=debug")],
+        &log_path,
+    );
+    b.wait_for_log(WAIT, "ready: builder_id=");
+    let first = site.wait_builds("fedora", BuildState::Ready, 1).remove(0);
+    let before = settled_dump_count(&b);
+    assert_eq!(before, 0, "no dump before the storm");
+
+    // A tight loop of kill(2) mostly coalesces in the kernel (a standard signal is pending
+    // at most once); a pause of 100 µs between signals lets nearly each one reach the
+    // handler, which is the storm the dumper has to absorb.
+    let pid = nix::unistd::Pid::from_raw(b.pid());
+    let started = Instant::now();
+    for i in 0..1000 {
+        if i == 500 {
+            site.request_build("fedora");
+        }
+        nix::sys::signal::kill(pid, Signal::SIGUSR2).expect("signal the builder");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let burst = started.elapsed();
+    let mut known = vec![first.id.clone()];
+    let second = site.wait_new_ready("fedora", &mut known);
+    let served = started.elapsed();
+    wait_until(WAIT, "the request to be served", || {
+        !site.request_pending("fedora")
+    });
+    let dumps = settled_dump_count(&b);
+    eprintln!(
+        "1000 SIGUSR2 in {burst:?} gave {dumps} dumps; the build requested during the storm \
+         ({}) was ready {served:?} after it began",
+        second.id
+    );
+    assert!(process_alive(b.pid()), "alive after the storm");
+    assert!(
+        (1..=10).contains(&dumps),
+        "a burst coalesces into a few dumps, got {dumps}"
+    );
+    assert!(
+        served < Duration::from_secs(30),
+        "the request was served during the storm: {served:?}"
+    );
+    b.signal(Signal::SIGTERM);
+    assert!(
+        b.wait_exit(Duration::from_secs(20)).success(),
+        "{}",
+        b.log()
+    );
+}
+
+/// Starts the builder with the log filter `filter`, sends one SIGUSR2 and returns the log
+/// once `until` is in it.
+fn one_dump_with_filter(name: &str, filter: &str, until: &str) -> String {
+    let site = Site::new(name);
+    let cfg = site.config(0, "", "");
+    let mut b = crate::util::builder::BuilderProcess::start(
+        &["-f", "-c", cfg.to_str().unwrap()],
+        &[("NODEPOOL_BUILDER_LOG", filter)],
+        &site.path("builder.log"),
+    );
+    b.wait_for_log(WAIT, "ready: builder_id=");
+    b.signal(Signal::SIGUSR2);
+    b.wait_for_log(WAIT, until);
+    b.log()
+}
+
+#[test]
+fn sigusr2_logs_the_dump_at_info_when_its_target_is_not_enabled_at_debug() {
+    // The default filter (`info`): the dump is still logged, at INFO.
+    let log = one_dump_with_filter("sigusr2_info", "info", "End debug handler");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" nodepool.stack_dump: "))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("Beginning debug handler"))
+            && lines.iter().any(|l| l.contains("Thread: ")),
+        "a full dump: {log}"
+    );
+    assert!(
+        lines.iter().all(|l| l.contains(" INFO [stackdump] ")),
+        "at INFO: {lines:#?}"
+    );
+    assert!(!log.contains("WARN"), "no warning: {log}");
+
+    // With debug enabled for the target, at DEBUG as upstream.
+    let log = one_dump_with_filter(
+        "sigusr2_debug",
+        "info,nodepool.stack_dump=debug",
+        "End debug handler",
+    );
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" nodepool.stack_dump: "))
+        .collect();
+    assert!(
+        !lines.is_empty() && lines.iter().all(|l| l.contains(" DEBUG [stackdump] ")),
+        "at DEBUG: {lines:#?}"
+    );
+
+    // Switched off explicitly: one warning naming the variable that switches it on.
+    let log = one_dump_with_filter(
+        "sigusr2_off",
+        "info,nodepool.stack_dump=off",
+        "stack dump requested",
+    );
+    let warning = log
+        .lines()
+        .find(|l| l.contains("stack dump requested"))
+        .unwrap();
+    assert!(
+        warning.contains(" WARN ")
+            && warning.contains("NODEPOOL_BUILDER_LOG=")
+            && !warning.contains("RUST_LOG"),
+        "{warning}"
+    );
+    assert!(!log.contains("Beginning debug handler"), "{log}");
+}
