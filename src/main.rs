@@ -8,7 +8,8 @@
 //!
 //! CAUTION: in daemon mode nothing may start a thread before `daemon::daemonize`: logging,
 //! the panic hook, the stack dump and the signal handlers are set up afterwards, in the
-//! daemon.
+//! daemon. Before anything else, in every mode, `signals::reset_inherited` undoes the signal
+//! state a parent may have handed on (an ignored SIGCHLD, a blocked SIGTERM).
 //!
 //! Exit codes: 0 success, 1 runtime failure (including "already running"), 2 usage or
 //! configuration error.
@@ -22,12 +23,20 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
 use nodepool_builder::cli::{Cli, Command};
 use nodepool_builder::daemon::{self, Pidfile, ReadyPipe, Role, StartOutcome};
-use nodepool_builder::{app, config, identity, logging, registry, secret_files, stackdump, thread};
+use nodepool_builder::{
+    app, config, identity, logging, registry, secret_files, signals, stackdump, thread,
+};
 
 const HINT: &str = "hint: run `nodepool-builder -d` to see the log in the foreground";
 
 fn main() -> ExitCode {
-    // First, while the process has one thread (it changes the environment).
+    // First of all, while the process has one thread: undo the signal state a parent may
+    // have handed on (an ignored SIGCHLD, a blocked SIGTERM), see `signals.rs`.
+    if let Err(e) = signals::reset_inherited() {
+        eprintln!("nodepool-builder: error: cannot reset the inherited signal state: {e}");
+        return ExitCode::FAILURE;
+    }
+    // Then, still with one thread (it changes the environment).
     let notify_socket = daemon::take_notify_socket();
     let matches = Cli::command().get_matches();
     let mut cli = match Cli::from_arg_matches(&matches) {

@@ -228,3 +228,28 @@ fn secure_file_errors_never_echo_secrets_through_the_binary() {
     assert!(all.contains(&format!("{}:2:1", secure.display())), "{all}");
     assert!(!all.contains("hunter2"), "the secret leaked: {all}");
 }
+
+/// Execs the program in `sys.argv[1:]` with SIGCHLD ignored and SIGTERM, SIGHUP and SIGUSR2
+/// blocked, as a careless parent (a shell script, a supervisor) may hand them on.
+const CARELESS_PARENT: &str = "import os, signal, sys
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2})
+os.execv(sys.argv[1], sys.argv[1:])";
+
+#[test]
+fn started_with_sigchld_ignored_and_sigterm_blocked_it_still_builds_uploads_and_stops() {
+    use nodepool_builder::model::{BuildState, UploadState};
+    let site = crate::util::np::Site::new("careless_parent");
+    site.fedora_on_cloud(0, "");
+    let mut b = site.start_wrapped(0, &["python3", "-c", CARELESS_PARENT], &[], &[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", b.pid())).unwrap();
+    assert!(
+        status.contains("nodepool-build"),
+        "the wrapper exec'd the builder:\n{status}"
+    );
+    site.wait_builds("fedora", BuildState::Ready, 1);
+    site.wait_uploads("fedora", "cloud", UploadState::Ready, 1);
+    b.signal(Signal::SIGTERM);
+    let status = b.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}\n{}", b.log());
+}

@@ -16,6 +16,18 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_nodepool-builder"))
 }
 
+/// How to start the binary, beyond its arguments and environment.
+#[derive(Debug, Default)]
+pub struct Launch<'a> {
+    /// A program and its arguments that run the binary (appended with its arguments), e.g.
+    /// `unshare --pid --fork`; it is expected to exec the binary or to take it down when it
+    /// is killed itself.
+    pub wrapper: &'a [&'a str],
+    /// Variables removed from the inherited environment (the extra environment is applied
+    /// after).
+    pub unset: &'a [&'a str],
+}
+
 /// A running builder process.
 pub struct BuilderProcess {
     child: Option<Child>,
@@ -26,25 +38,31 @@ pub struct BuilderProcess {
 impl BuilderProcess {
     /// Starts the binary with `args` and extra environment; stderr goes to `log`.
     pub fn start(args: &[&str], env: &[(&str, &str)], log: &Path) -> BuilderProcess {
-        BuilderProcess::start_without(args, &[], env, log)
+        BuilderProcess::start_as(&Launch::default(), args, env, log)
     }
 
-    /// Like [`BuilderProcess::start`], with the variables `unset` removed from the inherited
-    /// environment first (`env` is applied after).
-    pub fn start_without(
+    /// Like [`BuilderProcess::start`], started the way `how` says.
+    pub fn start_as(
+        how: &Launch<'_>,
         args: &[&str],
-        unset: &[&str],
         env: &[(&str, &str)],
         log: &Path,
     ) -> BuilderProcess {
         let file =
             std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
-        let mut cmd = Command::new(binary());
+        let mut cmd = match how.wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(wrapper_args).arg(binary());
+                cmd
+            }
+            None => Command::new(binary()),
+        };
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(file.try_clone().unwrap()))
             .stderr(Stdio::from(file));
-        for k in unset {
+        for k in how.unset {
             cmd.env_remove(k);
         }
         for (k, v) in env {
@@ -56,7 +74,13 @@ impl BuilderProcess {
         BuilderProcess {
             child: Some(child),
             log: log.to_path_buf(),
-            description: format!("nodepool-builder {}", args.join(" ")),
+            description: format!(
+                "{} nodepool-builder {}",
+                how.wrapper.join(" "),
+                args.join(" ")
+            )
+                .trim_start()
+                .to_owned(),
         }
     }
 

@@ -9,7 +9,7 @@ use nodepool_builder::model::{BuildState, UploadState};
 use nodepool_builder::zk::tree::{self, BuildInfo, UploadInfo};
 use nodepool_builder::zk::{Mode, Zk, ZkConfig, paths};
 
-use super::builder::BuilderProcess;
+use super::builder::{BuilderProcess, Launch};
 use super::glance::GlanceServer;
 use super::zk::ZkServer;
 use super::{file_tail, poll_for, test_dir, wait_until};
@@ -160,21 +160,42 @@ key = "{key}"
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> BuilderProcess {
-        self.start_with_env_without(n, extra_args, &[], env)
+        self.start_as(n, &Launch::default(), extra_args, env)
     }
 
     /// Like [`Site::start_with_env`], with the variables that choose which CAs the OpenStack
     /// driver trusts ([`TRUST_ENV_VARS`]) removed from what the builder inherits, so only
     /// `env` decides (a test run's own `REQUESTS_CA_BUNDLE` must not change the outcome).
     pub fn start_with_trust_env(&self, n: usize, env: &[(&str, &str)]) -> BuilderProcess {
-        self.start_with_env_without(n, &[], &TRUST_ENV_VARS, env)
+        let how = Launch {
+            unset: &TRUST_ENV_VARS,
+            ..Launch::default()
+        };
+        self.start_as(n, &how, &[], env)
     }
 
-    fn start_with_env_without(
+    /// Like [`Site::start_with_env`], with the binary started through `wrapper` (see
+    /// [`Launch::wrapper`]).
+    pub fn start_wrapped(
         &self,
         n: usize,
+        wrapper: &[&str],
         extra_args: &[&str],
-        unset: &[&str],
+        env: &[(&str, &str)],
+    ) -> BuilderProcess {
+        let how = Launch {
+            wrapper,
+            ..Launch::default()
+        };
+        self.start_as(n, &how, extra_args, env)
+    }
+
+    /// Starts builder `n` the way `how` says, and waits until it is ready.
+    fn start_as(
+        &self,
+        n: usize,
+        how: &Launch<'_>,
+        extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> BuilderProcess {
         let cfg = self.path(&format!("builder{n}.toml"));
@@ -186,7 +207,7 @@ key = "{key}"
         )];
         all_env.extend_from_slice(env);
         let log = self.path(&format!("builder{n}.log"));
-        let mut b = BuilderProcess::start_without(&args, unset, &all_env, &log);
+        let mut b = BuilderProcess::start_as(how, &args, &all_env, &log);
         b.wait_for_log(WAIT, "ready: builder_id=");
         b
     }
