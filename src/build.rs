@@ -604,9 +604,10 @@ fn run_dib(
         args: argv[1..].to_vec(),
         env: dib_env(job, build_id),
         cwd: None,
-        log: Some(log_path.clone()),
+        output: command::Output::Log(log_path.clone()),
         timeout: Some(Duration::from_secs(job.diskimage.build_timeout)),
         grace: DIB_GRACE,
+        parent_death_signal: None,
     };
     let started = Instant::now();
     let running = match command::spawn(spec) {

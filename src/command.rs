@@ -1,15 +1,25 @@
-//! The subprocess runner: starts diskimage-builder (or any other long-running command) in
-//! its own process group, copies its output into a log file, and waits for it with a
-//! timeout and a cancel channel.
+//! The subprocess runner, the one owner of the daemon's child processes: diskimage-builder,
+//! the post-upload hook, and the command driver's upload, delete and list commands all run
+//! through it. It starts a command in its own process group, sends its output to a log file
+//! or captures it, and waits for it with a timeout and a cancel channel.
+//!
+//! One runner means one policy for every child: process group, clean signal state, SIGTERM
+//! then SIGKILL with bounded waits, leftovers of the group killed after the exit, no zombie.
+//! (The command driver once had its own spawner that sent SIGKILL straight away, left the
+//! group's other processes running after a normal exit, and refused to start anything when
+//! the daemon was PID 1 of a container.)
 //!
 //! # Lifecycle
 //!
-//! [`spawn`] opens the log (creating its directory), makes one pipe for the merged stdout and
-//! stderr, and starts the program with stdin from `/dev/null` in a new process group whose
-//! id is the child's pid. It then opens a pidfd for the child and starts one reader thread,
-//! `dib-out-N`, which polls three descriptors at once: the pipe, the pidfd and a stop
-//! eventfd. The reader appends every chunk of output to the log as raw bytes, and when the
-//! pidfd turns readable (the child has exited) it sends one message on the exit channel.
+//! [`spawn`] sets up the output ([`Output`]): for a log it opens the file (creating its
+//! directory) and makes one pipe for the merged stdout and stderr; to capture, one pipe
+//! each; to discard, one pipe whose bytes are dropped. It starts the program with stdin
+//! from `/dev/null` in a new process group whose id is the child's pid. It then opens a
+//! pidfd for the child and starts one reader thread, `dib-out-N` (or `cmd-out-N` when
+//! capturing), which polls the pipes, the pidfd and a stop eventfd at once. The reader
+//! appends every chunk of output to the log as raw bytes (or to the in-memory tail of its
+//! stream, trimmed to the requested size), and when the pidfd turns readable (the child has
+//! exited) it sends one message on the exit channel.
 //!
 //! [`Running::wait`] is a `select!` over that exit channel, the caller's cancel channel and a
 //! timer for the whole run. Nothing polls in the normal case: the reader sleeps in `poll(2)`
@@ -24,7 +34,8 @@
 //!   Upstream kills only the DIB process and never reaps it; this runner kills the group.
 //!
 //! In every case `wait` returns only when no live process is left in the group and the
-//! output has been drained into the log. Dropping a [`Running`] without waiting kills the
+//! output has been drained into the log ([`Running::wait_captured`] also returns the
+//! captured tails). Dropping a [`Running`] without waiting kills the
 //! group with SIGKILL and reaps the child, so a panic or an early return never leaves a
 //! zombie or an orphaned group behind.
 //!
@@ -50,9 +61,15 @@
 //! and everything it runs (see stackdump.md, pitfall 1). The `pre_exec` hook therefore sets
 //! every catchable signal, real-time ones included, to its default action and then empties
 //! the mask. It runs between `fork` and `exec`, where only async-signal-safe calls are
-//! allowed: it calls `sigaction` and `sigprocmask` and allocates nothing. There is
-//! deliberately no `PR_SET_PDEATHSIG`: a build must not die because the thread that started
-//! it exited; the [`Running`] guard is what cleans up.
+//! allowed: it calls `sigaction` and `sigprocmask` and allocates nothing.
+//!
+//! By default there is no `PR_SET_PDEATHSIG`: a build must not die because the thread that
+//! started it exited; the [`Running`] guard is what cleans up. A spec may ask for one
+//! ([`Spec::parent_death_signal`]; the command driver does, so that an upload does not run
+//! on after its builder died). The hook then checks that the parent has not died before
+//! the `prctl`, by comparing the parent pid with the one the daemon had before the fork,
+//! never with 1: a daemon that is PID 1 of a container has children whose parent pid is 1
+//! all along.
 //!
 //! # Waits and deadlines
 //!
@@ -127,27 +144,62 @@ pub struct Spec {
     pub env: Vec<(String, String)>,
     /// The working directory of the child; `None` keeps the daemon's.
     pub cwd: Option<PathBuf>,
-    /// The file that receives stdout and stderr, appended to (created with its parent
-    /// directories); `None` discards the output.
-    pub log: Option<PathBuf>,
+    /// Where stdout and stderr go.
+    pub output: Output,
     /// The limit for the whole run, counted from the spawn; `None` is no limit.
     pub timeout: Option<Duration>,
     /// How long the process group has between SIGTERM and SIGKILL.
     pub grace: Duration,
+    /// A signal the kernel sends the command (not its group) when the thread that started
+    /// it ends, which happens only when the daemon itself ends: the thread waits for the
+    /// command. `None` lets the command outlive a builder that died (see the module docs).
+    pub parent_death_signal: Option<Signal>,
+}
+
+/// Where a command's stdout and stderr go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Read and thrown away.
+    Discard,
+    /// Merged into one stream (in the order written) and appended to this file, created
+    /// with its parent directories.
+    Log(PathBuf),
+    /// Kept apart in memory: the last `stdout` bytes of stdout and the last `stderr` bytes
+    /// of stderr, returned by [`Running::wait_captured`].
+    Capture { stdout: usize, stderr: usize },
+}
+
+/// The end of one captured stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tail {
+    /// The last bytes written, at most the limit given in [`Output::Capture`].
+    pub bytes: Vec<u8>,
+    /// Whether earlier bytes were dropped to stay within the limit.
+    pub truncated: bool,
+}
+
+/// How a run ended, with what it printed when the output was captured (both tails empty
+/// otherwise).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completed {
+    pub outcome: Outcome,
+    pub stdout: Tail,
+    pub stderr: Tail,
 }
 
 impl Spec {
-    /// A spec with no extra environment, the daemon's working directory, no log, no
-    /// timeout and [`DEFAULT_GRACE`].
+    /// A spec with no extra environment, the daemon's working directory, the output
+    /// discarded, no timeout, [`DEFAULT_GRACE`] and no parent-death signal.
     pub fn new(program: impl Into<String>, args: Vec<String>) -> Spec {
         Spec {
             program: program.into(),
             args,
             env: Vec::new(),
             cwd: None,
-            log: None,
+            output: Output::Discard,
             timeout: None,
             grace: DEFAULT_GRACE,
+            parent_death_signal: None,
         }
     }
 
@@ -304,8 +356,8 @@ pub fn spawn(spec: Spec) -> Result<Running, SpawnError> {
         }
     };
 
-    let (log, created_log) = match &spec.log {
-        Some(path) => {
+    let (log, created_log) = match &spec.output {
+        Output::Log(path) => {
             let (file, created) = open_log(path).map_err(|source| SpawnError::Log {
                 command: command.clone(),
                 path: path.clone(),
@@ -313,7 +365,7 @@ pub fn spawn(spec: Spec) -> Result<Running, SpawnError> {
             })?;
             (Some((path.clone(), file)), created)
         }
-        None => (None, false),
+        Output::Discard | Output::Capture { .. } => (None, false),
     };
     let notes = match &log {
         Some((path, file)) => Some(Notes {
@@ -325,20 +377,40 @@ pub fn spawn(spec: Spec) -> Result<Running, SpawnError> {
         None => None,
     };
 
-    // Both ends are close-on-exec, so children started by other threads meanwhile do not
-    // inherit them; std dups the write end onto the child's stdout and stderr.
-    let (pipe_read, pipe_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
-        .map_err(|e| setup("create the output pipe")(e.into()))?;
-    let pipe_write_err = pipe_write
-        .try_clone()
-        .map_err(setup("duplicate the output pipe"))?;
+    // All ends are close-on-exec, so children started by other threads meanwhile do not
+    // inherit them; std dups the write ends onto the child's stdout and stderr. One pipe for
+    // both, so that a log has them in the order written, unless they are captured apart.
+    let pipe = || {
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| setup("create an output pipe")(e.into()))
+    };
+    let (stdout_read, stdout_write) = pipe()?;
+    let (streams, stderr_write) = match (&spec.output, log) {
+        (Output::Capture { stdout, stderr }, _) => {
+            let (stderr_read, stderr_write) = pipe()?;
+            let streams = vec![
+                Stream::new(stdout_read, Sink::tail(*stdout)),
+                Stream::new(stderr_read, Sink::tail(*stderr)),
+            ];
+            (streams, stderr_write)
+        }
+        (_, log_file) => {
+            let sink = match log_file {
+                Some((_, file)) => Sink::Log(file),
+                None => Sink::Discard,
+            };
+            let stderr_write = stdout_write
+                .try_clone()
+                .map_err(setup("duplicate the output pipe"))?;
+            (vec![Stream::new(stdout_read, sink)], stderr_write)
+        }
+    };
     let stop = eventfd().map_err(setup("create the stop eventfd"))?;
 
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(pipe_write))
-        .stderr(Stdio::from(pipe_write_err))
+        .stdout(Stdio::from(stdout_write))
+        .stderr(Stdio::from(stderr_write))
         .process_group(0);
     for (key, value) in &spec.env {
         cmd.env(key, value);
@@ -351,17 +423,26 @@ pub fn spawn(spec: Spec) -> Result<Running, SpawnError> {
     // to whole bytes.
     let max_signal = libc::SIGRTMAX();
     let sigset_size = (max_signal as usize).div_ceil(8);
+    let parent_death = spec
+        .parent_death_signal
+        .map(|signal| (signal as libc::c_int, nix::unistd::getpid().as_raw()));
     // SAFETY: the hook only calls async-signal-safe functions and does not allocate; see
-    // `reset_signal_state`.
+    // `reset_signal_state` and `die_with_parent`.
     unsafe {
-        cmd.pre_exec(move || reset_signal_state(max_signal, sigset_size));
+        cmd.pre_exec(move || {
+            reset_signal_state(max_signal, sigset_size)?;
+            match parent_death {
+                Some((signal, parent)) => die_with_parent(signal, parent),
+                None => Ok(()),
+            }
+        });
     }
 
     let child = match cmd.spawn() {
         Ok(child) => child,
         Err(source) => {
             if created_log {
-                if let Some((path, _)) = &log {
+                if let Some(path) = &notes.as_ref().map(|n| n.path.clone()) {
                     let _ = fs::remove_file(path);
                 }
             }
@@ -391,15 +472,19 @@ pub fn spawn(spec: Spec) -> Result<Running, SpawnError> {
         .map_err(|e| abort(setup("duplicate the stop eventfd")(e)))?;
     let (exited_tx, exited_rx) = crossbeam_channel::bounded(1);
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
-    let log_file = log.map(|(_, file)| file);
+    // Named after what it drains: a DIB log, or the output of a command driver's command.
+    let prefix = match spec.output {
+        Output::Capture { .. } => "cmd-out",
+        Output::Discard | Output::Log(_) => "dib-out",
+    };
     let name = format!(
-        "dib-out-{}",
+        "{prefix}-{}",
         READER_COUNTER.fetch_add(1, Ordering::Relaxed) % 10_000_000
     );
     let reader = thread::try_spawn(ThreadKind::PipeReader, name, move || {
         // Dropping the sender when the pump returns (or unwinds) tells the owner it is done.
         let _done = done_tx;
-        pump(pipe_read, reader_pidfd, reader_stop, log_file, exited_tx)
+        pump(streams, reader_pidfd, reader_stop, exited_tx)
     })
     .map_err(|e| abort(setup("start the output reader thread")(e)))?;
 
@@ -446,7 +531,16 @@ impl Running {
     ///
     /// Errors: the child did not exit within [`KILL_DEADLINE`] of SIGKILL, or it was reaped
     /// by someone else, so its status is unknown.
-    pub fn wait(mut self, cancel: &Receiver<()>) -> io::Result<Outcome> {
+    pub fn wait(self, cancel: &Receiver<()>) -> io::Result<Outcome> {
+        self.wait_captured(cancel)
+            .map(|completed| completed.outcome)
+    }
+
+    /// Like [`Running::wait`], and also returns the tails of stdout and stderr when the
+    /// spec asked for [`Output::Capture`] (empty otherwise). A tail holds what the command
+    /// wrote until its group was gone, or until the reader gave up on a pipe held open
+    /// outside the group.
+    pub fn wait_captured(mut self, cancel: &Receiver<()>) -> io::Result<Completed> {
         let timer = match self.timeout {
             Some(timeout) => crossbeam_channel::at(self.started + timeout),
             None => crossbeam_channel::never(),
@@ -486,8 +580,21 @@ impl Running {
             }
         };
         self.wait_group_gone();
-        self.finish_reader();
-        Ok(outcome)
+        let (stdout, stderr) = match self.finish_reader() {
+            Some(PumpReport { tails, .. }) => {
+                let mut tails = tails.into_iter();
+                (
+                    tails.next().unwrap_or_default(),
+                    tails.next().unwrap_or_default(),
+                )
+            }
+            None => Default::default(),
+        };
+        Ok(Completed {
+            outcome,
+            stdout,
+            stderr,
+        })
     }
 
     /// The fallback for a reader that ended early: the pidfd is polled in short slices,
@@ -618,8 +725,9 @@ impl Running {
         }
     }
 
-    /// Gives the reader the grace period to drain the pipe, then stops it and joins it.
-    fn finish_reader(&mut self) {
+    /// Gives the reader the grace period to drain the pipe, then stops it and joins it;
+    /// returns its report, if it did not panic.
+    fn finish_reader(&mut self) -> Option<PumpReport> {
         let deadline = Instant::now() + self.grace.max(MIN_DRAIN);
         let drained = matches!(
             self.done_rx.recv_deadline(deadline),
@@ -637,7 +745,7 @@ impl Running {
         if let Some(PumpReport {
             write_error: Some(error),
             ..
-        }) = report
+        }) = &report
         {
             let path = self.log_path().map(|p| p.display().to_string());
             log::warn!(
@@ -646,6 +754,7 @@ impl Running {
                 path.unwrap_or_default()
             );
         }
+        report
     }
 
     /// Tells the reader to stop and joins it. Returns its report, if it did not panic.
@@ -780,6 +889,83 @@ enum Event {
 struct PumpReport {
     /// The first error writing to the log; later output was read and discarded.
     write_error: Option<io::Error>,
+    /// The captured tails, one per stream in the order given (empty without capture).
+    tails: Vec<Tail>,
+}
+
+/// Where the reader puts what it reads from one pipe.
+enum Sink {
+    Discard,
+    /// Appended to the log; replaced by `Discard` after the first write error.
+    Log(File),
+    /// The last `keep` bytes are kept.
+    Tail {
+        tail: Tail,
+        keep: usize,
+    },
+}
+
+impl Sink {
+    fn tail(keep: usize) -> Sink {
+        Sink::Tail {
+            tail: Tail::default(),
+            keep,
+        }
+    }
+
+    /// Takes one chunk; returns the error of a failed log write.
+    fn take(&mut self, chunk: &[u8]) -> Option<io::Error> {
+        match self {
+            Sink::Discard => None,
+            Sink::Log(file) => {
+                let error = file.write_all(chunk).and_then(|()| file.flush()).err();
+                if error.is_some() {
+                    *self = Sink::Discard;
+                }
+                error
+            }
+            Sink::Tail { tail, keep } => {
+                tail.bytes.extend_from_slice(chunk);
+                // Trimmed once it holds twice the limit, so that the copy is amortised.
+                if tail.bytes.len() > 2 * *keep {
+                    tail.trim(*keep);
+                }
+                None
+            }
+        }
+    }
+
+    /// The tail, trimmed to its limit, if this sink keeps one.
+    fn into_tail(self) -> Option<Tail> {
+        match self {
+            Sink::Tail { mut tail, keep } => {
+                tail.trim(keep);
+                Some(tail)
+            }
+            Sink::Discard | Sink::Log(_) => None,
+        }
+    }
+}
+
+impl Tail {
+    fn trim(&mut self, keep: usize) {
+        if self.bytes.len() > keep {
+            self.bytes.drain(..self.bytes.len() - keep);
+            self.truncated = true;
+        }
+    }
+}
+
+/// One output pipe of the child and where its bytes go.
+struct Stream {
+    pipe: OwnedFd,
+    sink: Sink,
+}
+
+impl Stream {
+    fn new(pipe: OwnedFd, sink: Sink) -> Stream {
+        Stream { pipe, sink }
+    }
 }
 
 /// The log file as this module's own notes see it.
@@ -797,24 +983,26 @@ impl Notes {
     }
 }
 
-/// The reader thread: copies the pipe into the log until end-of-file, reports the child's
-/// exit once, and returns early when the stop eventfd is written.
+/// The reader thread: copies every pipe into its sink until end-of-file, reports the
+/// child's exit once, and returns early when the stop eventfd is written.
 fn pump(
-    pipe: OwnedFd,
+    mut streams: Vec<Stream>,
     pidfd: OwnedFd,
     stop: OwnedFd,
-    mut log: Option<File>,
     exited_tx: Sender<()>,
 ) -> PumpReport {
-    let mut report = PumpReport { write_error: None };
+    let mut write_error = None;
     let mut buffer = vec![0u8; CHUNK];
-    let mut fds = [
-        pollfd(pipe.as_raw_fd()),
-        pollfd(pidfd.as_raw_fd()),
-        pollfd(stop.as_raw_fd()),
-    ];
+    // The pipes first, then the pidfd and the stop eventfd.
+    let pipes = streams.len();
+    let mut fds: Vec<libc::pollfd> = streams
+        .iter()
+        .map(|stream| pollfd(stream.pipe.as_raw_fd()))
+        .chain([pollfd(pidfd.as_raw_fd()), pollfd(stop.as_raw_fd())])
+        .collect();
+    let (pidfd_at, stop_at) = (pipes, pipes + 1);
     // A negative descriptor is ignored by poll(2); that is how a finished source is dropped.
-    while fds[0].fd >= 0 || fds[1].fd >= 0 {
+    while fds[..=pidfd_at].iter().any(|fd| fd.fd >= 0) {
         // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if ready < 0 {
@@ -825,35 +1013,38 @@ fn pump(
             log::error!("poll on the output pipe failed: {error}");
             break;
         }
-        if fds[2].revents != 0 {
+        if fds[stop_at].revents != 0 {
             break;
         }
-        if fds[0].revents != 0 {
-            match read_retrying(pipe.as_raw_fd(), &mut buffer) {
-                Ok(0) => fds[0].fd = -1,
+        for (fd, stream) in fds.iter_mut().zip(streams.iter_mut()) {
+            if fd.fd < 0 || fd.revents == 0 {
+                continue;
+            }
+            match read_retrying(stream.pipe.as_raw_fd(), &mut buffer) {
+                Ok(0) => fd.fd = -1,
                 Ok(n) => {
-                    if let Some(file) = &mut log {
-                        if let Err(error) = file.write_all(&buffer[..n]).and_then(|()| file.flush())
-                        {
-                            report.write_error = Some(error);
-                            log = None;
-                        }
+                    if let Some(error) = stream.sink.take(&buffer[..n]) {
+                        write_error.get_or_insert(error);
                     }
                 }
                 Err(error) => {
                     log::error!("cannot read the output pipe: {error}");
-                    fds[0].fd = -1;
+                    fd.fd = -1;
                 }
             }
         }
-        if fds[1].revents != 0 {
+        if fds[pidfd_at].fd >= 0 && fds[pidfd_at].revents != 0 {
             // The channel has room for this one message; the owner may have stopped
             // listening, which is fine.
             let _ = exited_tx.try_send(());
-            fds[1].fd = -1;
+            fds[pidfd_at].fd = -1;
         }
     }
-    report
+    let tails = streams
+        .into_iter()
+        .filter_map(|stream| stream.sink.into_tail())
+        .collect();
+    PumpReport { write_error, tails }
 }
 
 fn pollfd(fd: RawFd) -> libc::pollfd {
@@ -1036,6 +1227,29 @@ fn reset_signal_state(max_signal: libc::c_int, sigset_size: usize) -> io::Result
         libc::sigemptyset(&mut empty);
         if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
             return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Asks the kernel to send `signal` to this (forked) process when the thread that forked it
+/// ends, and fails if the parent process `parent` is already gone.
+///
+/// CAUTION: runs in the forked child before `exec`; async-signal-safe calls only. The
+/// check closes the race of a parent that died between `fork` and `prctl`: the child has
+/// then been re-parented, so its parent pid is no longer `parent`. It compares with the pid
+/// the parent had before the fork, not with 1: a daemon running as PID 1 of a container
+/// has children whose parent pid is 1 all along, and an orphan may be re-parented to a
+/// subreaper rather than to PID 1.
+fn die_with_parent(signal: libc::c_int, parent: libc::pid_t) -> io::Result<()> {
+    // SAFETY: prctl and getppid are async-signal-safe system calls.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::getppid() != parent {
+            // std passes only an errno to the parent, so this is the message it gets.
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
         }
     }
     Ok(())

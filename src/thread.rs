@@ -18,7 +18,7 @@
 //!
 //! Linux keeps at most 15 bytes of a thread name. Names are therefore short and
 //! conventional: `main`, `signals`, `stackdump`, `zk-session`, `zk-events`, `scheduler`,
-//! `build-0`, `upload-3`, `cleanup`, `dib-out-0`. A longer name is a bug: it panics in debug
+//! `build-0`, `upload-3`, `cleanup`, `dib-out-0`, `cmd-out-0`. A longer name is a bug: it panics in debug
 //! builds and is cut at a character boundary in release builds, so that the registered name
 //! always equals the kernel's.
 //!
@@ -64,7 +64,7 @@ pub enum ThreadKind {
     Upload,
     /// The janitor: deletes old builds and uploads.
     Cleanup,
-    /// Drains a child process's stdout or stderr into a log.
+    /// Drains a child process's stdout and stderr into a log or into memory.
     PipeReader,
     /// Anything else, including tests.
     Other,

@@ -493,7 +493,7 @@ fn run_hook(job: &UploadJob, external_id: &str) -> Result<(), String> {
             job.file.display().to_string(),
         ],
     );
-    spec.log = Some(log.clone());
+    spec.output = command::Output::Log(log.clone());
     spec.timeout = Some(Duration::from_secs(job.provider.image_upload_timeout));
     spec.grace = Duration::from_secs(5);
     let outcome = command::spawn(spec)

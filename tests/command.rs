@@ -1,5 +1,5 @@
 //! The subprocess runner (`nodepool_builder::command`) with real processes: output into the
-//! log, exit codes and signals, spawn failures, timeouts and cancellation that kill the whole
+//! log or captured, exit codes and signals, spawn failures, timeouts and cancellation that kill the whole
 //! process group, SIGKILL after the grace period, the drop guard, the signal state children
 //! start with, and `shell_split`.
 
@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, bounded, never};
-use nodepool_builder::command::{self, Outcome, SpawnError, Spec, shell_split};
+use nodepool_builder::command::{self, Outcome, Output, SpawnError, Spec, shell_split};
 use nodepool_builder::thread::{self, ThreadKind};
 
 use crate::util::{process_alive, test_dir, wait_until};
@@ -116,7 +116,7 @@ fn stdout_and_stderr_are_appended_to_the_log() {
         r#"echo to-stdout; echo to-stderr >&2; printf 'raw\x00\xff\n'; echo last"#,
         &[],
     );
-    spec.log = Some(log.clone());
+    spec.output = Output::Log(log.clone());
     assert_eq!(run(spec), Outcome::Exited(0));
     let bytes = std::fs::read(&log).unwrap();
     assert!(
@@ -139,7 +139,7 @@ fn stdout_and_stderr_are_appended_to_the_log() {
     // The log's directories are created.
     let fresh = dir.path().join("new/dir/x.log");
     let mut spec = bash("echo hello", &[]);
-    spec.log = Some(fresh.clone());
+    spec.output = Output::Log(fresh.clone());
     assert_eq!(run(spec), Outcome::Exited(0));
     assert_eq!(read(&fresh), "hello\n");
 
@@ -156,11 +156,53 @@ fn a_large_output_is_fully_drained_before_wait_returns() {
         "head -c 5000000 /dev/zero | tr '\\0' x; echo; echo end",
         &[],
     );
-    spec.log = Some(log.clone());
+    spec.output = Output::Log(log.clone());
     assert_eq!(run(spec), Outcome::Exited(0));
     let text = read(&log);
     assert_eq!(text.len(), 5_000_000 + 1 + 4);
     assert!(text.ends_with("\nend\n"));
+}
+
+#[test]
+fn captured_stdout_and_stderr_are_kept_apart_as_tails() {
+    let mut spec = bash(
+        "echo out-1; echo err-1 >&2; head -c 100000 /dev/zero | tr '\\0' x; echo; \
+         echo out-end; echo err-end >&2; exit 3",
+        &[],
+    );
+    spec.output = Output::Capture {
+        stdout: 1000,
+        stderr: 1000,
+    };
+    let completed = command::spawn(spec)
+        .unwrap()
+        .wait_captured(&never())
+        .unwrap();
+    assert_eq!(completed.outcome, Outcome::Exited(3));
+    let stdout = String::from_utf8(completed.stdout.bytes).unwrap();
+    assert_eq!(stdout.len(), 1000, "the last 1000 bytes");
+    assert!(stdout.ends_with("xxx\nout-end\n"), "{stdout:?}");
+    assert!(completed.stdout.truncated);
+    assert_eq!(completed.stderr.bytes, b"err-1\nerr-end\n");
+    assert!(!completed.stderr.truncated);
+}
+
+#[test]
+fn a_parent_death_signal_does_not_stop_commands_of_a_live_daemon() {
+    // The race check compares the parent pid with the daemon's, whatever its value (a
+    // daemon that is PID 1 of a container is tested in uploads::).
+    let mut spec = bash("echo started", &[]);
+    spec.parent_death_signal = Some(nix::sys::signal::Signal::SIGKILL);
+    spec.output = Output::Capture {
+        stdout: 100,
+        stderr: 100,
+    };
+    let completed = command::spawn(spec)
+        .unwrap()
+        .wait_captured(&never())
+        .unwrap();
+    assert_eq!(completed.outcome, Outcome::Exited(0));
+    assert_eq!(completed.stdout.bytes, b"started\n");
 }
 
 #[test]
@@ -192,7 +234,7 @@ fn a_missing_program_is_a_spawn_error_naming_it() {
         "/nonexistent/disk-image-create",
         vec!["-x".into(), "-t".into(), "qcow2".into()],
     );
-    spec.log = Some(log.clone());
+    spec.output = Output::Log(log.clone());
     let error = match command::spawn(spec) {
         Ok(_) => panic!("spawning a missing program succeeded"),
         Err(error) => error,
@@ -239,7 +281,7 @@ fn a_missing_program_is_a_spawn_error_naming_it() {
     let blocker = dir.path().join("file");
     std::fs::write(&blocker, "").unwrap();
     let mut spec = Spec::new("true", vec![]);
-    spec.log = Some(blocker.join("x.log"));
+    spec.output = Output::Log(blocker.join("x.log"));
     let error = command::spawn(spec)
         .err()
         .expect("the log cannot be created");
@@ -258,7 +300,7 @@ fn a_timeout_kills_the_whole_group() {
     let mut spec = bash(GRANDCHILD_SCRIPT, &[pid_file.to_str().unwrap()]);
     spec.timeout = Some(Duration::from_millis(1500));
     spec.grace = Duration::from_secs(5);
-    spec.log = Some(log.clone());
+    spec.output = Output::Log(log.clone());
     let started = Instant::now();
     let running = command::spawn(spec).unwrap();
     let leader = running.pid();
@@ -299,7 +341,7 @@ fn cancel_kills_the_whole_group_within_the_grace() {
     let log = dir.path().join("build.log");
     let mut spec = bash(GRANDCHILD_SCRIPT, &[pid_file.to_str().unwrap()]);
     spec.grace = Duration::from_secs(5);
-    spec.log = Some(log.clone());
+    spec.output = Output::Log(log.clone());
     let running = command::spawn(spec).unwrap();
     let leader = running.pid();
 
@@ -351,7 +393,7 @@ fn a_group_ignoring_sigterm_is_killed_after_the_grace() {
     );
     let grace = Duration::from_millis(800);
     spec.grace = grace;
-    spec.log = Some(log.clone());
+    spec.output = Output::Log(log.clone());
     let running = command::spawn(spec).unwrap();
     let leader = running.pid();
     let grandchild = read_pid(&pid_file);
@@ -383,7 +425,7 @@ fn processes_left_in_the_group_after_exit_are_killed() {
         r#"sleep 3600 & echo $! > "$1.tmp"; mv "$1.tmp" "$1"; exit 0"#,
         &[pid_file.to_str().unwrap()],
     );
-    spec.log = Some(log.clone());
+    spec.output = Output::Log(log.clone());
     let running = command::spawn(spec).unwrap();
     let leader = running.pid();
     assert_eq!(running.wait(&never()).unwrap(), Outcome::Exited(0));
@@ -410,7 +452,7 @@ fn a_pipe_held_open_outside_the_group_stops_the_reader_after_the_grace() {
         &[pid_file.to_str().unwrap()],
     );
     spec.grace = Duration::from_secs(1);
-    spec.log = Some(log.clone());
+    spec.output = Output::Log(log.clone());
     let started = Instant::now();
     let outcome = run(spec);
     let escaped = read_pid(&pid_file);
@@ -439,7 +481,7 @@ fn dropping_a_running_command_kills_and_reaps_it() {
     let pid_file = dir.path().join("grandchild.pid");
     let log = dir.path().join("build.log");
     let mut spec = bash(GRANDCHILD_SCRIPT, &[pid_file.to_str().unwrap()]);
-    spec.log = Some(log.clone());
+    spec.output = Output::Log(log.clone());
     let running = command::spawn(spec).unwrap();
     let leader = running.pid();
     assert_eq!(running.log_path(), Some(log.as_path()));
@@ -484,7 +526,7 @@ fn later_environment_entries_override_earlier_and_inherited_ones() {
         ("HOME".into(), "/nonexistent-home".into()),
     ];
     spec.cwd = Some(dir.path().to_path_buf());
-    spec.log = Some(log.clone());
+    spec.output = Output::Log(log.clone());
     assert_eq!(run(spec), Outcome::Exited(0));
     let canonical = std::fs::canonicalize(dir.path()).unwrap();
     assert_eq!(
@@ -667,7 +709,7 @@ fn signal_state_probe() {
 
     // cat, not grep: GNU grep catches SIGSEGV itself (stack overflow detection).
     let mut spec = Spec::new("cat", vec!["/proc/self/status".into()]);
-    spec.log = Some(log.clone());
+    spec.output = Output::Log(log.clone());
     assert_eq!(run(spec), Outcome::Exited(0));
 
     // SAFETY: restoring the mask and dispositions changed above.

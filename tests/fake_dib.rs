@@ -45,7 +45,7 @@ impl Build {
             ("DIB_IMAGE_NAME".into(), image.into()),
             ("DIB_IMAGE_FILENAME".into(), base.display().to_string()),
         ];
-        spec.log = Some(log.clone());
+        spec.output = nodepool_builder::command::Output::Log(log.clone());
         spec.timeout = Some(Duration::from_secs(60));
         spec.grace = Duration::from_secs(5);
         Build {
@@ -297,7 +297,7 @@ fn bad_arguments_exit_2() {
             ("DIB_IMAGE_NAME".into(), "img".into()),
             ("DIB_IMAGE_FILENAME".into(), base.clone()),
         ];
-        spec.log = Some(log.clone());
+        spec.output = nodepool_builder::command::Output::Log(log.clone());
         let outcome = command::spawn(spec).unwrap().wait(&never()).unwrap();
         let text = std::fs::read_to_string(&log).unwrap();
         assert_eq!(outcome, Outcome::Exited(2), "{args:?}: {text}");

@@ -351,3 +351,157 @@ fn sigterm_during_an_upload_stops_within_the_grace_and_the_upload_is_redone_once
     assert_eq!(site.cloud_images("cloud").len(), 1);
     site.assert_no_leaks(&["cloud"], &[0]);
 }
+
+/// Writes an executable upload script into the site's directory and returns the config body:
+/// the `fedora` diskimage, and a command provider `cloud` (raw) whose upload command is the
+/// script (called with `{file}`), whose delete command is `true`, with `extra` added to it.
+fn scripted_upload(site: &Site, script: &str, extra: &str) -> String {
+    let path = site.path("upload-script");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    format!(
+        "{}\n[[providers]]\nname = \"cloud\"\ndriver = \"command\"\nimage-format = \"raw\"\n\
+         upload-command = [\"{}\", \"{{file}}\"]\ndelete-command = [\"true\"]\n{extra}\n\
+         [[providers.diskimages]]\nname = \"fedora\"\n",
+        image("fedora", ""),
+        path.display()
+    )
+}
+
+/// Waits for the first upload of `fedora` to `cloud` that is `ready` or `failed`.
+fn first_finished_upload(site: &Site) -> (String, nodepool_builder::zk::tree::UploadInfo) {
+    site.wait("an upload of fedora to end ready or failed", || {
+        site.uploads("fedora").into_iter().find(|(_, u)| {
+            u.provider == "cloud"
+                && matches!(u.upload.state, UploadState::Ready | UploadState::Failed)
+        })
+    })
+}
+
+#[test]
+fn an_upload_id_that_is_not_one_printable_token_fails_the_upload_with_the_output_quoted() {
+    let site = Site::new("bad_upload_id");
+    let body = scripted_upload(
+        &site,
+        "#!/bin/sh\necho \"copying $1\"\necho 'image 42 (pending)'\necho 'a warning' >&2\n",
+        "",
+    );
+    site.config(0, "", &body);
+    let mut b = site.start(0, &[]);
+    let (_, upload) = first_finished_upload(&site);
+    assert_eq!(
+        upload.upload.state,
+        UploadState::Failed,
+        "an id with spaces is no image id: {:?}\n{}",
+        upload.upload,
+        site.dump()
+    );
+    b.wait_for_log(WAIT, "Failed to upload build");
+    let log = b.log();
+    assert!(
+        log.contains("\"image 42 (pending)\""),
+        "the error quotes the id line: {log}"
+    );
+    assert!(
+        log.contains("copying ") && log.contains("a warning"),
+        "the error quotes the command's stdout and stderr: {log}"
+    );
+}
+
+#[test]
+fn a_timed_out_upload_command_gets_sigterm_for_its_whole_group_before_sigkill() {
+    let site = Site::new("upload_timeout_term");
+    let terms = site.path("terms");
+    // The command and a child of it both note SIGTERM and exit; SIGKILL would leave no note.
+    let script = format!(
+        "#!/bin/sh\n\
+         sh -c 'trap \"echo child >> {t}; exit 0\" TERM; while :; do sleep 0.1; done' &\n\
+         trap 'echo leader >> {t}; exit 1' TERM\n\
+         while :; do sleep 0.1; done\n",
+        t = terms.display()
+    );
+    let body = scripted_upload(&site, &script, "image-upload-timeout = 2");
+    site.config(0, "", &body);
+    let mut b = site.start(0, &[]);
+    let (_, upload) = first_finished_upload(&site);
+    assert_eq!(upload.upload.state, UploadState::Failed, "{}", site.dump());
+    b.wait_for_log(WAIT, "Failed to upload build");
+    let noted = std::fs::read_to_string(&terms).unwrap_or_default();
+    assert!(
+        noted.lines().any(|l| l == "leader") && noted.lines().any(|l| l == "child"),
+        "both the command and its child got SIGTERM first: {noted:?}\n{}",
+        b.log()
+    );
+    assert!(b.log().contains("did not finish within"), "{}", b.log());
+}
+
+/// Kills a process when dropped, so a failing test leaves no stray `sleep` behind.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+#[test]
+fn processes_an_upload_command_leaves_in_its_group_are_killed_when_it_exits() {
+    let site = Site::new("upload_leftovers");
+    let pid_file = site.path("leftover.pid");
+    let script = format!(
+        "#!/bin/sh\nsleep 120 >/dev/null 2>&1 &\necho $! > {}\necho image-1\n",
+        pid_file.display()
+    );
+    let body = scripted_upload(&site, &script, "");
+    site.config(0, "", &body);
+    let _b = site.start(0, &[]);
+    let (_, upload) = first_finished_upload(&site);
+    assert_eq!(upload.upload.state, UploadState::Ready, "{}", site.dump());
+    assert_eq!(upload.upload.external_id.as_deref(), Some("image-1"));
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _guard = KillOnDrop(pid);
+    wait_until(
+        Duration::from_secs(10),
+        "the sleep the upload command left behind to be killed",
+        || !crate::util::process_alive(pid),
+    );
+}
+
+#[test]
+fn a_builder_running_as_pid_1_of_a_pid_namespace_uploads() {
+    // As in a container: the daemon is PID 1, so its commands' parent is PID 1 too.
+    let site = Site::new("pid_1_uploads");
+    site.fedora_on_cloud(0, "");
+    let b = site.start_wrapped(
+        0,
+        &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
+        &[],
+        &[],
+    );
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", b.pid()))
+        .unwrap_or_default();
+    let daemon = children.split_whitespace().next().expect("unshare's child");
+    let status = std::fs::read_to_string(format!("/proc/{daemon}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1")),
+        "the builder is PID 1 in its namespace:\n{status}"
+    );
+    let (_, upload) = first_finished_upload(&site);
+    assert_eq!(
+        upload.upload.state,
+        UploadState::Ready,
+        "{}\n{}",
+        site.dump(),
+        b.log()
+    );
+    assert_eq!(site.cloud_images("cloud").len(), 1);
+}

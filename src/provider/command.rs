@@ -23,9 +23,13 @@
 //! configuration error, found when the driver is created; other braces pass through.
 //!
 //! The upload command prints the cloud's id for the image on its **last non-empty line of
-//! stdout**. A non-zero exit, a signal, or no id is a failure whose message has the exit
-//! status and the last lines of stderr. A delete command should exit 0 when the image is
-//! already gone.
+//! stdout**, surrounding whitespace ignored. The id must be one token of printable ASCII
+//! (no spaces or control characters) of at most 255 bytes ([`external_id`]): it is stored as
+//! the upload's `external_id`, handed to the delete command and compared with listings, so
+//! a progress line or a message printed last must not become one. A non-zero exit, a
+//! signal, no id or an invalid one is a failure whose message has the exit status and the
+//! last lines of stderr (and, for an invalid id, of stdout). A delete command should exit 0
+//! when the image is already gone.
 //!
 //! The optional `list-command` (placeholder `{provider}`, variable `NODEPOOL_PROVIDER`) lets
 //! the janitor find cloud images that have no upload record, such as the one a cloud
@@ -37,33 +41,40 @@
 //!
 //! # How commands run
 //!
-//! stdin is `/dev/null`; stdout and stderr are pipes read on the calling thread with
-//! `poll(2)` (only their last [`KEEP_OUTPUT`] bytes are kept); the child leads a process
-//! group of its own. When the deadline passes (the request's `timeout` for uploads,
-//! `image-upload-timeout` for deletions) the whole group gets SIGKILL and the child is
-//! reaped, so nothing the command started outlives it. The same happens if the calling
-//! thread unwinds while the command runs.
+//! Through the daemon's one subprocess runner (`crate::command`), the same as
+//! diskimage-builder, so every child of the daemon has one policy: stdin is `/dev/null`;
+//! the command leads a process group of its own and starts with default signal
+//! dispositions and an empty signal mask; stdout and stderr are captured apart (their last
+//! [`KEEP_OUTPUT`] bytes kept, [`LIST_OUTPUT_LIMIT`] of a listing's stdout). When the
+//! deadline passes (the request's `timeout` for uploads, `image-upload-timeout` for
+//! deletions and listings) the whole group gets SIGTERM, then SIGKILL after
+//! [`COMMAND_GRACE`]; when the command exits, whatever it left running in its group is
+//! killed. Nothing the command started in its group outlives it, also when the calling
+//! thread unwinds while it runs.
+//!
+//! One difference from DIB: the command gets SIGKILL from the kernel when the builder
+//! itself dies (`PR_SET_PDEATHSIG`), because an upload that runs on after its builder
+//! creates a cloud image nobody records. DIB is left to finish (its exit traps unmount and
+//! detach loop devices; the restarted builder removes its files). nodepool 11 has no
+//! command driver.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{self, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+
 use super::{CloudImage, ErrorKind, ProviderDriver, ProviderError, UploadRequest, Uploaded};
+use crate::command::{self, Completed, Outcome, Output, Spec, Tail};
 use crate::config;
 
 /// Bytes of stdout and of stderr kept per command (the tail).
 pub const KEEP_OUTPUT: usize = 64 * 1024;
-/// Most bytes read from one pipe before looking at the child and the clock again.
-const MAX_READ_PER_DRAIN: usize = 1 << 20;
-/// Lines of stderr quoted in an error message.
-const STDERR_LINES_IN_ERRORS: usize = 5;
-/// Longest single `poll(2)` wait, so that the child's exit is noticed even while a
-/// grandchild keeps the pipes open.
-const POLL_SLICE: Duration = Duration::from_millis(100);
+/// How long a command's process group has between SIGTERM and SIGKILL after its deadline.
+pub const COMMAND_GRACE: Duration = Duration::from_secs(5);
+/// The longest image id an upload command may print, in bytes.
+pub const MAX_EXTERNAL_ID_LEN: usize = 255;
+/// Lines of stdout or stderr quoted in an error message.
+const LINES_IN_ERRORS: usize = 5;
 
 const UPLOAD_PLACEHOLDERS: [&str; 7] = [
     "file",
@@ -179,21 +190,28 @@ impl ProviderDriver for CommandDriver {
             KEEP_OUTPUT,
             &context,
         )?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        match stdout.lines().map(str::trim).rfind(|l| !l.is_empty()) {
-            Some(id) => Ok(Uploaded {
-                external_id: id.to_string(),
-            }),
-            None => Err(ProviderError::new(
-                ErrorKind::Command,
-                format!(
-                    "provider {}: {context}: `{}` printed no image id on stdout{}",
-                    self.name,
-                    self.upload_command[0],
-                    stderr_note(&output.stderr)
-                ),
-            )),
-        }
+        let problem = match external_id(&output.stdout) {
+            Ok(id) => {
+                return Ok(Uploaded {
+                    external_id: id.to_string(),
+                });
+            }
+            Err(ExternalIdError::Missing) => "printed no image id on stdout".to_string(),
+            Err(ExternalIdError::Invalid(line)) => format!(
+                "printed an invalid image id {line:?} (expected one token of printable ASCII, \
+                 at most {MAX_EXTERNAL_ID_LEN} bytes){}",
+                output_note("stdout", &output.stdout)
+            ),
+        };
+        Err(ProviderError::new(
+            ErrorKind::Command,
+            format!(
+                "provider {}: {context}: `{}` {problem}{}",
+                self.name,
+                self.upload_command[0],
+                output_note("stderr", &output.stderr)
+            ),
+        ))
     }
 
     fn delete(&self, external_id: &str) -> Result<(), ProviderError> {
@@ -245,6 +263,35 @@ impl ProviderDriver for CommandDriver {
     }
 }
 
+/// Why an upload command's stdout holds no usable image id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExternalIdError {
+    /// Nothing but whitespace.
+    Missing,
+    /// The last non-empty line, trimmed, is not one printable token of at most
+    /// [`MAX_EXTERNAL_ID_LEN`] bytes; it is quoted here (invalid UTF-8 replaced).
+    Invalid(String),
+}
+
+/// The image id an upload command printed: its last non-empty line of stdout, without
+/// surrounding whitespace, which must be 1 to [`MAX_EXTERNAL_ID_LEN`] bytes of printable ASCII
+/// other than space.
+pub fn external_id(stdout: &[u8]) -> Result<&str, ExternalIdError> {
+    let last = stdout
+        .split(|&b| b == b'\n')
+        .map(|line| line.trim_ascii())
+        .rfind(|line| !line.is_empty())
+        .ok_or(ExternalIdError::Missing)?;
+    if last.len() <= MAX_EXTERNAL_ID_LEN && last.iter().all(|b| b.is_ascii_graphic()) {
+        // Printable ASCII is UTF-8.
+        Ok(std::str::from_utf8(last).expect("ASCII"))
+    } else {
+        Err(ExternalIdError::Invalid(
+            String::from_utf8_lossy(last).into_owned(),
+        ))
+    }
+}
+
 /// The images a list command printed (see the module docs), tagged as this provider's.
 fn parse_listing(provider: &str, stdout: &[u8]) -> Result<Vec<CloudImage>, String> {
     let text = std::str::from_utf8(stdout).map_err(|_| "the output is not UTF-8".to_string())?;
@@ -282,7 +329,7 @@ fn is_upload_id(s: &str) -> bool {
 }
 
 /// What a command printed.
-struct Output {
+struct CommandOutput {
     stdout: Vec<u8>,
     stderr: Vec<u8>,
     /// More than the kept tail of stdout was printed.
@@ -290,8 +337,8 @@ struct Output {
 }
 
 impl CommandDriver {
-    /// Runs `template` with `values` substituted; success means exit status 0. Only the
-    /// last `keep_stdout` bytes of stdout are kept.
+    /// Runs `template` with `values` substituted through the daemon's runner; success means
+    /// exit status 0. Only the last `keep_stdout` bytes of stdout are kept.
     fn run(
         &self,
         template: &[String],
@@ -300,271 +347,67 @@ impl CommandDriver {
         timeout: Duration,
         keep_stdout: usize,
         context: &str,
-    ) -> Result<Output, ProviderError> {
+    ) -> Result<CommandOutput, ProviderError> {
         let argv: Vec<String> = template.iter().map(|arg| substitute(arg, values)).collect();
         let program = &argv[0];
         let error = |kind: ErrorKind, msg: String| {
             ProviderError::new(kind, format!("provider {}: {context}: {msg}", self.name))
         };
         log::debug!("provider {}: running {argv:?}", self.name);
-        let mut command = Command::new(program);
-        command
-            .args(&argv[1..])
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        // CAUTION: between fork and exec only async-signal-safe calls. The command dies with
-        // the builder (PR_SET_PDEATHSIG fires when the spawning upload thread ends, which is
-        // when the process ends: the thread waits for the child), so a stopped builder never
-        // leaves an upload running on that would create a cloud image nobody records. The
-        // signal mask is emptied, as for DIB.
-        // SAFETY: prctl, sigprocmask and getppid are async-signal-safe; nothing allocates.
-        unsafe {
-            command.pre_exec(|| {
-                let mut empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut empty);
-                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() == 1 {
-                    return Err(std::io::Error::other("the builder exited"));
-                }
-                Ok(())
-            });
-        }
-        let child = command
-            .spawn()
-            .map_err(|e| error(ErrorKind::Command, format!("cannot run `{program}`: {e}")))?;
-        let mut running = Running {
-            child,
-            reaped: false,
+        let spec = Spec {
+            program: program.clone(),
+            args: argv[1..].to_vec(),
+            env,
+            cwd: None,
+            output: Output::Capture {
+                stdout: keep_stdout,
+                stderr: KEEP_OUTPUT,
+            },
+            timeout: Some(timeout),
+            grace: COMMAND_GRACE,
+            parent_death_signal: Some(Signal::SIGKILL),
         };
         let started = Instant::now();
-        match running.collect(started + timeout, keep_stdout) {
-            Ok((status, output)) => {
-                log::debug!(
-                    "provider {}: `{program}` ended ({status}) after {:.1?}",
-                    self.name,
-                    started.elapsed()
-                );
-                if status.success() {
-                    Ok(output)
-                } else {
-                    Err(error(
-                        ErrorKind::Command,
-                        format!(
-                            "`{program}` failed ({}){}",
-                            describe_exit(status),
-                            stderr_note(&output.stderr)
-                        ),
-                    ))
-                }
-            }
-            Err(Collect::TimedOut(output)) => Err(error(
+        let running = command::spawn(spec)
+            .map_err(|e| error(ErrorKind::Command, format!("cannot run `{program}`: {e}")))?;
+        let Completed {
+            outcome,
+            stdout,
+            stderr,
+        } = running
+            .wait_captured(&crossbeam_channel::never())
+            .map_err(|e| error(ErrorKind::Io, format!("`{program}`: {e}")))?;
+        log::debug!(
+            "provider {}: `{program}` ended ({outcome}) after {:.1?}",
+            self.name,
+            started.elapsed()
+        );
+        let Tail {
+            bytes: stdout,
+            truncated: stdout_truncated,
+        } = stdout;
+        let stderr = stderr.bytes;
+        match outcome {
+            Outcome::Exited(0) => Ok(CommandOutput {
+                stdout,
+                stderr,
+                stdout_truncated,
+            }),
+            Outcome::TimedOut => Err(error(
                 ErrorKind::Timeout,
                 format!(
-                    "`{program}` did not finish within {timeout:?}; killed its process group{}",
-                    stderr_note(&output.stderr)
+                    "`{program}` did not finish within {timeout:?}; stopped its process group \
+                     (SIGTERM, SIGKILL after {COMMAND_GRACE:?}){}",
+                    output_note("stderr", &stderr)
                 ),
             )),
-            Err(Collect::Io(e)) => Err(error(ErrorKind::Io, format!("`{program}`: {e}"))),
-        }
-    }
-}
-
-/// A running child in its own process group. Dropping it before the child was reaped kills
-/// the group and reaps the child.
-struct Running {
-    child: Child,
-    reaped: bool,
-}
-
-enum Collect {
-    TimedOut(Output),
-    Io(io::Error),
-}
-
-impl Running {
-    /// Reads stdout and stderr until the child exits, or kills the group at `deadline`.
-    fn collect(
-        &mut self,
-        deadline: Instant,
-        keep_stdout: usize,
-    ) -> Result<(ExitStatus, Output), Collect> {
-        let mut stdout = Pipe::new(
-            self.child
-                .stdout
-                .take()
-                .map(|p| File::from(OwnedFd::from(p))),
-            keep_stdout,
-        );
-        let mut stderr = Pipe::new(
-            self.child
-                .stderr
-                .take()
-                .map(|p| File::from(OwnedFd::from(p))),
-            KEEP_OUTPUT,
-        );
-        loop {
-            if let Some(status) = self.child.try_wait().map_err(Collect::Io)? {
-                self.reaped = true;
-                // Whatever is still buffered in the pipes; a grandchild holding them open
-                // does not keep us here.
-                stdout.drain_ready();
-                stderr.drain_ready();
-                return Ok((status, Output::of(stdout, stderr)));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                self.kill_group();
-                stdout.drain_ready();
-                stderr.drain_ready();
-                return Err(Collect::TimedOut(Output::of(stdout, stderr)));
-            }
-            let slice = (deadline - now).min(POLL_SLICE);
-            wait_readable(&mut [&mut stdout, &mut stderr], slice).map_err(Collect::Io)?;
-        }
-    }
-
-    fn kill_group(&mut self) {
-        if self.reaped {
-            return;
-        }
-        let pgid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        // The group may already be empty; the child itself is reaped below either way.
-        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.reaped = true;
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.kill_group();
-    }
-}
-
-impl Output {
-    fn of(stdout: Pipe, stderr: Pipe) -> Output {
-        Output {
-            stdout_truncated: stdout.truncated,
-            stdout: stdout.data,
-            stderr: stderr.data,
-        }
-    }
-}
-
-/// One output pipe and the tail of what came through it.
-struct Pipe {
-    reader: Option<File>,
-    data: Vec<u8>,
-    /// How many bytes of the tail are kept.
-    keep: usize,
-    /// Whether bytes before the kept tail were dropped.
-    truncated: bool,
-}
-
-impl Pipe {
-    fn new(reader: Option<File>, keep: usize) -> Pipe {
-        if let Some(r) = &reader {
-            set_nonblocking(r.as_raw_fd());
-        }
-        Pipe {
-            reader,
-            data: Vec::new(),
-            keep,
-            truncated: false,
-        }
-    }
-
-    /// Drops all but the last `keep` bytes of `data` once it holds more than `limit`.
-    fn trim(data: &mut Vec<u8>, truncated: &mut bool, keep: usize, limit: usize) {
-        if data.len() > limit {
-            data.drain(..data.len() - keep);
-            *truncated = true;
-        }
-    }
-
-    /// Reads what is available now; drops the reader at end of file.
-    /// At most [`MAX_READ_PER_DRAIN`] bytes per call, so that a command that never stops
-    /// writing cannot keep the caller from checking the deadline.
-    fn drain_ready(&mut self) {
-        let Some(reader) = &mut self.reader else {
-            return;
-        };
-        let mut buf = [0u8; 16 * 1024];
-        let mut read = 0;
-        while read < MAX_READ_PER_DRAIN {
-            match reader.read(&mut buf) {
-                Ok(0) => {
-                    self.reader = None;
-                    return;
-                }
-                Ok(n) => {
-                    read += n;
-                    self.data.extend_from_slice(&buf[..n]);
-                    Pipe::trim(
-                        &mut self.data,
-                        &mut self.truncated,
-                        self.keep,
-                        2 * self.keep,
-                    );
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // WouldBlock: nothing more for now. Anything else: treat as closed.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    self.reader = None;
-                    break;
-                }
-            }
-        }
-        Pipe::trim(&mut self.data, &mut self.truncated, self.keep, self.keep);
-    }
-}
-
-/// Sleeps until one of the open pipes is readable (or closed) or `timeout` passes, then reads
-/// what is there.
-fn wait_readable(pipes: &mut [&mut Pipe], timeout: Duration) -> io::Result<()> {
-    let mut fds: Vec<libc::pollfd> = pipes
-        .iter()
-        .filter_map(|p| p.reader.as_ref())
-        .map(|r| libc::pollfd {
-            fd: r.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    if fds.is_empty() {
-        std::thread::sleep(timeout);
-        return Ok(());
-    }
-    let millis = timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
-    // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfd structs.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-    for pipe in pipes.iter_mut() {
-        pipe.drain_ready();
-    }
-    Ok(())
-}
-
-fn set_nonblocking(fd: std::os::fd::RawFd) {
-    // SAFETY: fcntl on a file descriptor we own; failure leaves it blocking, which only
-    // makes reads wait (poll said they would not).
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            Outcome::Exited(_) | Outcome::Signaled(_) | Outcome::Cancelled => Err(error(
+                ErrorKind::Command,
+                format!(
+                    "`{program}` failed ({outcome}){}",
+                    output_note("stderr", &stderr)
+                ),
+            )),
         }
     }
 }
@@ -633,17 +476,9 @@ pub fn env_key(key: &str) -> String {
         .collect()
 }
 
-fn describe_exit(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit status {code}"),
-        (None, Some(signal)) => format!("killed by signal {signal}"),
-        _ => status.to_string(),
-    }
-}
-
-/// `; stderr: <last lines>` or nothing.
-fn stderr_note(stderr: &[u8]) -> String {
-    let text = String::from_utf8_lossy(stderr);
+/// `; <label>: <last lines>` or nothing.
+fn output_note(label: &str, output: &[u8]) -> String {
+    let text = String::from_utf8_lossy(output);
     let lines: Vec<&str> = text
         .lines()
         .map(str::trim)
@@ -652,8 +487,8 @@ fn stderr_note(stderr: &[u8]) -> String {
     if lines.is_empty() {
         return String::new();
     }
-    let tail = &lines[lines.len().saturating_sub(STDERR_LINES_IN_ERRORS)..];
-    format!("; stderr: {}", tail.join(" | "))
+    let tail = &lines[lines.len().saturating_sub(LINES_IN_ERRORS)..];
+    format!("; {label}: {}", tail.join(" | "))
 }
 
 #[cfg(test)]
@@ -672,6 +507,30 @@ mod tests {
             substitute("{file}:{format}:{other}:{", &values),
             "/a b/{format}:raw:{other}:{"
         );
+    }
+
+    #[test]
+    fn the_external_id_is_one_printable_token_on_the_last_non_empty_line() {
+        assert_eq!(
+            external_id(b"copying...\n  ami-0123  \r\n\n"),
+            Ok("ami-0123")
+        );
+        assert_eq!(external_id(b"\x21~{}/:"), Ok("\x21~{}/:"));
+        let longest = "x".repeat(MAX_EXTERNAL_ID_LEN);
+        assert_eq!(external_id(longest.as_bytes()), Ok(longest.as_str()));
+        assert_eq!(external_id(b""), Err(ExternalIdError::Missing));
+        assert_eq!(external_id(b" \n\t\n"), Err(ExternalIdError::Missing));
+        let invalid = |s: &str| Err(ExternalIdError::Invalid(s.to_string()));
+        assert_eq!(
+            external_id(b"image 42 (pending)\n"),
+            invalid("image 42 (pending)")
+        );
+        assert_eq!(external_id(b"id\x07bell"), invalid("id\x07bell"));
+        assert_eq!(external_id(b"tab\tinside"), invalid("tab\tinside"));
+        assert_eq!(external_id("caf\u{e9}".as_bytes()), invalid("caf\u{e9}"));
+        assert_eq!(external_id(b"bad\xffutf8"), invalid("bad\u{fffd}utf8"));
+        let too_long = "x".repeat(MAX_EXTERNAL_ID_LEN + 1);
+        assert_eq!(external_id(too_long.as_bytes()), invalid(&too_long));
     }
 
     #[test]
