@@ -3,7 +3,9 @@
 //!
 //! Start-up order matters: signal handlers first (before any worker thread), then the
 //! ZooKeeper session with its new-session hooks, then the workers; "ready" is announced only
-//! once ZooKeeper is connected and every thread is up.
+//! once ZooKeeper is connected and every thread is up. The last step of the shutdown stops
+//! every command still running (`command::stop_all`): a detached upload's command and
+//! everything in its process group.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,12 +14,16 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, unbounded};
 use log::{debug, error, info, warn};
 
+use crate::command;
 use crate::config::Config;
 use crate::identity;
 use crate::scheduler;
 use crate::signals::{self, ControlSignal};
 use crate::thread::{self, ThreadKind};
 use crate::zk::{Zk, ZkConfig, component};
+
+/// How long commands still running at exit get between SIGTERM and SIGKILL.
+const COMMAND_STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Daemon options from the command line.
 #[derive(Debug, Clone)]
@@ -89,6 +95,12 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
     }
     info!("Shutting down: closing the ZooKeeper session");
     zk.close();
+    // Uploads past their grace are left to their threads, but not their commands: an
+    // upload command running on would create a cloud image nobody records.
+    let stopped = command::stop_all(COMMAND_STOP_GRACE);
+    if stopped > 0 {
+        info!("Stopped {stopped} command(s) still running");
+    }
     info!("nodepool-builder stopped");
     Ok(())
 }

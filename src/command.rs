@@ -39,6 +39,12 @@
 //! group with SIGKILL and reaps the child, so a panic or an early return never leaves a
 //! zombie or an orphaned group behind.
 //!
+//! The runner keeps the group id of every command whose leader it has not reaped yet. At
+//! exit the daemon calls [`stop_all`], which gives the groups still running (uploads that
+//! outlived the shutdown grace) SIGTERM, a bounded wait, then SIGKILL, and refuses to start
+//! anything after that. An entry leaves the registry under its lock just before the reap,
+//! so `stop_all` never signals a group id that could have been reused.
+//!
 //! # Why a pidfd, and why the reader thread watches it
 //!
 //! The exit of the child has to be seen at the same time as the cancel channel and the
@@ -92,6 +98,7 @@
 //! open. The normal path writes nothing, so the log of a successful run is exactly the
 //! command's output. The caller writes upstream's `Exit code: <rc>` line itself.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -100,6 +107,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -268,6 +276,8 @@ pub enum SpawnError {
         what: &'static str,
         source: io::Error,
     },
+    /// [`stop_all`] has begun: the daemon is exiting and starts nothing more.
+    Stopping { command: String },
 }
 
 impl SpawnError {
@@ -276,7 +286,8 @@ impl SpawnError {
         match self {
             SpawnError::Exec { command, .. }
             | SpawnError::Log { command, .. }
-            | SpawnError::Setup { command, .. } => command,
+            | SpawnError::Setup { command, .. }
+            | SpawnError::Stopping { command } => command,
         }
     }
 }
@@ -302,6 +313,9 @@ impl fmt::Display for SpawnError {
                 what,
                 source,
             } => write!(f, "cannot {what} for '{command}': {}", strerror(source)),
+            SpawnError::Stopping { command } => {
+                write!(f, "not starting '{command}': the builder is stopping")
+            }
         }
     }
 }
@@ -312,6 +326,7 @@ impl std::error::Error for SpawnError {
             SpawnError::Exec { source, .. }
             | SpawnError::Log { source, .. }
             | SpawnError::Setup { source, .. } => Some(source),
+            SpawnError::Stopping { .. } => None,
         }
     }
 }
@@ -441,10 +456,8 @@ pub fn spawn(spec: Spec) -> Result<Running, SpawnError> {
     let child = match cmd.spawn() {
         Ok(child) => child,
         Err(source) => {
-            if created_log {
-                if let Some(path) = &notes.as_ref().map(|n| n.path.clone()) {
-                    let _ = fs::remove_file(path);
-                }
+            if created_log && let Some(notes) = &notes {
+                let _ = fs::remove_file(&notes.path);
             }
             return Err(SpawnError::Exec { command, source });
         }
@@ -488,6 +501,17 @@ pub fn spawn(spec: Spec) -> Result<Running, SpawnError> {
     })
     .map_err(|e| abort(setup("start the output reader thread")(e)))?;
 
+    {
+        let mut live = live_groups();
+        if live.stopping {
+            drop(live);
+            let error = abort(SpawnError::Stopping {
+                command: command.clone(),
+            });
+            return Err(error);
+        }
+        live.groups.insert(pid.as_raw(), command.clone());
+    }
     log::debug!("started process group {pid} ({command})");
     Ok(Running {
         pid,
@@ -669,6 +693,9 @@ impl Running {
             self.stop_reader();
             return Err(io::Error::new(io::ErrorKind::TimedOut, message));
         }
+        // CAUTION: out of the registry before the reap, under its lock, so that `stop_all`
+        // never signals a group id that may already belong to someone else.
+        live_groups().groups.remove(&self.pid.as_raw());
         loop {
             match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => {
@@ -800,6 +827,57 @@ impl Drop for Running {
             self.finish_reader();
         }
     }
+}
+
+/// Stops every command still running at exit, and everything new: SIGTERM (and SIGCONT) to
+/// each process group started by [`spawn`] whose leader has not been reaped, up to `grace`
+/// for their owners to see them end, then SIGKILL to the groups left. From the first call
+/// on, [`spawn`] refuses to start anything ([`SpawnError::Stopping`]). Returns how many
+/// groups were running.
+///
+/// For the daemon's last moments: uploads that outlive the shutdown grace are left to their
+/// threads, but their commands, and whatever those started in their groups, must not run
+/// on and create a cloud image nobody records.
+pub fn stop_all(grace: Duration) -> usize {
+    let running = {
+        let mut live = live_groups();
+        live.stopping = true;
+        for (&pgid, command) in &live.groups {
+            log::info!("stopping process group {pgid} ({command}): sending SIGTERM");
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGCONT);
+        }
+        live.groups.len()
+    };
+    if running > 0 && !wait_for(Instant::now() + grace, || live_groups().groups.is_empty()) {
+        let live = live_groups();
+        for (&pgid, command) in &live.groups {
+            log::warn!(
+                "process group {pgid} ({command}) still running {grace:?} after SIGTERM; \
+                 sending SIGKILL"
+            );
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+    running
+}
+
+/// The process groups of [`Running`] commands, and whether [`stop_all`] has begun.
+struct LiveGroups {
+    /// Group id (the leader's pid) to command line, from the spawn until just before the
+    /// leader is reaped.
+    groups: BTreeMap<i32, String>,
+    stopping: bool,
+}
+
+static LIVE_GROUPS: Mutex<LiveGroups> = Mutex::new(LiveGroups {
+    groups: BTreeMap::new(),
+    stopping: false,
+});
+
+fn live_groups() -> MutexGuard<'static, LiveGroups> {
+    // Nothing panics while holding it; a poisoned lock still has consistent data.
+    LIVE_GROUPS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Splits a command line into words with POSIX shell rules, like Python's `shlex.split`:

@@ -505,3 +505,31 @@ fn a_builder_running_as_pid_1_of_a_pid_namespace_uploads() {
     );
     assert_eq!(site.cloud_images("cloud").len(), 1);
 }
+
+#[test]
+fn stopping_the_builder_stops_every_process_of_a_running_upload_command() {
+    // An upload command that is a wrapper script: the real upload is its child. Were only
+    // the script killed, the child would go on and create a cloud image nobody records.
+    use nix::sys::signal::Signal;
+    let site = Site::new("stop_upload_group");
+    let pid_file = site.path("child.pid");
+    let script = format!(
+        "#!/bin/sh\nsleep 300 &\necho $! > {}\nwait\necho image-1\n",
+        pid_file.display()
+    );
+    let body = scripted_upload(&site, &script, "");
+    site.config(0, "", &body);
+    let mut b = site.start(0, &[]);
+    let child: i32 = site.wait("the upload command's child to start", || {
+        std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+    });
+    let _guard = KillOnDrop(child);
+    b.signal(Signal::SIGTERM);
+    let status = b.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", b.log());
+    wait_until(
+        Duration::from_secs(10),
+        "the upload command's child to die with the builder",
+        || !crate::util::process_alive(child),
+    );
+}
