@@ -3,13 +3,14 @@
 //!
 //! Start-up order matters: signal handlers first (before any worker thread), then the
 //! ZooKeeper session with its new-session hooks, then the workers; "ready" is announced only
-//! once ZooKeeper is connected and every thread is up. The last step of the shutdown stops
-//! every command still running (`command::stop_all`): a detached upload's command and
-//! everything in its process group.
+//! once ZooKeeper is connected and every thread is up, and once the component is registered
+//! or one session timeout has passed trying (the registration is retried meanwhile: see
+//! `zk::component`). The last step of the shutdown stops every command still running
+//! (`command::stop_all`): a detached upload's command and everything in its process group.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, unbounded};
 use log::{debug, error, info, warn};
@@ -59,11 +60,23 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
         info!("Stopped before ZooKeeper was reached");
         return Ok(());
     }
-    // Like upstream, announce readiness only once the component is registered.
+    // Like upstream, announce readiness once the component is registered, but never wait for
+    // it for ever: ZooKeeper may refuse it (an ACL on the component root). After one session
+    // timeout the daemon starts anyway; the registration goes on being retried.
+    let registered_by = Instant::now() + zk.session_timeout();
     while registration.wait(&zk, Duration::from_millis(500)).is_none() {
         if let Ok(ControlSignal::Shutdown) = ctl_rx.try_recv() {
             zk.close();
             return Ok(());
+        }
+        if Instant::now() >= registered_by {
+            error!(
+                "the builder component is not registered yet ({}); starting anyway, the registration is retried",
+                registration
+                    .last_error()
+                    .unwrap_or_else(|| "no answer from ZooKeeper".into())
+            );
+            break;
         }
     }
     debug!("Starting listener for build jobs");

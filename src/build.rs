@@ -16,8 +16,10 @@
 //!    stops the whole group.
 //! 5. Overwrite the record with `ready` (with formats) or `failed` (without), and delete
 //!    `request-build` after a `ready` result. If the ZooKeeper session was lost while DIB ran,
-//!    the result is `failed` ("ZooKeeper lost while building"). If the final write fails, the
-//!    build's local files are deleted at once.
+//!    the result is `failed` ("ZooKeeper lost while building"). A session that was only
+//!    suspended (a server restart, a network blip) and resumed is no loss: DIB keeps running
+//!    while suspended, and a result that comes while still suspended waits for the session's
+//!    fate. If the final write fails, the build's local files are deleted at once.
 //!
 //! The lock is held for the whole DIB run. Every job reports exactly one [`BuildOutcome`],
 //! even when the worker panics (the pool's guard reports it).
@@ -344,10 +346,11 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
     );
     let stopped = detail.as_deref() == Some("stopped by shutdown");
 
-    // Upstream waits while suspended before writing the result; we wait, with a deadline.
+    // Upstream waits while suspended before writing the result; so do we, for as long as the
+    // session may stay suspended: if it resumes, the build is still ours to record.
     if zk.state() == ConnState::Suspended {
-        let from = zk.session();
-        zk.wait_state_change(from, zk.config().session_timeout * 2);
+        info!("image={image} build={build_id}: waiting for ZooKeeper to record the result");
+        zk.wait_while_suspended(zk.suspension_limit() + zk.session_timeout());
     }
     let mut record = ImageBuild {
         state: BuildState::Failed,

@@ -128,6 +128,42 @@ fn foreground_daemon_stops_on_sigterm() {
     stops_cleanly_on(Signal::SIGTERM, "daemon_sigterm");
 }
 
+/// Regression (issue 14, item 8): the daemon waited for its component registration for ever
+/// (never ready, no work done) when ZooKeeper refused it. It now starts once the session
+/// timeout has passed, saying why it is not registered, and registers as soon as ZooKeeper
+/// allows it.
+#[test]
+fn a_refused_registration_does_not_keep_the_daemon_from_starting() {
+    let server = ZkServer::shared();
+    let chroot = server.chroot("daemon_refused_registration");
+    // A read-only builder root (an operator's ACL mistake): ZooKeeper refuses the create.
+    let root = format!("{chroot}/nodepool/components/builder");
+    server.ensure_path(&root);
+    server.refuse_creates_under(&root);
+    let dir = test_dir("daemon_refused_registration");
+    let cfg = tls_config(dir.path(), server, &chroot);
+    let mut builder = BuilderProcess::start(
+        &["-d", "-c", cfg.to_str().unwrap()],
+        &[],
+        &dir.path().join("builder.log"),
+    );
+    builder.wait_for_log(Duration::from_secs(60), "ready: builder_id=");
+    let log = builder.log();
+    assert!(
+        log.contains("not registered yet") && log.contains("not authorized"),
+        "the log says why the builder is not registered:\n{log}"
+    );
+    assert!(!log.contains("Registered builder component"), "{log}");
+    server.allow_creates_under(&root);
+    builder.wait_for_log(Duration::from_secs(60), "Registered builder component");
+    let conn = kz_tls_args(server, &chroot);
+    let nodes = run_kazoo_ok(
+        "kz.py",
+        &kz_args(&conn, &["ls", "/nodepool/components/builder"]),
+    );
+    assert_eq!(nodes.lines().count(), 1, "registered once: {nodes:?}");
+}
+
 #[test]
 fn check_config_exits_2_with_every_error_located() {
     let bad = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/bad");

@@ -18,7 +18,7 @@
 //! and one summary line. The long manual run is in README.md, "Reliability".
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -491,6 +491,174 @@ fn session_expiry_during_a_build_and_an_upload_redoes_the_work_once() {
         &checker,
         &format!("interrupted_upload={how}"),
     );
+}
+
+/// A site whose builder 0 (image `fedora` on the directory cloud `cloud`, `top` added to its
+/// config) and whose test session talk to the dedicated `server`, which the test may kill and
+/// restart (the site borrows only the shared server's certificates), and its checker.
+fn site_on_dedicated(server: &ZkServer, name: &str, top: &str) -> (Site, Arc<Checker>) {
+    let chroot = server.chroot(name);
+    let hosts = vec![("127.0.0.1".to_string(), server.plain_port())];
+    let site = Site::with_session(name, ZkServer::shared(), chroot.clone(), hosts.clone());
+    let cfg = site.fedora_on_cloud(0, &format!("cleanup-interval = 1.0\n{top}"));
+    let shared_port = format!("port = {}\n", ZkServer::shared().tls_port().unwrap());
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains(&shared_port), "{text}");
+    let text = text.replace(
+        &shared_port,
+        &format!("port = {}\n", server.tls_port().unwrap()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let checker = Checker::new(
+        hosts,
+        &chroot,
+        cloud_specs(&site, &[("cloud", &["fedora"])]),
+        vec![site.images_dir(0)],
+    );
+    (site, checker)
+}
+
+/// The id of the first ZooKeeper session in a builder's log (`Connected to zookeeper … (session
+/// 0x…, …`).
+fn first_session_id(b: &BuilderProcess) -> String {
+    let log = b.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("Connected to zookeeper"))
+        .unwrap_or_else(|| panic!("no session in the log:\n{log}"));
+    let start = line.find("(session ").expect("session id in the line") + "(session ".len();
+    line[start..].split(',').next().unwrap().to_string()
+}
+
+/// Regression (issue 14, item 4): the builder gave its session up 7/10 of the session timeout
+/// after the connection dropped, although a standalone server restarted from its data
+/// directory restores its sessions: the running build was then abandoned and done again.
+/// Now the session is kept until the server says it expired (or twice the negotiated timeout
+/// has passed without reaching it): the same session resumes, the build that ran through the
+/// restart is recorded `ready` once, and no second build starts.
+#[test]
+fn a_server_restart_within_the_session_timeout_resumes_the_session_and_its_build() {
+    let seed = seed();
+    // tickTime 500 ms: the server grants sessions of up to 10 s.
+    let mut server = ZkServer::start(ZkOptions::tls());
+    let timeout = Duration::from_secs(10);
+    let (site, checker) =
+        site_on_dedicated(&server, "faults_restart_short", "zookeeper-timeout = 10.0");
+    let sampler = Sampler::start(&checker);
+    let pause = site.control(0, "fake-dib.pause", "");
+    let mut b = site.start(0, &[]);
+    let building = site
+        .wait_builds("fedora", BuildState::Building, 1)
+        .remove(0)
+        .id;
+    let session = first_session_id(&b);
+
+    server.kill();
+    let killed = Instant::now();
+    b.wait_for_log(WAIT, "ZooKeeper connection suspended");
+    // The server stays away for 3/4 of the session timeout, plus its JVM's start-up.
+    wait_until(
+        timeout,
+        "three quarters of the session timeout without a server",
+        || killed.elapsed() >= timeout.mul_f64(0.75),
+    );
+    server.restart();
+    let outage = killed.elapsed();
+    b.wait_for_log(WAIT, &format!("ZooKeeper session {session} resumed"));
+    std::fs::remove_file(&pause).unwrap();
+    let (built, _) = wait_cond(
+        &site,
+        &checker,
+        WAIT,
+        "a ready upload after the restart",
+        || {
+            site.uploads_in("fedora", "cloud", UploadState::Ready)
+                .into_iter()
+                .next()
+        },
+    );
+    checker.wait_final(SETTLE, 1, &|| logs(&site));
+    sampler.stop();
+    let log = b.log();
+    assert!(
+        !log.contains("ZooKeeper session lost"),
+        "the session was given up although the server kept it (outage {outage:?}):\n{log}"
+    );
+    assert_eq!(
+        log.matches("Connected to zookeeper").count(),
+        1,
+        "one ZooKeeper session for the whole test:\n{log}"
+    );
+    assert_eq!(built, building, "the build that ran through the restart");
+    let builds = site.builds("fedora");
+    assert_eq!(builds.len(), 1, "recorded once: {builds:?}");
+    assert_eq!(builds[0].build.state, BuildState::Ready, "{builds:?}");
+    assert_eq!(
+        log.matches("Building image fedora").count(),
+        1,
+        "no second build:\n{log}"
+    );
+    summary(
+        "restart-within-timeout",
+        seed,
+        1,
+        &checker,
+        &format!("outage_ms={}", outage.as_millis()),
+    );
+}
+
+/// A restart that takes longer than the session may wait (twice the negotiated timeout):
+/// the session is given up, the build is abandoned (recorded `failed` once it ends) and done
+/// once more, after the old session the restarted server restored has expired with its lock.
+#[test]
+fn a_server_restart_beyond_the_session_timeout_redoes_the_build_once() {
+    let seed = seed();
+    let mut server = ZkServer::start(ZkOptions::tls());
+    let (site, checker) =
+        site_on_dedicated(&server, "faults_restart_long", "zookeeper-timeout = 4.0");
+    let sampler = Sampler::start(&checker);
+    let pause = site.control(0, "fake-dib.pause", "");
+    let mut b = site.start(0, &[]);
+    let abandoned = site
+        .wait_builds("fedora", BuildState::Building, 1)
+        .remove(0)
+        .id;
+    server.kill();
+    b.wait_for_log(WAIT, "ZooKeeper session lost");
+    server.restart();
+    b.wait_for_log(WAIT, "generation 2)");
+    std::fs::remove_file(&pause).unwrap();
+    let (built, _) = wait_cond(
+        &site,
+        &checker,
+        WAIT,
+        "a ready upload of the redone build",
+        || {
+            site.uploads_in("fedora", "cloud", UploadState::Ready)
+                .into_iter()
+                .next()
+        },
+    );
+    assert_ne!(built, abandoned, "the build was redone under a new id");
+    checker.wait_final(SETTLE, 1, &|| logs(&site));
+    sampler.stop();
+    let log = b.log();
+    assert!(
+        log.contains("ZooKeeper lost while building fedora"),
+        "the abandoned build was recorded failed:\n{log}"
+    );
+    assert_eq!(
+        log.matches("Building image fedora").count(),
+        2,
+        "built twice, not more:\n{log}"
+    );
+    let builds = site.builds("fedora");
+    assert_eq!(
+        builds.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(),
+        vec![built.as_str()],
+        "only the redone build is left"
+    );
+    summary("restart-beyond-timeout", seed, 1, &checker, "");
 }
 
 /// A builder on `site` (one image on the directory cloud) that talks plaintext to ZooKeeper

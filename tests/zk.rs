@@ -458,6 +458,42 @@ fn a_lost_reply_to_the_component_registration_does_not_register_twice() {
     assert_eq!(zk.session().generation, 1, "within the first session");
 }
 
+/// Regression (issue 14, item 8): a registration ZooKeeper refused was given up for the
+/// rest of the session (the retry covered only connection losses, for one session timeout),
+/// and the daemon waited for it for ever. It is now retried for as long as the session lives.
+#[test]
+fn a_refused_component_registration_is_retried_while_the_session_lives() {
+    let server = ZkServer::shared();
+    let chroot = server.chroot("component_refused");
+    // A read-only builder root (an operator's ACL mistake): ZooKeeper refuses the create.
+    let root = format!("{chroot}{}", paths::component_kind_path("builder"));
+    server.ensure_path(&root);
+    server.refuse_creates_under(&root);
+    let timeout = Duration::from_secs(2);
+    let zk = Session(Zk::new(plain_cfg(server, &chroot, timeout)));
+    let reg = component::register_on_every_session(&zk, "vm".into(), "0.1.0".into());
+    zk.start();
+    assert!(zk.wait_connected(CONNECT), "connected");
+    assert_eq!(
+        reg.wait(&zk, timeout * 2),
+        None,
+        "not registered while ZooKeeper refuses"
+    );
+    assert!(
+        reg.last_error()
+            .is_some_and(|e| e.contains("not authorized")),
+        "the refusal is reported: {:?}",
+        reg.last_error()
+    );
+    server.allow_creates_under(&root);
+    let node = reg
+        .wait(&zk, CONNECT)
+        .expect("registered once ZooKeeper allows it");
+    assert!(zk.exists(&node).unwrap().is_some());
+    assert_eq!(reg.last_error(), None, "no error left once registered");
+    assert_eq!(zk.session().generation, 1, "within the first session");
+}
+
 #[test]
 fn frozen_server_means_lost_session_then_a_new_one_with_registration() {
     let mut server = ZkServer::start(ZkOptions::default());
@@ -485,10 +521,12 @@ fn frozen_server_means_lost_session_then_a_new_one_with_registration() {
             break frozen_at.elapsed();
         }
     };
-    // The client notices before the server would expire the session (7/5 × timeout after the
-    // last receive, which is at most one ping interval before the freeze).
+    // A frozen server may still hold the session once it runs again, so it is kept for twice
+    // the negotiated timeout after the silence is noticed (the connection timeout, 3/5 of the
+    // session timeout, after the last receive, which is at most one ping interval before the
+    // freeze), and then given up: the server has surely expired it by then.
     assert!(
-        lost <= timeout.mul_f64(1.5) + Duration::from_millis(500),
+        lost >= timeout * 2 && lost <= timeout.mul_f64(2.7) + Duration::from_millis(500),
         "Lost after {lost:?}"
     );
     assert!(

@@ -28,6 +28,13 @@
 //! * A [`LockGuard`] knows the session generation it was taken in. After the session is lost
 //!   it reports `is_valid() == false`: long critical sections (a DIB build holding the image
 //!   build lock for hours) check it before writing their result.
+//! * While the session is suspended it may still come back with our contender in it (see
+//!   `zk`'s "How long a suspended session is kept"), so nothing here concludes anything from
+//!   a connection loss: each step retries until the session is connected again or given up,
+//!   for longer than a session can stay suspended. A watch ending with the client (the crate
+//!   expires its client before the supervisor asks the server) is no proof either: the
+//!   contenders are read again once connected. Only a lost session (or a new generation)
+//!   means our contender is gone.
 //! * The recipe is not re-entrant: an in-process table keeps two threads of this process from
 //!   contending through ZooKeeper for the same path.
 
@@ -272,6 +279,14 @@ fn acquire_remote(
         .to_string();
     let our_seq = sequence_of(&our_name).unwrap_or_default().to_string();
     loop {
+        let session = zk.session();
+        if session.generation != generation || session.state == ConnState::Lost {
+            // Our contender went with the session.
+            guard.released = true;
+            return Err(LockError::Lost {
+                path: path.to_string(),
+            });
+        }
         let children = zk
             .retry(op_timeout, |zk| zk.get_children(path))?
             .unwrap_or_default();
@@ -304,21 +319,17 @@ fn acquire_remote(
             guard.release_inner()?;
             return Ok(None);
         }
-        if let Some(ev) = zk.wait_watch(watch, deadline - now)
-            && ev.kind == super::WatchKind::SessionEnded
-        {
-            guard.released = true;
-            return Err(LockError::Lost {
-                path: path.to_string(),
-            });
-        }
+        // Whatever ended the wait (the predecessor changed, the client expired, the time is
+        // up), the next turn reads the contenders again, once connected.
+        let _ = zk.wait_watch(watch, deadline - now);
     }
 }
 
-/// How long one lock step keeps retrying through a connection loss: longer than the
-/// supervisor waits before it gives a suspended session up.
+/// How long one lock step keeps retrying through a connection loss: longer than a session
+/// can stay suspended (a step given up while the session may still resume could leave our
+/// contender behind, blocking the lock for the session's life).
 fn op_timeout(zk: &Zk) -> Duration {
-    zk.config().session_timeout.max(Duration::from_secs(2))
+    (zk.suspension_limit() + zk.session_timeout()).max(Duration::from_secs(2))
 }
 
 /// Creates our contender node in session `generation`. After a connection loss the create

@@ -18,12 +18,45 @@
 //!    the registered new-session hooks on a short-lived thread (they re-create ephemerals such
 //!    as the component registration and re-arm watches);
 //! 3. follow the crate's session states: `Disconnected` → [`ConnState::Suspended`],
-//!    `SyncConnected` → [`ConnState::Connected`], `Expired`/`AuthFailed` →
-//!    [`ConnState::Lost`], after which a brand-new session is built (step 1). The crate never
-//!    opens a new session by itself.
+//!    `SyncConnected` → [`ConnState::Connected`]; `AuthFailed` → [`ConnState::Lost`], after
+//!    which a brand-new session is built (step 1). The crate never opens a new session by
+//!    itself.
 //!
 //! Lock guards remember the generation they were taken in; once the generation changes or the
 //! state is `Lost` they know they no longer hold anything (see `lock`).
+//!
+//! # How long a suspended session is kept
+//!
+//! Like kazoo's SUSPENDED, a dropped connection does not end the session: the ZooKeeper
+//! server decides when a session expires, and a standalone server restarted from its data
+//! directory even restores its sessions with a fresh timeout. So while suspended nothing is
+//! given up (lock holders act on nothing, a running DIB keeps running) and the session is
+//! declared [`ConnState::Lost`] only when
+//!
+//! * the server says it expired (it answers a reconnect with session id 0), or
+//! * twice the *negotiated* session timeout has passed since the disconnect was noticed
+//!   without reaching the server. We cannot know when we last heard from the server (the crate
+//!   keeps that to itself), but it was no later than the notice, and the server heard from us
+//!   no later either; a server that stayed up expires a session at most one timeout plus one
+//!   tick after it last heard from it, and the tick is at most half the timeout (the server
+//!   clamps timeouts to at least two ticks). Twice the timeout is surely past that.
+//!
+//! `zookeeper-client` 0.11.2 gets in the way twice. Its own reconnect attempts back off
+//! exponentially (100 ms doubling, per disconnect), so after a few seconds of outage it waits
+//! long between attempts; and it reports `Expired` on its own 7/5 of the negotiated timeout
+//! after its last receive, without asking the server. Its `Expired` therefore only means "ask
+//! the server": the supervisor re-attaches to the same session with a new client
+//! (`Connector::with_session`), one pass over the hosts at a time with its own short back-off,
+//! until the server takes the session back (the same session resumes: same generation, locks
+//! and ephemerals intact, watches re-armed by their owners), refuses it (expired: `Lost`), or
+//! the two timeouts have passed (`Lost`). A frozen server is reported `Lost` 2 × the timeout
+//! after its silence was noticed (the crate notices after its connection timeout, 3/5 of the
+//! session timeout), that is at most about 2.7 × the timeout after its last answer.
+//!
+//! While the supervisor re-attaches, the expired client is out of the slot: calls fail with
+//! [`ZkError::ConnectionLoss`], and a call failing on the crate's own expiry is reported as a
+//! connection loss too. [`ZkError::SessionLost`] is only ever returned once the session is
+//! really given up, so whoever sees it may rely on it (a lock contender is gone with it).
 //!
 //! # Errors
 //!
@@ -54,6 +87,7 @@ use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -62,7 +96,9 @@ use futures::channel::{mpsc, oneshot};
 use futures::future::{BoxFuture, Either, select};
 use futures::stream::{FuturesUnordered, StreamExt};
 use log::{debug, info, warn};
-use zookeeper_client::{Acls, Client, CreateMode, EventType, OneshotWatcher, SessionState};
+use zookeeper_client::{
+    Acls, Client, CreateMode, EventType, OneshotWatcher, SessionInfo, SessionState,
+};
 
 pub use zookeeper_client::Stat;
 
@@ -287,6 +323,9 @@ struct Inner {
     call_timeout: Duration,
     /// The current session's client and the generation it is published as.
     client: RwLock<Option<(Client, u64)>>,
+    /// The session timeout the server granted the current session, in milliseconds (0: no
+    /// session yet).
+    negotiated_ms: AtomicU64,
     state: Mutex<SessionEvent>,
     changed: Condvar,
     subscribers: Mutex<Vec<Sender<SessionEvent>>>,
@@ -307,6 +346,7 @@ impl Zk {
                 cfg,
                 call_timeout,
                 client: RwLock::new(None),
+                negotiated_ms: AtomicU64::new(0),
                 state: Mutex::new(SessionEvent {
                     state: ConnState::Connecting,
                     generation: 0,
@@ -374,6 +414,40 @@ impl Zk {
     /// The configuration this facade connects with.
     pub fn config(&self) -> &ZkConfig {
         &self.inner.cfg
+    }
+
+    /// The session timeout the server granted (`zookeeper-client`'s `Client::session_timeout`
+    /// is the negotiated one); the configured one before the first session.
+    pub fn session_timeout(&self) -> Duration {
+        match self.inner.negotiated_ms.load(Ordering::Relaxed) {
+            0 => self.inner.cfg.session_timeout,
+            ms => Duration::from_millis(ms),
+        }
+    }
+
+    /// How long a session may stay [`ConnState::Suspended`] before it is declared `Lost`
+    /// without the server's word: twice the negotiated timeout (see the module docs).
+    pub fn suspension_limit(&self) -> Duration {
+        self.session_timeout() * 2
+    }
+
+    /// Blocks while the state is `Suspended`, up to `timeout`; returns the session then.
+    pub fn wait_while_suspended(&self, timeout: Duration) -> SessionEvent {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.inner.state.lock().unwrap();
+        while st.state == ConnState::Suspended {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            st = self
+                .inner
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap()
+                .0;
+        }
+        *st
     }
 
     /// Blocks until the state is `Connected` or the timeout passes; returns whether connected.
@@ -476,9 +550,20 @@ impl Zk {
         let slot = self.inner.client.read().unwrap().clone();
         match slot {
             Some((c, g)) if g == generation => self.create_with(&c, path, data, mode),
-            // The slot is empty only between a lost session and the next one.
-            _ if self.state() == ConnState::Closed => Err(ZkError::Closed),
-            _ => Err(ZkError::SessionLost),
+            Some(_) => Err(ZkError::SessionLost),
+            // The slot is empty between a lost session and the next one, and while the
+            // supervisor re-attaches to a suspended session (which may still come back).
+            None => match self.session() {
+                SessionEvent {
+                    state: ConnState::Closed,
+                    ..
+                } => Err(ZkError::Closed),
+                SessionEvent {
+                    state: ConnState::Suspended,
+                    generation: g,
+                } if g == generation => Err(ZkError::ConnectionLoss("not connected".into())),
+                _ => Err(ZkError::SessionLost),
+            },
         }
     }
 
@@ -677,15 +762,34 @@ impl Zk {
         fut: impl Future<Output = std::result::Result<T, zookeeper_client::Error>>,
     ) -> Result<T> {
         let timeout = self.inner.call_timeout;
+        let generation = self.session().generation;
         let timer = async_io::Timer::after(timeout);
         futures::executor::block_on(async {
             match select(pin!(fut), timer).await {
-                Either::Left((r, _)) => r.map_err(ZkError::from),
+                Either::Left((r, _)) => r.map_err(|e| self.map_error(e, generation)),
                 Either::Right(_) => Err(ZkError::ConnectionLoss(format!(
                     "no response within {timeout:?}"
                 ))),
             }
         })
+    }
+
+    /// The crate's expiry is only final once the supervisor has asked the server (see the
+    /// module docs): until it declares the session of the call lost, an expiry is a
+    /// connection loss.
+    fn map_error(&self, e: zookeeper_client::Error, generation: u64) -> ZkError {
+        match ZkError::from(e) {
+            ZkError::SessionLost if self.session_undecided(generation) => ZkError::ConnectionLoss(
+                "session expired on the client side; asking the server".into(),
+            ),
+            other => other,
+        }
+    }
+
+    /// Whether session `generation` is still the current one and not given up.
+    fn session_undecided(&self, generation: u64) -> bool {
+        let s = self.session();
+        s.generation == generation && matches!(s.state, ConnState::Suspended | ConnState::Connected)
     }
 
     fn set_state(&self, state: ConnState, new_generation: Option<u64>) {
@@ -727,7 +831,7 @@ impl Zk {
                 "connecting to {}",
                 self.inner.cfg.connect_string()
             ));
-            let client = match until_stopped(self.connect_once(), &mut stop_rx) {
+            let client = match until_stopped(self.connect_once(None), &mut stop_rx) {
                 None => break 'sessions,
                 Some(Ok(client)) => client,
                 Some(Err(e)) => {
@@ -753,33 +857,29 @@ impl Zk {
             backoff = Duration::from_millis(200);
             last_retry_log = None;
             generation += 1;
+            let mut client = client;
             let mut states = client.state_watcher();
             last_states = Some(client.state_watcher());
+            // The negotiated timeout: the crate records the server's answer (zk-client.md §4).
+            let timeout = client.session_timeout();
+            self.inner
+                .negotiated_ms
+                .store(timeout.as_millis().max(1) as u64, Ordering::Relaxed);
+            let session_id = client.session_id().0;
+            let session = client.session().clone();
             info!(
-                "Connected to zookeeper {} (session 0x{:x}, timeout {:?}, generation {generation})",
+                "Connected to zookeeper {} (session 0x{session_id:x}, timeout {timeout:?}, generation {generation})",
                 self.inner.cfg.connect_string(),
-                client.session_id().0,
-                client.session_timeout()
             );
             *self.inner.client.write().unwrap() = Some((client.clone(), generation));
             self.set_state(ConnState::Connected, Some(generation));
             self.run_hooks();
-            crate::registry::set_activity(format!(
-                "watching session 0x{:x}",
-                client.session_id().0
-            ));
-            // While suspended we give up after 7/10 of the session timeout (the crate itself
-            // would wait until 7/5 after the last receive). A silent connection is noticed
-            // after the connection timeout (3/5, set in connect_once), so a frozen server is
-            // reported Lost at most 13/10 of the timeout after we last heard from it; a
-            // connection that closed (server restart) gets 7/10 of the timeout to come back
-            // to the same session. Lock holders never act while Suspended, and the server
-            // refuses writes of an expired session, so the short window where the server has
-            // expired the session but we still say Suspended cannot double-grant a lock.
-            let give_up_after = client.session_timeout().mul_f64(0.7);
+            crate::registry::set_activity(format!("watching session 0x{session_id:x}"));
+            // See "How long a suspended session is kept" in the module docs.
+            let limit = timeout * 2;
             let mut suspended_since: Option<Instant> = None;
             loop {
-                let deadline = suspended_since.map(|t| t + give_up_after);
+                let deadline = suspended_since.map(|t| t + limit);
                 let lost = match next_session_state(&mut states, &mut stop_rx, deadline) {
                     Next::Stop => break 'sessions,
                     Next::State(SessionState::Disconnected) => {
@@ -796,14 +896,44 @@ impl Zk {
                         None
                     }
                     Next::State(SessionState::SyncConnected | SessionState::ConnectedReadOnly) => {
-                        info!("ZooKeeper connection resumed");
+                        info!("ZooKeeper session 0x{session_id:x} resumed");
                         suspended_since = None;
                         self.set_state(ConnState::Connected, None);
                         None
                     }
+                    Next::State(SessionState::Expired) => {
+                        // The crate's own expiry or the server's word: ask the server.
+                        let since = *suspended_since.get_or_insert_with(Instant::now);
+                        self.inner.client.write().unwrap().take();
+                        self.set_state(ConnState::Suspended, None);
+                        crate::registry::set_activity(format!(
+                            "re-attaching to session 0x{session_id:x}"
+                        ));
+                        match self.reattach(&session, since + limit, &mut stop_rx) {
+                            Reattach::Stop => break 'sessions,
+                            Reattach::Resumed(again) => {
+                                client = again;
+                                states = client.state_watcher();
+                                last_states = Some(client.state_watcher());
+                                *self.inner.client.write().unwrap() =
+                                    Some((client.clone(), generation));
+                                info!("ZooKeeper session 0x{session_id:x} resumed");
+                                crate::registry::set_activity(format!(
+                                    "watching session 0x{session_id:x}"
+                                ));
+                                suspended_since = None;
+                                self.set_state(ConnState::Connected, None);
+                                None
+                            }
+                            Reattach::Expired => Some("the server says it expired".to_string()),
+                            Reattach::Unreachable(why) => Some(format!(
+                                "no answer from ZooKeeper for {limit:?} since the connection dropped; last attempt: {why}"
+                            )),
+                        }
+                    }
                     Next::State(state) => Some(format!("{state:?}")),
                     Next::Deadline => Some(format!(
-                        "no connection for {give_up_after:?} after suspension"
+                        "no answer from ZooKeeper for {limit:?} since the connection dropped"
                     )),
                 };
                 if let Some(why) = lost {
@@ -839,7 +969,43 @@ impl Zk {
         info!("ZooKeeper client closed");
     }
 
-    async fn connect_once(&self) -> Result<Client> {
+    /// Re-attaches to the suspended `session` with new clients until the server takes it back
+    /// or refuses it, or `deadline` passes (see the module docs).
+    fn reattach(
+        &self,
+        session: &SessionInfo,
+        deadline: Instant,
+        stop: &mut oneshot::Receiver<()>,
+    ) -> Reattach {
+        let mut pause = Duration::from_millis(100);
+        let mut last = String::from("none made");
+        loop {
+            if Instant::now() >= deadline {
+                return Reattach::Unreachable(last);
+            }
+            let connect = pin!(self.connect_once(Some(session)));
+            let attempt = select(connect, async_io::Timer::at(deadline));
+            match until_stopped(attempt, stop) {
+                None => return Reattach::Stop,
+                Some(Either::Left((Ok(client), _))) => return Reattach::Resumed(client),
+                Some(Either::Left((Err(ZkError::SessionLost), _))) => return Reattach::Expired,
+                Some(Either::Left((Err(e), _))) => {
+                    debug!("re-attaching to session 0x{:x}: {e}", session.id().0);
+                    last = e.to_string();
+                }
+                Some(Either::Right(_)) => return Reattach::Unreachable(last),
+            }
+            let wake = (Instant::now() + pause).min(deadline);
+            if until_stopped(async_io::Timer::at(wake), stop).is_none() {
+                return Reattach::Stop;
+            }
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Connects a new client: to a new session, or back to `resume` (one pass over the hosts;
+    /// the server answers `SessionExpired`, mapped to [`ZkError::SessionLost`], if it is gone).
+    async fn connect_once(&self, resume: Option<&SessionInfo>) -> Result<Client> {
         let cfg = &self.inner.cfg;
         // A connection timeout of 3/5 of the session timeout makes the client ping every 9/40
         // of the session timeout when idle (its ping interval is 3/8 of the connection timeout),
@@ -847,6 +1013,9 @@ impl Zk {
         let mut connector = Client::connector()
             .with_session_timeout(cfg.session_timeout)
             .with_connection_timeout(cfg.session_timeout.mul_f64(0.6));
+        if let Some(session) = resume {
+            connector = connector.with_session(session.clone()).with_fail_eagerly();
+        }
         if let Some((scheme, auth)) = &cfg.auth {
             connector = connector.with_auth(scheme, auth);
         }
@@ -883,6 +1052,11 @@ impl Zk {
             }
             None => connector.connect(&hosts).await?,
         };
+        if resume.is_some() {
+            // A server that took the session back may lag behind what we saw before (the
+            // re-attaching client starts from zxid 0): catch it up before anyone reads.
+            client.sync("/").await?;
+        }
         match &cfg.chroot {
             None => Ok(client),
             Some(chroot) => {
@@ -917,6 +1091,17 @@ enum Next {
     Stop,
     State(SessionState),
     Deadline,
+}
+
+/// How re-attaching to a suspended session ended.
+enum Reattach {
+    Stop,
+    /// The server took the session back; the client is connected to it.
+    Resumed(Client),
+    /// The server says the session expired.
+    Expired,
+    /// The server could not be reached in time (the last attempt's error).
+    Unreachable(String),
 }
 
 /// Waits for the next session state, a stop request, or the deadline.

@@ -169,6 +169,12 @@ impl State {
                                 self.armed.clear();
                                 self.generation = ev.generation;
                             }
+                            // A session resumed through a new client (zk's re-attach) lost the
+                            // old client's watches, which ended with it: take those ends out
+                            // of `armed` first, so the full sync re-arms them.
+                            while let Ok(ev) = raw.try_recv() {
+                                self.on_watch(ev);
+                            }
                             self.full_sync();
                         }
                     }

@@ -239,6 +239,31 @@ impl ZkServer {
         });
     }
 
+    /// Makes ZooKeeper refuse creates under `path` (an absolute path, no chroot), as an
+    /// operator's ACL mistake would: anyone may read it and change its ACL, nothing more.
+    /// Panics on failure.
+    pub fn refuse_creates_under(&self, path: &str) {
+        use zookeeper_client::{Acl, AuthId, Permission};
+        self.set_acl(
+            path,
+            &[Acl::new(
+                Permission::READ | Permission::ADMIN,
+                AuthId::anyone(),
+            )],
+        );
+    }
+
+    /// Gives `path` the open ACL again (undoes [`ZkServer::refuse_creates_under`]).
+    pub fn allow_creates_under(&self, path: &str) {
+        self.set_acl(path, &zookeeper_client::Acls::anyone_all());
+    }
+
+    fn set_acl(&self, path: &str, acls: &[zookeeper_client::Acl]) {
+        self.with_client(&format!("setting the ACL of {path}"), |client| async move {
+            client.set_acl(path, acls, None).await.map(|_| ())
+        });
+    }
+
     /// Every znode under `root` (inclusive) with its data, one per line in depth-first
     /// order, as `path = data` (data shown as lossy UTF-8, cut at 200 bytes). For failure
     /// messages. Reads through the plaintext port; never panics.
