@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nodepool_builder::model::{BuildState, UploadState};
 use nodepool_builder::zk::tree::{self, BuildInfo, UploadInfo};
-use nodepool_builder::zk::{Mode, Zk, ZkConfig, paths};
+use nodepool_builder::zk::{Mode, Zk, ZkConfig, ZkError, paths};
 
 use super::builder::{BuilderProcess, Launch};
 use super::glance::GlanceServer;
@@ -212,11 +212,26 @@ key = "{key}"
         b
     }
 
-    /// Every readable build of `image` with its uploads.
+    /// Every readable build of `image` with its uploads. The test's own session may be lost
+    /// while a test freezes or restarts the server for longer than its timeout: then the tree
+    /// is read in the next session.
     pub fn builds(&self, image: &str) -> Vec<BuildInfo> {
-        self.zk
-            .retry(Duration::from_secs(10), |zk| tree::read_image(zk, image))
-            .expect("read the image tree")
+        let mut last = None;
+        let read = poll_for(Duration::from_secs(30), || {
+            match self
+                .zk
+                .retry(Duration::from_secs(10), |zk| tree::read_image(zk, image))
+            {
+                Ok(builds) => Some(builds),
+                Err(e) if e.is_connection_loss() || e == ZkError::SessionLost => {
+                    self.zk.wait_connected(Duration::from_secs(10));
+                    last = Some(e);
+                    None
+                }
+                Err(e) => panic!("read the image tree: {e}"),
+            }
+        });
+        read.unwrap_or_else(|| panic!("read the image tree: {last:?}"))
     }
 
     pub fn builds_in(&self, image: &str, state: BuildState) -> Vec<BuildInfo> {
