@@ -629,6 +629,70 @@ fn short_drop_keeps_the_session_and_watches_fire() {
     assert_eq!(fired.kind, WatchKind::Created);
 }
 
+/// zookeeper-client expires a session on its own 7/5 of the timeout after its last receive,
+/// without asking the server, and a standalone server restarted from its data directory
+/// restores its sessions with a fresh timeout. The facade re-attaches to the session after
+/// the client's own expiry: the server, not the client, decides. The same session resumes
+/// with its lock and ephemeral node.
+#[test]
+fn the_session_resumes_after_the_clients_own_expiry_if_the_restarted_server_kept_it() {
+    let mut server = ZkServer::start(ZkOptions::default());
+    // tickTime 500 ms: the server grants the 10 s asked for.
+    let timeout = Duration::from_secs(10);
+    let zk = connect(plain_cfg(&server, "/reattach", timeout));
+    assert_eq!(zk.session_timeout(), timeout, "the negotiated timeout");
+    let states = zk.subscribe();
+    let generation = zk.session().generation;
+    let id = zk.session_id().expect("a session");
+    let guard = lock::try_lock(&zk, &paths::image_build_lock_path("img"))
+        .unwrap()
+        .expect("lock");
+    zk.create("/mine", b"", Mode::Ephemeral).unwrap();
+
+    server.kill();
+    let killed = Instant::now();
+    // The client gives the session up 14 s after its last receive; the facade then has no
+    // client while it asks the server, which is down.
+    wait_until(
+        Duration::from_secs(20),
+        "the client's own expiry (the facade re-attaching)",
+        || zk.session_id().is_none(),
+    );
+    assert_eq!(zk.state(), ConnState::Suspended, "still only suspended");
+    assert!(guard.is_valid(), "the lock may still be ours");
+    server.restart();
+    wait_until(Duration::from_secs(30), "the session to resume", || {
+        zk.state() == ConnState::Connected
+    });
+    let resumed_after = killed.elapsed();
+    assert_eq!(zk.session_id(), Some(id), "the same session");
+    assert_eq!(zk.session().generation, generation, "the same generation");
+    let seen: Vec<ConnState> = states.try_iter().map(|ev| ev.state).collect();
+    assert!(!seen.contains(&ConnState::Lost), "never lost: {seen:?}");
+    assert!(guard.is_valid());
+    let owner = zk
+        .exists("/mine")
+        .unwrap()
+        .expect("the ephemeral node survived");
+    assert_eq!(owner.ephemeral_owner, id);
+    assert_eq!(
+        lock::contenders(&zk, &paths::image_build_lock_path("img")).unwrap(),
+        vec![guard.node().rsplit('/').next().unwrap().to_string()],
+        "our contender is still there"
+    );
+    assert!(
+        resumed_after > timeout.mul_f64(1.4),
+        "resumed after the client's own expiry ({resumed_after:?})"
+    );
+    drop(guard);
+    assert!(
+        lock::contenders(&zk, &paths::image_build_lock_path("img"))
+            .unwrap()
+            .is_empty(),
+        "released"
+    );
+}
+
 #[test]
 fn unreachable_server_is_retried_until_it_appears() {
     let mut server = ZkServer::start(ZkOptions::default());
