@@ -15,7 +15,9 @@
 //!    `.md5`/`.sha256` files, properties = diskimage `metadata` + provider `meta` + the
 //!    `nodepool_*` tags), then run the `post-upload-hook` if any.
 //! 5. Write `ready` (with `external_id`, `external_name`, `format`, `username`,
-//!    `python_path`, `shell_type`) — or a bare `failed` record.
+//!    `python_path`, `shell_type`) — or a bare `failed` record. An upload that ends while
+//!    the ZooKeeper session is suspended waits for the session's fate first: if it resumes,
+//!    the lock is still ours and the result is written as usual.
 //!
 //! Nothing leaks: when the hook fails, or the `ready` record cannot be written (session
 //! lost), the cloud image is deleted before the job reports failure (upstream quirk Q2 leaked
@@ -44,7 +46,7 @@ use crate::stats::Stats;
 use crate::thread::{self, JoinHandle, ThreadKind};
 use crate::zk::schema::ImageUpload;
 use crate::zk::tree::{self, BuildInfo};
-use crate::zk::{Mode, Zk, ZkError, fence, lock, paths};
+use crate::zk::{ConnState, Mode, Zk, ZkError, fence, lock, paths};
 
 /// Everything a worker needs to upload one build to one provider; built by the scheduler.
 #[derive(Clone)]
@@ -367,6 +369,14 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
         }
     };
     let data = record.to_json();
+    // As for builds: a suspended session may resume with the upload lock still ours, so the
+    // result waits for the session's fate instead of timing out into a fence.
+    if zk.state() == ConnState::Suspended {
+        info!(
+            "image={image} build={build_id} provider={provider}: waiting for ZooKeeper to record the upload"
+        );
+        zk.wait_while_suspended(zk.suspension_limit() + zk.session_timeout());
+    }
     let timeout = zk.config().session_timeout;
     let write = fence::write_result(zk, &upload_path, &data, Some(&guard), timeout);
     match (write, &outcome) {

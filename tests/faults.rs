@@ -607,6 +607,53 @@ fn a_server_restart_within_the_session_timeout_resumes_the_session_and_its_build
     );
 }
 
+/// An upload that ends while the server is down waits for the session's fate: the server
+/// comes back (after zookeeper-client's own expiry, so through the facade's re-attach) with
+/// the session and its upload lock, and the upload is recorded `ready` under its own record,
+/// not fenced off, deleted from the cloud and done again.
+#[test]
+fn an_upload_ending_during_a_server_restart_is_recorded_once_the_session_resumes() {
+    let seed = seed();
+    let mut server = ZkServer::start(ZkOptions::tls());
+    let (site, checker) =
+        site_on_dedicated(&server, "faults_restart_upload", "zookeeper-timeout = 10.0");
+    let sampler = Sampler::start(&checker);
+    std::fs::create_dir_all(site.cloud_dir("cloud")).unwrap();
+    std::fs::write(site.cloud_dir("cloud").join("slow-upload"), "3").unwrap();
+    let mut b = site.start(0, &[]);
+    let (build, uploading) = site
+        .wait_uploads("fedora", "cloud", UploadState::Uploading, 1)
+        .remove(0);
+    let session = first_session_id(&b);
+    server.kill();
+    // Re-attach attempts are logged (at DEBUG) once the client has expired the session on its
+    // own, 14 s after its last receive; the upload has ended by then.
+    b.wait_for_log(WAIT, "re-attaching to session");
+    server.restart();
+    b.wait_for_log(WAIT, &format!("ZooKeeper session {session} resumed"));
+    let (ready_build, ready) = wait_cond(&site, &checker, WAIT, "the ready upload", || {
+        site.uploads_in("fedora", "cloud", UploadState::Ready)
+            .into_iter()
+            .next()
+    });
+    checker.wait_final(SETTLE, 1, &|| logs(&site));
+    sampler.stop();
+    let log = b.log();
+    assert!(
+        log.contains("waiting for ZooKeeper to record the upload"),
+        "the upload ended while suspended:\n{log}"
+    );
+    assert_eq!(
+        (ready_build.as_str(), ready.id.as_str()),
+        (build.as_str(), uploading.id.as_str()),
+        "the upload was recorded under its own record"
+    );
+    assert!(!log.contains("cannot record the ready upload"), "{log}");
+    assert_eq!(site.uploads("fedora").len(), 1, "one upload record");
+    assert_eq!(site.cloud_images("cloud").len(), 1, "one cloud image");
+    summary("restart-during-upload", seed, 1, &checker, "");
+}
+
 /// A restart that takes longer than the session may wait (twice the negotiated timeout):
 /// the session is given up, the build is abandoned (recorded `failed` once it ends) and done
 /// once more, after the old session the restarted server restored has expired with its lock.
