@@ -24,13 +24,17 @@ pub struct Cli {
     /// Pid file (locked while the daemon runs).
     #[arg(short = 'p', long = "pidfile", default_value = DEFAULT_PIDFILE)]
     pub pidfile: PathBuf,
-    /// Do not daemonize; DEBUG logging to stderr.
+    /// Do not daemonize; DEBUG logging to stderr (unless -l).
     #[arg(short = 'd')]
     pub debug: bool,
-    /// Do not daemonize; INFO logging to stderr.
+    /// Do not daemonize; INFO logging to stderr (unless -l).
     #[arg(short = 'f')]
     pub foreground: bool,
-    /// Log file in daemon mode (reopened on SIGHUP).
+    /// Python logging dictConfig (.yaml, .yml, .json): its file and stream handlers and
+    /// logger levels replace the default logging (file handlers are reopened on SIGHUP).
+    #[arg(short = 'l', value_name = "LOGCONFIG")]
+    pub logconfig: Option<PathBuf>,
+    /// Log file in daemon mode without -l (reopened on SIGHUP).
     #[arg(long = "log-file", default_value = DEFAULT_LOG_FILE)]
     pub log_file: PathBuf,
     /// Number of build worker threads.

@@ -1,7 +1,8 @@
 //! The `nodepool-builder` binary: a thin layer over the library.
 //!
 //! Modes: `-d` (foreground, DEBUG to stderr), `-f` (foreground, INFO to stderr), and without
-//! either the daemon mode of `daemon.rs` (detached, INFO to `--log-file`). The foreground
+//! either the daemon mode of `daemon.rs` (detached, INFO to `--log-file`). With `-l FILE` the
+//! logging config decides levels and destinations in every mode (see `logging`). The foreground
 //! modes take the pidfile lock only when `-p` is given (systemd units pass it); the default
 //! pidfile is left to the daemon mode, so that foreground runs by any user, and many of them
 //! at once, work.
@@ -15,7 +16,6 @@
 //! configuration error.
 
 use std::ffi::OsString;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -23,6 +23,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
 use nodepool_builder::cli::{Cli, Command};
 use nodepool_builder::daemon::{self, Pidfile, ReadyPipe, Role, StartOutcome};
+use nodepool_builder::logging::{Destination, LogConfig, Prepared};
 use nodepool_builder::{
     app, config, identity, logging, registry, secret_files, signals, stackdump, thread,
 };
@@ -70,6 +71,7 @@ fn make_paths_absolute(cli: &mut Cli) -> std::io::Result<()> {
     cli.secure = cli.secure.as_deref().map(absolute).transpose()?;
     cli.pidfile = absolute(&cli.pidfile)?;
     cli.log_file = absolute(&cli.log_file)?;
+    cli.logconfig = cli.logconfig.as_deref().map(absolute).transpose()?;
     Ok(())
 }
 
@@ -105,6 +107,31 @@ fn load_config(cli: &Cli) -> Result<(config::Config, Vec<secret_files::Finding>)
         return Err(ExitCode::from(2));
     }
     Ok((cfg, findings))
+}
+
+/// The logging configuration: the `-l` file, else nodepool's defaults writing to
+/// `default_destination` (with `-d`, the nodepool loggers at DEBUG).
+fn log_config(cli: &Cli, default_destination: Destination) -> Result<LogConfig, ExitCode> {
+    match &cli.logconfig {
+        Some(path) => logging::dictconfig::load(path).map_err(|e| {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }),
+        None => Ok(LogConfig::defaults(default_destination, cli.debug)),
+    }
+}
+
+/// Logging is up: say once which parts of the `-l` file are not honoured.
+fn warn_ignored_log_config(cli: &Cli, ignored: &[String]) {
+    if let Some(path) = &cli.logconfig
+        && !ignored.is_empty()
+    {
+        log::warn!(
+            "Logging config {}: not honoured: {}",
+            path.display(),
+            ignored.join("; ")
+        );
+    }
 }
 
 /// Prints the fatal findings; true when there was one.
@@ -170,6 +197,10 @@ fn run_foreground(cli: Cli, pidfile_given: bool, notify_socket: Option<OsString>
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
+    let log_cfg = match log_config(&cli, Destination::Stderr) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let pidfile = if pidfile_given {
         let taken = Pidfile::acquire(&cli.pidfile).and_then(|p| {
             p.write_pid(std::process::id())
@@ -190,8 +221,17 @@ fn run_foreground(cli: Cli, pidfile_given: bool, notify_socket: Option<OsString>
     } else {
         None
     };
-    logging::init_stderr(cli.debug);
+    let ignored = log_cfg.ignored.clone();
+    let logging_up = Prepared::open(log_cfg)
+        .map_err(|e| e.to_string())
+        .and_then(|p| logging::install(p, logging::Mode::Foreground).map_err(|e| e.to_string()));
+    if let Err(e) = logging_up {
+        eprintln!("nodepool-builder: error: {e}");
+        remove_pidfile(pidfile);
+        return ExitCode::FAILURE;
+    }
     let _main = install_diagnostics();
+    warn_ignored_log_config(&cli, &ignored);
     warn_secret_files(&findings);
     let result = app::run(cfg, options(&cli), || {
         notify_ready(notify_socket.as_ref(), "READY=1")
@@ -213,6 +253,10 @@ fn run_daemon(cli: Cli, notify_socket: Option<OsString>) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
+    let log_cfg = match log_config(&cli, Destination::File(cli.log_file.clone())) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let pidfile = match Pidfile::acquire(&cli.pidfile) {
         Ok(p) => p,
         Err(e) => {
@@ -220,8 +264,8 @@ fn run_daemon(cli: Cli, notify_socket: Option<OsString>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let log_file = match logging::open_log_file(&cli.log_file) {
-        Ok(f) => f,
+    let log = match Prepared::open(log_cfg) {
+        Ok(p) => p,
         Err(e) => {
             eprintln!("nodepool-builder: error: {e}");
             let _ = pidfile.remove();
@@ -230,7 +274,7 @@ fn run_daemon(cli: Cli, notify_socket: Option<OsString>) -> ExitCode {
     };
     let ready = match daemon::daemonize(&pidfile, daemon::START_TIMEOUT) {
         Ok(Role::Daemon(ready)) => ready,
-        Ok(Role::Parent(outcome)) => return report_start(outcome, &cli),
+        Ok(Role::Parent(outcome)) => return report_start(outcome, log.main_file()),
         Err(e) => {
             eprintln!("nodepool-builder: error: cannot daemonize: {e}");
             let _ = pidfile.remove();
@@ -241,18 +285,17 @@ fn run_daemon(cli: Cli, notify_socket: Option<OsString>) -> ExitCode {
     // The daemon, still with one thread.
     if let Err(e) = pidfile.write_pid(std::process::id()) {
         let message = format!("cannot write the pidfile {}: {e}", cli.pidfile.display());
-        let _ = writeln!(&log_file, "nodepool-builder: error: {message}");
+        log.write_early(&format!("nodepool-builder: error: {message}"));
         ready.fail(&message);
         return ExitCode::FAILURE;
     }
-    if let Err(e) = logging::init_file(log_file, cli.log_file.clone()) {
-        ready.fail(&format!(
-            "cannot set up logging to {}: {e}",
-            cli.log_file.display()
-        ));
+    let ignored = log.ignored().to_vec();
+    if let Err(e) = logging::install(log, logging::Mode::Daemon) {
+        ready.fail(&format!("cannot set up logging: {e}"));
         return ExitCode::FAILURE;
     }
     let _main = install_diagnostics();
+    warn_ignored_log_config(&cli, &ignored);
     log::info!(
         "nodepool-builder {} starting as a daemon: pid {}, pidfile {}, config {}",
         identity::version(),
@@ -294,8 +337,11 @@ fn run_daemon_app(
 }
 
 /// In the command that started the daemon: say how it went and pick the exit code.
-fn report_start(outcome: StartOutcome, cli: &Cli) -> ExitCode {
-    let log = cli.log_file.display();
+fn report_start(outcome: StartOutcome, main_log: Option<&Path>) -> ExitCode {
+    let log = main_log.map_or_else(
+        || "the log of the logging config".to_owned(),
+        |p| p.display().to_string(),
+    );
     match outcome {
         StartOutcome::Ready => return ExitCode::SUCCESS,
         StartOutcome::Failed(message) => eprintln!("nodepool-builder: error: {message}"),

@@ -18,27 +18,21 @@ elements = ["fedora", "vm"]
 formats = ["raw"]
 "#;
 
-/// The dump records in a log: every record on `nodepool.stack_dump`, continuation lines
-/// joined, in order.
+/// The dump records in a log: every record on `nodepool.stack_dump`, in order. Each line of
+/// a record is a log line of its own (nodepool's format repeats the prefix); the message of
+/// a continuation line is indented by two spaces, which are removed here.
 fn dump_records(log: &str) -> Vec<String> {
     let mut records: Vec<String> = Vec::new();
-    let mut in_dump = false;
     for line in log.lines() {
-        if line.starts_with(' ') || line.is_empty() {
-            if in_dump && let Some(last) = records.last_mut() {
-                last.push('\n');
-                last.push_str(line);
-            }
+        let Some((_, message)) = line.split_once(" nodepool.stack_dump: ") else {
             continue;
-        }
-        in_dump = line.contains(" nodepool.stack_dump: ");
-        if in_dump {
-            records.push(
-                line.split_once(" nodepool.stack_dump: ")
-                    .unwrap()
-                    .1
-                    .to_owned(),
-            );
+        };
+        match (message.strip_prefix("  "), records.last_mut()) {
+            (Some(continued), Some(last)) => {
+                last.push('\n');
+                last.push_str(continued);
+            }
+            _ => records.push(message.to_owned()),
         }
     }
     records

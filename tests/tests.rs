@@ -34,6 +34,8 @@ mod glance_tls;
 mod glance_uploads;
 /// The test harness itself: servers start, TLS works, kazoo connects.
 mod harness;
+/// Logging as nodepool: `-l` dictConfig files, logger names, line format, filters.
+mod logging;
 /// Operator subcommands, compared with the Python nodepool CLI on the same data.
 mod ops;
 /// One real diskimage-builder build (debian-minimal, tar and qcow2) through the daemon.

@@ -95,6 +95,8 @@ const NOT_PROPERTIES: [&str; 5] = ["id", "name", "self", "file", "schema"];
 /// One OpenStack provider.
 pub struct OpenStackDriver {
     name: String,
+    /// The logger of this provider, `nodepool.OpenStackAdapter.<name>` as upstream's.
+    log_target: String,
     image_format: String,
     http: Http,
     session: Session,
@@ -192,6 +194,7 @@ impl OpenStackDriver {
         let http = Http::new(trust, provider.rate);
         Ok(OpenStackDriver {
             name: provider.name.clone(),
+            log_target: format!("{}.{}", crate::logging::names::OPENSTACK, provider.name),
             image_format,
             http,
             session: Session::new(cloud),
@@ -285,6 +288,7 @@ impl OpenStackDriver {
                 })?;
             if reply.status == 401 && attempt == 1 && self.session.uses_keystone() {
                 log::debug!(
+                    target: &self.log_target,
                     "provider {}: {method} {path}: 401; authenticating again",
                     self.name
                 );
@@ -356,6 +360,7 @@ impl OpenStackDriver {
             match self.delete_image(id, DISCARD_TIMEOUT) {
                 Ok(true) => {
                     log::info!(
+                        target: &self.log_target,
                         "provider {}: deleted image {id} left behind by a failed upload",
                         self.name
                     )
@@ -366,6 +371,7 @@ impl OpenStackDriver {
                 Ok(false) => {}
                 Err(e) => {
                     log::warn!(
+                        target: &self.log_target,
                         "provider {}: image {id} left behind by a failed upload: {}",
                         self.name,
                         e.message
@@ -397,6 +403,7 @@ impl OpenStackDriver {
                     uncertain: false,
                 });
                 log::warn!(
+                    target: &self.log_target,
                     "provider {}: cannot delete image {id} of a failed upload: {}",
                     self.name,
                     e.message
@@ -513,6 +520,7 @@ impl OpenStackDriver {
             }
         };
         log::debug!(
+            target: &self.log_target,
             "provider {}: created image {id} for {}",
             self.name,
             req.external_name
@@ -594,7 +602,11 @@ impl OpenStackDriver {
         match reply.status {
             200..=299 => {}
             // The image already has data (a retried request): check below what it got.
-            409 => log::debug!("provider {}: image {id} already has data (409)", self.name),
+            409 => log::debug!(
+                target: &self.log_target,
+                "provider {}: image {id} already has data (409)",
+                self.name
+            ),
             _ => return Err(self.status_error(context, "PUT data", &reply)),
         }
         let hashes = hashes.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -768,6 +780,7 @@ impl ProviderDriver for OpenStackDriver {
         let result = self.upload_inner(req).map_err(|e| self.scrub(e));
         if let Ok(uploaded) = &result {
             log::debug!(
+                target: &self.log_target,
                 "provider {}: uploaded {} as image {} in {:.1?}",
                 self.name,
                 req.external_name,
