@@ -545,3 +545,115 @@ fn children_of_the_daemon_start_with_an_empty_mask_and_default_dispositions() {
     assert_eq!((blocked, ignored), (0, 0), "{text}");
     daemon.stop(&site);
 }
+
+#[test]
+fn a_logging_config_gives_the_daemon_its_log_files_and_sighup_reopens_them() {
+    let site = Site::new("dm_logconfig");
+    let cfg = site.config(0, "", ONE_IMAGE);
+    let pidfile = site.path("run/nodepool-builder.pid");
+    // Relative file names: relative to the directory the daemon was started in.
+    std::fs::write(
+        site.path("logging.yaml"),
+        r#"version: 1
+handlers:
+  console:
+    class: logging.StreamHandler
+  normal:
+    class: logging.handlers.WatchedFileHandler
+    filename: log/builder.log
+    level: INFO
+  builds:
+    class: logging.FileHandler
+    filename: log/build-debug.log
+loggers:
+  nodepool.builder.BuildWorker:
+    level: DEBUG
+    handlers: [builds]
+    propagate: false
+root:
+  level: INFO
+  handlers: [console, normal]
+"#,
+    )
+    .unwrap();
+    let unused = site.path("log/nodepool-builder.log");
+    let out = Command::new(binary())
+        .args(["-c", cfg.to_str().unwrap(), "-p", pidfile.to_str().unwrap()])
+        .args(["--log-file", unused.to_str().unwrap(), "-l", "logging.yaml"])
+        // Empty means unset: the config's levels decide.
+        .env("NODEPOOL_BUILDER_LOG", "")
+        .current_dir(site.dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid: {}", describe(&out)));
+    let daemon = Daemon {
+        pid,
+        pidfile,
+        log: site.path("log/builder.log"),
+    };
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        describe(&out)
+    );
+    daemon.wait_for_log("ready: builder_id=");
+    site.wait_builds("fedora", BuildState::Ready, 1);
+    let build_log = site.path("log/build-debug.log");
+    let read_build_log = || std::fs::read_to_string(&build_log).unwrap_or_default();
+    wait_until(WAIT, "the built image in the build workers' file", || {
+        read_build_log().contains("DIB image fedora is built")
+    });
+    let text = read_build_log();
+    assert!(
+        text.lines()
+            .all(|l| l.contains(" nodepool.builder.BuildWorker.0: ")),
+        "only the build worker in its file:\n{text}"
+    );
+    assert!(
+        text.contains(" DEBUG nodepool.builder.BuildWorker.0: "),
+        "{text}"
+    );
+    let log = daemon.log();
+    assert!(
+        !log.contains(" DEBUG ") && !log.contains(" nodepool.builder.BuildWorker."),
+        "no DEBUG line and no build worker line (not propagated) in the INFO file:\n{log}"
+    );
+    assert!(
+        log.contains(" INFO nodepool.builder.NodePoolBuilder: "),
+        "{log}"
+    );
+    assert!(!unused.exists(), "--log-file is not used with -l");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/fd/2")).unwrap(),
+        daemon.log,
+        "stderr is the root logger's file"
+    );
+
+    // logrotate renames both files; SIGHUP reopens both.
+    std::fs::rename(&daemon.log, site.path("log/builder.log.1")).unwrap();
+    std::fs::rename(&build_log, site.path("log/build-debug.log.1")).unwrap();
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_for_log("Configuration reloaded");
+    assert!(
+        daemon
+            .log()
+            .contains(&format!("Reopened log file {}", build_log.display())),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/fd/2")).unwrap(),
+        daemon.log,
+        "stderr follows the reopened file"
+    );
+    site.request_build("fedora");
+    site.wait_builds("fedora", BuildState::Ready, 2);
+    wait_until(WAIT, "the second build in the reopened file", || {
+        read_build_log().contains("DIB image fedora is built")
+    });
+    daemon.stop(&site);
+}

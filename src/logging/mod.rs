@@ -16,8 +16,8 @@
 //!   to stderr in the foreground (upstream writes to stdout), or to the `--log-file` in
 //!   daemon mode.
 //! * `NODEPOOL_BUILDER_LOG` (env_logger directives, matched against the nodepool names,
-//!   e.g. `info,nodepool.builder.BuildWorker=debug,zookeeper_client=debug`), when set,
-//!   decides which records are emitted instead of the logger levels; handler levels and
+//!   e.g. `info,nodepool.builder.BuildWorker=debug,zookeeper_client=debug`), when set and
+//!   not empty, decides which records are emitted instead of the logger levels; handler levels and
 //!   routing still apply.
 //!
 //! Files: every file handler's file is opened with `O_APPEND` (so logrotate's
@@ -182,9 +182,7 @@ pub fn install(prepared: Prepared, mode: Mode) -> io::Result<()> {
             _ => Sink::Null,
         })
         .collect();
-    let env = std::env::var(LOG_ENV)
-        .ok()
-        .map(|filter| env_logger::Builder::new().parse_filters(&filter).build());
+    let env = env_filter().map(|filter| env_logger::Builder::new().parse_filters(&filter).build());
     let max_level = match &env {
         Some(env) => env.filter(),
         None => level_filter(config.lowest_level()),
@@ -205,6 +203,11 @@ pub fn install(prepared: Prepared, mode: Mode) -> io::Result<()> {
         .map_err(|e| io::Error::new(io::ErrorKind::AlreadyExists, e))?;
     log::set_max_level(max_level);
     Ok(())
+}
+
+/// `NODEPOOL_BUILDER_LOG`, unless unset or empty (`NODEPOOL_BUILDER_LOG= cmd` clears it).
+fn env_filter() -> Option<String> {
+    std::env::var(LOG_ENV).ok().filter(|f| !f.trim().is_empty())
 }
 
 /// The least `log` level filter that lets records at Python level `level` through.
