@@ -247,7 +247,8 @@ pub fn log_dump() {
         DumpLevel::Off => {
             log::warn!(
                 "stack dump requested, but log target {LOG_TARGET} is switched off; \
-                 enable it, e.g. {}=info,{LOG_TARGET}={}",
+                 enable it, e.g. {}=info,{LOG_TARGET}={} or the logger's level in the -l \
+                 logging config",
                 crate::logging::LOG_ENV,
                 configured.as_str().to_ascii_lowercase()
             );
