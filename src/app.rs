@@ -16,7 +16,7 @@ use crossbeam_channel::{Receiver, unbounded};
 use log::{debug, error, info, warn};
 
 use crate::command;
-use crate::config::Config;
+use crate::config::{Config, LoadOptions};
 use crate::identity;
 use crate::scheduler;
 use crate::signals::{self, ControlSignal};
@@ -31,6 +31,8 @@ const COMMAND_STOP_GRACE: Duration = Duration::from_secs(5);
 pub struct Options {
     pub config_path: PathBuf,
     pub secure_path: Option<PathBuf>,
+    /// Used again for every reload.
+    pub load_options: LoadOptions,
     pub build_workers: usize,
     pub upload_workers: usize,
 }
@@ -94,6 +96,7 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
         cfg,
         config_path: opts.config_path.clone(),
         secure_path: opts.secure_path.clone(),
+        load_options: opts.load_options.clone(),
         build_workers: opts.build_workers,
         upload_workers: opts.upload_workers,
         builder_id,

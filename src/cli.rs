@@ -1,26 +1,52 @@
 //! Command line of `nodepool-builder`: upstream's daemon flags plus operator subcommands.
+//!
+//! Our additions: `--leave-provider NAME` (a provider of a shared nodepool.yaml that another
+//! builder serves) and `check-config`. `-c` defaults to our TOML file when it exists and
+//! to nodepool's `/etc/nodepool/nodepool.yaml` otherwise, so that an installation made for
+//! nodepool's builder runs unchanged.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-/// Default config path (nodepool's is nodepool.yaml; ours is TOML).
+/// Default config path: ours, in TOML.
 pub const DEFAULT_CONFIG: &str = "/etc/nodepool/nodepool-builder.toml";
+/// nodepool's default config path, used when [`DEFAULT_CONFIG`] does not exist.
+pub const DEFAULT_NODEPOOL_CONFIG: &str = "/etc/nodepool/nodepool.yaml";
 /// Default pidfile, as upstream.
 pub const DEFAULT_PIDFILE: &str = "/var/run/nodepool/nodepool-builder.pid";
 /// Default daemon log file, as upstream.
 pub const DEFAULT_LOG_FILE: &str = "/var/log/nodepool/nodepool-builder.log";
 
+/// The `-c` default: [`DEFAULT_CONFIG`] if it exists, else nodepool's [`DEFAULT_NODEPOOL_CONFIG`].
+pub fn default_config() -> PathBuf {
+    choose_default_config(|path| path.exists())
+}
+
+/// [`default_config`] with the existence check as a parameter.
+pub fn choose_default_config(exists: impl Fn(&Path) -> bool) -> PathBuf {
+    if exists(Path::new(DEFAULT_CONFIG)) {
+        PathBuf::from(DEFAULT_CONFIG)
+    } else {
+        PathBuf::from(DEFAULT_NODEPOOL_CONFIG)
+    }
+}
+
 /// Builds and uploads disk images for nodepool; a drop-in replacement for nodepool-builder 11.
 #[derive(Debug, Parser)]
 #[command(name = "nodepool-builder", version, about)]
 pub struct Cli {
-    /// Configuration file (TOML).
-    #[arg(short = 'c', long = "config", global = true, default_value = DEFAULT_CONFIG)]
+    /// Configuration file: our TOML or nodepool's nodepool.yaml (default: the TOML file if it
+    /// exists, else /etc/nodepool/nodepool.yaml).
+    #[arg(short = 'c', long = "config", global = true, default_value_os_t = default_config())]
     pub config: PathBuf,
     /// Secure configuration file (credentials, ZooKeeper servers and TLS).
     #[arg(short = 's', long = "secure", global = true)]
     pub secure: Option<PathBuf>,
+    /// Leave this provider of the config to another builder (e.g. nodepool's, for a driver
+    /// this one cannot upload to): no uploads, no cleanup. Repeatable.
+    #[arg(long = "leave-provider", value_name = "NAME", global = true)]
+    pub leave_providers: Vec<String>,
     /// Pid file (locked while the daemon runs).
     #[arg(short = 'p', long = "pidfile", default_value = DEFAULT_PIDFILE)]
     pub pidfile: PathBuf,
@@ -125,4 +151,21 @@ pub enum OpsCommand {
         /// The file to read.
         path: PathBuf,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_prefers_our_toml_and_falls_back_to_nodepool_yaml() {
+        assert_eq!(
+            choose_default_config(|p| p == Path::new(DEFAULT_CONFIG)),
+            Path::new(DEFAULT_CONFIG)
+        );
+        assert_eq!(
+            choose_default_config(|_| false),
+            Path::new(DEFAULT_NODEPOOL_CONFIG)
+        );
+    }
 }

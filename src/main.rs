@@ -76,7 +76,7 @@ fn make_paths_absolute(cli: &mut Cli) -> std::io::Result<()> {
 }
 
 fn check_config(cli: &Cli) -> ExitCode {
-    match config::load(&cli.config, cli.secure.as_deref()) {
+    match config::load_with(&cli.config, cli.secure.as_deref(), &load_options(cli)) {
         Ok(cfg) => {
             let findings = secret_files::check(&cfg, cli.secure.as_deref());
             if refuse_secret_files(&findings) {
@@ -98,10 +98,12 @@ fn check_config(cli: &Cli) -> ExitCode {
 /// Loads the configuration and checks its secret files: a world-writable one is refused;
 /// the others that others can read are returned, to be logged once logging is up.
 fn load_config(cli: &Cli) -> Result<(config::Config, Vec<secret_files::Finding>), ExitCode> {
-    let cfg = config::load(&cli.config, cli.secure.as_deref()).map_err(|errors| {
-        eprintln!("{errors}");
-        ExitCode::from(2)
-    })?;
+    let cfg = config::load_with(&cli.config, cli.secure.as_deref(), &load_options(cli)).map_err(
+        |errors| {
+            eprintln!("{errors}");
+            ExitCode::from(2)
+        },
+    )?;
     let findings = secret_files::check(&cfg, cli.secure.as_deref());
     if refuse_secret_files(&findings) {
         return Err(ExitCode::from(2));
@@ -150,10 +152,17 @@ fn warn_secret_files(findings: &[secret_files::Finding]) {
     }
 }
 
+fn load_options(cli: &Cli) -> config::LoadOptions {
+    config::LoadOptions {
+        leave_providers: cli.leave_providers.clone(),
+    }
+}
+
 fn options(cli: &Cli) -> app::Options {
     app::Options {
         config_path: cli.config.clone(),
         secure_path: cli.secure.clone(),
+        load_options: load_options(cli),
         build_workers: cli.build_workers.into(),
         upload_workers: cli.upload_workers.into(),
     }

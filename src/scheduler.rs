@@ -69,6 +69,7 @@ pub struct Setup {
     pub cfg: Arc<Config>,
     pub config_path: PathBuf,
     pub secure_path: Option<PathBuf>,
+    pub load_options: config::LoadOptions,
     pub build_workers: usize,
     pub upload_workers: usize,
     pub builder_id: String,
@@ -138,6 +139,7 @@ pub fn run(setup: Setup) {
         cfg: setup.cfg,
         config_path: setup.config_path,
         secure_path: setup.secure_path,
+        load_options: setup.load_options,
         builder_id: setup.builder_id,
         fqdn: setup.fqdn,
         images: BTreeMap::new(),
@@ -199,6 +201,7 @@ struct Scheduler {
     cfg: Arc<Config>,
     config_path: PathBuf,
     secure_path: Option<PathBuf>,
+    load_options: config::LoadOptions,
     builder_id: String,
     fqdn: String,
     /// Required formats per configured image.
@@ -457,7 +460,11 @@ impl Scheduler {
     }
 
     fn reload(&mut self) {
-        match config::load(&self.config_path, self.secure_path.as_deref()) {
+        match config::load_with(
+            &self.config_path,
+            self.secure_path.as_deref(),
+            &self.load_options,
+        ) {
             Ok(cfg) => {
                 info!("Configuration reloaded from {}", self.config_path.display());
                 if cfg.zookeeper_servers != self.cfg.zookeeper_servers

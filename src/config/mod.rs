@@ -38,14 +38,17 @@
 //! * `validate`: duplicate names, parents and abstract diskimages, provider references, the
 //!   secure file; builds [`Config`].
 
+mod doc;
 mod raw;
 mod source;
 mod validate;
+mod yaml;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use doc::Format;
 use source::{FileId, Source};
 
 /// nodepool's defaults, and ours for the keys we added.
@@ -121,6 +124,9 @@ pub struct Config {
     pub diskimages: Vec<DiskImage>,
     /// Providers in file order.
     pub providers: Vec<Provider>,
+    /// Providers of the file that `--leave-provider` leaves to another builder, in file
+    /// order; this builder neither uploads to them nor cleans them up.
+    pub left_providers: Vec<String>,
 }
 
 /// One `[[zookeeper-servers]]` entry.
@@ -291,8 +297,24 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// What the command line adds to the files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// `--leave-provider`: providers this builder leaves to another builder.
+    pub leave_providers: Vec<String>,
+}
+
 /// Reads and validates the main file and, if given, the secure file.
 pub fn load(path: &Path, secure: Option<&Path>) -> Result<Config, ConfigErrors> {
+    load_with(path, secure, &LoadOptions::default())
+}
+
+/// [`load`] with the command line's options.
+pub fn load_with(
+    path: &Path,
+    secure: Option<&Path>,
+    options: &LoadOptions,
+) -> Result<Config, ConfigErrors> {
     let read = |path: &Path| {
         std::fs::read(path)
             .map_err(|e| format!("cannot read config file: {e}"))
@@ -309,9 +331,9 @@ pub fn load(path: &Path, secure: Option<&Path>) -> Result<Config, ConfigErrors> 
     let main = read(path);
     let secure = secure.map(|p| read(p).map(|text| (p, text)));
     match (main, secure) {
-        (Ok(main), None) => load_str(path, &main, None),
+        (Ok(main), None) => load_str_with(path, &main, None, options),
         (Ok(main), Some(Ok((secure_path, secure)))) => {
-            load_str(path, &main, Some((secure_path, &secure)))
+            load_str_with(path, &main, Some((secure_path, &secure)), options)
         }
         (main, secure) => Err(ConfigErrors(
             main.err()
@@ -329,38 +351,124 @@ pub fn load_str(
     main_src: &str,
     secure: Option<(&Path, &str)>,
 ) -> Result<Config, ConfigErrors> {
+    load_str_with(main_name, main_src, secure, &LoadOptions::default())
+}
+
+/// [`load_str`] with the command line's options.
+pub fn load_str_with(
+    main_name: &Path,
+    main_src: &str,
+    secure: Option<(&Path, &str)>,
+    options: &LoadOptions,
+) -> Result<Config, ConfigErrors> {
     let env = |name: &str| std::env::var(name).ok();
-    let main = Source::new(FileId::Main, main_src, &env);
-    let secure_src = secure.map(|(path, text)| (path, Source::new(FileId::Secure, text, &env)));
+    let main_format = detect_format(main_name, main_src);
+    let main = Source::new(FileId::Main, main_format, main_src, &env);
+    let secure_src = secure.map(|(path, text)| {
+        let format = detect_format(path, text);
+        (path, Source::new(FileId::Secure, format, text, &env))
+    });
     let mut sink = raw::Sink::default();
 
-    let (main_doc, main_syntax) = toml::de::DeTable::parse_recoverable(&main.text);
-    report_syntax(&main, main_syntax, &mut sink);
-    let secure_doc = secure_src.as_ref().map(|(_, src)| {
-        let (doc, errors) = toml::de::DeTable::parse_recoverable(&src.text);
-        report_syntax(src, errors, &mut sink);
-        doc
-    });
+    let main_doc = parse(&main, &mut sink);
+    let secure_doc = secure_src.as_ref().map(|(_, src)| parse(src, &mut sink));
     // A document recovered from syntax errors would only produce misleading follow-up errors.
     if !sink.errors.is_empty() {
         return Err(into_errors(sink, main_name, secure.map(|(p, _)| p)));
     }
 
-    let raw_main = raw::read_main(&main, &base_dir(main_name), main_doc.get_ref(), &mut sink);
-    let raw_secure = match (&secure_src, &secure_doc) {
-        (Some((path, src)), Some(doc)) => Some(raw::read_secure(
-            src,
-            &base_dir(path),
-            doc.get_ref(),
-            &mut sink,
-        )),
+    let main_table = main_doc
+        .as_ref()
+        .and_then(|doc| top_level(&main, doc, &mut sink));
+    let secure_table = match (&secure_src, &secure_doc) {
+        (Some((path, src)), Some(Some(doc))) => {
+            top_level(src, doc, &mut sink).map(|table| (*path, src, table))
+        }
         _ => None,
     };
+    let Some(main_table) = main_table.filter(|_| sink.errors.is_empty()) else {
+        return Err(into_errors(sink, main_name, secure.map(|(p, _)| p)));
+    };
+
+    let raw_main = raw::read_main(
+        &main,
+        &base_dir(main_name),
+        main_table,
+        &options.leave_providers,
+        &mut sink,
+    );
+    let raw_secure = secure_table
+        .map(|(path, src, table)| raw::read_secure(src, &base_dir(path), table, &mut sink));
     let config = validate::build(raw_main, raw_secure, &mut sink);
     if sink.errors.is_empty() {
         Ok(config)
     } else {
         Err(into_errors(sink, main_name, secure.map(|(p, _)| p)))
+    }
+}
+
+/// Which syntax a file is in: `.yaml`/`.yml` is YAML and `.toml` TOML, whatever the content;
+/// otherwise the first line that is not blank or a comment decides: `%YAML`, `---` or a
+/// line `key:` / `key: value` (a key without `=` before the colon) is YAML; anything else
+/// (`key = value`, `[table]`, an empty file) is TOML.
+fn detect_format(path: &Path, text: &str) -> Format {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("yaml" | "yml") => return Format::Yaml,
+        Some("toml") => return Format::Toml,
+        _ => {}
+    }
+    let first = text
+        .lines()
+        .map(|line| line.trim_start_matches('\u{feff}').trim())
+        .find(|line| !line.is_empty() && !line.starts_with('#'));
+    let Some(line) = first else {
+        return Format::Toml;
+    };
+    if line.starts_with("%YAML") || line.starts_with("---") {
+        return Format::Yaml;
+    }
+    match line.find(':') {
+        Some(colon) => {
+            let key = &line[..colon];
+            let after = &line[colon + 1..];
+            let yaml_key = !key.is_empty() && !key.contains('=') && !key.starts_with('[');
+            if yaml_key && (after.is_empty() || after.starts_with([' ', '\t'])) {
+                Format::Yaml
+            } else {
+                Format::Toml
+            }
+        }
+        None => Format::Toml,
+    }
+}
+
+/// Parses one file into the document tree; `None` after recording its syntax errors.
+fn parse(src: &Source, sink: &mut raw::Sink) -> Option<doc::Node> {
+    match src.format {
+        Format::Toml => {
+            let (doc, errors) = toml::de::DeTable::parse_recoverable(&src.text);
+            let failed = !errors.is_empty();
+            report_syntax(src, errors, sink);
+            (!failed).then(|| doc::from_toml(src, doc.get_ref()))
+        }
+        Format::Yaml => yaml::parse(src, sink),
+    }
+}
+
+/// The top level, which must be a table (a YAML file could hold a list or a string).
+fn top_level<'a>(src: &Source, doc: &'a doc::Node, sink: &mut raw::Sink) -> Option<&'a doc::Table> {
+    match &doc.value {
+        doc::Value::Table(table) => Some(table),
+        other => {
+            sink.error(
+                doc.pos,
+                format!(
+                    "the top level must be a mapping, found {}",
+                    other.type_name(src.format)
+                ),
+            );
+            None
+        }
     }
 }
 

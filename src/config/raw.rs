@@ -13,12 +13,9 @@
 //! their position in [`At`].
 
 use std::collections::BTreeMap;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use toml::Spanned;
-use toml::de::{DeTable, DeValue};
-
+use super::doc::{Format, Node, Table, Value};
 use super::source::{Pos, Source};
 use super::{Driver, ZkAuth, ZkServer, ZkTls, defaults};
 
@@ -75,6 +72,8 @@ pub(crate) struct RawMain {
     pub zookeeper_auth: Option<ZkAuth>,
     pub diskimages: Vec<RawDiskImage>,
     pub providers: Vec<RawProvider>,
+    /// Providers named by `--leave-provider`, in file order.
+    pub left_providers: Vec<String>,
 }
 
 /// The secure file's top level.
@@ -173,9 +172,65 @@ const DISKIMAGE_MAIN_ONLY_KEYS: &[&str] = &[
     "images-dir-required-free",
 ];
 
-/// Reads the main file's document.
-pub(crate) fn read_main(src: &Source, base: &Path, root: &DeTable<'_>, sink: &mut Sink) -> RawMain {
-    let mut r = Reader::new(src, root, 0..0, "the top level");
+/// Top-level keys of nodepool.yaml that only the launcher reads.
+const TOP_LEVEL_LAUNCHER_KEYS: &[&str] =
+    &["webapp", "labels", "max-hold-age", "tenant-resource-limits"];
+
+/// Keys of a nodepool.yaml provider that only the launcher reads (nodepool 11's common
+/// provider schema and its openstack driver's).
+const PROVIDER_LAUNCHER_KEYS: &[&str] = &[
+    "max-concurrency",
+    "priority",
+    "boot-timeout",
+    "launch-timeout",
+    "launch-retries",
+    "nodepool-id",
+    "clean-floating-ips",
+    "port-cleanup-interval",
+    "hostname-format",
+    "pools",
+    "cloud-images",
+];
+
+/// Keys of a nodepool.yaml provider's diskimage entry that only the launcher reads.
+const PROVIDER_DISKIMAGE_LAUNCHER_KEYS: &[&str] =
+    &["config-drive", "connection-type", "connection-port"];
+
+/// What this builder does with a nodepool.yaml provider of a given driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DriverClass {
+    /// `openstack` and our `command`: this builder uploads to it.
+    Supported,
+    /// nodepool 11 drivers whose `manage_images` is true but which we cannot upload to.
+    ForeignImages,
+    /// nodepool 11 drivers without image uploads (`manage_images` false): nothing to do.
+    NoImages,
+    Unknown,
+}
+
+/// Classifies a driver name as nodepool 11's drivers declare `manage_images`.
+pub(crate) fn classify_driver(driver: &str) -> DriverClass {
+    match driver {
+        "openstack" | "command" => DriverClass::Supported,
+        "aws" | "azure" | "ibmvpc" | "fake" => DriverClass::ForeignImages,
+        "gce" | "kubernetes" | "openshift" | "openshiftpods" | "static" | "metastatic"
+        | "example" | "test" => DriverClass::NoImages,
+        _ => DriverClass::Unknown,
+    }
+}
+
+/// Reads the main file's document; providers named in `leave` are skipped.
+pub(crate) fn read_main(
+    src: &Source,
+    base: &Path,
+    root: &Table,
+    leave: &[String],
+    sink: &mut Sink,
+) -> RawMain {
+    let mut r = Reader::new(src, root, src.start(), "the top level");
+    if src.format == Format::Yaml {
+        r.ignore(TOP_LEVEL_LAUNCHER_KEYS);
+    }
     let images_dir = r.path(sink, base, "images-dir");
     r.require(sink, "images-dir");
     let elements_dir = r.path(sink, base, "elements-dir");
@@ -246,12 +301,15 @@ pub(crate) fn read_main(src: &Source, base: &Path, root: &DeTable<'_>, sink: &mu
     let diskimages = r
         .tables(sink, "diskimages")
         .into_iter()
-        .map(|(table, span)| read_diskimage(src, table, span, sink))
+        .map(|(table, pos)| read_diskimage(src, table, pos, sink))
         .collect();
+    let mut left_providers = Vec::new();
     let providers = r
         .tables(sink, "providers")
         .into_iter()
-        .map(|(table, span)| read_provider(src, base, table, span, sink))
+        .filter_map(|(table, pos)| {
+            read_provider(src, base, table, pos, leave, &mut left_providers, sink)
+        })
         .collect();
     r.finish(sink);
     RawMain {
@@ -271,6 +329,7 @@ pub(crate) fn read_main(src: &Source, base: &Path, root: &DeTable<'_>, sink: &mu
         zookeeper_auth,
         diskimages,
         providers,
+        left_providers,
     }
 }
 
@@ -278,13 +337,8 @@ pub(crate) fn read_main(src: &Source, base: &Path, root: &DeTable<'_>, sink: &mu
 ///
 /// CAUTION: this file holds credentials, so no message written here may contain a value from
 /// it; messages name keys and positions only (diskimage names are not secret).
-pub(crate) fn read_secure(
-    src: &Source,
-    base: &Path,
-    root: &DeTable<'_>,
-    sink: &mut Sink,
-) -> RawSecure {
-    let mut r = Reader::new(src, root, 0..0, "the top level of the secure file");
+pub(crate) fn read_secure(src: &Source, base: &Path, root: &Table, sink: &mut Sink) -> RawSecure {
+    let mut r = Reader::new(src, root, src.start(), "the top level of the secure file");
     r.not_allowed = (MAIN_ONLY_KEYS, "the secure file");
     let zookeeper_servers = read_servers(src, &mut r, sink);
     let zookeeper_tls = read_tls(src, base, &mut r, sink);
@@ -292,13 +346,8 @@ pub(crate) fn read_secure(
     let diskimages = r
         .tables(sink, "diskimages")
         .into_iter()
-        .map(|(table, span)| {
-            let mut d = Reader::new(
-                src,
-                table,
-                span,
-                "a [[diskimages]] entry of the secure file",
-            );
+        .map(|(table, pos)| {
+            let mut d = Reader::new(src, table, pos, "a [[diskimages]] entry of the secure file");
             d.not_allowed = (
                 DISKIMAGE_MAIN_ONLY_KEYS,
                 "a [[diskimages]] entry of the secure file (only name and env-vars)",
@@ -322,20 +371,19 @@ pub(crate) fn read_secure(
     }
 }
 
-fn read_servers(src: &Source, r: &mut Reader<'_, '_>, sink: &mut Sink) -> Option<Vec<ZkServer>> {
+fn read_servers(src: &Source, r: &mut Reader<'_>, sink: &mut Sink) -> Option<Vec<ZkServer>> {
     let value = r.raw("zookeeper-servers")?;
-    if value.get_ref().as_array().is_some_and(|a| a.is_empty()) {
+    if matches!(&value.value, Value::Array(a) if a.is_empty()) {
         sink.error(
-            src.pos(value.span().start),
+            value.pos,
             "`zookeeper-servers` must list at least one server",
         );
     }
     let tables = r.tables(sink, "zookeeper-servers");
     let mut servers = Vec::new();
     let mut first_chroot: Option<At<Option<String>>> = None;
-    for (table, span) in tables {
-        let mut s = Reader::new(src, table, span.clone(), "a [[zookeeper-servers]] entry");
-        let header = src.pos(span.start);
+    for (table, header) in tables {
+        let mut s = Reader::new(src, table, header, "a [[zookeeper-servers]] entry");
         let host = s.string(sink, "host");
         s.require(sink, "host");
         if let Some(host) = &host
@@ -399,9 +447,9 @@ fn check_chroot(sink: &mut Sink, chroot: &At<String>) {
     }
 }
 
-fn read_tls(src: &Source, base: &Path, r: &mut Reader<'_, '_>, sink: &mut Sink) -> Option<ZkTls> {
-    let (table, span) = r.table(sink, "zookeeper-tls")?;
-    let mut t = Reader::new(src, table, span, "[zookeeper-tls]");
+fn read_tls(src: &Source, base: &Path, r: &mut Reader<'_>, sink: &mut Sink) -> Option<ZkTls> {
+    let (table, pos) = r.table(sink, "zookeeper-tls")?;
+    let mut t = Reader::new(src, table, pos, "[zookeeper-tls]");
     let cert = t.path(sink, base, "cert");
     let key = t.path(sink, base, "key");
     let ca = t.path(sink, base, "ca");
@@ -418,9 +466,9 @@ fn read_tls(src: &Source, base: &Path, r: &mut Reader<'_, '_>, sink: &mut Sink) 
     })
 }
 
-fn read_auth(src: &Source, r: &mut Reader<'_, '_>, sink: &mut Sink) -> Option<ZkAuth> {
-    let (table, span) = r.table(sink, "zookeeper-auth")?;
-    let mut a = Reader::new(src, table, span, "[zookeeper-auth]");
+fn read_auth(src: &Source, r: &mut Reader<'_>, sink: &mut Sink) -> Option<ZkAuth> {
+    let (table, pos) = r.table(sink, "zookeeper-auth")?;
+    let mut a = Reader::new(src, table, pos, "[zookeeper-auth]");
     let scheme = a.string(sink, "scheme");
     let credentials = a.string(sink, "credentials");
     a.require(sink, "credentials");
@@ -442,13 +490,8 @@ fn read_auth(src: &Source, r: &mut Reader<'_, '_>, sink: &mut Sink) -> Option<Zk
     })
 }
 
-fn read_diskimage(
-    src: &Source,
-    table: &DeTable<'_>,
-    span: Range<usize>,
-    sink: &mut Sink,
-) -> RawDiskImage {
-    let mut d = Reader::new(src, table, span, "a [[diskimages]] entry");
+fn read_diskimage(src: &Source, table: &Table, pos: Pos, sink: &mut Sink) -> RawDiskImage {
+    let mut d = Reader::new(src, table, pos, "a [[diskimages]] entry");
     let name = d.string(sink, "name");
     d.require(sink, "name");
     if let Some(name) = &name {
@@ -490,20 +533,51 @@ fn read_diskimage(
     }
 }
 
+/// Reads one provider; `None` when this builder has nothing to do with it: it is left to
+/// another builder (`leave`, then recorded in `left`), its driver has no images, or its
+/// driver manages images we cannot upload (an error unless it is left).
 fn read_provider(
     src: &Source,
     base: &Path,
-    table: &DeTable<'_>,
-    span: Range<usize>,
+    table: &Table,
+    pos: Pos,
+    leave: &[String],
+    left: &mut Vec<String>,
     sink: &mut Sink,
-) -> RawProvider {
-    let mut p = Reader::new(src, table, span, "a [[providers]] entry");
+) -> Option<RawProvider> {
+    let mut p = Reader::new(src, table, pos, "a [[providers]] entry");
     let name = p.string(sink, "name");
     p.require(sink, "name");
     if let Some(name) = &name {
+        if leave.contains(&name.value) {
+            // Its keys are the other builder's business.
+            left.push(name.value.clone());
+            return None;
+        }
         check_znode_name(sink, "provider", name);
     }
     let driver_name = p.string(sink, "driver");
+    if src.format == Format::Yaml {
+        let driver = driver_name
+            .as_ref()
+            .map_or("openstack", |d| d.value.as_str());
+        match classify_driver(driver) {
+            DriverClass::Supported | DriverClass::Unknown => {}
+            DriverClass::NoImages => return None,
+            DriverClass::ForeignImages => {
+                let at = driver_name.as_ref().map_or(p.pos, |d| d.pos);
+                let provider = name.as_ref().map_or("", |n| n.value.as_str());
+                sink.error(
+                    at,
+                    format!(
+                        "provider {provider}: driver `{driver}` manages images, but this builder cannot upload to it; run it on nodepool's builder and pass --leave-provider {provider} here"
+                    ),
+                );
+                return None;
+            }
+        }
+        p.ignore(PROVIDER_LAUNCHER_KEYS);
+    }
     let cloud = p.string(sink, "cloud");
     let region_name = p.string(sink, "region-name");
     let image_format = p.string(sink, "image-format");
@@ -574,8 +648,11 @@ fn read_provider(
     let diskimages = p
         .tables(sink, "diskimages")
         .into_iter()
-        .map(|(table, span)| {
-            let mut d = Reader::new(src, table, span, "a [[providers.diskimages]] entry");
+        .map(|(table, pos)| {
+            let mut d = Reader::new(src, table, pos, "a [[providers.diskimages]] entry");
+            if src.format == Format::Yaml {
+                d.ignore(PROVIDER_DISKIMAGE_LAUNCHER_KEYS);
+            }
             let name = d.string(sink, "name");
             d.require(sink, "name");
             let pause = d.boolean(sink, "pause").map(|v| v.value);
@@ -585,7 +662,7 @@ fn read_provider(
         })
         .collect();
     p.finish(sink);
-    RawProvider {
+    Some(RawProvider {
         name,
         driver,
         rate: rate.map(|v| v.value),
@@ -593,7 +670,7 @@ fn read_provider(
         image_upload_timeout,
         post_upload_hook,
         diskimages,
-    }
+    })
 }
 
 /// Diskimage and provider names become znode path components.
@@ -718,70 +795,74 @@ fn positive_f64(sink: &mut Sink, key: &str, v: At<f64>) -> Option<At<f64>> {
 ///
 /// Every getter is called for every key the table may hold, present or not, so after the
 /// getters ran, the keys asked for are exactly the known keys and anything else is unknown.
-pub(crate) struct Reader<'a, 'i> {
-    src: &'a Source,
-    table: &'a DeTable<'i>,
-    /// Position of the table's header (`[[diskimages]]`, `{` or the file start).
+/// In YAML a key whose value is null (`key:` with nothing after it, or `~`) counts as absent,
+/// as upstream's `dict.get` makes it.
+pub(crate) struct Reader<'a> {
+    format: Format,
+    table: &'a Table,
+    /// Position of the table's header (`[[diskimages]]`, `{`, `- ` or the file start).
     pos: Pos,
     context: &'static str,
     known: Vec<&'static str>,
+    /// Keys of nodepool.yaml that only the launcher reads: accepted and not looked at.
+    ignored: &'static [&'static str],
     /// Keys that are known elsewhere but not allowed here, and where "here" is.
     not_allowed: (&'static [&'static str], &'static str),
 }
 
-impl<'a, 'i> Reader<'a, 'i> {
-    pub fn new(
-        src: &'a Source,
-        table: &'a DeTable<'i>,
-        span: Range<usize>,
-        context: &'static str,
-    ) -> Self {
+impl<'a> Reader<'a> {
+    pub fn new(src: &Source, table: &'a Table, pos: Pos, context: &'static str) -> Self {
         Reader {
-            src,
+            format: src.format,
             table,
-            pos: src.pos(span.start),
+            pos,
             context,
             known: Vec::new(),
+            ignored: &[],
             not_allowed: (&[], ""),
         }
     }
 
-    fn raw(&mut self, key: &'static str) -> Option<&'a Spanned<DeValue<'i>>> {
+    fn get(&self, key: &str) -> Option<&'a Node> {
+        self.table
+            .get(key)
+            .filter(|node| !matches!(node.value, Value::Null))
+    }
+
+    fn raw(&mut self, key: &'static str) -> Option<&'a Node> {
         if !self.known.contains(&key) {
             self.known.push(key);
         }
-        self.table.get(key)
+        self.get(key)
     }
 
     fn has(&self, key: &str) -> bool {
-        self.table.contains_key(key)
+        self.get(key).is_some()
     }
 
     fn value_pos(&self, key: &str) -> Pos {
-        self.table
-            .get(key)
-            .map_or(self.pos, |v| self.src.pos(v.span().start))
+        self.get(key).map_or(self.pos, |v| v.pos)
     }
 
     fn key_pos(&self, key: &str) -> Pos {
         self.table
             .get_key_value(key)
-            .map_or(self.pos, |(k, _)| self.src.pos(k.span().start))
+            .map_or(self.pos, |(k, _)| k.pos)
     }
 
-    fn at<T>(&self, value: T, spanned: &Spanned<DeValue<'_>>) -> At<T> {
+    fn at<T>(&self, value: T, node: &Node) -> At<T> {
         At {
             value,
-            pos: self.src.pos(spanned.span().start),
+            pos: node.pos,
         }
     }
 
-    fn type_error(&self, sink: &mut Sink, key: &str, value: &Spanned<DeValue<'_>>, expected: &str) {
+    fn type_error(&self, sink: &mut Sink, key: &str, node: &Node, expected: &str) {
         sink.error(
-            self.src.pos(value.span().start),
+            node.pos,
             format!(
                 "`{key}` must be {expected}, found {}",
-                describe(value.get_ref())
+                node.value.type_name(self.format)
             ),
         );
     }
@@ -807,11 +888,11 @@ impl<'a, 'i> Reader<'a, 'i> {
     }
 
     pub fn string(&mut self, sink: &mut Sink, key: &'static str) -> Option<At<String>> {
-        let value = self.raw(key)?;
-        match value.get_ref() {
-            DeValue::String(s) => Some(self.at(s.to_string(), value)),
+        let node = self.raw(key)?;
+        match &node.value {
+            Value::String(s) => Some(self.at(s.clone(), node)),
             _ => {
-                self.type_error(sink, key, value, "a string");
+                self.type_error(sink, key, node, "a string");
                 None
             }
         }
@@ -827,31 +908,26 @@ impl<'a, 'i> Reader<'a, 'i> {
     }
 
     pub fn boolean(&mut self, sink: &mut Sink, key: &'static str) -> Option<At<bool>> {
-        let value = self.raw(key)?;
-        match value.get_ref() {
-            DeValue::Boolean(b) => Some(self.at(*b, value)),
+        let node = self.raw(key)?;
+        match node.value {
+            Value::Boolean(b) => Some(self.at(b, node)),
             _ => {
-                self.type_error(sink, key, value, "a boolean");
+                self.type_error(sink, key, node, "a boolean");
                 None
             }
         }
     }
 
     pub fn integer(&mut self, sink: &mut Sink, key: &'static str) -> Option<At<i64>> {
-        let value = self.raw(key)?;
-        match value.get_ref() {
-            DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
-                Ok(n) => Some(self.at(n, value)),
-                Err(_) => {
-                    sink.error(
-                        self.src.pos(value.span().start),
-                        format!("`{key}` is out of range"),
-                    );
-                    None
-                }
-            },
+        let node = self.raw(key)?;
+        match node.value {
+            Value::Integer(Some(n)) => Some(self.at(n, node)),
+            Value::Integer(None) => {
+                sink.error(node.pos, format!("`{key}` is out of range"));
+                None
+            }
             _ => {
-                self.type_error(sink, key, value, "an integer");
+                self.type_error(sink, key, node, "an integer");
                 None
             }
         }
@@ -859,46 +935,35 @@ impl<'a, 'i> Reader<'a, 'i> {
 
     /// A float; an integer is accepted too (`zookeeper-timeout = 20` means 20.0).
     pub fn number(&mut self, sink: &mut Sink, key: &'static str) -> Option<At<f64>> {
-        let value = self.raw(key)?;
-        let number = match value.get_ref() {
-            DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
-                .ok()
-                .map(|n| n as f64),
-            DeValue::Float(f) => f.as_str().parse::<f64>().ok(),
+        let node = self.raw(key)?;
+        let number = match node.value {
+            Value::Integer(n) => n.map_or(f64::NAN, |n| n as f64),
+            Value::Float(f) => f,
             _ => {
-                self.type_error(sink, key, value, "a number");
+                self.type_error(sink, key, node, "a number");
                 return None;
             }
         };
-        match number {
-            Some(n) if n.is_finite() => Some(self.at(n, value)),
-            _ => {
-                sink.error(
-                    self.src.pos(value.span().start),
-                    format!("`{key}` must be a finite number"),
-                );
-                None
-            }
+        if number.is_finite() {
+            Some(self.at(number, node))
+        } else {
+            sink.error(node.pos, format!("`{key}` must be a finite number"));
+            None
         }
     }
 
     /// `release` is a string or an integer; integers are stringified like upstream does.
     fn release(&mut self, sink: &mut Sink) -> Option<String> {
-        let value = self.raw("release")?;
-        match value.get_ref() {
-            DeValue::String(s) => Some(s.to_string()),
-            DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
-                Ok(n) => Some(n.to_string()),
-                Err(_) => {
-                    sink.error(
-                        self.src.pos(value.span().start),
-                        "`release` is out of range",
-                    );
-                    None
-                }
-            },
+        let node = self.raw("release")?;
+        match &node.value {
+            Value::String(s) => Some(s.clone()),
+            Value::Integer(Some(n)) => Some(n.to_string()),
+            Value::Integer(None) => {
+                sink.error(node.pos, "`release` is out of range");
+                None
+            }
             _ => {
-                self.type_error(sink, "release", value, "a string or an integer");
+                self.type_error(sink, "release", node, "a string or an integer");
                 None
             }
         }
@@ -906,18 +971,22 @@ impl<'a, 'i> Reader<'a, 'i> {
 
     /// An array of strings; every element that is not a string is reported.
     pub fn strings(&mut self, sink: &mut Sink, key: &'static str) -> Option<Vec<String>> {
-        let value = self.raw(key)?;
-        let DeValue::Array(items) = value.get_ref() else {
-            self.type_error(sink, key, value, "an array of strings");
+        let node = self.raw(key)?;
+        let Value::Array(items) = &node.value else {
+            let expected = self.words("an array of strings", "a list of strings");
+            self.type_error(sink, key, node, expected);
             return None;
         };
         let mut out = Vec::new();
-        for item in items.iter() {
-            match item.get_ref() {
-                DeValue::String(s) => out.push(s.to_string()),
+        for item in items {
+            match &item.value {
+                Value::String(s) => out.push(s.clone()),
                 other => sink.error(
-                    self.src.pos(item.span().start),
-                    format!("`{key}` entries must be strings, found {}", describe(other)),
+                    item.pos,
+                    format!(
+                        "`{key}` entries must be strings, found {}",
+                        other.type_name(self.format)
+                    ),
                 ),
             }
         }
@@ -939,30 +1008,31 @@ impl<'a, 'i> Reader<'a, 'i> {
         sink: &mut Sink,
         key: &'static str,
     ) -> Option<BTreeMap<String, String>> {
-        let value = self.raw(key)?;
-        let DeValue::Table(table) = value.get_ref() else {
-            self.type_error(sink, key, value, "a table of strings");
+        let node = self.raw(key)?;
+        let Value::Table(table) = &node.value else {
+            let expected = self.words("a table of strings", "a mapping of strings");
+            self.type_error(sink, key, node, expected);
             return None;
         };
         let mut out = BTreeMap::new();
-        for (name, item) in table.iter() {
-            let name = name.get_ref().to_string();
+        for (name, item) in &table.entries {
+            let name = name.name.clone();
             if key == "env-vars" && (name.is_empty() || name.contains(['=', '\0'])) {
                 sink.error(
-                    self.src.pos(item.span().start),
+                    item.pos,
                     "`env-vars` names must be non-empty and must not contain '=' or NUL",
                 );
                 continue;
             }
-            match item.get_ref() {
-                DeValue::String(s) => {
-                    out.insert(name, s.to_string());
+            match &item.value {
+                Value::String(s) => {
+                    out.insert(name, s.clone());
                 }
                 other => sink.error(
-                    self.src.pos(item.span().start),
+                    item.pos,
                     format!(
                         "values of `{key}` must be strings, found {} for `{name}`",
-                        describe(other)
+                        other.type_name(self.format)
                     ),
                 ),
             }
@@ -970,59 +1040,75 @@ impl<'a, 'i> Reader<'a, 'i> {
         Some(out)
     }
 
-    /// A sub-table, with the span of its header.
-    pub fn table(
-        &mut self,
-        sink: &mut Sink,
-        key: &'static str,
-    ) -> Option<(&'a DeTable<'i>, Range<usize>)> {
-        let value = self.raw(key)?;
-        match value.get_ref() {
-            DeValue::Table(table) => Some((table, value.span())),
+    /// A sub-table, with the position of its header.
+    pub fn table(&mut self, sink: &mut Sink, key: &'static str) -> Option<(&'a Table, Pos)> {
+        let node = self.raw(key)?;
+        match &node.value {
+            Value::Table(table) => Some((table, node.pos)),
             _ => {
-                self.type_error(sink, key, value, "a table");
+                let expected = self.words("a table", "a mapping");
+                self.type_error(sink, key, node, expected);
                 None
             }
         }
     }
 
-    /// An array of tables (`[[key]]` sections or an inline array of inline tables).
-    pub fn tables(
-        &mut self,
-        sink: &mut Sink,
-        key: &'static str,
-    ) -> Vec<(&'a DeTable<'i>, Range<usize>)> {
-        let Some(value) = self.raw(key) else {
+    /// An array of tables (`[[key]]` sections or an inline array of inline tables; in YAML
+    /// a list of mappings).
+    pub fn tables(&mut self, sink: &mut Sink, key: &'static str) -> Vec<(&'a Table, Pos)> {
+        let Some(node) = self.raw(key) else {
             return Vec::new();
         };
-        let DeValue::Array(items) = value.get_ref() else {
-            self.type_error(sink, key, value, "an array of tables");
+        let Value::Array(items) = &node.value else {
+            let expected = self.words("an array of tables", "a list of mappings");
+            self.type_error(sink, key, node, expected);
             return Vec::new();
         };
         let mut out = Vec::new();
-        for item in items.iter() {
-            match item.get_ref() {
-                DeValue::Table(table) => out.push((table, item.span())),
+        let entries = self.words("tables", "mappings");
+        for item in items {
+            match &item.value {
+                Value::Table(table) => out.push((table, item.pos)),
                 other => sink.error(
-                    self.src.pos(item.span().start),
-                    format!("`{key}` entries must be tables, found {}", describe(other)),
+                    item.pos,
+                    format!(
+                        "`{key}` entries must be {entries}, found {}",
+                        other.type_name(self.format)
+                    ),
                 ),
             }
         }
         out
     }
 
-    /// Reports every key that no getter asked for.
+    /// Accepts these keys without reading them (launcher-only keys of nodepool.yaml).
+    pub fn ignore(&mut self, keys: &'static [&'static str]) {
+        self.ignored = keys;
+    }
+
+    /// Reports every key that no getter asked for, and every key written twice.
     pub fn finish(self, sink: &mut Sink) {
-        for (key, _) in self.table.iter() {
-            let name: &str = key.get_ref();
-            if self.known.contains(&name) {
+        for (index, (key, _)) in self.table.entries.iter().enumerate() {
+            let name = key.name.as_str();
+            if let Some((first, _)) = self.table.entries[..index]
+                .iter()
+                .find(|(k, _)| k.name == name)
+            {
+                sink.error(
+                    key.pos,
+                    format!(
+                        "duplicate key `{name}` in {} (first at line {})",
+                        self.context, first.pos.line
+                    ),
+                );
                 continue;
             }
-            let pos = self.src.pos(key.span().start);
+            if self.known.contains(&name) || self.ignored.contains(&name) {
+                continue;
+            }
             let (not_allowed, where_) = self.not_allowed;
             if not_allowed.contains(&name) {
-                sink.error(pos, format!("`{name}` is not allowed in {where_}"));
+                sink.error(key.pos, format!("`{name}` is not allowed in {where_}"));
                 continue;
             }
             let mut message = format!("unknown key `{name}` in {}", self.context);
@@ -1033,14 +1119,17 @@ impl<'a, 'i> Reader<'a, 'i> {
             {
                 message.push_str(&format!("; did you mean `{similar}`?"));
             }
-            sink.error(pos, message);
+            sink.error(key.pos, message);
         }
     }
-}
 
-/// A value's TOML type, for "found ..." in type errors. Never the value itself.
-fn describe(value: &DeValue<'_>) -> &'static str {
-    value.type_str()
+    /// The TOML or the YAML wording of a type.
+    fn words(&self, toml: &'static str, yaml: &'static str) -> &'static str {
+        match self.format {
+            Format::Toml => toml,
+            Format::Yaml => yaml,
+        }
+    }
 }
 
 /// Levenshtein distance, for "did you mean" hints on unknown keys.

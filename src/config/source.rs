@@ -1,8 +1,10 @@
 //! One configuration file's text: `%(NODEPOOL_*)` substitution and byte offset to line/column.
 //!
 //! Like upstream nodepool, every `%(NAME)` whose `NAME` starts with `NODEPOOL_` is replaced by
-//! that environment variable's value before the TOML parser sees the text.
+//! that environment variable's value before the parser sees the text.
 //! Other `%(...)` text and references to unset variables are left exactly as written.
+//!
+//! The same happens for YAML, with libyaml's offsets.
 //!
 //! Substitution changes lengths, so the parser's byte offsets refer to the substituted text.
 //! Line numbers would stay right as long as no substituted value contains a newline, and
@@ -10,6 +12,8 @@
 //! recorded and offsets are mapped back to the file as written before they become
 //! `line:col`.
 //! A position inside a substituted value maps to the start of its `%(NAME)` reference.
+
+use super::doc::Format;
 
 /// Which of the two configuration files a position belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -39,7 +43,9 @@ struct Substitution {
 /// The text of one file, before and after substitution.
 pub(crate) struct Source {
     pub file: FileId,
-    /// The text handed to the TOML parser.
+    /// The file's syntax.
+    pub format: Format,
+    /// The text handed to the parser.
     pub text: String,
     original: String,
     line_starts: Vec<usize>,
@@ -48,7 +54,12 @@ pub(crate) struct Source {
 
 impl Source {
     /// Substitutes `%(NODEPOOL_*)` references using `env` to look variables up.
-    pub fn new(file: FileId, original: &str, env: &dyn Fn(&str) -> Option<String>) -> Source {
+    pub fn new(
+        file: FileId,
+        format: Format,
+        original: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Source {
         let mut text = String::with_capacity(original.len());
         let mut substitutions = Vec::new();
         let mut rest = 0;
@@ -88,6 +99,7 @@ impl Source {
             .collect();
         Source {
             file,
+            format,
             text,
             original: original.to_owned(),
             line_starts,
@@ -152,6 +164,7 @@ mod tests {
     fn substitutes_only_nodepool_variables() {
         let s = Source::new(
             FileId::Main,
+            Format::Toml,
             "%(NODEPOOL_A) %(OTHER) %(NODEPOOL_UNSET) %(",
             &env,
         );
@@ -161,7 +174,7 @@ mod tests {
     #[test]
     fn positions_refer_to_the_original_text() {
         let original = "a = \"%(NODEPOOL_LONG)\" # x\nb = 1\n";
-        let s = Source::new(FileId::Main, original, &env);
+        let s = Source::new(FileId::Main, Format::Toml, original, &env);
         let b = s.text.find("b = 1").unwrap();
         assert_eq!((s.pos(b).line, s.pos(b).col), (2, 1));
         let hash = s.text.find('#').unwrap();

@@ -99,6 +99,7 @@ pub(crate) fn build(main: RawMain, secure: Option<RawSecure>, sink: &mut Sink) -
             .unwrap_or(defaults::RETRY_BACKOFF_MAX),
         diskimages,
         providers,
+        left_providers: main.left_providers,
     }
 }
 

@@ -76,7 +76,14 @@ pub fn run(cli: &Cli, cmd: &OpsCommand) -> ExitCode {
 }
 
 fn run_inner(cli: &Cli, cmd: &OpsCommand) -> Result<(), OpsError> {
-    let cfg = config::load(&cli.config, cli.secure.as_deref()).map_err(OpsError::Config)?;
+    let cfg = config::load_with(
+        &cli.config,
+        cli.secure.as_deref(),
+        &config::LoadOptions {
+            leave_providers: cli.leave_providers.clone(),
+        },
+    )
+    .map_err(OpsError::Config)?;
     check_arguments(cmd)?;
     let session = Session::connect(&cfg)?;
     let zk = &session.0;
