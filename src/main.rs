@@ -85,6 +85,15 @@ fn check_config(cli: &Cli) -> ExitCode {
             for f in &findings {
                 eprintln!("nodepool-builder: warning: {f}");
             }
+            for name in &cfg.left_providers {
+                println!("provider {name}: left to another builder (--leave-provider)");
+            }
+            for name in unmatched_leave_providers(cli, &cfg) {
+                eprintln!(
+                    "nodepool-builder: warning: --leave-provider {name}: {} has no provider of that name",
+                    cli.config.display()
+                );
+            }
             println!("{}: configuration is valid", cli.config.display());
             ExitCode::SUCCESS
         }
@@ -144,6 +153,29 @@ fn refuse_secret_files(findings: &[secret_files::Finding]) -> bool {
         fatal = true;
     }
     fatal
+}
+
+/// `--leave-provider` names that match no provider of the file: a typo, or a provider
+/// removed since. Only a warning, so that a shared nodepool.yaml can drop the provider
+/// without breaking this builder's reload.
+fn unmatched_leave_providers<'a>(cli: &'a Cli, cfg: &config::Config) -> Vec<&'a str> {
+    cli.leave_providers
+        .iter()
+        .filter(|name| !cfg.left_providers.contains(name))
+        .map(String::as_str)
+        .collect()
+}
+
+fn log_left_providers(cli: &Cli, cfg: &config::Config) {
+    for name in &cfg.left_providers {
+        log::info!("Provider {name} is left to another builder (--leave-provider)");
+    }
+    for name in unmatched_leave_providers(cli, cfg) {
+        log::warn!(
+            "--leave-provider {name}: {} has no provider of that name",
+            cli.config.display()
+        );
+    }
 }
 
 fn warn_secret_files(findings: &[secret_files::Finding]) {
@@ -242,6 +274,7 @@ fn run_foreground(cli: Cli, pidfile_given: bool, notify_socket: Option<OsString>
     let _main = install_diagnostics();
     warn_ignored_log_config(&cli, &ignored);
     warn_secret_files(&findings);
+    log_left_providers(&cli, &cfg);
     let result = app::run(cfg, options(&cli), || {
         notify_ready(notify_socket.as_ref(), "READY=1")
     });
@@ -313,6 +346,7 @@ fn run_daemon(cli: Cli, notify_socket: Option<OsString>) -> ExitCode {
         cli.config.display()
     );
     warn_secret_files(&findings);
+    log_left_providers(&cli, &cfg);
     let result = run_daemon_app(cfg, &cli, &ready, notify_socket.as_ref());
     remove_pidfile(Some(pidfile));
     match result {

@@ -36,6 +36,8 @@ mod glance_uploads;
 mod harness;
 /// Logging as nodepool: `-l` dictConfig files, logger names, line format, filters.
 mod logging;
+/// nodepool.yaml read directly: a real site's file, the secure file, unsupported drivers.
+mod nodepool_yaml;
 /// Operator subcommands, compared with the Python nodepool CLI on the same data.
 mod ops;
 /// One real diskimage-builder build (debian-minimal, tar and qcow2) through the daemon.

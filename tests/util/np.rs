@@ -160,7 +160,23 @@ key = "{key}"
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> BuilderProcess {
-        self.start_as(n, &Launch::default(), extra_args, env)
+        self.start_config(n, &self.config_path(n), extra_args, env)
+    }
+
+    /// Like [`Site::start_with_env`], with the config file `cfg` (e.g. a nodepool.yaml).
+    pub fn start_config(
+        &self,
+        n: usize,
+        cfg: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> BuilderProcess {
+        self.start_as(n, cfg, &Launch::default(), extra_args, env)
+    }
+
+    /// The config file [`Site::config`] writes for builder `n`.
+    fn config_path(&self, n: usize) -> PathBuf {
+        self.path(&format!("builder{n}.toml"))
     }
 
     /// Like [`Site::start_with_env`], with the variables that choose which CAs the OpenStack
@@ -171,7 +187,7 @@ key = "{key}"
             unset: &TRUST_ENV_VARS,
             ..Launch::default()
         };
-        self.start_as(n, &how, &[], env)
+        self.start_as(n, &self.config_path(n), &how, &[], env)
     }
 
     /// Like [`Site::start_with_env`], with the binary started through `wrapper` (see
@@ -187,18 +203,18 @@ key = "{key}"
             wrapper,
             ..Launch::default()
         };
-        self.start_as(n, &how, extra_args, env)
+        self.start_as(n, &self.config_path(n), &how, extra_args, env)
     }
 
     /// Starts builder `n` the way `how` says, and waits until it is ready.
     fn start_as(
         &self,
         n: usize,
+        cfg: &Path,
         how: &Launch<'_>,
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> BuilderProcess {
-        let cfg = self.path(&format!("builder{n}.toml"));
         let mut args = vec!["-d", "-c", cfg.to_str().unwrap()];
         args.extend_from_slice(extra_args);
         let mut all_env = vec![(
