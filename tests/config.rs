@@ -2,8 +2,8 @@
 //! `%(NODEPOOL_*)` substitution, and broken configs reporting every error at its
 //! `file:line:col`.
 //!
-//! Broken configs live in `tests/fixtures/config/bad/NN-short-name.toml`, optionally with a
-//! secure file `NN-short-name.secure.toml`, and a sidecar `NN-short-name.expected` listing
+//! Broken configs live in `tests/fixtures/config/bad/NN-short-name.toml` (or `.yaml`, a
+//! nodepool.yaml), optionally with a secure file `NN-short-name.secure.toml` (`.secure.yaml`), and a sidecar `NN-short-name.expected` listing
 //! one expected error per line as `LINE:COL: substring of the message`; a line starting with
 //! `secure:` expects the error in the secure file. Lines starting with `#` are comments.
 
@@ -303,7 +303,7 @@ fn every_bad_fixture_reports_exactly_its_errors_at_their_positions() {
         .map(|e| e.unwrap().path())
         .filter(|p| {
             let name = p.file_name().unwrap().to_str().unwrap();
-            name.ends_with(".toml") && !name.ends_with(".secure.toml")
+            (name.ends_with(".toml") || name.ends_with(".yaml")) && !name.contains(".secure.")
         })
         .collect();
     mains.sort();
@@ -312,7 +312,8 @@ fn every_bad_fixture_reports_exactly_its_errors_at_their_positions() {
     let mut failures = Vec::new();
     let mut several_at_once = false;
     for main in &mains {
-        let secure = main.with_extension("secure.toml");
+        let extension = main.extension().unwrap().to_str().unwrap();
+        let secure = main.with_extension(format!("secure.{extension}"));
         let secure = secure.exists().then_some(secure);
         let expected = parse_expected(&main.with_extension("expected"));
         assert!(!expected.is_empty(), "{} expects no error", main.display());
@@ -560,4 +561,101 @@ release = 0o20
     assert_eq!(image.rebuild_age, 86400);
     assert_eq!(image.build_timeout, 7200);
     assert_eq!(image.release, "16");
+}
+
+#[test]
+fn nodepool_yaml_loads_to_the_same_configuration_as_its_toml_twin() {
+    let dir = fixtures().join("good");
+    let toml = load_ok(&dir.join("full.toml"), Some(&dir.join("full-secure.toml")));
+    let yaml = load_ok(&dir.join("full.yaml"), Some(&dir.join("full-secure.yaml")));
+    // Launcher keys, drivers without images, anchors, a merge key and YAML 1.1 scalars
+    // (`yes`, `on`, octal `024`) change nothing.
+    assert_eq!(yaml, toml);
+    assert_eq!(yaml.images_dir_required_free, 20);
+    assert_eq!(yaml.zookeeper_timeout, 30.0);
+}
+
+#[test]
+fn leave_provider_skips_any_provider_and_names_only_the_ones_found() {
+    let dir = fixtures().join("good");
+    let options = config::LoadOptions {
+        leave_providers: strings(&["cloud-a", "static-rack", "not-there"]),
+    };
+    let config = config::load_with(&dir.join("full.yaml"), None, &options).unwrap();
+    let names: Vec<&str> = config.providers.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, vec!["archive"]);
+    assert_eq!(config.left_providers, strings(&["cloud-a", "static-rack"]));
+}
+
+#[test]
+fn nodepool_variables_are_substituted_in_yaml_and_errors_keep_their_columns() {
+    let name = format!("NODEPOOL_YAML_TEST_{}", std::process::id());
+    // SAFETY: the variable name is unique to this process and test; nothing else reads or
+    // writes it, and the value is set before it is read.
+    unsafe { std::env::set_var(&name, "/srv/a-much-longer-value-than-the-reference") };
+    let src = format!(
+        "images-dir: \"%({name})/images\"\nzookeeper-servers:\n  - host: zk\ndiskimages:\n  - {{name: ubuntu, env-vars: {{A: \"%({name})\", B: 1}}}}\n"
+    );
+    let path = Path::new("/etc/nodepool/nodepool.yaml");
+    let errors = config::load_str(path, &src, None).expect_err("B: 1 is not a string");
+    let col = src.lines().nth(4).unwrap().find("1}").unwrap() + 1;
+    assert_eq!(
+        errors.to_string(),
+        format!(
+            "/etc/nodepool/nodepool.yaml:5:{col}: values of `env-vars` must be strings, found integer for `B`"
+        )
+    );
+    let config = config::load_str(path, &src.replace("B: 1", "B: '1'"), None).unwrap();
+    assert_eq!(
+        config.images_dir,
+        Path::new("/srv/a-much-longer-value-than-the-reference/images")
+    );
+    assert_eq!(
+        config.diskimages[0].env_vars["A"],
+        "/srv/a-much-longer-value-than-the-reference"
+    );
+}
+
+#[test]
+fn yaml_is_recognised_by_content_when_the_name_does_not_say() {
+    let yaml = "# nodepool's file under another name\n\n---\nimages-dir: /srv/images\nzookeeper-servers:\n  - host: zk\n";
+    let toml = "# ours\nimages-dir = \"/srv/images\"\n[[zookeeper-servers]]\nhost = \"zk\"\n";
+    for (name, text) in [
+        ("/etc/nodepool/secure.conf", yaml),
+        ("/etc/nodepool/builder", yaml.replace("---\n", "").as_str()),
+        ("/etc/nodepool/builder.conf", toml),
+    ] {
+        let config =
+            config::load_str(Path::new(name), text, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(config.images_dir, Path::new("/srv/images"), "{name}");
+    }
+    // The extension wins over the content: YAML in a .toml file is a TOML error.
+    let errors = config::load_str(Path::new("/etc/nodepool/builder.toml"), yaml, None)
+        .expect_err("YAML is not TOML");
+    assert!(errors.to_string().contains("invalid TOML"), "{errors}");
+}
+
+#[test]
+fn yaml_bombs_and_deep_nesting_are_refused_with_a_position() {
+    let path = Path::new("/etc/nodepool/nodepool.yaml");
+    let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..8 {
+        bomb.push_str(&format!(
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n",
+            p = i - 1
+        ));
+    }
+    let errors = config::load_str(path, &bomb, None).expect_err("a billion laughs");
+    assert_eq!(errors.0.len(), 1, "{errors}");
+    assert!(
+        errors.0[0].message.contains("more than 100000 values"),
+        "{errors}"
+    );
+
+    let deep = format!("images-dir: {}{}\n", "[".repeat(10_000), "]".repeat(10_000));
+    let errors = config::load_str(path, &deep, None).expect_err("too deep");
+    assert_eq!(
+        errors.to_string(),
+        "/etc/nodepool/nodepool.yaml:1:76: invalid YAML: nested more than 64 levels deep"
+    );
 }

@@ -171,11 +171,13 @@ fn check_config_exits_2_with_every_error_located() {
     for entry in std::fs::read_dir(&bad).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_str().unwrap().to_string();
-        if !name.ends_with(".toml") || name.ends_with(".secure.toml") {
+        let Some((stem, extension)) = name.rsplit_once('.') else {
+            continue;
+        };
+        if !matches!(extension, "toml" | "yaml") || stem.ends_with(".secure") {
             continue;
         }
-        let stem = name.trim_end_matches(".toml");
-        let secure = bad.join(format!("{stem}.secure.toml"));
+        let secure = bad.join(format!("{stem}.secure.{extension}"));
         let mut cmd = std::process::Command::new(binary());
         cmd.args(["check-config", "-c", path.to_str().unwrap()]);
         if secure.exists() {

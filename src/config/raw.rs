@@ -339,7 +339,7 @@ pub(crate) fn read_main(
 /// it; messages name keys and positions only (diskimage names are not secret).
 pub(crate) fn read_secure(src: &Source, base: &Path, root: &Table, sink: &mut Sink) -> RawSecure {
     let mut r = Reader::new(src, root, src.start(), "the top level of the secure file");
-    r.not_allowed = (MAIN_ONLY_KEYS, "the secure file");
+    r.not_allowed(MAIN_ONLY_KEYS, "the secure file");
     let zookeeper_servers = read_servers(src, &mut r, sink);
     let zookeeper_tls = read_tls(src, base, &mut r, sink);
     let zookeeper_auth = read_auth(src, &mut r, sink);
@@ -348,7 +348,7 @@ pub(crate) fn read_secure(src: &Source, base: &Path, root: &Table, sink: &mut Si
         .into_iter()
         .map(|(table, pos)| {
             let mut d = Reader::new(src, table, pos, "a [[diskimages]] entry of the secure file");
-            d.not_allowed = (
+            d.not_allowed(
                 DISKIMAGE_MAIN_ONLY_KEYS,
                 "a [[diskimages]] entry of the secure file (only name and env-vars)",
             );
@@ -802,16 +802,27 @@ pub(crate) struct Reader<'a> {
     table: &'a Table,
     /// Position of the table's header (`[[diskimages]]`, `{`, `- ` or the file start).
     pos: Pos,
-    context: &'static str,
+    /// "a [[diskimages]] entry", in the file's format's words.
+    context: String,
     known: Vec<&'static str>,
     /// Keys of nodepool.yaml that only the launcher reads: accepted and not looked at.
     ignored: &'static [&'static str],
     /// Keys that are known elsewhere but not allowed here, and where "here" is.
-    not_allowed: (&'static [&'static str], &'static str),
+    not_allowed: (&'static [&'static str], String),
+}
+
+/// A table's TOML name in YAML words: `a [[diskimages]] entry` is `a diskimages entry`.
+fn yaml_words(toml: &str) -> String {
+    toml.replace("[[providers.diskimages]]", "provider's diskimages")
+        .replace(['[', ']'], "")
 }
 
 impl<'a> Reader<'a> {
     pub fn new(src: &Source, table: &'a Table, pos: Pos, context: &'static str) -> Self {
+        let context = match src.format {
+            Format::Toml => context.to_owned(),
+            Format::Yaml => yaml_words(context),
+        };
         Reader {
             format: src.format,
             table,
@@ -819,8 +830,17 @@ impl<'a> Reader<'a> {
             context,
             known: Vec::new(),
             ignored: &[],
-            not_allowed: (&[], ""),
+            not_allowed: (&[], String::new()),
         }
+    }
+
+    /// Keys known elsewhere that are errors here, and where "here" is (TOML words).
+    fn not_allowed(&mut self, keys: &'static [&'static str], where_: &str) {
+        let where_ = match self.format {
+            Format::Toml => where_.to_owned(),
+            Format::Yaml => yaml_words(where_),
+        };
+        self.not_allowed = (keys, where_);
     }
 
     fn get(&self, key: &str) -> Option<&'a Node> {
@@ -1044,7 +1064,14 @@ impl<'a> Reader<'a> {
     pub fn table(&mut self, sink: &mut Sink, key: &'static str) -> Option<(&'a Table, Pos)> {
         let node = self.raw(key)?;
         match &node.value {
-            Value::Table(table) => Some((table, node.pos)),
+            // A YAML mapping has no header of its own: its key stands for it.
+            Value::Table(table) => Some((
+                table,
+                match self.format {
+                    Format::Toml => node.pos,
+                    Format::Yaml => self.key_pos(key),
+                },
+            )),
             _ => {
                 let expected = self.words("a table", "a mapping");
                 self.type_error(sink, key, node, expected);
@@ -1106,7 +1133,7 @@ impl<'a> Reader<'a> {
             if self.known.contains(&name) || self.ignored.contains(&name) {
                 continue;
             }
-            let (not_allowed, where_) = self.not_allowed;
+            let (not_allowed, where_) = &self.not_allowed;
             if not_allowed.contains(&name) {
                 sink.error(key.pos, format!("`{name}` is not allowed in {where_}"));
                 continue;
