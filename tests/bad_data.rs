@@ -133,16 +133,22 @@ fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
         .iter()
         .flat_map(|d| std::fs::read_dir(config_fixtures().join(d)).unwrap())
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml" || x == "yaml"))
         .filter(|p| {
             let name = p.file_name().unwrap().to_string_lossy();
-            !name.ends_with(".secure.toml") && !name.ends_with("-secure.toml")
+            !name.contains(".secure.") && !name.contains("-secure.")
         })
         .collect();
     fixtures.push(root().join("etc/nodepool-builder.toml"));
     fixtures.sort();
     for main in &fixtures {
         let stem = main.file_stem().unwrap().to_string_lossy().into_owned();
+        let extension = main.extension().unwrap().to_string_lossy().into_owned();
+        // full.toml and full.yaml are twins: the YAML seeds get a suffix.
+        let seed = match extension.as_str() {
+            "toml" => stem.clone(),
+            _ => format!("{stem}-{extension}"),
+        };
         let dir = main
             .parent()
             .unwrap()
@@ -150,17 +156,17 @@ fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
             .unwrap()
             .to_string_lossy();
         let text = read(main);
-        add("config_main", &format!("{dir}-{stem}"), text.as_bytes());
+        add("config_main", &format!("{dir}-{seed}"), text.as_bytes());
         let secure = [
-            main.with_file_name(format!("{stem}.secure.toml")),
-            main.with_file_name(format!("{stem}-secure.toml")),
+            main.with_file_name(format!("{stem}.secure.{extension}")),
+            main.with_file_name(format!("{stem}-secure.{extension}")),
         ]
         .into_iter()
         .find(|p| p.exists());
         if let Some(secure) = secure {
             add(
                 "config_secure",
-                &format!("{dir}-{stem}"),
+                &format!("{dir}-{seed}"),
                 &checks::secure_input(&text, &read(&secure)),
             );
         }
@@ -598,6 +604,38 @@ fn nasty_config_texts_are_rejected_in_place() {
     let deep = format!("x = {}{}", "[".repeat(100_000), "]".repeat(100_000));
     let deep_table = format!("x = {}{}", "{a = ".repeat(50_000), "}".repeat(50_000));
     let many_keys: String = (0..20_000).map(|i| format!("k{i} = {i}\n")).collect();
+    // The same in YAML (found by content: the fuzzed file name has no extension).
+    let deep_yaml = format!("x: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let deep_mapping = format!("x: {}{}", "{a: ".repeat(50_000), "}".repeat(50_000));
+    let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..9 {
+        let p = i - 1;
+        bomb.push_str(&format!(
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        ));
+    }
+    for text in [
+        "images-dir: [",
+        "- just\n- a list\n",
+        "a: &x [*x]",
+        "a: *nowhere",
+        "a: !!binary aGVsbG8=",
+        "a: !custom {b: c}",
+        "a: b\n---\nc: d\n",
+        "images-dir: /x\n\tzookeeper-servers: 1",
+        "images-dir: /x\nimages-dir: /y\n",
+        "? [a, b]\n: c\n",
+        "<<: [1, 2]\n",
+        "%YAML 1.1\n---\n\u{1}: 2\n",
+        &deep_yaml,
+        &deep_mapping,
+        &bomb,
+    ] {
+        match checks::config_main(text.as_bytes()) {
+            Some(Err(_)) => {}
+            other => panic!("{:.60?} gave {other:?}", text),
+        }
+    }
     for text in [
         "",
         "\n\n\n",

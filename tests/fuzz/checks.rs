@@ -24,10 +24,12 @@ use nodepool_builder::zk::schema::{ImageBuild, ImageUpload, SchemaError};
 use serde_json::{Map, Value};
 
 /// Where the fuzzed main configuration claims to live (relative paths resolve against it).
-pub const MAIN_PATH: &str = "/fuzz/nodepool-builder.toml";
-/// Where the fuzzed secure configuration claims to live.
-pub const SECURE_PATH: &str = "/fuzz/secure.toml";
-/// Separates the main and the secure file in a `config_secure` input (TOML forbids NUL).
+/// No extension: the content decides between TOML and YAML, so both readers are fuzzed.
+pub const MAIN_PATH: &str = "/fuzz/nodepool-builder";
+/// Where the fuzzed secure configuration claims to live (no extension either).
+pub const SECURE_PATH: &str = "/fuzz/secure";
+/// Separates the main and the secure file in a `config_secure` input (TOML and YAML forbid
+/// NUL).
 pub const SECURE_SEPARATOR: u8 = 0;
 /// The longest error message a skipped record may log: an unknown state is shown with at
 /// most 64 characters, each at most 10 when escaped (`\u{10ffff}`), plus the text around it.
@@ -298,7 +300,8 @@ fn check_config(result: &Result<Config, ConfigErrors>, files: &[(&Path, &str)]) 
                     .collect();
                 let messages = messages.join("\n");
                 for line in secure.lines().map(str::trim) {
-                    let quotable = line.len() >= 10 && line.contains(" = ");
+                    let quotable =
+                        line.len() >= 10 && (line.contains(" = ") || line.contains(": "));
                     assert!(
                         !quotable || !messages.contains(line),
                         "a secure file error echoes {line:?}: {errors}"
