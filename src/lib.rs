@@ -2,8 +2,8 @@
 //!
 //! # Code map
 //!
-//! * `config`: the TOML configuration (nodepool.yaml's builder subset), validated with every
-//!   error reported as `file:line:col`.
+//! * `config`: the configuration, our TOML or nodepool.yaml itself (its builder subset),
+//!   validated with every error reported as `file:line:col`.
 //! * `model`: domain vocabulary (image, build, upload, provider, states), no serde.
 //! * `zk`: the synchronous ZooKeeper facade over `zookeeper-client` (`zk::Zk`), the znode
 //!   layout (`zk::paths`), the wire records (`zk::schema`), the kazoo lock recipe

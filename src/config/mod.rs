@@ -1,4 +1,4 @@
-//! The builder's configuration: nodepool.yaml's builder subset as a TOML file.
+//! The builder's configuration: our TOML file, or nodepool's own nodepool.yaml.
 //!
 //! # Format
 //!
@@ -6,8 +6,39 @@
 //! (wire spec §4); `etc/nodepool-builder.toml` lists every key with its default.
 //! A few keys are our additions: `images-dir-required-free` (from the unmerged upstream
 //! proposal, GiB, also per diskimage), `zookeeper-auth`, `cleanup-interval`,
-//! `resync-interval`, `retry-backoff-initial` and `retry-backoff-max`.
-//! The file is ours alone, so unknown keys are errors: an operator's typo fails loudly.
+//! `resync-interval`, `retry-backoff-initial`, `retry-backoff-max`, the provider driver
+//! `command` and the openstack provider's `image-format`.
+//!
+//! The same keys may be written as YAML, so that a site's existing nodepool.yaml (and its
+//! secure file) can be given to `-c` (and `-s`) unchanged. A file is YAML when its name
+//! ends in `.yaml` or `.yml`, TOML when it ends in `.toml`, and otherwise (nodepool's
+//! secure file is often `secure.conf`) its first line that is neither blank nor a comment
+//! decides: `---`, `%YAML` or `key:` means YAML, anything else TOML. In YAML:
+//!
+//! * keys only the launcher reads are accepted and ignored: at the top level `labels`,
+//!   `webapp`, `max-hold-age`, `tenant-resource-limits`; in a provider `pools`,
+//!   `cloud-images`, `max-concurrency`, `priority`, `boot-timeout`, `launch-timeout`,
+//!   `launch-retries`, `nodepool-id`, `clean-floating-ips`, `port-cleanup-interval`,
+//!   `hostname-format`; in a provider's diskimage `config-drive`, `connection-type`,
+//!   `connection-port`. Any other key the builder does not know is an error, as in TOML;
+//! * a provider's driver decides what happens to it (`raw::classify_driver`): `openstack`
+//!   (the default) and `command` are read; drivers without image uploads in nodepool 11
+//!   (`static`, `kubernetes`, `openshift`, `openshiftpods`, `metastatic`, `gce`, ...) are
+//!   ignored with all their keys; drivers that upload images we cannot (`aws`, `azure`,
+//!   `ibmvpc`, `fake`) are an error naming the provider, unless `--leave-provider` names it;
+//! * a key set to null (`key:` with nothing after it) counts as absent, as for upstream;
+//! * our additions are accepted too; nodepool's `config-validate` would reject them;
+//! * `zookeeper-timeout` may be an integer (upstream's validator insists on a float);
+//! * deliberately unlike nodepool, a provider whose name starts with `fake` is not switched
+//!   to nodepool's test driver, and a mapping key written twice is an error (PyYAML keeps
+//!   the last) in the mappings the builder reads.
+//!
+//! `--leave-provider NAME` (any format) leaves a provider to another builder: it is not
+//! read, not uploaded to and not cleaned up (upstream's disjoint builders, wire spec §3.9).
+//! The names found are in [`Config::left_providers`].
+//!
+//! Our TOML file is ours alone, so its unknown keys, including every launcher key, are
+//! errors: an operator's typo fails loudly.
 //!
 //! Relative paths (`images-dir`, `elements-dir`, `build-log-dir`, the `zookeeper-tls` files,
 //! `post-upload-hook`) are resolved against the directory of the file they are written in,
@@ -19,7 +50,7 @@
 //! messages stay right.
 //!
 //! The optional secure file (`-s`) may set `zookeeper-servers` (replacing the main file's
-//! list), `zookeeper-tls`, `zookeeper-auth`, and `[[diskimages]]` entries holding only `name`
+//! list), `zookeeper-tls`, `zookeeper-auth`, and `diskimages` entries holding only `name`
 //! and `env-vars`, which are merged over the named diskimage's `env-vars`. It holds
 //! credentials, so its error messages never echo its lines or values.
 //!
@@ -28,13 +59,18 @@
 //! A bad configuration must never start a half-configured daemon, and an operator should
 //! not have to fix it one error per attempt. [`load`] therefore reports every problem at
 //! once, each as `file:line:col: message` pointing at the offending key or value, or at the
-//! header of a table that lacks a required key.
+//! header of a table that lacks a required key (in YAML: the key holding the mapping, or
+//! the first key of a list entry).
 //!
 //! # Layers
 //!
 //! * `source`: `%(NODEPOOL_*)` substitution and byte offset to `line:col`.
-//! * `raw`: walks the spanned TOML document (`toml::de::DeTable`) into raw structs, checking
-//!   types, ranges, required and unknown keys.
+//! * `doc`: the positioned document tree both formats become; TOML's spanned document
+//!   (`toml::de::DeTable`) is converted there, YAML is built by `yaml` from libyaml's events.
+//!   One tree means one set of checks: nothing below knows which format it reads, except
+//!   for the launcher keys and drivers above and the words of messages.
+//! * `raw`: walks the tree into raw structs, checking types, ranges, required and unknown
+//!   keys.
 //! * `validate`: duplicate names, parents and abstract diskimages, provider references, the
 //!   secure file; builds [`Config`].
 

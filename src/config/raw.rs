@@ -1,11 +1,12 @@
-//! Reading the spanned TOML document into raw structs, collecting every error on the way.
+//! Reading the document tree into raw structs, collecting every error on the way.
 //!
 //! serde's derive stops at the first error, and an operator fixing a config one error per
 //! daemon start would rightly be annoyed.
-//! So the files are parsed with `toml::de::DeTable`, which keeps a byte span for every key
-//! and value, and walked by hand with [`Reader`]: each typed getter records a type error and
-//! carries on, `require` records a missing key at the table's header, and `finish` reports
-//! every key nobody asked for as unknown.
+//! So the files become a `doc::Node` tree, which keeps a position for every key and value
+//! whether it came from TOML or YAML, and are walked by hand with [`Reader`]: each typed
+//! getter records a type error and carries on, `require` records a missing key at the
+//! table's header, and `finish` reports every key nobody asked for as unknown (and, in YAML,
+//! every key written twice), except the launcher-only keys a YAML reader is told to ignore.
 //!
 //! Checks that need only one value (ranges, name syntax, required keys) happen here.
 //! Checks that relate entries to each other (duplicate names, parents, provider references,

@@ -20,13 +20,15 @@
 //! `!!bool` and `!!null` resolve as plain scalars; any other tag is an error.
 //! Anchors and aliases work, and so do merge keys (`<<: *base`), as in PyYAML; a file whose
 //! aliases would expand past [`MAX_NODES`] values is refused (the "billion laughs").
+//! A value reached through an alias keeps the positions where its anchor was written, so
+//! an error in it points there.
 //! A second document in the file is an error, as for `yaml.safe_load`.
 
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::mem::MaybeUninit;
 
-use unsafe_libyaml as sys;
+use unsafe_libyaml as unsafe_sys;
 
 use super::doc::{Key, MAX_DEPTH, Node, Table, Value};
 use super::raw::Sink;
@@ -81,23 +83,23 @@ enum Event {
 
 /// A libyaml parser over one string.
 struct Parser<'a> {
-    raw: Box<sys::yaml_parser_t>,
+    raw: Box<unsafe_sys::yaml_parser_t>,
     _input: std::marker::PhantomData<&'a str>,
 }
 
 impl<'a> Parser<'a> {
     fn new(input: &'a str) -> Parser<'a> {
-        let mut raw: Box<MaybeUninit<sys::yaml_parser_t>> = Box::new_uninit();
+        let mut raw: Box<MaybeUninit<unsafe_sys::yaml_parser_t>> = Box::new_uninit();
         // SAFETY: `yaml_parser_initialize` fully initialises the struct (it zeroes it first
         // and fails only when an allocation fails, which aborts in Rust anyway). The input
         // outlives the parser (`'a`), and the boxed parser never moves.
         unsafe {
             let parser = raw.as_mut_ptr();
-            if sys::yaml_parser_initialize(parser).fail {
+            if unsafe_sys::yaml_parser_initialize(parser).fail {
                 panic!("libyaml could not allocate its parser");
             }
-            sys::yaml_parser_set_encoding(parser, sys::YAML_UTF8_ENCODING);
-            sys::yaml_parser_set_input_string(parser, input.as_ptr(), input.len() as u64);
+            unsafe_sys::yaml_parser_set_encoding(parser, unsafe_sys::YAML_UTF8_ENCODING);
+            unsafe_sys::yaml_parser_set_input_string(parser, input.as_ptr(), input.len() as u64);
             Parser {
                 raw: raw.assume_init(),
                 _input: std::marker::PhantomData,
@@ -107,20 +109,20 @@ impl<'a> Parser<'a> {
 
     /// The next event and the byte offset where it starts, or the error and its offset.
     fn next(&mut self) -> Result<(Event, usize), (usize, String)> {
-        let mut event = MaybeUninit::<sys::yaml_event_t>::uninit();
+        let mut event = MaybeUninit::<unsafe_sys::yaml_event_t>::uninit();
         // SAFETY: the parser is initialised; after a successful `yaml_parser_parse` the event
         // is initialised, its strings are NUL-terminated (the scalar's value has `length`
         // bytes), and it is deleted exactly once after being copied.
         unsafe {
-            if self.raw.error != sys::YAML_NO_ERROR
-                || sys::yaml_parser_parse(&mut *self.raw, event.as_mut_ptr()).fail
+            if self.raw.error != unsafe_sys::YAML_NO_ERROR
+                || unsafe_sys::yaml_parser_parse(&mut *self.raw, event.as_mut_ptr()).fail
             {
                 return Err(self.error());
             }
             let event = event.as_mut_ptr();
             let copied = copy_event(&*event);
             let offset = (*event).start_mark.index as usize;
-            sys::yaml_event_delete(event);
+            unsafe_sys::yaml_event_delete(event);
             Ok((copied, offset))
         }
     }
@@ -132,7 +134,7 @@ impl<'a> Parser<'a> {
             (!s.is_null()).then(|| unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned())
         };
         let problem = text(p.problem).unwrap_or_else(|| "unknown error".to_owned());
-        let offset = if p.error == sys::YAML_READER_ERROR {
+        let offset = if p.error == unsafe_sys::YAML_READER_ERROR {
             p.problem_offset as usize
         } else {
             p.problem_mark.index as usize
@@ -151,12 +153,12 @@ impl<'a> Parser<'a> {
 impl Drop for Parser<'_> {
     fn drop(&mut self) {
         // SAFETY: initialised in `new`, deleted once.
-        unsafe { sys::yaml_parser_delete(&mut *self.raw) }
+        unsafe { unsafe_sys::yaml_parser_delete(&mut *self.raw) }
     }
 }
 
 /// SAFETY: `event` must be an event `yaml_parser_parse` produced and not yet deleted.
-unsafe fn copy_event(event: &sys::yaml_event_t) -> Event {
+unsafe fn copy_event(event: &unsafe_sys::yaml_event_t) -> Event {
     unsafe fn string(s: *const u8) -> Option<String> {
         (!s.is_null()).then(|| {
             // SAFETY: libyaml's anchors and tags are NUL-terminated.
@@ -168,32 +170,32 @@ unsafe fn copy_event(event: &sys::yaml_event_t) -> Event {
     // SAFETY: each union field is read only for the event type that sets it.
     unsafe {
         match event.type_ {
-            sys::YAML_STREAM_START_EVENT => Event::StreamStart,
-            sys::YAML_DOCUMENT_START_EVENT => Event::DocumentStart,
-            sys::YAML_DOCUMENT_END_EVENT => Event::DocumentEnd,
-            sys::YAML_ALIAS_EVENT => Event::Alias {
+            unsafe_sys::YAML_STREAM_START_EVENT => Event::StreamStart,
+            unsafe_sys::YAML_DOCUMENT_START_EVENT => Event::DocumentStart,
+            unsafe_sys::YAML_DOCUMENT_END_EVENT => Event::DocumentEnd,
+            unsafe_sys::YAML_ALIAS_EVENT => Event::Alias {
                 anchor: string(event.data.alias.anchor).unwrap_or_default(),
             },
-            sys::YAML_SCALAR_EVENT => {
+            unsafe_sys::YAML_SCALAR_EVENT => {
                 let s = &event.data.scalar;
                 let bytes = std::slice::from_raw_parts(s.value, s.length as usize);
                 Event::Scalar {
                     anchor: string(s.anchor),
                     tag: string(s.tag),
                     value: String::from_utf8_lossy(bytes).into_owned(),
-                    plain: s.style == sys::YAML_PLAIN_SCALAR_STYLE,
+                    plain: s.style == unsafe_sys::YAML_PLAIN_SCALAR_STYLE,
                 }
             }
-            sys::YAML_SEQUENCE_START_EVENT => Event::SequenceStart {
+            unsafe_sys::YAML_SEQUENCE_START_EVENT => Event::SequenceStart {
                 anchor: string(event.data.sequence_start.anchor),
                 tag: string(event.data.sequence_start.tag),
             },
-            sys::YAML_SEQUENCE_END_EVENT => Event::SequenceEnd,
-            sys::YAML_MAPPING_START_EVENT => Event::MappingStart {
+            unsafe_sys::YAML_SEQUENCE_END_EVENT => Event::SequenceEnd,
+            unsafe_sys::YAML_MAPPING_START_EVENT => Event::MappingStart {
                 anchor: string(event.data.mapping_start.anchor),
                 tag: string(event.data.mapping_start.tag),
             },
-            sys::YAML_MAPPING_END_EVENT => Event::MappingEnd,
+            unsafe_sys::YAML_MAPPING_END_EVENT => Event::MappingEnd,
             _ => Event::StreamEnd,
         }
     }
