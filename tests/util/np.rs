@@ -143,7 +143,7 @@ key = "{key}"
             key = certs.key.display(),
             body = body.replace("{fake_dib}", &fake_dib().display().to_string()),
         );
-        let path = self.path(&format!("builder{n}.toml"));
+        let path = self.config_path(n);
         std::fs::write(&path, cfg).unwrap();
         path
     }
