@@ -670,7 +670,7 @@ fn states_of_the_golden_records_are_what_nodepool_wrote() {
 /// How many warning lines of `log` mention `what`.
 fn warnings_about(log: &str, what: &str) -> usize {
     log.lines()
-        .filter(|l| l.contains(" WARN ") && l.contains(what))
+        .filter(|l| l.contains(" WARNING ") && l.contains(what))
         .count()
 }
 

@@ -307,7 +307,9 @@ fn sigusr2_logs_the_dump_at_info_when_its_target_is_not_enabled_at_debug() {
         "a full dump: {log}"
     );
     assert!(
-        lines.iter().all(|l| l.contains(" INFO [stackdump] ")),
+        lines
+            .iter()
+            .all(|l| l.contains(" INFO nodepool.stack_dump: ")),
         "at INFO: {lines:#?}"
     );
     assert!(!log.contains("WARN"), "no warning: {log}");
@@ -323,7 +325,10 @@ fn sigusr2_logs_the_dump_at_info_when_its_target_is_not_enabled_at_debug() {
         .filter(|l| l.contains(" nodepool.stack_dump: "))
         .collect();
     assert!(
-        !lines.is_empty() && lines.iter().all(|l| l.contains(" DEBUG [stackdump] ")),
+        !lines.is_empty()
+            && lines
+                .iter()
+                .all(|l| l.contains(" DEBUG nodepool.stack_dump: ")),
         "at DEBUG: {lines:#?}"
     );
 
@@ -338,7 +343,7 @@ fn sigusr2_logs_the_dump_at_info_when_its_target_is_not_enabled_at_debug() {
         .find(|l| l.contains("stack dump requested"))
         .unwrap();
     assert!(
-        warning.contains(" WARN ")
+        warning.contains(" WARNING ")
             && warning.contains("NODEPOOL_BUILDER_LOG=")
             && !warning.contains("RUST_LOG"),
         "{warning}"

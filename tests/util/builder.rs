@@ -79,8 +79,8 @@ impl BuilderProcess {
                 how.wrapper.join(" "),
                 args.join(" ")
             )
-                .trim_start()
-                .to_owned(),
+            .trim_start()
+            .to_owned(),
         }
     }
 
