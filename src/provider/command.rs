@@ -404,11 +404,21 @@ impl CommandDriver {
             Outcome::Exited(_) | Outcome::Signaled(_) | Outcome::Cancelled => Err(error(
                 ErrorKind::Command,
                 format!(
-                    "`{program}` failed ({outcome}){}",
+                    "`{program}` failed ({}){}",
+                    describe_end(outcome),
                     output_note("stderr", &stderr)
                 ),
             )),
         }
+    }
+}
+
+/// How a failed command ended, in the words this driver's messages have always used
+/// ("exit status 3", like Python's subprocess; the runner itself says "exit code" for DIB).
+fn describe_end(outcome: Outcome) -> String {
+    match outcome {
+        Outcome::Exited(code) => format!("exit status {code}"),
+        other => other.to_string(),
     }
 }
 
