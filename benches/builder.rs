@@ -17,7 +17,6 @@
 mod util;
 
 mod scenarios;
-mod upstream;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");

@@ -1,5 +1,5 @@
 //! Measured scenarios, each run for this builder and then for nodepool-builder 11.0.0 (Python,
-//! [`super::upstream`]) on the same real ZooKeeper (one TLS server for the whole run, one chroot
+//! [`crate::util::upstream`]) on the same real ZooKeeper (one TLS server for the whole run, one chroot
 //! per builder and scenario, one builder alive at a time) and the same real Glance, with the
 //! same test image builder script and equivalent configs. Shared by the bench binary
 //! (`cargo bench --bench builder`, full sizes) and by a smoke test in the test suite (one
@@ -190,7 +190,7 @@ const DEFAULT_WORKERS: (usize, usize) = (1, 4);
 /// A running builder of either kind.
 enum Daemon {
     Ours(crate::util::builder::BuilderProcess),
-    Upstream(super::upstream::UpstreamBuilder),
+    Upstream(crate::util::upstream::UpstreamBuilder),
 }
 
 impl Daemon {
@@ -235,8 +235,8 @@ fn start_subject(
             ))
         }
         Subject::Upstream => {
-            super::upstream::write_config(&site, images, providers, &[]);
-            Daemon::Upstream(super::upstream::UpstreamBuilder::start(
+            crate::util::upstream::write_config(&site, images, providers);
+            Daemon::Upstream(crate::util::upstream::UpstreamBuilder::start(
                 &site, workers.0, workers.1,
             ))
         }

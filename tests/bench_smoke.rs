@@ -4,8 +4,6 @@
 
 #[path = "../benches/scenarios.rs"]
 mod scenarios;
-#[path = "../benches/upstream.rs"]
-mod upstream;
 
 #[test]
 fn every_benchmark_scenario_runs_at_small_sizes() {

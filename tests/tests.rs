@@ -36,6 +36,9 @@ mod glance_uploads;
 mod harness;
 /// Logging as nodepool: `-l` dictConfig files, logger names, line format, filters.
 mod logging;
+/// A mixed fleet: Python nodepool-builder 11 and ours on one ZooKeeper, one Glance, one
+/// nodepool.yaml; side by side, takeover mid-upload, and the way back.
+mod mixed_fleet;
 /// nodepool.yaml read directly: a real site's file, the secure file, unsupported drivers.
 mod nodepool_yaml;
 /// Operator subcommands, compared with the Python nodepool CLI on the same data.

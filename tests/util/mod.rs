@@ -16,6 +16,8 @@
 //! * [`invariants`]: the invariants fault-injection tests check, continuously and at the end.
 //! * [`nodepool`]: the Python nodepool 11 CLI (its own virtualenv) and runners that compare
 //!   its output with our operator subcommands'.
+//! * [`upstream`]: the Python nodepool-builder 11 daemon and the `nodepool.yaml` it reads,
+//!   for the benchmark and the mixed-fleet tests.
 //!
 //! Everything a test run leaves on disk lives under one directory per test process,
 //! [`run_dir`], inside Cargo's `target/tmp`. Directories of test processes that are no longer
@@ -36,6 +38,7 @@ pub mod nodepool;
 pub mod np;
 pub mod python;
 pub mod tmpfs;
+pub mod upstream;
 pub mod zk;
 pub mod zkproxy;
 

@@ -61,6 +61,9 @@ pub struct DiskImage<'a> {
 pub struct NodepoolCli {
     config: PathBuf,
     dir: PathBuf,
+    /// More environment for every call (e.g. `OS_CLIENT_CONFIG_FILE` for a config with
+    /// OpenStack providers, whose clouds the CLI loads).
+    env: Vec<(String, String)>,
 }
 
 impl NodepoolCli {
@@ -91,6 +94,17 @@ impl NodepoolCli {
         NodepoolCli {
             config,
             dir: site.dir.path().to_path_buf(),
+            env: Vec::new(),
+        }
+    }
+
+    /// The CLI on an existing config (e.g. the `nodepool.yaml` a Python builder reads), run
+    /// in `dir` with `env` added to every call.
+    pub fn with_config(config: &Path, dir: &Path, env: Vec<(String, String)>) -> NodepoolCli {
+        NodepoolCli {
+            config: config.to_path_buf(),
+            dir: dir.to_path_buf(),
+            env,
         }
     }
 
@@ -102,6 +116,7 @@ impl NodepoolCli {
             .args(args)
             .env("PYTHONWARNINGS", "ignore::UserWarning:nodepool.version")
             .env("PYTHONDONTWRITEBYTECODE", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&self.dir);
         run_to_end(cmd, CLI_TIMEOUT)
     }
