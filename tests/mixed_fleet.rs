@@ -110,11 +110,13 @@ fn fleet_yaml() -> NodepoolYaml {
                 name: DIRECT.into(),
                 cloud: "glance-direct".into(),
                 images: images.clone(),
+                image_name_format: Some("{image_name}-direct-{timestamp}".into()),
             },
             YamlProvider {
                 name: PROXIED.into(),
                 cloud: "glance-proxied".into(),
                 images,
+                image_name_format: Some("{image_name}-proxied-{timestamp}".into()),
             },
         ],
     }
@@ -289,7 +291,9 @@ impl Fleet {
                 }
                 let all_ready = builds.iter().all(|b| {
                     b.build.state == BuildState::Ready
-                        && b.uploads.iter().all(|u| u.upload.state == UploadState::Ready)
+                        && b.uploads
+                            .iter()
+                            .all(|u| u.upload.state == UploadState::Ready)
                 });
                 if !all_ready {
                     return None;
@@ -350,7 +354,10 @@ impl Recorder {
             tls: None,
             auth: None,
         });
-        assert!(zk.wait_connected(Duration::from_secs(30)), "recorder session");
+        assert!(
+            zk.wait_connected(Duration::from_secs(30)),
+            "recorder session"
+        );
         let seen = Arc::new(Mutex::new(Seen::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st) = (seen.clone(), stop.clone());
@@ -502,10 +509,14 @@ enum TracebackCause {
 /// <path>" (or "… image build <path>") by nodepool's record readers, with the JSON error of
 /// empty data ("Expecting value: line 1 column 1 (char 0)").
 fn classify_traceback(tb: &Traceback) -> TracebackCause {
-    let empty_record = tb.record.contains("Error loading json data from image upload")
-        || tb.record.contains("Error loading json data from image build");
-    let empty_json = tb.exception
-        == "json.decoder.JSONDecodeError: Expecting value: line 1 column 1 (char 0)";
+    let empty_record = tb
+        .record
+        .contains("Error loading json data from image upload")
+        || tb
+            .record
+            .contains("Error loading json data from image build");
+    let empty_json =
+        tb.exception == "json.decoder.JSONDecodeError: Expecting value: line 1 column 1 (char 0)";
     if empty_record && empty_json {
         TracebackCause::Q6EmptyRecord
     } else {
@@ -565,13 +576,57 @@ fn build_logs(dir: &Path) -> BTreeMap<String, usize> {
     out
 }
 
+/// How many passes of the first Python builder's janitor (at start, then every 60 s) the
+/// run waits for before the takeover.
+const PYTHON_JANITOR_PASSES: usize = 3;
+
+/// Counts passes of the Python janitor, which logs nothing per pass: a canary, the image file
+/// of a build that has no record (`mig0-<id>.qcow2`) in its images directory, is removed by
+/// every pass (wire spec §3.7 C); [`JanitorCanary::poll`] plants a new one when the last is
+/// gone. Passes between two polls count once, so the count is a lower bound.
+struct JanitorCanary {
+    dir: PathBuf,
+    current: PathBuf,
+    removed: usize,
+}
+
+impl JanitorCanary {
+    fn plant(dir: PathBuf) -> JanitorCanary {
+        let current = JanitorCanary::new_file(&dir);
+        JanitorCanary {
+            dir,
+            current,
+            removed: 0,
+        }
+    }
+
+    fn new_file(dir: &Path) -> PathBuf {
+        let path = dir.join(format!("mig0-{}.qcow2", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&path, b"canary").unwrap();
+        path
+    }
+
+    /// Passes seen so far.
+    fn poll(&mut self) -> usize {
+        if !self.current.exists() {
+            self.removed += 1;
+            self.current = JanitorCanary::new_file(&self.dir);
+        }
+        self.removed
+    }
+}
+
 /// A control file of the test image builder in ours' images directory: while it exists,
 /// ours' builds of `image` wait before writing anything (holding ours' one build worker).
 struct HoldOurs(PathBuf);
 
 impl HoldOurs {
     fn new(fleet: &Fleet, image: &str) -> HoldOurs {
-        HoldOurs(fleet.site.control(OURS, &format!("fake-dib.{image}.pause"), ""))
+        HoldOurs(
+            fleet
+                .site
+                .control(OURS, &format!("fake-dib.{image}.pause"), ""),
+        )
     }
 }
 
@@ -616,16 +671,19 @@ fn python_and_ours_share_a_site_and_ours_takes_over_mid_upload() {
     };
 
     // 1. The Python builder alone: the site before the migration.
+    let mut canary = JanitorCanary::plant(site.images_dir(PYTHON));
     let python = fleet.start_python("python-1.log");
     let python_id = fleet.builder_id(PYTHON);
-    let before = fleet.wait_settled(2 * PYTHON_ROUND, "the Python builder's first builds and uploads");
+    let before = fleet.wait_settled(
+        2 * PYTHON_ROUND,
+        "the Python builder's first builds and uploads",
+    );
     for b in before.values() {
         assert_eq!(b.build.builder_id.as_deref(), Some(python_id.as_str()));
     }
     let sampler = Sampler::start(&checker);
 
     // 2. Ours joins: over several janitor passes it rebuilds, re-uploads, deletes nothing.
-    let t_ours = Instant::now();
     let ours = fleet.start_ours();
     let ours_id = fleet.builder_id(OURS);
     let snapshot = fleet.tree();
@@ -639,14 +697,17 @@ fn python_and_ours_share_a_site_and_ours_takes_over_mid_upload() {
         fleet.logs()
     );
 
-    // 3. Bursts of manual requests.
-    for image in IMAGES {
-        request(image);
+    // 3. Bursts of manual requests: two that ours serves, then one where ours is busy with
+    // mig0 (one build worker) and the Python builder serves the others.
+    for burst in ["first", "second"] {
+        for image in IMAGES {
+            request(image);
+        }
+        served(&IMAGES);
+        fleet.wait_settled(WAIT, &format!("the {burst} burst built and uploaded"));
+        canary.poll();
     }
-    served(&IMAGES);
-    fleet.wait_settled(WAIT, "the first burst built and uploaded");
     {
-        // Ours is busy with mig0 (one build worker): the Python builder serves the others.
         let _hold = HoldOurs::new(&fleet, "mig0");
         request("mig0");
         fleet.wait(WAIT, "ours building mig0", || {
@@ -669,12 +730,11 @@ fn python_and_ours_share_a_site_and_ours_takes_over_mid_upload() {
         }
     }
     served(&["mig0"]);
-    fleet.wait_settled(PYTHON_ROUND, "the second burst built and uploaded by both builders");
-    for image in IMAGES {
-        request(image);
-    }
-    served(&IMAGES);
-    let newest = fleet.wait_settled(WAIT, "the third burst built and uploaded");
+    let newest = fleet.wait_settled(
+        PYTHON_ROUND,
+        "the third burst built and uploaded by both builders",
+    );
+    canary.poll();
 
     // 4. The operator deletes the newest build of mig1 with the Python CLI.
     let victim = newest["mig1"].clone();
@@ -686,22 +746,47 @@ fn python_and_ours_share_a_site_and_ours_takes_over_mid_upload() {
     let out = fleet
         .cli()
         .run(&["dib-image-delete", &format!("mig1-{}", victim.id)]);
-    assert!(out.status.success(), "dib-image-delete:\n{}", describe(&out));
+    assert!(
+        out.status.success(),
+        "dib-image-delete:\n{}",
+        describe(&out)
+    );
     let mut operator_deleted = BTreeSet::new();
     operator_deleted.insert(victim.id.clone());
-    fleet.wait(WAIT, "the deleted build, its Glance images and files to go", || {
-        (site
-            .zk
-            .exists(&paths::image_build_path("mig1", &victim.id))
-            .unwrap()
-            .is_none()
-            && victim_images
-                .iter()
-                .all(|id| fleet.glance.get_image(id).is_none())
-            && site.local_files(OURS, "mig1", &victim.id).is_empty()
-            && site.local_files(PYTHON, "mig1", &victim.id).is_empty())
-        .then_some(())
-    });
+    fleet.wait(
+        WAIT,
+        "the deleted build, its Glance images and files to go",
+        || {
+            (site
+                .zk
+                .exists(&paths::image_build_path("mig1", &victim.id))
+                .unwrap()
+                .is_none()
+                && victim_images
+                    .iter()
+                    .all(|id| fleet.glance.get_image(id).is_none())
+                && site.local_files(OURS, "mig1", &victim.id).is_empty())
+            .then_some(())
+        },
+    );
+    // The build was the Python builder's: its janitor removes the files, within a pass.
+    fleet.wait(
+        PYTHON_ROUND,
+        "the Python janitor to remove the deleted build's files",
+        || {
+            canary.poll();
+            site.local_files(PYTHON, "mig1", &victim.id)
+                .is_empty()
+                .then_some(())
+        },
+    );
+    // Both janitors run on for several passes.
+    fleet.wait(
+        3 * PYTHON_ROUND,
+        "three passes of the Python janitor",
+        || (canary.poll() >= PYTHON_JANITOR_PASSES).then_some(()),
+    );
+    let python_passes = canary.poll();
 
     // 5. The Python builder is stopped mid-upload; ours takes over its records.
     fleet.proxy.set(vec![Rule::data(Fault::Stall)]);
@@ -715,18 +800,22 @@ fn python_and_ours_share_a_site_and_ours_takes_over_mid_upload() {
                 .then_some(())
         });
         request("mig2");
-        let held = fleet.wait(PYTHON_ROUND, "the Python builder's upload of mig2 held mid-way", || {
-            if fleet.proxy.count("/file -> stalled") == 0 {
-                return None;
-            }
-            site.builds("mig2").into_iter().find_map(|b| {
-                let u = b.uploads_to(PROXIED).find(|u| {
-                    u.upload.state == UploadState::Uploading
-                })?;
-                (b.build.builder_id.as_deref() == Some(python_id.as_str()))
-                    .then(|| (b.id.clone(), u.id.clone()))
-            })
-        });
+        let held = fleet.wait(
+            PYTHON_ROUND,
+            "the Python builder's upload of mig2 held mid-way",
+            || {
+                if fleet.proxy.count("/file -> stalled") == 0 {
+                    return None;
+                }
+                site.builds("mig2").into_iter().find_map(|b| {
+                    let u = b
+                        .uploads_to(PROXIED)
+                        .find(|u| u.upload.state == UploadState::Uploading)?;
+                    (b.build.builder_id.as_deref() == Some(python_id.as_str()))
+                        .then(|| (b.id.clone(), u.id.clone()))
+                })
+            },
+        );
         let stopped = python.stop();
         assert!(stopped.is_some(), "the Python builder stopped");
         held
@@ -738,27 +827,53 @@ fn python_and_ours_share_a_site_and_ours_takes_over_mid_upload() {
         .find(|r| r.ends_with("/file -> stalled"))
         .and_then(|r| r.split('/').nth(3).map(str::to_string))
         .expect("the held upload's Glance image id");
-    fleet.wait(WAIT, "ours to remove the orphaned upload record and its half-made Glance image", || {
-        let gone = site
-            .zk
-            .exists(&paths::image_upload_path("mig2", &python_build, PROXIED, &held_upload))
-            .unwrap()
-            .is_none();
-        (gone && fleet.glance.get_image(&stalled_image).is_none()).then_some(())
-    });
+    fleet.wait(
+        WAIT,
+        "ours to remove the orphaned upload record and its half-made Glance image",
+        || {
+            let gone = site
+                .zk
+                .exists(&paths::image_upload_path(
+                    "mig2",
+                    &python_build,
+                    PROXIED,
+                    &held_upload,
+                ))
+                .unwrap()
+                .is_none();
+            (gone && fleet.glance.get_image(&stalled_image).is_none()).then_some(())
+        },
+    );
     fleet.proxy.clear();
     served(&["mig0"]);
     // Until a new build exists, the proxied provider keeps mig2's previous upload (the
     // bridge), although its build is no longer among the two newest.
-    let bridged = fleet.wait(WAIT, "ours' janitor at rest with mig2's newest build un-uploaded", || {
-        let builds = site.builds("mig2");
-        let newest = tree::newest_ready(&builds)?;
-        (newest.id == python_build
-            && builds.iter().all(|b| b.uploads.iter().all(|u| u.upload.state == UploadState::Ready))
-            && ours.log().matches("cleanup pass:").count() > 0)
-            .then(|| builds.iter().filter(|b| b.has_ready_upload(PROXIED)).count())
-    });
-    assert!(bridged >= 1, "the proxied provider lost every upload of mig2\n{}", fleet.logs());
+    let bridged = fleet.wait(
+        WAIT,
+        "ours' janitor at rest with mig2's newest build un-uploaded",
+        || {
+            let builds = site.builds("mig2");
+            let newest = tree::newest_ready(&builds)?;
+            (newest.id == python_build
+                && builds.iter().all(|b| {
+                    b.uploads
+                        .iter()
+                        .all(|u| u.upload.state == UploadState::Ready)
+                })
+                && ours.log().matches("cleanup pass:").count() > 0)
+                .then(|| {
+                    builds
+                        .iter()
+                        .filter(|b| b.has_ready_upload(PROXIED))
+                        .count()
+                })
+        },
+    );
+    assert!(
+        bridged >= 1,
+        "the proxied provider lost every upload of mig2\n{}",
+        fleet.logs()
+    );
     // Ours redoes what the Python builder left: a new build of every image, uploaded.
     for image in IMAGES {
         request(image);
@@ -811,11 +926,16 @@ fn python_and_ours_share_a_site_and_ours_takes_over_mid_upload() {
         assert!(not_ready.is_empty(), "{image}: {not_ready:?}");
         assert_eq!(have, want, "{image}: retention differs from nodepool 11's");
     }
-    // Every ready upload's image is active in Glance.
+    // Every ready upload's image is active in Glance, and its own.
+    let mut owners: BTreeMap<String, String> = BTreeMap::new();
     for (image, builds) in fleet.tree() {
         for b in builds {
             for u in &b.uploads {
-                let id = u.upload.external_id.clone().expect("a ready upload's image id");
+                let id = u
+                    .upload
+                    .external_id
+                    .clone()
+                    .expect("a ready upload's image id");
                 let status = fleet.glance.get_image(&id).map(|i| i["status"].clone());
                 assert_eq!(
                     status,
@@ -825,12 +945,15 @@ fn python_and_ours_share_a_site_and_ours_takes_over_mid_upload() {
                     u.provider,
                     u.id
                 );
+                let owner = format!("{image} {} {}/{}", b.id, u.provider, u.id);
+                if let Some(other) = owners.insert(id.clone(), owner.clone()) {
+                    panic!("Glance image {id} is the upload of both {other} and {owner}");
+                }
             }
         }
     }
     // Tracebacks of the Python builder: quirk Q6 counted, anything else fails.
     let ours_passes = ours.log().matches("cleanup pass:").count();
-    let python_uptime = t_ours.elapsed();
     drop(python2);
     let mut q6 = 0;
     let mut other = Vec::new();
@@ -850,13 +973,11 @@ fn python_and_ours_share_a_site_and_ours_takes_over_mid_upload() {
     );
     drop(ours);
     println!(
-        "mixed_fleet: wall_time={:.0}s requests={} python_builds={} ours_builds={} ours_janitor_passes={ours_passes} python_janitor_passes>={} q6_tracebacks={q6} invariant_checks_passed={}",
+        "mixed_fleet: wall_time={:.0}s requests={} python_builds={} ours_builds={} ours_janitor_passes={ours_passes} python_janitor_passes_before_takeover>={python_passes} q6_tracebacks={q6} invariant_checks_passed={}",
         started.elapsed().as_secs_f64(),
         requests.values().sum::<usize>(),
         build_logs(&site.log_dir(PYTHON)).values().sum::<usize>(),
         build_logs(&site.log_dir(OURS)).values().sum::<usize>(),
-        // Its janitor runs at start and then every 60 s.
-        2 + python_uptime.as_secs() / 60,
         checker.checks_passed(),
     );
 }
@@ -901,7 +1022,14 @@ fn nodepool11_retention_keeps_the_two_newest_builds_and_bridges_uploads() {
     for (b, t) in [("b1", 1.0), ("b2", 2.0), ("b3", 3.0), ("b4", 4.0)] {
         seen.ready_builds.insert(key(b), t);
     }
-    let up = |b: &str, p: &str, u: &str| ("img".to_string(), b.to_string(), p.to_string(), u.to_string());
+    let up = |b: &str, p: &str, u: &str| {
+        (
+            "img".to_string(),
+            b.to_string(),
+            p.to_string(),
+            u.to_string(),
+        )
+    };
     // b1..b3 uploaded to both providers; b4 (newest) only to p0.
     for (b, t) in [("b1", 1.5), ("b2", 2.5), ("b3", 3.5)] {
         seen.ready_uploads.insert(up(b, "p0", "1"), t);
@@ -914,15 +1042,11 @@ fn nodepool11_retention_keeps_the_two_newest_builds_and_bridges_uploads() {
         r.builds,
         ["b2", "b3", "b4"].iter().map(|s| s.to_string()).collect()
     );
-    let ups: BTreeSet<(String, String, String)> = [
-        ("b2", "p1"),
-        ("b3", "p0"),
-        ("b3", "p1"),
-        ("b4", "p0"),
-    ]
-    .iter()
-    .map(|(b, p)| (b.to_string(), p.to_string(), "1".to_string()))
-    .collect();
+    let ups: BTreeSet<(String, String, String)> =
+        [("b2", "p1"), ("b3", "p0"), ("b3", "p1"), ("b4", "p0")]
+            .iter()
+            .map(|(b, p)| (b.to_string(), p.to_string(), "1".to_string()))
+            .collect();
     assert_eq!(r.uploads, ups);
     // The operator deletes b4: b3 and b2 are the two newest, bridged uploads are theirs.
     let r = nodepool11_retention(&seen, "img", &["p0", "p1"], &["b4".to_string()].into());

@@ -43,6 +43,11 @@ pub struct YamlProvider {
     pub cloud: String,
     /// The diskimages it uploads.
     pub images: Vec<String>,
+    /// `image-name-format`, when not the default (`{image_name}-{timestamp}`). Providers on
+    /// one Glance project need different ones: openstacksdk's `create_image` returns an
+    /// existing image of the same name and checksum instead of uploading, so two providers
+    /// uploading one build in the same second would share one cloud image.
+    pub image_name_format: Option<String>,
 }
 
 /// The inputs of one `nodepool.yaml`; [`NodepoolYaml::render`] makes the text.
@@ -78,6 +83,7 @@ impl NodepoolYaml {
                     name: format!("p{p}"),
                     cloud: "bench".into(),
                     images: names.clone(),
+                    image_name_format: None,
                 })
                 .collect(),
         }
@@ -112,9 +118,13 @@ impl NodepoolYaml {
         y.push_str("labels: []\nproviders:\n");
         for p in &self.providers {
             y.push_str(&format!(
-                "  - name: {}\n    driver: openstack\n    cloud: {}\n    rate: 0.001\n    diskimages:\n",
+                "  - name: {}\n    driver: openstack\n    cloud: {}\n    rate: 0.001\n",
                 p.name, p.cloud
             ));
+            if let Some(f) = &p.image_name_format {
+                y.push_str(&format!("    image-name-format: '{f}'\n"));
+            }
+            y.push_str("    diskimages:\n");
             for n in &p.images {
                 y.push_str(&format!("      - name: {n}\n"));
             }
