@@ -14,6 +14,10 @@
 //! environment, so each builder has its own directories (upstream's "disjoint builders", wire
 //! spec §3.9: only the builder holding a build's files uploads it, §3.6). Our extra key
 //! `cleanup-interval` is in the file too; nodepool 11's loader ignores keys it does not know.
+//! The two providers have their own `image-name-format`: openstacksdk's `create_image`
+//! returns an existing image of the same name and checksum instead of uploading, so two
+//! providers on one Glance project uploading a build in the same second would otherwise
+//! share one cloud image (and deleting one upload would delete the other's image).
 //! Until this builder reads nodepool.yaml itself, it runs from a TOML translation of that
 //! very file made by one function, [`ours_config`]; switching to `-c nodepool.yaml` is a
 //! change of that function alone.
@@ -23,10 +27,13 @@
 //! 1. The Python builder alone builds and uploads everything (the site before migrating).
 //! 2. Ours joins and, over several janitor passes, rebuilds, re-uploads and deletes nothing.
 //! 3. Bursts of manual requests (the `request-build` znode, as `nodepool image-build`
-//!    makes it); in one of them ours is kept busy (its image builder paused on one image,
+//!    makes it); in the last one ours is kept busy (its image builder paused on one image,
 //!    one build worker) so the Python builder serves the others and uploads them itself.
 //! 4. `nodepool dib-image-delete` (the Python CLI, on the same nodepool.yaml) of the newest
-//!    build of one image: the janitors delete its uploads, its Glance images and its files.
+//!    build of one image, a build of the Python builder: the janitors delete its uploads and
+//!    Glance images (ours is faster), and the Python janitor its files. Both janitors then
+//!    run on: at least three passes of the Python one (it runs at start and every 60 s and
+//!    logs nothing per pass, so [`JanitorCanary`] counts them), a hundred of ours.
 //! 5. Takeover: the Python builder builds an image whose upload to the proxied cloud is held
 //!    (Glance never answers the image data), and is stopped mid-upload (SIGINT, its graceful
 //!    stop: upload threads die with the process). Ours removes the orphaned `uploading`
@@ -437,7 +444,7 @@ fn nodepool11_retention(
     ready.sort_by(|a, b| b.0.total_cmp(&a.0));
     let kept: BTreeSet<String> = ready.iter().take(2).map(|(_, b)| (*b).clone()).collect();
     let mut out = Retained::default();
-    for ((i, b, p, u), _) in &seen.ready_uploads {
+    for (i, b, p, u) in seen.ready_uploads.keys() {
         if i == image && kept.contains(b) {
             out.uploads.insert((b.clone(), p.clone(), u.clone()));
         }
