@@ -18,9 +18,7 @@
 //! returns an existing image of the same name and checksum instead of uploading, so two
 //! providers on one Glance project uploading a build in the same second would otherwise
 //! share one cloud image (and deleting one upload would delete the other's image).
-//! Until this builder reads nodepool.yaml itself, it runs from a TOML translation of that
-//! very file made by one function, [`ours_config`]; switching to `-c nodepool.yaml` is a
-//! change of that function alone.
+//! Both builders run from that very file (`-c nodepool.yaml`), labels, pools and all.
 //!
 //! # Sequence
 //!
@@ -129,30 +127,6 @@ fn fleet_yaml() -> NodepoolYaml {
     }
 }
 
-/// The config file our builder runs from, given the fleet's `nodepool.yaml`.
-///
-/// Today: a TOML translation of that file, written beside it. The YAML is parsed as it is
-/// (no `%(NODEPOOL_*)` substitution: our loader replaces the references the same way), the
-/// launcher-only keys the file carries (`labels`, providers' `pools`) are left out, and every
-/// other key is the same key in TOML. Once this builder reads nodepool.yaml (`-c
-/// nodepool.yaml`), this function returns `yaml` itself.
-fn ours_config(yaml: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(yaml).unwrap();
-    let mut doc: toml::Table = serde_yaml_ng::from_str(&text)
-        .unwrap_or_else(|e| panic!("{} as a TOML table: {e}", yaml.display()));
-    doc.remove("labels");
-    if let Some(toml::Value::Array(providers)) = doc.get_mut("providers") {
-        for p in providers {
-            if let toml::Value::Table(p) = p {
-                p.remove("pools");
-            }
-        }
-    }
-    let path = yaml.with_file_name("nodepool-builder.toml");
-    std::fs::write(&path, toml::to_string(&doc).expect("TOML text")).unwrap();
-    path
-}
-
 /// The site, its Glance (shared) and fault proxy, the one `nodepool.yaml` and clouds.yaml.
 struct Fleet {
     site: Site,
@@ -223,7 +197,6 @@ impl Fleet {
 
     /// Ours, with its default workers (1 build, 4 upload), DEBUG log.
     fn start_ours(&self) -> BuilderProcess {
-        let cfg = ours_config(&self.yaml);
         let mut env = self.env(OURS);
         env.push((
             "NODEPOOL_BUILDER_LOG".into(),
@@ -231,7 +204,7 @@ impl Fleet {
         ));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let mut b = BuilderProcess::start(
-            &["-d", "-c", cfg.to_str().unwrap()],
+            &["-d", "-c", self.yaml.to_str().unwrap()],
             &env,
             &self.site.path(&format!("builder{OURS}.log")),
         );
