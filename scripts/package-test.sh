@@ -10,8 +10,10 @@
 #   3. dpkg -i: the user nodepool, its directories, the conffiles, the rc links, nothing
 #      started;
 #   4. a private TLS ZooKeeper started with the JVM command of tests/util/zk.rs, with fresh
-#      certificates; the shipped configuration pointed at it, its TLS files in
-#      /etc/nodepool/tls readable by nodepool;
+#      certificates; then the files a nodepool 11 site already has, used unchanged: its
+#      /etc/nodepool/nodepool.yaml (launcher keys and all; the package ships no config),
+#      secure.conf (the TLS files, in /etc/nodepool/tls readable by nodepool) and a logging
+#      dictConfig, passed as upstream's -s and -l in DAEMON_ARGS;
 #   5. /etc/init.d/nodepool-builder called directly (invoke-rc.d is denied here): start,
 #      start again, status, reload (the daemon logs it), SIGUSR2 (a symbolized stack dump
 #      from the separate debug file), logrotate (the daemon reopens its log), an invalid
@@ -33,7 +35,10 @@ LOG="$OUT/package-test.log"
 WORK="$OUT/work"
 PKG=nodepool-builder
 INIT=/etc/init.d/$PKG
-CONF=/etc/nodepool/$PKG.toml
+# The site's files (nodepool 11's names), not the package's.
+CONF=/etc/nodepool/nodepool.yaml
+SECURE=/etc/nodepool/secure.conf
+LOGCONF=/etc/nodepool/builder-logging.yaml
 DEFAULTS=/etc/default/$PKG
 PIDFILE=/run/nodepool/$PKG.pid
 DAEMON_LOG=/var/log/nodepool/$PKG.log
@@ -163,7 +168,7 @@ cleanup() {
     fi
     if [ -e "$MARKER" ]; then
         pkill_pidfile
-        rm -rf /etc/nodepool/tls
+        rm -rf /etc/nodepool/tls "$CONF" "$SECURE" "$LOGCONF"
         dpkg --purge "$PKG" >/dev/null 2>&1 && rm -f "$MARKER"
     fi
     if [ -n "$ZK_PID" ]; then
@@ -235,7 +240,7 @@ dpkg-deb --info "$DEB"
 contents=$(dpkg-deb --contents "$DEB")
 printf '%s\n' "$contents"
 
-for path in ./usr/sbin/$PKG ./etc/nodepool/$PKG.toml ./etc/default/$PKG ./etc/init.d/$PKG \
+for path in ./usr/sbin/$PKG ./etc/default/$PKG ./etc/init.d/$PKG \
     ./etc/logrotate.d/$PKG ./usr/lib/systemd/system/$PKG.service \
     ./usr/share/man/man8/$PKG.8.gz ./usr/share/doc/$PKG/copyright \
     ./usr/share/doc/$PKG/changelog.Debian.gz ./usr/share/doc/$PKG/README.Debian \
@@ -243,8 +248,10 @@ for path in ./usr/sbin/$PKG ./etc/nodepool/$PKG.toml ./etc/default/$PKG ./etc/in
     grep -q -- " $path\$" <<<"$contents" || die "$path is not in the package"
 done
 grep -q ' \./usr/lib/debug/\.build-id/.*\.debug$' <<<"$contents" || die "no separate debug file"
+# /etc/nodepool is the site's (nodepool.yaml is shared with the launcher): nothing of ours.
+grep -q ' \./etc/nodepool/' <<<"$contents" && die "the package ships files in /etc/nodepool"
 conffiles=$(dpkg-deb --ctrl-tarfile "$DEB" | tar -xO ./conffiles | sort | tr '\n' ' ')
-[ "$conffiles" = "/etc/default/$PKG /etc/init.d/$PKG /etc/logrotate.d/$PKG /etc/nodepool/$PKG.toml " ] \
+[ "$conffiles" = "/etc/default/$PKG /etc/init.d/$PKG /etc/logrotate.d/$PKG " ] \
     || die "unexpected conffiles: $conffiles"
 log "ok: contents and conffiles"
 
@@ -266,9 +273,10 @@ if [ -n "$state" ] && [ "$state" != "unknown ok not-installed" ] && [ "$state" !
     [ -e "$MARKER" ] || die "$PKG is already installed ($state), not by this test: refusing to touch it"
     log "purging the package left by an interrupted run"
     pkill_pidfile
-    rm -rf /etc/nodepool/tls
+    rm -rf /etc/nodepool/tls "$CONF" "$SECURE" "$LOGCONF"
     dpkg --purge "$PKG"
 fi
+[ -e "$CONF" ] && die "$CONF exists: this test writes a site's files there, refusing to touch it"
 getent passwd nodepool >/dev/null || USER_EXISTED=no
 [ -e /var/lib/nodepool ] || VARLIB_EXISTED=no
 : >"$MARKER"
@@ -286,7 +294,6 @@ stat_is /var/lib/nodepool "nodepool:$group 755"
 stat_is /var/lib/nodepool/images "nodepool:$group 755"
 stat_is /var/log/nodepool "nodepool:adm 750"
 stat_is /var/log/nodepool/builds "nodepool:adm 750"
-stat_is "$CONF" "root:root 644"
 stat_is "$INIT" "root:root 755"
 ls /etc/rc2.d/S*"$PKG" /etc/rc0.d/K*"$PKG" || die "update-rc.d did not make the rc links"
 [ -z "$(daemon_pid)" ] || die "the daemon was started by the installation"
@@ -296,7 +303,6 @@ sections=$(readelf -S --wide /usr/sbin/$PKG)
 if grep -q '\.debug_line' <<<"$sections"; then die "/usr/sbin/$PKG is not stripped"; fi
 grep -q '\.debug_line' <<<"$(readelf -S --wide /usr/lib/debug/.build-id/*/*.debug)" \
     || die "the separate debug file has no line tables"
-expect_rc 0 runuser -u nodepool -- /usr/sbin/$PKG check-config -c "$CONF"
 expect_rc 3 "$INIT" status
 expect_rc 3 "$INIT" bogus
 if [ -d /run/systemd/system ]; then
@@ -372,12 +378,70 @@ step "configure the installed package"
 install -d -m 0750 -o root -g nodepool /etc/nodepool/tls
 install -m 0644 "$WORK/certs/ca.pem" "$WORK/certs/client.pem" /etc/nodepool/tls/
 install -m 0640 -o root -g nodepool "$WORK/certs/client.key" /etc/nodepool/tls/
-# The shipped configuration, pointed at the test server (its TLS paths are kept).
-sed -i -e 's/^host = "localhost"$/host = "127.0.0.1"/' -e "s/^port = 2281\$/port = $ZK_TLS_PORT/" "$CONF"
-grep -qx "port = $ZK_TLS_PORT" "$CONF" || die "could not point $CONF at the test ZooKeeper"
-cp "$CONF" "$WORK/good.toml"
+# A nodepool 11 site's own files, as its launcher and Python builder read them: nothing in
+# them is written for this builder, and none of them is edited below (but for the invalid
+# configuration test, which puts the good copy back).
+cat >"$CONF" <<EOF
+# nodepool.yaml of a nodepool 11 site (shared by the launcher and the builder).
+zookeeper-servers:
+  - host: 127.0.0.1
+    port: $ZK_TLS_PORT
+zookeeper-timeout: 10.0
+images-dir: /var/lib/nodepool/images
+build-log-dir: /var/log/nodepool/builds
+webapp:
+  port: 8005
+labels:
+  - name: static-node
+    min-ready: 0
+providers:
+  - name: static-rack
+    driver: static
+    pools:
+      - name: main
+        nodes:
+          - name: node1.example.com
+            labels: static-node
+diskimages: []
+EOF
+cat >"$SECURE" <<EOF
+zookeeper-tls:
+  cert: /etc/nodepool/tls/client.pem
+  key: /etc/nodepool/tls/client.key
+  ca: /etc/nodepool/tls/ca.pem
+EOF
+chown root:nodepool "$SECURE"
+chmod 0640 "$SECURE"
+cat >"$LOGCONF" <<EOF
+version: 1
+formatters:
+  simple:
+    format: '%(asctime)s %(levelname)s %(name)s: %(message)s'
+handlers:
+  normal:
+    class: logging.handlers.WatchedFileHandler
+    formatter: simple
+    level: DEBUG
+    filename: $DAEMON_LOG
+loggers:
+  nodepool:
+    handlers: [normal]
+    level: INFO
+    propagate: false
+  nodepool.stack_dump:
+    handlers: [normal]
+    level: DEBUG
+    propagate: false
+root:
+  handlers: [normal]
+  level: WARNING
+EOF
+cp "$CONF" "$WORK/good.yaml"
+cat "$CONF" "$SECURE" "$LOGCONF"
+# The only file of ours the administrator edits: upstream's flags for the site's files.
+echo "DAEMON_ARGS=\"-s $SECURE -l $LOGCONF\"" >>"$DEFAULTS"
 echo 'NODEPOOL_BUILDER_LOG="info,nodepool.stack_dump=debug"' >>"$DEFAULTS"
-expect_rc 0 runuser -u nodepool -- /usr/sbin/$PKG check-config -c "$CONF"
+expect_rc 0 runuser -u nodepool -- /usr/sbin/$PKG -s "$SECURE" check-config
 
 # ---------------------------------------------------------------------------------------
 step "init script: start, status, reload"
@@ -393,7 +457,7 @@ expect_rc 0 "$INIT" start
 [ "$(daemon_pid)" = "$PID" ] || die "a second start replaced the daemon"
 expect_rc 0 "$INIT" status
 grep -q "$PKG is running" <<<"$LAST_OUT" || die "status does not say running"
-expect_rc 0 /usr/sbin/$PKG image-status -c "$CONF"
+expect_rc 0 /usr/sbin/$PKG image-status -s "$SECURE"
 
 n=$(count_in_log "Configuration reloaded from")
 expect_rc 0 "$INIT" reload
@@ -418,13 +482,13 @@ wait_until 10 "the daemon to reopen its log" log_has_more "Reopened log file" 0
 stat_is "$DAEMON_LOG" "nodepool:adm 640"
 cat "$DAEMON_LOG"
 
-echo 'no-such-key = 1' >>"$CONF"
+echo 'no-such-key: 1' >>"$CONF"
 expect_rc 6 "$INIT" reload
 expect_rc 6 "$INIT" restart
 if [ "$(daemon_pid)" != "$PID" ] || ! alive "$PID"; then
     die "an invalid configuration disturbed the daemon"
 fi
-cp "$WORK/good.toml" "$CONF"
+cp "$WORK/good.yaml" "$CONF"
 expect_rc 0 "$INIT" restart
 NEW=$(daemon_pid)
 if [ -z "$NEW" ] || [ "$NEW" = "$PID" ]; then die "restart kept pid $PID"; fi
@@ -436,7 +500,7 @@ PID=$NEW
 step "reinstall under the running daemon"
 
 expect_rc 0 dpkg -i "$DEB"
-grep -qx "port = $ZK_TLS_PORT" "$CONF" || die "the reinstall replaced the edited conffile"
+cmp "$CONF" "$WORK/good.yaml" || die "the reinstall touched $CONF"
 if [ "$(daemon_pid)" = "$PID" ]; then
     # policy-rc.d denied the postinst's try-restart: the old binary runs on, deleted.
     readlink "/proc/$PID/exe"
@@ -460,10 +524,10 @@ expect_rc 3 "$INIT" status
 expect_rc 7 "$INIT" reload
 expect_rc 0 "$INIT" try-restart
 [ -z "$(daemon_pid)" ] || die "try-restart started a stopped daemon"
-echo 'no-such-key = 1' >>"$CONF"
+echo 'no-such-key: 1' >>"$CONF"
 expect_rc 6 "$INIT" start
 [ -z "$(daemon_pid)" ] || die "start with an invalid configuration left a pidfile"
-cp "$WORK/good.toml" "$CONF"
+cp "$WORK/good.yaml" "$CONF"
 
 # ---------------------------------------------------------------------------------------
 step "remove and purge"
@@ -473,9 +537,11 @@ expect_rc 0 dpkg -r "$PKG"
 expect_rc 0 "$INIT" start
 [ -z "$(daemon_pid)" ] || die "the init script of a removed package started something"
 expect_rc 3 "$INIT" status
-# Files the administrator added are the administrator's to remove.
-rm -rf /etc/nodepool/tls
 expect_rc 0 dpkg --purge "$PKG"
+cmp "$CONF" "$WORK/good.yaml" || die "purge touched the site's $CONF"
+# Files the administrator added are the administrator's to remove.
+rm -rf /etc/nodepool/tls "$CONF" "$SECURE" "$LOGCONF"
+rmdir /etc/nodepool
 grep -qi 'warning' <<<"$LAST_OUT" && die "dpkg --purge warned"
 rm -f "$MARKER"
 for gone in /etc/nodepool /etc/default/$PKG "$INIT" /etc/logrotate.d/$PKG /var/log/nodepool /run/nodepool; do
