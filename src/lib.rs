@@ -2,17 +2,44 @@
 //!
 //! # Code map
 //!
+//! One line per entry of `src/`, in its order (`tests/tidy.rs` checks that they match).
+//!
+//! * `app`: wiring of the daemon: identity, ZooKeeper session and component registration,
+//!   signal handlers, the scheduler thread, ordered shutdown (stopping every child process).
+//! * `build`: the build workers (`build-N`): one diskimage-builder run per job, recorded in
+//!   ZooKeeper as nodepool 11's BuildWorker does, local files and build logs.
+//! * `cleanup`: the janitor (`cleanup` thread): retention, removals, leaked cloud images (keyed
+//!   on which znodes exist), local files.
+//! * `cli`: the command line: upstream's daemon flags and the operator subcommands.
+//! * `command`: the subprocess runner, the one owner of child processes (DIB, hooks, the
+//!   command driver's commands): process groups, clean signal state, timeouts.
 //! * `config`: the configuration, our TOML or nodepool.yaml itself (its builder subset),
-//!   validated with every error reported as `file:line:col`.
-//! * `model`: domain vocabulary (image, build, upload, provider, states), no serde.
-//! * `zk`: the synchronous ZooKeeper facade over `zookeeper-client` (`zk::Zk`), the znode
-//!   layout (`zk::paths`), the wire records (`zk::schema`), the kazoo lock recipe
-//!   (`zk::lock`) and component registration (`zk::component`).
-//! * `thread`, `registry`, `stackdump`: every thread is spawned through `thread::spawn`,
-//!   registered by name, and dumped with a real backtrace on SIGUSR2.
-//! * `scheduler`, `build`, `upload`, `cleanup`, `provider`, `stats`: the daemon's work.
+//!   read through one document tree, validated with every error as `file:line:col`.
+//! * `daemon`: daemon mode: pidfile lock, double fork with a readiness pipe, `sd_notify`.
+//! * `identity`: who this builder is: `builder_id.txt`, host name, fully qualified name.
+//! * `lib.rs`: this map and the architecture invariants.
+//! * `logging`: nodepool's logger names and line format, `-l` dictConfig files, reopening.
+//! * `main.rs`: the binary: inherited signal state reset, flags, fork, exit codes.
+//! * `model`: domain vocabulary (build and upload states, build ids, back-off), no serde.
+//! * `ops`: the operator subcommands of upstream's `nodepool` CLI (lists, changes,
+//!   export/import), in PrettyTable's layout.
+//! * `provider`: cloud drivers behind one trait: OpenStack (Glance and Keystone through
+//!   clouds.yaml, CA trust as openstacksdk) and the command driver.
+//! * `registry`: the process-wide registry of our threads and what each is doing.
+//! * `scheduler`: the `scheduler` thread, the only owner of scheduling state: what to build
+//!   and upload when, back-off, the janitor's passes.
 //! * `secret_files`: warns about secret files others can read, refuses world-writable ones.
-//! * `cli`, `app`: command line and wiring.
+//! * `signals`: SIGTERM/SIGINT/SIGHUP as messages, and the reset of inherited signal state.
+//! * `stackdump`: the SIGUSR2 backtrace of every registered thread.
+//! * `stats`: statsd, with nodepool 11's key names.
+//! * `thread`: the one place that starts threads (names, registration, joining handles).
+//! * `upload`: the upload workers (`upload-N`): one build to one provider, recorded as
+//!   nodepool 11's UploadWorker does, the post-upload hook.
+//! * `zk`: the synchronous ZooKeeper facade over `zookeeper-client` (`zk::Zk`, sessions kept as
+//!   long as the server keeps them), the znode layout (`zk::paths`), the wire records
+//!   (`zk::schema`), tree readers (`zk::tree`), the kazoo lock recipe (`zk::lock`), result
+//!   writes with lost replies (`zk::fence`), the watcher thread (`zk::watcher`), component
+//!   registration (`zk::component`) and TLS failure diagnosis (`zk::tlscheck`).
 //!
 //! # Architecture invariants
 //!

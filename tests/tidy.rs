@@ -197,3 +197,31 @@ fn rust_version_is_what_the_code_and_the_locked_crates_need() {
         needed.1
     );
 }
+
+/// The code map at the top of `src/lib.rs` has one line per entry of `src/` (a file's stem or
+/// a directory's name), in the same order: a newcomer finds any concern's home in one step,
+/// and a new module cannot be left out of the map.
+#[test]
+fn the_code_map_in_lib_rs_lists_every_entry_of_src() {
+    let lib = std::fs::read_to_string(src_dir().join("lib.rs")).unwrap();
+    let start = lib.find("//! # Code map").expect("lib.rs has a code map");
+    let end = start
+        + lib[start..]
+            .find("//! # Architecture")
+            .expect("the map ends");
+    let mapped: Vec<String> = lib[start..end]
+        .lines()
+        .filter_map(|l| l.strip_prefix("//! * `"))
+        .filter_map(|l| l.split_once('`'))
+        .map(|(name, _)| name.trim_end_matches(".rs").to_string())
+        .collect();
+    let mut entries: Vec<String> = std::fs::read_dir(src_dir())
+        .unwrap()
+        .map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.trim_end_matches(".rs").to_string()
+        })
+        .collect();
+    entries.sort();
+    assert_eq!(mapped, entries, "src/lib.rs's code map against `ls src`");
+}
