@@ -7,6 +7,9 @@
 //!    the image's `ready` builds are protected.
 //! B. Per image under `/nodepool/images` (one bad image never stops the others):
 //!    * keep the two newest `ready` builds (none if the diskimage left the config);
+//!
+//!    What A and B keep is decided by the pure `scheduler::core::retention` (unit-tested
+//!    there, recency bridge included); this module does the deleting.
 //!    * uploads to a provider that no longer lists the image are deleted; on kept builds,
 //!      orphaned `uploading` records (free upload lock) are removed and `failed`/`deleting`
 //!      uploads are deleted;
@@ -53,6 +56,7 @@ use crate::config::Config;
 use crate::model::{self, BuildState, UploadState, backoff};
 use crate::provider::ProviderDriver;
 use crate::registry;
+use crate::scheduler::core::{Keep, retention};
 use crate::thread::{self, JoinHandle, ThreadKind};
 use crate::zk::lock::{self, LockGuard};
 use crate::zk::schema::{ImageBuild, ImageUpload};
@@ -286,9 +290,8 @@ pub fn pass(zk: &Zk, req: &CleanupRequest, state: &mut JanitorState) -> CleanupR
             .iter()
             .map(|(k, v)| (k.clone(), v.builds.clone()))
             .collect();
-        let recent = recency_table(&all);
         for (image, snap) in tree {
-            if let Err(e) = p.cleanup_image(image, &snap.builds, &recent) {
+            if let Err(e) = p.cleanup_image(image, &snap.builds) {
                 p.error(&format!("Exception cleaning up image {image}: {e}"));
             }
             if let Err(e) = p.remove_empty_build_znodes(image, &snap.unreadable) {
@@ -359,37 +362,6 @@ fn read_tree(zk: &Zk, p: &mut Pass<'_>) -> Option<BTreeMap<String, ImageSnapshot
     Some(out)
 }
 
-/// (image, build, provider, upload) pairs protected from deletion: per (image, provider) the
-/// two newest `ready` uploads of `ready` builds.
-fn recency_table(
-    all: &BTreeMap<String, Vec<BuildInfo>>,
-) -> BTreeSet<(String, String, String, String)> {
-    // (image, provider) -> (state_time, build id, upload id) of its ready uploads.
-    type ReadyUploads = BTreeMap<(String, String), Vec<(f64, String, String)>>;
-    let mut per: ReadyUploads = BTreeMap::new();
-    for (image, builds) in all {
-        for b in builds.iter().filter(|b| b.build.state == BuildState::Ready) {
-            for u in b
-                .uploads
-                .iter()
-                .filter(|u| u.upload.state == UploadState::Ready)
-            {
-                per.entry((image.clone(), u.provider.clone()))
-                    .or_default()
-                    .push((u.upload.state_time, b.id.clone(), u.id.clone()));
-            }
-        }
-    }
-    let mut out = BTreeSet::new();
-    for ((image, provider), mut v) in per {
-        v.sort_by(|a, b| b.0.total_cmp(&a.0));
-        for (_, build, upload) in v.into_iter().take(2) {
-            out.insert((image.clone(), build, provider.clone(), upload));
-        }
-    }
-    out
-}
-
 impl Pass<'_> {
     fn error(&mut self, msg: &str) {
         self.report.errors += 1;
@@ -443,23 +415,12 @@ impl Pass<'_> {
         }
     }
 
-    fn cleanup_image(
-        &mut self,
-        image: &str,
-        builds: &[BuildInfo],
-        recent: &BTreeSet<(String, String, String, String)>,
-    ) -> Result<(), ZkError> {
+    fn cleanup_image(&mut self, image: &str, builds: &[BuildInfo]) -> Result<(), ZkError> {
         let cfg = self.req.cfg.clone();
-        let keep: BTreeSet<String> = if cfg.diskimage(image).is_none() {
-            BTreeSet::new()
-        } else {
-            let mut ready: Vec<&BuildInfo> = builds
-                .iter()
-                .filter(|b| b.build.state == BuildState::Ready)
-                .collect();
-            ready.sort_by(|a, b| b.build.state_time.total_cmp(&a.build.state_time));
-            ready.into_iter().take(2).map(|b| b.id.clone()).collect()
-        };
+        let Keep {
+            builds: keep,
+            protected_uploads: recent,
+        } = retention(cfg.diskimage(image).is_some(), builds);
         for b in builds {
             for p in &cfg.providers {
                 let lists = p.diskimages.iter().any(|d| d.name == image);
@@ -483,12 +444,7 @@ impl Pass<'_> {
             }
             for p in &cfg.providers {
                 let res = self.delete_uploads(image, b, &p.name, |u| {
-                    !recent.contains(&(
-                        image.to_string(),
-                        b.id.clone(),
-                        p.name.clone(),
-                        u.to_string(),
-                    ))
+                    !recent.contains(&(b.id.clone(), p.name.clone(), u.to_string()))
                 });
                 if let Err(e) = res {
                     self.error(&format!(

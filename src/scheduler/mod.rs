@@ -37,7 +37,7 @@
 //! Never `?` out of the loop: per-image problems are logged and the loop goes on.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,14 +47,22 @@ use log::{debug, error, info, warn};
 use crate::build::{self, BuildEnv, BuildJob, BuildOutcome, BuildPool, BuildResult};
 use crate::cleanup::{CleanupReport, CleanupRequest, ImageSnapshot, Janitor};
 use crate::config::{self, Config};
-use crate::model::{self, backoff};
+use crate::model;
 use crate::provider::{self, ProviderDriver};
 use crate::signals::ControlSignal;
 use crate::stats::{self, Stats};
 use crate::upload::{UploadJob, UploadOutcome, UploadPool, UploadResult};
-use crate::zk::tree::{self, BuildInfo};
+use crate::zk::tree;
 use crate::zk::watcher::{WatchCmd, Watcher, ZkEvent};
 use crate::zk::{ConnState, Zk};
+
+pub mod core;
+
+use self::core::{
+    Backoff, BuildFollowUp, Clock, ImageState, Timers, UploadFollowUp, UploadSlot,
+    apply_build_result, apply_upload_result, configured_format, next_wake, plan_builds,
+    required_formats, upload_candidates,
+};
 
 /// How long a stop waits for running builds to report after cancelling them.
 const STOP_WAIT: Duration = Duration::from_secs(30);
@@ -75,37 +83,6 @@ pub struct Setup {
     pub builder_id: String,
     pub fqdn: String,
     pub signals: Receiver<ControlSignal>,
-}
-
-/// Per-image scheduling state.
-#[derive(Debug, Default)]
-struct ImageState {
-    paused_zk: bool,
-    requested: bool,
-    builds: Vec<BuildInfo>,
-    /// Build znodes with empty or unreadable data (the janitor removes lock-race leftovers).
-    unreadable: Vec<String>,
-    in_flight: bool,
-    /// No attempt before this instant (failure back-off or a skip).
-    retry_at: Option<Instant>,
-    /// Consecutive failures, for the back-off.
-    failures: u32,
-    /// The last "not enough free space" was logged (log once until space returns).
-    no_space_logged: bool,
-    /// Builds of this process whose result could not be recorded: their records still say
-    /// `building`. The janitor records them `failed` without waiting for the image build
-    /// lock to be free (a rebuild may hold it for a long time meanwhile).
-    abandoned: BTreeSet<String>,
-}
-
-/// Per (image, provider) upload state.
-#[derive(Debug, Default)]
-struct UploadSlot {
-    in_flight: bool,
-    /// The build the failures below were counted for; a newer build starts afresh.
-    for_build: Option<String>,
-    failures: u32,
-    retry_at: Option<Instant>,
 }
 
 /// Runs the scheduler loop until a stop signal; returns after ordered shutdown of the pool.
@@ -365,15 +342,10 @@ impl Scheduler {
                 st.paused_zk = paused;
             }
             ZkEvent::RequestBuild { image, requested } => {
-                let st = self.state(&image);
-                if requested && !st.requested {
+                // A fresh request is worth an immediate try, unless a failure back-off runs.
+                if self.state(&image).set_requested(requested) {
                     debug!("image={image}: request-build znode appeared");
-                    // A fresh request is worth an immediate try, unless a failure back-off runs.
-                    if st.failures == 0 {
-                        st.retry_at = None;
-                    }
                 }
-                st.requested = requested;
             }
             ZkEvent::Builds {
                 image,
@@ -381,13 +353,8 @@ impl Scheduler {
                 unreadable,
             } => {
                 self.cleanup_soon();
-                let st = self.state(&image);
-                st.builds = builds;
-                st.unreadable = unreadable;
                 // A skip waits for the other builder's records to change: they just did.
-                if st.failures == 0 {
-                    st.retry_at = None;
-                }
+                self.state(&image).set_builds(builds, unreadable);
             }
             ZkEvent::Resynced => {
                 debug!("watches re-armed; state re-read");
@@ -403,59 +370,40 @@ impl Scheduler {
     }
 
     fn on_build(&mut self, outcome: BuildOutcome) {
-        let backoff_initial = self.cfg.retry_backoff_initial;
-        let backoff_max = self.cfg.retry_backoff_max;
+        let b = Backoff::of(&self.cfg);
         let image = outcome.image.clone();
         let st = self.state(&image);
-        st.in_flight = false;
         if let Some(builds) = outcome.builds {
             st.builds = builds;
         }
-        let now = Instant::now();
-        match outcome.result {
-            BuildResult::Ready { build_id, .. } => {
+        let follow = apply_build_result(st, &outcome.result, outcome.manual, b, Instant::now());
+        match (&outcome.result, follow) {
+            (BuildResult::Ready { build_id, .. }, _) => {
                 debug!("image={image} build={build_id}: ready");
-                st.failures = 0;
-                st.retry_at = None;
-                st.no_space_logged = false;
-                if outcome.manual {
-                    st.requested = false;
-                }
             }
-            BuildResult::Failed {
-                build_id,
-                reason,
-                unrecorded,
-            } => {
-                if unrecorded && let Some(id) = &build_id {
-                    st.abandoned.insert(id.clone());
-                }
-                st.failures += 1;
-                let delay = backoff(backoff_initial, backoff_max, st.failures);
-                st.retry_at = Some(now + delay);
-                warn!(
-                    "image={image} build={}: build failed ({reason}); retrying in {:.0}s (failure {})",
-                    build_id.as_deref().unwrap_or("-"),
-                    delay.as_secs_f64(),
-                    st.failures
-                );
-            }
-            BuildResult::Skipped { reason } => {
+            (
+                BuildResult::Failed {
+                    build_id, reason, ..
+                },
+                BuildFollowUp::Retry { delay, failures },
+            ) => warn!(
+                "image={image} build={}: build failed ({reason}); retrying in {:.0}s (failure {failures})",
+                build_id.as_deref().unwrap_or("-"),
+                delay.as_secs_f64(),
+            ),
+            (BuildResult::Skipped { reason }, _) => {
                 debug!("image={image}: build skipped: {reason}");
-                st.retry_at = Some(now + Duration::from_secs_f64(backoff_initial));
             }
-            BuildResult::NoSpace {
-                free_gib,
-                required_gib,
-            } => {
-                if !st.no_space_logged {
-                    warn!(
-                        "image={image}: not building: images-dir has {free_gib:.1} GiB free, {required_gib} GiB required; will start when space returns"
-                    );
-                    st.no_space_logged = true;
-                }
-                st.retry_at = Some(now + Duration::from_secs_f64(backoff_initial));
-            }
+            (
+                BuildResult::NoSpace {
+                    free_gib,
+                    required_gib,
+                },
+                BuildFollowUp::NoSpace { first: true },
+            ) => warn!(
+                "image={image}: not building: images-dir has {free_gib:.1} GiB free, {required_gib} GiB required; will start when space returns"
+            ),
+            _ => {}
         }
     }
 
@@ -487,73 +435,28 @@ impl Scheduler {
         }
     }
 
-    /// Why `image` needs a build now, if it does (the decision of the module docs).
-    fn decide(&self, image: &str, now: Instant) -> Option<(String, bool)> {
-        let d = self.cfg.diskimage(image)?;
-        let st = self.images.get(image)?;
-        if d.pause || st.paused_zk || st.in_flight || st.retry_at.is_some_and(|t| t > now) {
-            return None;
-        }
-        let formats = self.formats.get(image).filter(|f| !f.is_empty())?;
-        if st
-            .builds
-            .iter()
-            .any(|b| b.build.state == model::BuildState::Building)
-            && !st.requested
-        {
-            // Someone is building it; its record changing wakes us up.
-            return None;
-        }
-        if st.requested {
-            return Some(("request-build znode present".into(), true));
-        }
-        let Some(newest) = tree::newest_ready(&st.builds).map(|b| &b.build) else {
-            return Some(("no ready build".into(), false));
-        };
-        let age = model::now_epoch() - newest.state_time;
-        if age >= d.rebuild_age as f64 {
-            return Some((
-                format!(
-                    "rebuild-age expired: newest ready build is {} old",
-                    human_age(age)
-                ),
-                false,
-            ));
-        }
-        let missing = build::missing_formats(newest, formats);
-        if !missing.is_empty() {
-            return Some((
-                format!("formats changed: {} missing", missing.join(",")),
-                false,
-            ));
-        }
-        None
-    }
-
     /// Hands every needed build to an idle worker.
     fn plan(&mut self) {
         if self.stopping || self.zk.state() != ConnState::Connected {
             return;
         }
-        let now = Instant::now();
-        let names: Vec<String> = self.cfg.diskimages.iter().map(|d| d.name.clone()).collect();
-        for image in names {
-            self.state(&image);
-            let Some((cause, manual)) = self.decide(&image, now) else {
-                continue;
-            };
+        for d in &self.cfg.diskimages {
+            self.images.entry(d.name.clone()).or_default();
+        }
+        let plan = plan_builds(&self.cfg, &self.formats, &self.images, self.clock());
+        for (image, cause) in plan {
             let d = self
                 .cfg
                 .diskimage(&image)
-                .expect("decide checked it")
+                .expect("planned from the config")
                 .clone();
             let st = &self.images[&image];
             let job = BuildJob {
                 image: image.clone(),
                 formats: self.formats[&image].iter().cloned().collect(),
                 diskimage: d,
-                cause,
-                manual,
+                cause: cause.to_string(),
+                manual: cause.manual(),
                 seen_newest_ready: tree::newest_ready(&st.builds).map(|b| b.id.clone()),
                 env: BuildEnv {
                     images_dir: self.cfg.images_dir.clone(),
@@ -571,6 +474,14 @@ impl Scheduler {
                 return;
             }
             self.state(&image).in_flight = true;
+        }
+    }
+
+    /// This turn's time, for the pure decisions.
+    fn clock(&self) -> Clock {
+        Clock {
+            now: Instant::now(),
+            epoch: model::now_epoch(),
         }
     }
 
@@ -721,7 +632,13 @@ impl Scheduler {
                         "provider={}: cannot set up its driver, no uploads to it: {e}",
                         p.name
                     );
-                    configured_format(p)
+                    configured_format(p).unwrap_or_else(|| {
+                        warn!(
+                            "provider={}: cannot read its cloud's image format; assuming qcow2",
+                            p.name
+                        );
+                        "qcow2".into()
+                    })
                 }
             };
             self.provider_formats.insert(p.name.clone(), format);
@@ -730,7 +647,7 @@ impl Scheduler {
     }
 
     fn on_upload(&mut self, outcome: UploadOutcome) {
-        let (initial, max) = (self.cfg.retry_backoff_initial, self.cfg.retry_backoff_max);
+        let b = Backoff::of(&self.cfg);
         if let Some(builds) = outcome.builds {
             self.state(&outcome.image).builds = builds;
         }
@@ -738,216 +655,90 @@ impl Scheduler {
             .slots
             .entry((outcome.image.clone(), outcome.provider.clone()))
             .or_default();
-        slot.in_flight = false;
-        let now = Instant::now();
+        let follow = apply_upload_result(slot, &outcome.result, b, Instant::now());
         let (image, build, provider) = (&outcome.image, &outcome.build_id, &outcome.provider);
-        match outcome.result {
-            UploadResult::Ready { upload_id, .. } => {
+        match (&outcome.result, follow) {
+            (UploadResult::Ready { upload_id, .. }, _) => {
                 debug!("image={image} build={build} provider={provider} upload={upload_id}: ready");
-                slot.failures = 0;
-                slot.retry_at = None;
             }
-            UploadResult::Failed { upload_id, reason } => {
-                slot.failures += 1;
-                let delay = backoff(initial, max, slot.failures);
-                slot.retry_at = Some(now + delay);
-                warn!(
-                    "image={image} build={build} provider={provider} upload={}: upload failed ({reason}); retrying in {:.0}s (failure {})",
-                    upload_id.as_deref().unwrap_or("-"),
-                    delay.as_secs_f64(),
-                    slot.failures
-                );
-            }
-            UploadResult::Skipped { reason } => {
+            (
+                UploadResult::Failed { upload_id, reason },
+                UploadFollowUp::Retry { delay, failures },
+            ) => warn!(
+                "image={image} build={build} provider={provider} upload={}: upload failed ({reason}); retrying in {:.0}s (failure {failures})",
+                upload_id.as_deref().unwrap_or("-"),
+                delay.as_secs_f64(),
+            ),
+            (UploadResult::Skipped { reason }, _) => {
                 debug!("image={image} build={build} provider={provider}: upload skipped: {reason}");
-                slot.retry_at = Some(now + Duration::from_secs_f64(initial));
             }
+            _ => {}
         }
     }
 
-    /// Hands every needed upload to an idle worker: the newest ready build of each image, to
-    /// each provider listing it (unpaused), when this builder has its file and no `ready`
-    /// upload exists (wire spec §1.5, §3.6).
+    /// Hands every needed upload to an idle worker (see [`core::upload_candidates`]: the
+    /// newest ready build of each image, wire spec §1.5, §3.6).
     fn plan_uploads(&mut self) {
         if self.stopping || self.zk.state() != ConnState::Connected {
             return;
         }
         let now = Instant::now();
-        let cfg = self.cfg.clone();
-        for p in &cfg.providers {
-            let Some(driver) = self.drivers.get(&p.name).cloned() else {
+        let candidates = upload_candidates(
+            &self.cfg,
+            &self.provider_formats,
+            |p| self.drivers.contains_key(p),
+            &self.images,
+            Path::is_file,
+        );
+        for c in candidates {
+            let slot = self
+                .slots
+                .entry((c.image.clone(), c.provider.clone()))
+                .or_default();
+            if !slot.free_for(&c.build_id, now) {
                 continue;
-            };
-            let Some(format) = self.provider_formats.get(&p.name).cloned() else {
-                continue;
-            };
-            for pd in p.diskimages.iter().filter(|pd| !pd.pause) {
-                let Some(d) = cfg.diskimage(&pd.name) else {
-                    continue;
-                };
-                let Some(st) = self.images.get(&pd.name) else {
-                    continue;
-                };
-                let Some(newest) = tree::newest_ready(&st.builds) else {
-                    continue;
-                };
-                if newest.has_ready_upload(&p.name) || !newest.build.formats.contains(&format) {
-                    continue;
-                }
-                if newest
-                    .uploads_to(&p.name)
-                    .any(|u| u.upload.state == crate::model::UploadState::Uploading)
-                {
-                    // Someone uploads it now (or crashed doing so: the janitor clears that).
-                    continue;
-                }
-                let file = cfg
-                    .images_dir
-                    .join(format!("{}-{}.{format}", pd.name, newest.id));
-                if !file.is_file() {
-                    continue; // Only the builder holding the files uploads.
-                }
-                let build_id = newest.id.clone();
-                let slot = self
-                    .slots
-                    .entry((pd.name.clone(), p.name.clone()))
-                    .or_default();
-                if slot.for_build.as_deref() != Some(build_id.as_str()) {
-                    *slot = UploadSlot {
-                        in_flight: slot.in_flight,
-                        for_build: Some(build_id.clone()),
-                        ..Default::default()
-                    };
-                }
-                if slot.in_flight || slot.retry_at.is_some_and(|t| t > now) {
-                    continue;
-                }
-                let job = UploadJob {
-                    image: pd.name.clone(),
-                    build_id,
-                    provider: p.clone(),
-                    diskimage: d.clone(),
-                    format: format.clone(),
-                    file,
-                    driver: driver.clone(),
-                };
-                if !self.uploads.try_submit(job) {
-                    return; // Every upload worker is busy.
-                }
-                slot.in_flight = true;
             }
+            let (Some(provider), Some(diskimage), Some(driver)) = (
+                self.cfg.provider(&c.provider),
+                self.cfg.diskimage(&c.image),
+                self.drivers.get(&c.provider),
+            ) else {
+                continue;
+            };
+            let job = UploadJob {
+                image: c.image,
+                build_id: c.build_id,
+                provider: provider.clone(),
+                diskimage: diskimage.clone(),
+                format: c.format,
+                file: c.file,
+                driver: driver.clone(),
+            };
+            if !self.uploads.try_submit(job) {
+                return; // Every upload worker is busy.
+            }
+            slot.in_flight = true;
         }
     }
 
     /// The nearest instant something must be re-decided without an event.
     fn next_deadline(&self) -> Option<Instant> {
-        let now = Instant::now();
-        let now_epoch = model::now_epoch();
-        let mut next = Some(self.next_verify);
-        // Only future instants: something already due was decided in this turn's plan, and a
-        // past instant would spin the loop.
-        let mut consider = |t: Instant| {
-            if t > now {
-                next = Some(next.map_or(t, |n: Instant| n.min(t)));
-            }
+        let timers = Timers {
+            next_verify: self.next_verify,
+            cleanup_due: self
+                .cleanup_due
+                .filter(|_| self.janitor.is_some() && !self.cleanup_running),
         };
-        for (image, st) in &self.images {
-            if let Some(t) = st.retry_at {
-                consider(t);
-            }
-            if let (Some(d), Some(newest)) =
-                (self.cfg.diskimage(image), tree::newest_ready(&st.builds))
-            {
-                let due = newest.build.state_time + d.rebuild_age as f64 - now_epoch;
-                if due > 0.0 {
-                    consider(now + Duration::from_secs_f64(due.min(86400.0 * 365.0)));
-                }
-            }
-        }
-        for slot in self.slots.values() {
-            if let Some(t) = slot.retry_at {
-                consider(t);
-            }
-        }
-        if self.janitor.is_some()
-            && !self.cleanup_running
-            && let Some(t) = self.cleanup_due
-        {
-            // A due pass that could not start (not connected) waits for the next event.
-            consider(t);
-        }
-        next
-    }
-}
-
-fn human_age(secs: f64) -> String {
-    let secs = secs.max(0.0) as u64;
-    if secs >= 3600 {
-        format!("{}h", secs / 3600)
-    } else if secs >= 60 {
-        format!("{}m", secs / 60)
-    } else {
-        format!("{secs}s")
+        Some(next_wake(
+            &self.cfg,
+            &self.images,
+            &self.slots,
+            timers,
+            self.clock(),
+        ))
     }
 }
 
 fn image_names(cfg: &Config) -> BTreeSet<String> {
     cfg.diskimages.iter().map(|d| d.name.clone()).collect()
-}
-
-/// The formats each diskimage needs: its own `formats` plus the image format of every
-/// provider listing it (wire spec §3.4). No default format: an image with neither is never
-/// built.
-pub fn required_formats(
-    cfg: &Config,
-    provider_formats: &BTreeMap<String, String>,
-) -> BTreeMap<String, BTreeSet<String>> {
-    cfg.diskimages
-        .iter()
-        .map(|d| {
-            let mut f: BTreeSet<String> = d.formats.iter().cloned().collect();
-            for p in &cfg.providers {
-                if p.diskimages.iter().any(|pd| pd.name == d.name) {
-                    f.insert(
-                        provider_formats
-                            .get(&p.name)
-                            .cloned()
-                            .unwrap_or_else(|| configured_format(p)),
-                    );
-                }
-            }
-            (d.name.clone(), f)
-        })
-        .collect()
-}
-
-/// A provider's image format from the config alone, for a provider whose driver could not be
-/// set up (its clouds.yaml entry is unreadable): the configured `image-format`, else qcow2.
-fn configured_format(p: &config::Provider) -> String {
-    match &p.driver {
-        config::Driver::Command { image_format, .. } => image_format.clone(),
-        config::Driver::OpenStack {
-            image_format: Some(f),
-            ..
-        } => f.clone(),
-        config::Driver::OpenStack { .. } => {
-            warn!(
-                "provider={}: cannot read its cloud's image format; assuming qcow2",
-                p.name
-            );
-            "qcow2".into()
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ages_read_like_an_operator_says_them() {
-        assert_eq!(human_age(26.0 * 3600.0 + 5.0), "26h");
-        assert_eq!(human_age(125.0), "2m");
-        assert_eq!(human_age(5.0), "5s");
-    }
 }
