@@ -26,8 +26,9 @@
 //! * `provider`: cloud drivers behind one trait: OpenStack (Glance and Keystone through
 //!   clouds.yaml, CA trust as openstacksdk) and the command driver.
 //! * `registry`: the process-wide registry of our threads and what each is doing.
-//! * `scheduler`: the `scheduler` thread, the only owner of scheduling state: what to build
-//!   and upload when, back-off, the janitor's passes.
+//! * `scheduler`: the `scheduler` thread, an event loop that owns scheduling state; its
+//!   decisions (what to build and why, uploads, wake-ups, back-off, retention with the
+//!   recency bridge) are pure functions in `scheduler::core`, unit-tested without servers.
 //! * `secret_files`: warns about secret files others can read, refuses world-writable ones.
 //! * `signals`: SIGTERM/SIGINT/SIGHUP as messages, and the reset of inherited signal state.
 //! * `stackdump`: the SIGUSR2 backtrace of every registered thread.

@@ -1,26 +1,32 @@
-//! The `scheduler` thread: the only owner of scheduling state.
+//! The `scheduler` thread: the only owner of scheduling state, a closed event loop around
+//! the pure decisions of [`core`].
 //!
-//! # Overview
+//! # The loop
 //!
-//! One `select_biased!` loop over, in priority order: control signals (stop, reload),
-//! worker outcomes, ZooKeeper events from the `zk-watch` thread, and one timer for the
-//! nearest deadline (a rebuild-age expiry, a retry after back-off, or the slow safety
-//! rescan). Nothing polls: a `request-build` znode appearing reaches the scheduler as a
+//! Each turn: `Sources::next_event` waits for one `Event` (a `select_biased!` over, in
+//! priority order, control signals (stop, reload), build outcomes, upload outcomes, janitor
+//! reports, ZooKeeper events from the `zk-watch` thread, and one timer for the nearest
+//! deadline); `handle` applies it to the state; then the plans hand builds, uploads and a
+//! janitor pass to idle workers; the turn is timed once ("overly long scheduler loop turn").
+//! Nothing polls: a `request-build` znode appearing reaches the scheduler as a
 //! [`ZkEvent::RequestBuild`] within milliseconds, and the job is handed to an idle build
 //! worker at once.
 //!
 //! Every source is either live or `never()` (see [`Sources`]): with cleanup disabled there
-//! is no janitor channel at all, and a source whose senders vanish is replaced the moment
-//! its end is seen, never spun on.
+//! is no janitor channel at all, and a source whose senders vanish becomes
+//! `Event::SourceEnded` once and is replaced by `never()`, never spun on; what its end
+//! means (stop, or go on without that work) is decided in one place, `handle`.
 //!
 //! # Decisions
 //!
-//! A configured diskimage needs a build when it is not paused (by config or by the ZooKeeper
-//! `pause` znode), has a non-empty format set, has no build of ours in flight, is not waiting
-//! out a back-off, and: a `request-build` znode exists, or there is no ready build, or the
-//! newest ready build is older than `rebuild-age`, or it lacks a required format. Each
-//! decision carries its cause into the log ("rebuild-age expired: newest ready build is 26h
-//! old"). The worker repeats the check under the image build lock, as upstream does.
+//! Every decision is a pure function in [`core`] over the state and a [`core::Clock`] read
+//! once per turn, unit-tested without servers: what to build and why (wire spec §3.1–§3.4:
+//! not paused by config or by the ZooKeeper `pause` znode, a non-empty format set, and a
+//! `request-build` znode, no ready build, an expired `rebuild-age` or a missing format),
+//! which uploads to start (§3.6), when to wake, the back-off, and the janitor's retention
+//! (§3.7, with nodepool 11's recency bridge). Each build carries its cause into the log
+//! ("rebuild-age expired: newest ready build is 26h old"). The worker repeats the check
+//! under the image build lock, as upstream does.
 //!
 //! # Back-off
 //!
@@ -138,7 +144,7 @@ pub fn run(setup: Setup) {
     };
     s.next_verify = Instant::now() + s.verify_interval();
     s.make_drivers();
-    s.run_loop(Sources {
+    s.run_loop(&mut Sources {
         signals: setup.signals,
         zk: zk_rx,
         builds: out_rx.clone(),
@@ -211,100 +217,98 @@ struct Scheduler {
 /// A source whose senders are all gone is replaced by `never()` the moment its end is seen:
 /// a disconnected receiver is always ready, and would starve every source after it (with
 /// cleanup disabled, a dropped janitor channel once kept the loop spinning one core and
-/// `request-build` znodes unserved). Each end is a decision, logged once: the signal
-/// handler or the ZooKeeper watcher gone stops the daemon; a worker pool or the janitor gone
-/// is an error the daemon survives without that work.
-struct Sources {
-    signals: Receiver<ControlSignal>,
-    zk: Receiver<ZkEvent>,
-    builds: Receiver<BuildOutcome>,
-    uploads: Receiver<UploadOutcome>,
-    cleanup: Receiver<CleanupReport>,
+/// `request-build` znodes unserved). Each end is a decision, logged once (see
+/// `Scheduler::handle`): the signal handler or the ZooKeeper watcher gone stops the daemon;
+/// a worker pool or the janitor gone is an error the daemon survives without that work.
+pub struct Sources {
+    pub signals: Receiver<ControlSignal>,
+    pub zk: Receiver<ZkEvent>,
+    pub builds: Receiver<BuildOutcome>,
+    pub uploads: Receiver<UploadOutcome>,
+    /// `never()` when cleanup is disabled.
+    pub cleanup: Receiver<CleanupReport>,
+}
+
+/// Which source ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Signals,
+    Builds,
+    Uploads,
+    Cleanup,
+    Zk,
+}
+
+/// One thing the loop reacts to.
+enum Event {
+    Signal(ControlSignal),
+    BuildDone(BuildOutcome),
+    UploadDone(UploadOutcome),
+    CleanupDone(CleanupReport),
+    Zk(ZkEvent),
+    /// The nearest deadline passed.
+    Timer,
+    /// Every sender of this source is gone; it is `never()` from now on.
+    SourceEnded(Source),
+}
+
+/// Whether the loop goes on after an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+impl Sources {
+    /// Waits for the next event, sources in priority order, the timer last; `wake` is the
+    /// nearest deadline. A source's end becomes [`Event::SourceEnded`], once: the source is
+    /// `never()` afterwards.
+    fn next_event(&mut self, wake: Instant) -> Event {
+        let timer = after(wake.saturating_duration_since(Instant::now()));
+        let ended = select_biased! {
+            recv(self.signals) -> m => match m {
+                Ok(sig) => return Event::Signal(sig),
+                Err(_) => Source::Signals,
+            },
+            recv(self.builds) -> m => match m {
+                Ok(outcome) => return Event::BuildDone(outcome),
+                Err(_) => Source::Builds,
+            },
+            recv(self.uploads) -> m => match m {
+                Ok(outcome) => return Event::UploadDone(outcome),
+                Err(_) => Source::Uploads,
+            },
+            recv(self.cleanup) -> m => match m {
+                Ok(report) => return Event::CleanupDone(report),
+                Err(_) => Source::Cleanup,
+            },
+            recv(self.zk) -> m => match m {
+                Ok(ev) => return Event::Zk(ev),
+                Err(_) => Source::Zk,
+            },
+            recv(timer) -> _ => return Event::Timer,
+        };
+        match ended {
+            Source::Signals => self.signals = never(),
+            Source::Builds => self.builds = never(),
+            Source::Uploads => self.uploads = never(),
+            Source::Cleanup => self.cleanup = never(),
+            Source::Zk => self.zk = never(),
+        }
+        Event::SourceEnded(ended)
+    }
 }
 
 impl Scheduler {
-    fn run_loop(&mut self, mut src: Sources) {
+    /// The loop: wait for one event, handle it, plan, time the turn.
+    fn run_loop(&mut self, src: &mut Sources) {
         crate::registry::set_activity("scheduling");
         loop {
-            let deadline = self.next_deadline();
-            let timer = match deadline {
-                Some(d) => after(d.saturating_duration_since(Instant::now())),
-                None => never(),
-            };
-            let started;
-            select_biased! {
-                recv(src.signals) -> sig => {
-                    started = Instant::now();
-                    match sig {
-                        Ok(ControlSignal::Shutdown) => {
-                            info!("Stopping: no new builds; cancelling running builds");
-                            self.stopping = true;
-                            return;
-                        }
-                        Err(_) => {
-                            error!("the signal handler is gone; stopping");
-                            self.stopping = true;
-                            return;
-                        }
-                        Ok(ControlSignal::Reload) => self.reload(),
-                    }
-                }
-                recv(src.builds) -> outcome => {
-                    started = Instant::now();
-                    match outcome {
-                        Ok(outcome) => {
-                            self.on_build(outcome);
-                            self.cleanup_soon();
-                        }
-                        Err(_) => {
-                            error!("every build worker is gone; no more builds until a restart");
-                            src.builds = never();
-                        }
-                    }
-                }
-                recv(src.uploads) -> outcome => {
-                    started = Instant::now();
-                    match outcome {
-                        Ok(outcome) => {
-                            self.on_upload(outcome);
-                            self.cleanup_soon();
-                        }
-                        Err(_) => {
-                            error!("every upload worker is gone; no more uploads until a restart");
-                            src.uploads = never();
-                        }
-                    }
-                }
-                recv(src.cleanup) -> report => {
-                    started = Instant::now();
-                    match report {
-                        Ok(report) => self.on_cleanup(report),
-                        Err(_) => {
-                            error!("the cleanup thread is gone; no more cleanup until a restart");
-                            src.cleanup = never();
-                            self.janitor = None;
-                        }
-                    }
-                }
-                recv(src.zk) -> ev => {
-                    started = Instant::now();
-                    match ev {
-                        Ok(ev) => self.on_zk(ev),
-                        Err(_) => {
-                            error!("the ZooKeeper watcher stopped; stopping");
-                            self.stopping = true;
-                            return;
-                        }
-                    }
-                }
-                recv(timer) -> _ => {
-                    started = Instant::now();
-                    if Instant::now() >= self.next_verify {
-                        self.next_verify = Instant::now() + self.verify_interval();
-                        debug!("safety rescan");
-                        self.watcher.send(WatchCmd::Verify);
-                    }
-                }
+            let event = src.next_event(self.next_wake());
+            let started = Instant::now();
+            if self.handle(event) == Flow::Stop {
+                self.stopping = true;
+                return;
             }
             self.plan();
             self.plan_uploads();
@@ -314,6 +318,53 @@ impl Scheduler {
                 warn!("overly long scheduler loop turn: {took:?}");
             }
         }
+    }
+
+    /// Applies one event to the state.
+    fn handle(&mut self, event: Event) -> Flow {
+        match event {
+            Event::Signal(ControlSignal::Shutdown) => {
+                info!("Stopping: no new builds; cancelling running builds");
+                return Flow::Stop;
+            }
+            Event::Signal(ControlSignal::Reload) => self.reload(),
+            Event::BuildDone(outcome) => {
+                self.on_build(outcome);
+                self.cleanup_soon();
+            }
+            Event::UploadDone(outcome) => {
+                self.on_upload(outcome);
+                self.cleanup_soon();
+            }
+            Event::CleanupDone(report) => self.on_cleanup(report),
+            Event::Zk(ev) => self.on_zk(ev),
+            Event::Timer => {
+                if Instant::now() >= self.next_verify {
+                    self.next_verify = Instant::now() + self.verify_interval();
+                    debug!("safety rescan");
+                    self.watcher.send(WatchCmd::Verify);
+                }
+            }
+            Event::SourceEnded(Source::Signals) => {
+                error!("the signal handler is gone; stopping");
+                return Flow::Stop;
+            }
+            Event::SourceEnded(Source::Builds) => {
+                error!("every build worker is gone; no more builds until a restart");
+            }
+            Event::SourceEnded(Source::Uploads) => {
+                error!("every upload worker is gone; no more uploads until a restart");
+            }
+            Event::SourceEnded(Source::Cleanup) => {
+                error!("the cleanup thread is gone; no more cleanup until a restart");
+                self.janitor = None;
+            }
+            Event::SourceEnded(Source::Zk) => {
+                error!("the ZooKeeper watcher stopped; stopping");
+                return Flow::Stop;
+            }
+        }
+        Flow::Continue
     }
 
     fn verify_interval(&self) -> Duration {
@@ -722,20 +773,15 @@ impl Scheduler {
     }
 
     /// The nearest instant something must be re-decided without an event.
-    fn next_deadline(&self) -> Option<Instant> {
+    fn next_wake(&self) -> Instant {
         let timers = Timers {
             next_verify: self.next_verify,
+            // A pass can start only with a janitor and none running.
             cleanup_due: self
                 .cleanup_due
                 .filter(|_| self.janitor.is_some() && !self.cleanup_running),
         };
-        Some(next_wake(
-            &self.cfg,
-            &self.images,
-            &self.slots,
-            timers,
-            self.clock(),
-        ))
+        next_wake(&self.cfg, &self.images, &self.slots, timers, self.clock())
     }
 }
 
