@@ -1,5 +1,6 @@
 //! Wiring of the daemon: identity, ZooKeeper session and component registration, control
-//! signals, and ordered shutdown.
+//! signals, the scheduler's workers (pools, janitor, watcher) and provider drivers, and ordered
+//! shutdown.
 //!
 //! Start-up order matters: signal handlers first (before any worker thread), then the
 //! ZooKeeper session with its new-session hooks, then the workers; "ready" is announced only
@@ -8,19 +9,26 @@
 //! `zk::component`). The last step of the shutdown stops every command still running
 //! (`command::stop_all`): a detached upload's command and everything in its process group.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, unbounded};
+use crossbeam_channel::{Receiver, bounded, never, unbounded};
 use log::{debug, error, info, warn};
 
+use crate::build::BuildPool;
+use crate::cleanup::Janitor;
 use crate::command;
 use crate::config::{Config, LoadOptions};
 use crate::identity;
-use crate::scheduler;
+use crate::provider;
+use crate::scheduler::{self, core::configured_format};
 use crate::signals::{self, ControlSignal};
+use crate::stats::Stats;
 use crate::thread::{self, ThreadKind};
+use crate::upload::UploadPool;
+use crate::zk::watcher::Watcher;
 use crate::zk::{Zk, ZkConfig, component};
 
 /// How long commands still running at exit get between SIGTERM and SIGKILL.
@@ -91,8 +99,12 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
     ready();
 
     // The scheduler thread owns everything from here; it returns after ordered shutdown.
+    let stats = Stats::from_env(&fqdn);
+    let (workers, sources) = start_workers(&zk, &cfg, &opts, &stats, ctl_rx);
     let setup = scheduler::Setup {
         zk: zk.clone(),
+        drivers: provider_drivers(&cfg),
+        make_drivers: provider_drivers,
         cfg,
         config_path: opts.config_path.clone(),
         secure_path: opts.secure_path.clone(),
@@ -101,7 +113,9 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
         upload_workers: opts.upload_workers,
         builder_id,
         fqdn,
-        signals: ctl_rx,
+        stats,
+        workers,
+        sources,
     };
     let sched = thread::spawn(ThreadKind::Scheduler, "scheduler", move || {
         scheduler::run(setup)
@@ -119,6 +133,83 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
     }
     info!("nodepool-builder stopped");
     Ok(())
+}
+
+/// Starts the scheduler's workers (build and upload pools, the janitor, the ZooKeeper
+/// watcher) and the channels their results come back on.
+fn start_workers(
+    zk: &Zk,
+    cfg: &Config,
+    opts: &Options,
+    stats: &Stats,
+    signals: Receiver<ControlSignal>,
+) -> (scheduler::Workers, scheduler::Sources) {
+    let (zk_tx, zk_rx) = unbounded();
+    let (build_tx, build_rx) = unbounded();
+    let (cancel_tx, cancel_rx) = bounded::<()>(0);
+    let builds = BuildPool::start(opts.build_workers, zk, build_tx, cancel_rx, stats.clone());
+    let (upload_tx, upload_rx) = unbounded();
+    let uploads = UploadPool::start(opts.upload_workers, zk, upload_tx, stats.clone());
+    // Cleanup disabled (`cleanup-interval = 0`): no janitor, and a source that never fires in
+    // its place. A receiver whose senders are gone is always ready, so selecting on it would
+    // spin the loop ahead of every other source.
+    let (janitor, cleanup_rx) = if cfg.cleanup_interval > 0.0 {
+        let (cleanup_tx, cleanup_rx) = unbounded();
+        (Some(Janitor::start(zk, cleanup_tx)), cleanup_rx)
+    } else {
+        (None, never())
+    };
+    let watcher = Watcher::start(zk, scheduler::image_names(cfg), zk_tx);
+    (
+        scheduler::Workers {
+            builds,
+            cancel_builds: cancel_tx,
+            uploads,
+            janitor,
+            watcher,
+        },
+        scheduler::Sources {
+            signals,
+            zk: zk_rx,
+            builds: build_rx,
+            uploads: upload_rx,
+            cleanup: cleanup_rx,
+        },
+    )
+}
+
+/// Sets up the driver of every configured provider; a provider whose driver cannot be set up
+/// is logged and left out (no uploads to it), as upstream does, and its format is taken from
+/// the config.
+fn provider_drivers(cfg: &Config) -> scheduler::Drivers {
+    let mut drivers = BTreeMap::new();
+    let mut formats = BTreeMap::new();
+    // One set-up: the OpenStack providers share the CA stores it reads.
+    let setup = provider::DriverSetup::new(None);
+    for p in &cfg.providers {
+        let format = match setup.driver(p) {
+            Ok(d) => {
+                let format = d.image_format().to_string();
+                drivers.insert(p.name.clone(), Arc::from(d));
+                format
+            }
+            Err(e) => {
+                error!(
+                    "provider={}: cannot set up its driver, no uploads to it: {e}",
+                    p.name
+                );
+                configured_format(p).unwrap_or_else(|| {
+                    warn!(
+                        "provider={}: cannot read its cloud's image format; assuming qcow2",
+                        p.name
+                    );
+                    "qcow2".into()
+                })
+            }
+        };
+        formats.insert(p.name.clone(), format);
+    }
+    scheduler::Drivers { drivers, formats }
 }
 
 /// Waits until connected; returns false if asked to stop first.

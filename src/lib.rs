@@ -5,7 +5,8 @@
 //! One line per entry of `src/`, in its order (`tests/tidy.rs` checks that they match).
 //!
 //! * `app`: wiring of the daemon: identity, ZooKeeper session and component registration,
-//!   signal handlers, the scheduler thread, ordered shutdown (stopping every child process).
+//!   signal handlers, the worker pools, janitor, watcher and drivers handed to the scheduler
+//!   thread, ordered shutdown (stopping every child process).
 //! * `build`: the build workers (`build-N`): one diskimage-builder run per job, recorded in
 //!   ZooKeeper as nodepool 11's BuildWorker does, local files and build logs.
 //! * `cleanup`: the janitor (`cleanup` thread): retention, removals, leaked cloud images (keyed

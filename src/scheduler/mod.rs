@@ -17,6 +17,9 @@
 //! `Event::SourceEnded` once and is replaced by `never()`, never spun on; what its end
 //! means (stop, or go on without that work) is decided in one place, `handle`.
 //!
+//! The workers (build and upload pools, the janitor, the watcher) and the provider drivers
+//! are created by `app` and handed in ([`Setup`]); the scheduler shuts them down in order.
+//!
 //! # Decisions
 //!
 //! Every decision is a pure function in [`core`] over the state and a [`core::Clock`] read
@@ -47,14 +50,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, after, never, select_biased};
+use crossbeam_channel::{Receiver, Sender, after, never, select_biased};
 use log::{debug, error, info, warn};
 
 use crate::build::{self, BuildEnv, BuildJob, BuildOutcome, BuildPool, BuildResult};
 use crate::cleanup::{CleanupReport, CleanupRequest, ImageSnapshot, Janitor};
 use crate::config::{self, Config};
 use crate::model;
-use crate::provider::{self, ProviderDriver};
+use crate::provider::ProviderDriver;
 use crate::signals::ControlSignal;
 use crate::stats::{self, Stats};
 use crate::upload::{UploadJob, UploadOutcome, UploadPool, UploadResult};
@@ -66,8 +69,8 @@ pub mod core;
 
 use self::core::{
     Backoff, BuildFollowUp, Clock, ImageState, Timers, UploadFollowUp, UploadSlot,
-    apply_build_result, apply_upload_result, configured_format, next_wake, plan_builds,
-    required_formats, upload_candidates,
+    apply_build_result, apply_upload_result, next_wake, plan_builds, required_formats,
+    upload_candidates,
 };
 
 /// How long a stop waits for running builds to report after cancelling them.
@@ -77,7 +80,7 @@ const CLEANUP_DEBOUNCE: Duration = Duration::from_millis(500);
 /// How long a stop waits for running uploads before leaving them to the next start.
 pub const UPLOAD_GRACE: Duration = Duration::from_secs(10);
 
-/// Everything the scheduler is started with.
+/// Everything the scheduler is started with; `app` creates the workers and the drivers.
 pub struct Setup {
     pub zk: Zk,
     pub cfg: Arc<Config>,
@@ -88,37 +91,50 @@ pub struct Setup {
     pub upload_workers: usize,
     pub builder_id: String,
     pub fqdn: String,
-    pub signals: Receiver<ControlSignal>,
+    pub stats: Stats,
+    /// The provider drivers of `cfg`.
+    pub drivers: Drivers,
+    /// Sets the drivers up again for a reloaded config.
+    pub make_drivers: fn(&Config) -> Drivers,
+    pub workers: Workers,
+    pub sources: Sources,
 }
 
-/// Runs the scheduler loop until a stop signal; returns after ordered shutdown of the pool.
+/// The provider drivers of one config.
+pub struct Drivers {
+    /// One driver per configured provider that could be set up.
+    pub drivers: BTreeMap<String, Arc<dyn ProviderDriver>>,
+    /// The image format of every configured provider.
+    pub formats: BTreeMap<String, String>,
+}
+
+/// The threads the scheduler hands work to; it shuts them down in order when it stops.
+pub struct Workers {
+    pub builds: BuildPool,
+    /// Dropping it stops running builds (their DIB process groups).
+    pub cancel_builds: Sender<()>,
+    pub uploads: UploadPool,
+    /// `None` when `cleanup-interval` is 0 (cleanup disabled, as upstream).
+    pub janitor: Option<Janitor>,
+    pub watcher: Watcher,
+}
+
+/// Runs the scheduler loop until a stop signal; returns after ordered shutdown of the
+/// workers.
 pub fn run(setup: Setup) {
-    let (zk_tx, zk_rx) = crossbeam_channel::unbounded();
-    let (out_tx, out_rx) = crossbeam_channel::unbounded();
-    let (cancel_tx, cancel_rx) = crossbeam_channel::bounded::<()>(0);
-    let stats = Stats::from_env(&setup.fqdn);
-    let pool = BuildPool::start(
-        setup.build_workers,
-        &setup.zk,
-        out_tx,
-        cancel_rx,
-        stats.clone(),
-    );
-    let (up_tx, up_rx) = crossbeam_channel::unbounded();
-    let uploads = UploadPool::start(setup.upload_workers, &setup.zk, up_tx, stats.clone());
-    // Cleanup disabled (`cleanup-interval = 0`): no janitor, and a source that never fires in
-    // its place. A receiver whose senders are gone is always ready, so selecting on it would
-    // spin the loop ahead of every other source.
-    let (janitor, cl_rx) = if setup.cfg.cleanup_interval > 0.0 {
-        let (cl_tx, cl_rx) = crossbeam_channel::unbounded();
-        (Some(Janitor::start(&setup.zk, cl_tx)), cl_rx)
-    } else {
-        (None, never())
-    };
-    let watcher = Watcher::start(&setup.zk, image_names(&setup.cfg), zk_tx);
+    let Setup {
+        workers,
+        mut sources,
+        drivers,
+        ..
+    } = setup;
+    let cancel_builds = workers.cancel_builds;
+    // The loop replaces an ended source by `never()`; the shutdown still wants to see the
+    // end of the build outcomes at once.
+    let build_outcomes = sources.builds.clone();
     let mut s = Scheduler {
-        zk: setup.zk.clone(),
-        formats: BTreeMap::new(),
+        zk: setup.zk,
+        formats: required_formats(&setup.cfg, &drivers.formats),
         cfg: setup.cfg,
         config_path: setup.config_path,
         secure_path: setup.secure_path,
@@ -126,37 +142,34 @@ pub fn run(setup: Setup) {
         builder_id: setup.builder_id,
         fqdn: setup.fqdn,
         images: BTreeMap::new(),
-        stats,
+        stats: setup.stats,
         build_workers: setup.build_workers,
         upload_workers: setup.upload_workers,
-        drivers: BTreeMap::new(),
-        provider_formats: BTreeMap::new(),
+        drivers: drivers.drivers,
+        provider_formats: drivers.formats,
+        make_drivers: setup.make_drivers,
         slots: BTreeMap::new(),
-        pool,
-        uploads,
-        janitor,
+        pool: workers.builds,
+        uploads: workers.uploads,
+        janitor: workers.janitor,
         cleanup_due: Some(Instant::now()),
         cleanup_running: false,
         cleanup_full: true,
-        watcher,
+        watcher: workers.watcher,
         next_verify: Instant::now(),
         stopping: false,
     };
     s.next_verify = Instant::now() + s.verify_interval();
-    s.make_drivers();
-    s.run_loop(&mut Sources {
-        signals: setup.signals,
-        zk: zk_rx,
-        builds: out_rx.clone(),
-        uploads: up_rx,
-        cleanup: cl_rx,
-    });
+    s.run_loop(&mut sources);
+    // As before the loop was a turn-by-turn affair: the sources go with it (the watcher and
+    // the workers see their result channels closed from here on).
+    drop(sources);
 
     // Ordered shutdown: cancel running builds, collect their outcomes, join the workers.
-    drop(cancel_tx);
+    drop(cancel_builds);
     let deadline = Instant::now() + STOP_WAIT + build::DIB_GRACE;
     while s.images.values().any(|i| i.in_flight) {
-        match out_rx.recv_deadline(deadline) {
+        match build_outcomes.recv_deadline(deadline) {
             Ok(outcome) => s.on_build(outcome),
             Err(_) => {
                 warn!(
@@ -197,6 +210,7 @@ struct Scheduler {
     drivers: BTreeMap<String, Arc<dyn ProviderDriver>>,
     /// The image format of every configured provider.
     provider_formats: BTreeMap<String, String>,
+    make_drivers: fn(&Config) -> Drivers,
     slots: BTreeMap<(String, String), UploadSlot>,
     pool: BuildPool,
     uploads: UploadPool,
@@ -664,36 +678,11 @@ impl Scheduler {
         );
     }
 
-    /// (Re)creates the provider drivers; a provider whose driver cannot be set up is logged
-    /// and left out, as upstream does.
+    /// Sets the provider drivers up for the current config, and the formats they need.
     fn make_drivers(&mut self) {
-        self.drivers.clear();
-        self.provider_formats.clear();
-        // One set-up: the OpenStack providers share the CA stores it reads.
-        let setup = provider::DriverSetup::new(None);
-        for p in &self.cfg.providers {
-            let format = match setup.driver(p) {
-                Ok(d) => {
-                    let format = d.image_format().to_string();
-                    self.drivers.insert(p.name.clone(), Arc::from(d));
-                    format
-                }
-                Err(e) => {
-                    error!(
-                        "provider={}: cannot set up its driver, no uploads to it: {e}",
-                        p.name
-                    );
-                    configured_format(p).unwrap_or_else(|| {
-                        warn!(
-                            "provider={}: cannot read its cloud's image format; assuming qcow2",
-                            p.name
-                        );
-                        "qcow2".into()
-                    })
-                }
-            };
-            self.provider_formats.insert(p.name.clone(), format);
-        }
+        let d = (self.make_drivers)(&self.cfg);
+        self.drivers = d.drivers;
+        self.provider_formats = d.formats;
         self.formats = required_formats(&self.cfg, &self.provider_formats);
     }
 
@@ -785,6 +774,7 @@ impl Scheduler {
     }
 }
 
-fn image_names(cfg: &Config) -> BTreeSet<String> {
+/// The configured diskimage names (what the watcher watches).
+pub fn image_names(cfg: &Config) -> BTreeSet<String> {
     cfg.diskimages.iter().map(|d| d.name.clone()).collect()
 }
