@@ -977,6 +977,16 @@ pause = {pause}
             apply_build_result(&mut st, &no_space, false, b, now),
             BuildFollowUp::NoSpace { first: false }
         );
+        let ready = BuildResult::Ready {
+            build_id: "b1".into(),
+            record: build("b1", BuildState::Ready, 0.0, &["qcow2"]).build,
+        };
+        apply_build_result(&mut st, &ready, false, b, now);
+        assert_eq!(
+            apply_build_result(&mut st, &no_space, false, b, now),
+            BuildFollowUp::NoSpace { first: true },
+            "space ran out again after a build: news again"
+        );
         let unrecorded = BuildResult::Failed {
             build_id: Some("b9".into()),
             reason: "zookeeper gone".into(),
