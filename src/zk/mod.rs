@@ -433,52 +433,32 @@ impl Zk {
 
     /// Blocks while the state is `Suspended`, up to `timeout`; returns the session then.
     pub fn wait_while_suspended(&self, timeout: Duration) -> SessionEvent {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.inner.state.lock().unwrap();
-        while st.state == ConnState::Suspended {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            st = self
-                .inner
-                .changed
-                .wait_timeout(st, deadline - now)
-                .unwrap()
-                .0;
-        }
-        *st
+        self.wait_while(timeout, |st| st.state == ConnState::Suspended)
     }
 
     /// Blocks until the state is `Connected` or the timeout passes; returns whether connected.
     pub fn wait_connected(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.inner.state.lock().unwrap();
-        loop {
-            if st.state == ConnState::Connected {
-                return true;
-            }
-            if st.state == ConnState::Closed {
-                return false;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            st = self
-                .inner
-                .changed
-                .wait_timeout(st, deadline - now)
-                .unwrap()
-                .0;
-        }
+        let st = self.wait_while(timeout, |st| {
+            !matches!(st.state, ConnState::Connected | ConnState::Closed)
+        });
+        st.state == ConnState::Connected
     }
 
     /// Blocks until the state differs from `from` (or the timeout passes); returns the state.
     pub fn wait_state_change(&self, from: SessionEvent, timeout: Duration) -> SessionEvent {
+        self.wait_while(timeout, |st| *st == from)
+    }
+
+    /// Blocks while `waiting` holds for the session state, up to `timeout`; returns the state
+    /// then. The one condition-variable loop the waits above share.
+    fn wait_while(
+        &self,
+        timeout: Duration,
+        waiting: impl Fn(&SessionEvent) -> bool,
+    ) -> SessionEvent {
         let deadline = Instant::now() + timeout;
         let mut st = self.inner.state.lock().unwrap();
-        while *st == from {
+        while waiting(&st) {
             let now = Instant::now();
             if now >= deadline {
                 break;
