@@ -409,7 +409,13 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
         let mut failed = record.clone();
         failed.state = BuildState::Failed;
         failed.formats.clear();
-        match fence::settle(zk, &build_path, &data, &failed.to_json()) {
+        let stopping = || {
+            matches!(
+                cancel.try_recv(),
+                Err(crossbeam_channel::TryRecvError::Disconnected)
+            )
+        };
+        match fence::settle(zk, &build_path, &data, &failed.to_json(), &stopping) {
             fence::Settled::Recorded => {
                 info!(
                     "image={image} build={build_id}: the ready record was written although the reply was lost ({e})"

@@ -390,7 +390,8 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
         (Ok(()), _) => outcome,
         (Err(e), UploadResult::Ready { external_id, .. }) => {
             let failed = ImageUpload::bare_failed(model::now_epoch()).to_json();
-            match fence::settle(zk, &upload_path, &data, &failed) {
+            // A stop does not wait for uploads (UPLOAD_GRACE); closing the session ends this.
+            match fence::settle(zk, &upload_path, &data, &failed, &|| false) {
                 fence::Settled::Recorded => {
                     stats.upload_done(image, provider, upload_started.elapsed());
                     info!(

@@ -708,14 +708,9 @@ fn a_server_restart_beyond_the_session_timeout_redoes_the_build_once() {
     summary("restart-beyond-timeout", seed, 1, &checker, "");
 }
 
-/// A builder on `site` (one image on the directory cloud) that talks plaintext to ZooKeeper
-/// through a proxy; the proxy loses the reply to the first `ready` write under `path_part`
-/// and stays down until the builder has given its session up, and at least `down_for` after
-/// the cut. The write landed, the builder cannot know; deleting the files or the image now
-/// would leave a `ready` record naming something gone, however long ZooKeeper stays away.
-/// The builder must log `settled` when it finds its write landed; then the final
-/// invariants must hold with the one build (its files kept) and its one upload.
-fn lose_the_reply_to_a_ready_write(name: &str, path_part: &str, settled: &str, down_for: Duration) {
+/// A site whose builder 0 (one image on the directory cloud) talks plaintext to ZooKeeper
+/// through a proxy that can lose chosen replies.
+fn fedora_behind_a_proxy(name: &str) -> (Site, ZkProxy, Arc<Checker>) {
     let site = Site::new(name);
     let proxy = ZkProxy::start(site.server.plain_port());
     let checker = fedora_on_cloud(&site, &[0], "");
@@ -730,6 +725,18 @@ fn lose_the_reply_to_a_ready_write(name: &str, path_part: &str, settled: &str, d
         site.chroot
     );
     std::fs::write(&cfg, format!("{}{servers}{}", &text[..start], &text[end..])).unwrap();
+    (site, proxy, checker)
+}
+
+/// A builder on `site` (one image on the directory cloud) that talks plaintext to ZooKeeper
+/// through a proxy; the proxy loses the reply to the first `ready` write under `path_part`
+/// and stays down until the builder has given its session up, and at least `down_for` after
+/// the cut. The write landed, the builder cannot know; deleting the files or the image now
+/// would leave a `ready` record naming something gone, however long ZooKeeper stays away.
+/// The builder must log `settled` when it finds its write landed; then the final
+/// invariants must hold with the one build (its files kept) and its one upload.
+fn lose_the_reply_to_a_ready_write(name: &str, path_part: &str, settled: &str, down_for: Duration) {
+    let (site, proxy, checker) = fedora_behind_a_proxy(name);
     let sampler = Sampler::start(&checker);
     proxy.cut_reply_then_go_down(zkproxy::SET_DATA, path_part);
     let mut b = site.start(0, &[]);
@@ -820,6 +827,32 @@ fn a_ready_build_write_unanswered_for_longer_than_twice_the_timeout_deletes_noth
         "the ready record was written although the reply was lost",
         Duration::from_secs(22),
     );
+}
+
+/// A stop while the builder waits to learn whether its `ready` build write landed (the reply
+/// lost, ZooKeeper away): it must not wait for ZooKeeper, and it deletes nothing.
+#[test]
+fn a_stop_while_a_lost_ready_write_is_unsettled_exits_and_keeps_the_files() {
+    let (site, proxy, _checker) = fedora_behind_a_proxy("stop-while-settling");
+    proxy.cut_reply_then_go_down(zkproxy::SET_DATA, "/nodepool/images/fedora/builds/");
+    let mut b = site.start(0, &[]);
+    b.wait_for_log(WAIT, "waiting to learn whether the result write landed");
+    b.signal(Signal::SIGTERM);
+    let status = b.wait_exit(Duration::from_secs(25));
+    assert!(status.success(), "{status:?}\n{}", b.log());
+    assert!(
+        !nodepool_builder::cleanup::local_builds(&site.images_dir(0))
+            .unwrap()
+            .is_empty(),
+        "the build's files are kept: its ready record may have landed"
+    );
+    assert!(
+        b.log()
+            .contains("stopping before ZooKeeper could say whether the result write landed"),
+        "{}",
+        b.log()
+    );
+    proxy.set_down(false);
 }
 
 /// Regression: a build whose result could not be recorded (no quorum for longer than the

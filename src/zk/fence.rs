@@ -15,8 +15,8 @@
 //!
 //! Settling waits for ZooKeeper as long as it takes: how long the server stays away says
 //! nothing about whether the write landed, so no deadline turns "cannot ask" into "lost".
-//! Only when the answer cannot be had at all (the daemon is stopping and closed its
-//! session, or ZooKeeper refuses the question) is the outcome [`Settled::Unknown`], and the
+//! Only when the answer cannot be had at all (the daemon is stopping, or ZooKeeper refuses
+//! the question) is the outcome [`Settled::Unknown`], and the
 //! caller then deletes nothing: the cloud image and the local files stay for whoever reads
 //! the record next (an orphaned record is cleaned up, its cloud image found by leak
 //! detection).
@@ -58,8 +58,8 @@ pub enum Settled {
     Recorded,
     /// It never will: the fence landed, or the record is gone or holds something else.
     NotRecorded,
-    /// ZooKeeper could not be asked (the session was closed for a stop, or the question
-    /// was refused): keep everything the result names.
+    /// ZooKeeper could not be asked (the daemon is stopping, or the question was
+    /// refused): keep everything the result names.
     Unknown,
 }
 
@@ -67,11 +67,18 @@ pub enum Settled {
 const SETTLE_POLL: Duration = Duration::from_secs(1);
 
 /// Settles a write of `data` to `path` whose outcome was lost (see the module docs) by
-/// writing `fence` over version 0, waiting for ZooKeeper as long as the session is open.
-pub fn settle(zk: &Zk, path: &str, data: &[u8], fence: &[u8]) -> Settled {
+/// writing `fence` over version 0, waiting for ZooKeeper as long as the session is open
+/// and `stopping` says no (a stop must not wait for a ZooKeeper that is away).
+pub fn settle(
+    zk: &Zk,
+    path: &str,
+    data: &[u8],
+    fence: &[u8],
+    stopping: &dyn Fn() -> bool,
+) -> Settled {
     let mut waiting_since: Option<Instant> = None;
     loop {
-        if zk.state() == ConnState::Closed {
+        if zk.state() == ConnState::Closed || stopping() {
             warn!("{path}: stopping before ZooKeeper could say whether the result write landed");
             return Settled::Unknown;
         }
@@ -90,7 +97,7 @@ pub fn settle(zk: &Zk, path: &str, data: &[u8], fence: &[u8]) -> Settled {
             Err(ZkError::BadVersion) => holds(zk, path, data),
             Err(e) => Err(e),
         };
-        if let Some(since) = waiting_since {
+        if let Some(since) = waiting_since.take() {
             info!(
                 "{path}: ZooKeeper answered after {:.1}s",
                 since.elapsed().as_secs_f64()
