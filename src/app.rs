@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, bounded, never, unbounded};
 use log::{debug, error, info, warn};
 
-use crate::build::BuildPool;
 use crate::cleanup::Janitor;
 use crate::command;
 use crate::config::{Config, LoadOptions};
@@ -27,9 +26,9 @@ use crate::scheduler::{self, core::configured_format};
 use crate::signals::{self, ControlSignal};
 use crate::stats::Stats;
 use crate::thread::{self, ThreadKind};
-use crate::upload::UploadPool;
 use crate::zk::watcher::Watcher;
 use crate::zk::{Zk, ZkConfig, component};
+use crate::{build, upload};
 
 /// How long commands still running at exit get between SIGTERM and SIGKILL.
 const COMMAND_STOP_GRACE: Duration = Duration::from_secs(5);
@@ -147,9 +146,9 @@ fn start_workers(
     let (zk_tx, zk_rx) = unbounded();
     let (build_tx, build_rx) = unbounded();
     let (cancel_tx, cancel_rx) = bounded::<()>(0);
-    let builds = BuildPool::start(opts.build_workers, zk, build_tx, cancel_rx, stats.clone());
+    let builds = build::start_pool(opts.build_workers, zk, build_tx, cancel_rx, stats.clone());
     let (upload_tx, upload_rx) = unbounded();
-    let uploads = UploadPool::start(opts.upload_workers, zk, upload_tx, stats.clone());
+    let uploads = upload::start_pool(opts.upload_workers, zk, upload_tx, stats.clone());
     // Cleanup disabled (`cleanup-interval = 0`): no janitor, and a source that never fires in
     // its place. A receiver whose senders are gone is always ready, so selecting on it would
     // spin the loop ahead of every other source.

@@ -22,7 +22,7 @@
 //!    fate. If the final write fails, the build's local files are deleted at once.
 //!
 //! The lock is held for the whole DIB run. Every job reports exactly one [`BuildOutcome`],
-//! even when the worker panics (the pool's guard reports it).
+//! even when the worker panics (the pool reports [`BuildResult::Failed`] then; see `pool`).
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -35,9 +35,10 @@ use log::{debug, error, info, warn};
 use crate::command;
 use crate::config::DiskImage;
 use crate::model::{self, BuildState};
+use crate::pool::{Stop, Work, WorkerPool};
 use crate::registry;
 use crate::stats::Stats;
-use crate::thread::{self, JoinHandle, ThreadKind};
+use crate::thread::ThreadKind;
 use crate::zk::schema::ImageBuild;
 use crate::zk::tree::{self, BuildInfo};
 use crate::zk::{ConnState, Mode, ReadOp, ReadResult, Zk, ZkError, fence, lock, paths};
@@ -107,99 +108,52 @@ pub struct BuildOutcome {
     pub builds: Option<Vec<BuildInfo>>,
 }
 
-/// The build worker pool.
-pub struct BuildPool {
-    // CAUTION: `job_tx` is declared first so it is dropped first: the workers see the channel
-    // close, finish their current job and return; then the handles join.
-    job_tx: Option<Sender<BuildJob>>,
-    handles: Vec<JoinHandle<()>>,
-}
+/// The build worker pool (`build-0`, ...); it waits for running builds when it stops.
+pub type BuildPool = WorkerPool<BuildJob, BuildOutcome>;
 
-impl BuildPool {
-    /// Starts `n` workers named `build-0`, ...; outcomes go to `outcomes`. Dropping (or
-    /// disconnecting) `cancel` stops running builds.
-    pub fn start(
-        n: usize,
-        zk: &Zk,
-        outcomes: Sender<BuildOutcome>,
-        cancel: Receiver<()>,
-        stats: Stats,
-    ) -> BuildPool {
-        let (job_tx, job_rx) = crossbeam_channel::bounded::<BuildJob>(n);
-        let handles = (0..n)
-            .map(|i| {
-                let (zk, job_rx, outcomes, cancel, stats) = (
-                    zk.clone(),
-                    job_rx.clone(),
-                    outcomes.clone(),
-                    cancel.clone(),
-                    stats.clone(),
-                );
-                thread::spawn(ThreadKind::Build, format!("build-{i}"), move || {
-                    worker(zk, job_rx, outcomes, cancel, stats)
-                })
-            })
-            .collect();
-        BuildPool {
-            job_tx: Some(job_tx),
-            handles,
-        }
-    }
-
-    /// Hands a job to an idle worker; false (the job dropped) when every worker is busy.
-    pub fn try_submit(&self, job: BuildJob) -> bool {
-        let tx = self
-            .job_tx
-            .as_ref()
-            .expect("the pool is alive until dropped");
-        tx.try_send(job).is_ok()
-    }
-
-    /// Stops taking jobs and waits for the workers to finish their current job.
-    pub fn shutdown(mut self) {
-        self.job_tx.take();
-        for h in self.handles.drain(..) {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for BuildPool {
-    fn drop(&mut self) {
-        self.job_tx.take();
-        for h in self.handles.drain(..) {
-            let _ = h.join();
-        }
-    }
-}
-
-fn worker(
-    zk: Zk,
-    jobs: Receiver<BuildJob>,
+/// Starts `n` build workers; outcomes go to `outcomes`. Dropping (or disconnecting) `cancel`
+/// stops running builds.
+pub fn start_pool(
+    n: usize,
+    zk: &Zk,
     outcomes: Sender<BuildOutcome>,
     cancel: Receiver<()>,
     stats: Stats,
-) {
-    registry::set_activity("idle");
-    for job in jobs.iter() {
-        let (image, manual) = (job.image.clone(), job.manual);
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_job(&zk, &job, &cancel, &stats)
-        }))
-        .unwrap_or_else(|_| BuildOutcome {
-            image: image.clone(),
-            manual,
-            result: BuildResult::Failed {
+) -> BuildPool {
+    let work = BuildWork {
+        zk: zk.clone(),
+        cancel,
+        stats,
+    };
+    WorkerPool::start(ThreadKind::Build, "build", n, work, outcomes, Stop::Join)
+}
+
+/// What a build worker holds.
+#[derive(Clone)]
+struct BuildWork {
+    zk: Zk,
+    cancel: Receiver<()>,
+    stats: Stats,
+}
+
+impl Work for BuildWork {
+    type Job = BuildJob;
+    type Outcome = BuildOutcome;
+
+    fn run(&mut self, job: &BuildJob) -> BuildOutcome {
+        run_job(&self.zk, job, &self.cancel, &self.stats)
+    }
+
+    fn panicked(&mut self, job: &BuildJob) -> BuildOutcome {
+        outcome(
+            job,
+            BuildResult::Failed {
                 build_id: None,
                 reason: "build worker panicked".into(),
                 unrecorded: false,
             },
-            builds: None,
-        });
-        registry::set_activity("idle");
-        if outcomes.send(outcome).is_err() {
-            break;
-        }
+            None,
+        )
     }
 }
 

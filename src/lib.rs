@@ -24,6 +24,8 @@
 //! * `model`: domain vocabulary (build and upload states, build ids, back-off), no serde.
 //! * `ops`: the operator subcommands of upstream's `nodepool` CLI (lists, changes,
 //!   export/import), in PrettyTable's layout.
+//! * `pool`: the worker pool of builds and uploads: named workers, one outcome per job (also
+//!   on panic), shutdown that joins (builds) or waits a grace period, then detaches (uploads).
 //! * `provider`: cloud drivers behind one trait: OpenStack (Glance and Keystone through
 //!   clouds.yaml, CA trust as openstacksdk) and the command driver.
 //! * `registry`: the process-wide registry of our threads and what each is doing.
@@ -67,6 +69,7 @@ pub mod identity;
 pub mod logging;
 pub mod model;
 pub mod ops;
+pub mod pool;
 pub mod provider;
 pub mod registry;
 pub mod scheduler;

@@ -34,16 +34,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use log::{debug, error, info, warn};
 
 use crate::command;
 use crate::config::{DiskImage, Provider};
 use crate::model::{self, BuildState, UploadState};
+use crate::pool::{Stop, Work, WorkerPool};
 use crate::provider::{ProviderDriver, UploadRequest};
 use crate::registry;
 use crate::stats::Stats;
-use crate::thread::{self, JoinHandle, ThreadKind};
+use crate::thread::ThreadKind;
 use crate::zk::schema::ImageUpload;
 use crate::zk::tree::{self, BuildInfo};
 use crate::zk::{ConnState, Mode, Zk, ZkError, fence, lock, paths};
@@ -87,93 +88,65 @@ pub struct UploadOutcome {
     pub builds: Option<Vec<BuildInfo>>,
 }
 
-/// The upload worker pool.
-pub struct UploadPool {
-    // CAUTION: declared first so it is dropped first (see BuildPool).
-    job_tx: Option<Sender<UploadJob>>,
-    handles: Vec<JoinHandle<()>>,
+/// How long shutdown waits for running uploads before leaving them to end with the process.
+pub const UPLOAD_GRACE: Duration = Duration::from_secs(10);
+
+/// The upload worker pool (`upload-0`, ...); when it stops it waits for running uploads
+/// only for [`UPLOAD_GRACE`], then detaches them.
+pub type UploadPool = WorkerPool<UploadJob, UploadOutcome>;
+
+/// Starts `n` upload workers; outcomes go to `outcomes`.
+pub fn start_pool(n: usize, zk: &Zk, outcomes: Sender<UploadOutcome>, stats: Stats) -> UploadPool {
+    let work = UploadWork {
+        zk: zk.clone(),
+        stats,
+    };
+    WorkerPool::start(
+        ThreadKind::Upload,
+        "upload",
+        n,
+        work,
+        outcomes,
+        Stop::GraceThenDetach(UPLOAD_GRACE),
+    )
 }
 
-impl UploadPool {
-    /// Starts `n` workers named `upload-0`, ...
-    pub fn start(n: usize, zk: &Zk, outcomes: Sender<UploadOutcome>, stats: Stats) -> UploadPool {
-        let (job_tx, job_rx) = crossbeam_channel::bounded::<UploadJob>(n);
-        let handles = (0..n)
-            .map(|i| {
-                let (zk, job_rx, outcomes, stats) =
-                    (zk.clone(), job_rx.clone(), outcomes.clone(), stats.clone());
-                thread::spawn(ThreadKind::Upload, format!("upload-{i}"), move || {
-                    worker(zk, job_rx, outcomes, stats)
-                })
-            })
-            .collect();
-        UploadPool {
-            job_tx: Some(job_tx),
-            handles,
-        }
-    }
-
-    /// Hands a job to an idle worker; false (the job dropped) when every worker is busy.
-    pub fn try_submit(&self, job: UploadJob) -> bool {
-        let tx = self
-            .job_tx
-            .as_ref()
-            .expect("the pool is alive until dropped");
-        tx.try_send(job).is_ok()
-    }
-
-    /// Stops taking jobs; waits for running uploads until `grace` passes, then leaves them
-    /// (detached) to end with the process.
-    pub fn shutdown(mut self, grace: Duration) {
-        self.job_tx.take();
-        let deadline = std::time::Instant::now() + grace;
-        for h in self.handles.drain(..) {
-            while !h.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::park_timeout(Duration::from_millis(20));
-            }
-            if h.is_finished() {
-                let _ = h.join();
-            } else {
-                warn!(
-                    "{} is still uploading after the {grace:?} grace period; not waiting for it",
-                    h.thread_name()
-                );
-                h.detach();
-            }
-        }
-    }
+/// What an upload worker holds.
+#[derive(Clone)]
+struct UploadWork {
+    zk: Zk,
+    stats: Stats,
 }
 
-impl Drop for UploadPool {
-    fn drop(&mut self) {
-        self.job_tx.take();
-        for h in self.handles.drain(..) {
-            h.detach();
-        }
-    }
-}
-
-fn worker(zk: Zk, jobs: Receiver<UploadJob>, outcomes: Sender<UploadOutcome>, stats: Stats) {
-    registry::set_activity("idle");
-    for job in jobs.iter() {
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&zk, &job, &stats)))
-                .unwrap_or_else(|_| UploadResult::Failed {
-                    upload_id: None,
-                    reason: "upload worker panicked".into(),
-                });
+impl UploadWork {
+    /// The report of a job: its result and the image's builds as read now.
+    fn outcome(&self, job: &UploadJob, result: UploadResult) -> UploadOutcome {
         registry::set_activity("idle");
-        let builds = tree::read_image(&zk, &job.image).ok();
-        let outcome = UploadOutcome {
+        UploadOutcome {
             image: job.image.clone(),
             build_id: job.build_id.clone(),
             provider: job.provider.name.clone(),
             result,
-            builds,
-        };
-        if outcomes.send(outcome).is_err() {
-            break;
+            builds: tree::read_image(&self.zk, &job.image).ok(),
         }
+    }
+}
+
+impl Work for UploadWork {
+    type Job = UploadJob;
+    type Outcome = UploadOutcome;
+
+    fn run(&mut self, job: &UploadJob) -> UploadOutcome {
+        let result = run_job(&self.zk, job, &self.stats);
+        self.outcome(job, result)
+    }
+
+    fn panicked(&mut self, job: &UploadJob) -> UploadOutcome {
+        let result = UploadResult::Failed {
+            upload_id: None,
+            reason: "upload worker panicked".into(),
+        };
+        self.outcome(job, result)
     }
 }
 

@@ -77,8 +77,6 @@ use self::core::{
 const STOP_WAIT: Duration = Duration::from_secs(30);
 /// Events are coalesced for this long before a janitor pass runs.
 const CLEANUP_DEBOUNCE: Duration = Duration::from_millis(500);
-/// How long a stop waits for running uploads before leaving them to the next start.
-pub const UPLOAD_GRACE: Duration = Duration::from_secs(10);
 
 /// Everything the scheduler is started with; `app` creates the workers and the drivers.
 pub struct Setup {
@@ -188,8 +186,9 @@ pub fn run(setup: Setup) {
     } = s;
     drop(janitor);
     drop(watcher);
+    // Builds are waited for; uploads for `upload::UPLOAD_GRACE` at most (`pool` docs).
     pool.shutdown();
-    uploads.shutdown(UPLOAD_GRACE);
+    uploads.shutdown();
 }
 
 struct Scheduler {
