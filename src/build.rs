@@ -108,6 +108,131 @@ pub struct BuildOutcome {
     pub builds: Option<Vec<BuildInfo>>,
 }
 
+/// How a DIB run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DibOutcome {
+    /// DIB exited by itself with this code.
+    Exited(i32),
+    /// DIB was killed by this signal (not by us).
+    Signalled(i32),
+    /// `build-timeout` passed; its process group was stopped.
+    TimedOut,
+    /// The daemon is stopping; its process group was stopped.
+    Cancelled,
+    /// DIB could not be started (the command line, the log directory, the spawn).
+    SpawnFailed(String),
+    /// DIB was started but waiting for it failed.
+    WaitFailed(String),
+}
+
+impl DibOutcome {
+    /// The exit code as upstream sees it (128 + signal for a signal, 1 for a stopped run);
+    /// `None` when DIB did not run to an end.
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            DibOutcome::Exited(rc) => Some(*rc),
+            DibOutcome::Signalled(sig) => Some(128 + sig),
+            DibOutcome::TimedOut | DibOutcome::Cancelled => Some(1),
+            DibOutcome::SpawnFailed(_) | DibOutcome::WaitFailed(_) => None,
+        }
+    }
+
+    /// Only `Exited(0)` is a successful run.
+    pub fn succeeded(&self) -> bool {
+        *self == DibOutcome::Exited(0)
+    }
+
+    /// What the failure message adds after the exit code, if anything.
+    fn detail(&self) -> Option<String> {
+        match self {
+            DibOutcome::Exited(_) | DibOutcome::TimedOut => None,
+            DibOutcome::Signalled(sig) => Some(format!("killed by signal {sig}")),
+            DibOutcome::Cancelled => Some("stopped by shutdown".into()),
+            DibOutcome::SpawnFailed(d) | DibOutcome::WaitFailed(d) => Some(d.clone()),
+        }
+    }
+}
+
+/// What a finished DIB run comes to, before it is recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every format was written: the build is `ready`.
+    Built,
+    /// The ZooKeeper session was lost while DIB ran (the lock is gone).
+    SessionLost,
+    /// DIB did not succeed; `hint` explains an exit without a detail of its own (the
+    /// out-of-space check of the build log).
+    DibFailed {
+        dib: DibOutcome,
+        hint: Option<String>,
+    },
+    /// DIB exited 0 without writing these files.
+    FilesMissing(Vec<String>),
+}
+
+impl Verdict {
+    /// Decides, in this order: session lost, DIB failed, files missing, built. `hint` is
+    /// asked only for a failed DIB run without a detail of its own.
+    pub fn of(
+        session_valid: bool,
+        dib: &DibOutcome,
+        missing: Vec<String>,
+        hint: impl FnOnce() -> Option<String>,
+    ) -> Verdict {
+        if !session_valid {
+            Verdict::SessionLost
+        } else if !dib.succeeded() {
+            let hint = if dib.detail().is_none() { hint() } else { None };
+            Verdict::DibFailed {
+                dib: dib.clone(),
+                hint,
+            }
+        } else if !missing.is_empty() {
+            Verdict::FilesMissing(missing)
+        } else {
+            Verdict::Built
+        }
+    }
+
+    /// The failure reason as logged and reported; `None` for [`Verdict::Built`].
+    pub fn reason(&self, image: &str) -> Option<String> {
+        match self {
+            Verdict::Built => None,
+            Verdict::SessionLost => Some(format!("ZooKeeper lost while building {image}")),
+            Verdict::DibFailed { dib, hint } => {
+                let detail = dib.detail().or_else(|| hint.clone());
+                Some(format!(
+                    "DIB failed creating {image} ({}) (timeout={}){}",
+                    dib.exit_code()
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| "none".into()),
+                    if *dib == DibOutcome::TimedOut {
+                        "True"
+                    } else {
+                        "False"
+                    },
+                    detail.map(|d| format!(": {d}")).unwrap_or_default()
+                ))
+            }
+            Verdict::FilesMissing(files) => Some(format!(
+                "DIB exited 0 but did not write {}",
+                files.join(", ")
+            )),
+        }
+    }
+
+    /// A build stopped by the daemon's own shutdown is no error of the build.
+    pub fn stopped_by_shutdown(&self) -> bool {
+        matches!(
+            self,
+            Verdict::DibFailed {
+                dib: DibOutcome::Cancelled,
+                ..
+            }
+        )
+    }
+}
+
 /// The build worker pool (`build-0`, ...); it waits for running builds when it stops.
 pub type BuildPool = WorkerPool<BuildJob, BuildOutcome>;
 
@@ -291,14 +416,13 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
     info!("Building image {image} (build {build_id}): {}", job.cause);
 
     let dib_started = Instant::now();
-    let (rc, timed_out, detail) = run_dib(job, &build_id, cancel);
+    let dib = run_dib(job, &build_id, cancel);
     stats.build_done(
         image,
         dib_started.elapsed(),
-        rc.unwrap_or(1),
+        dib.exit_code().unwrap_or(1),
         model::now_epoch() as u64,
     );
-    let stopped = detail.as_deref() == Some("stopped by shutdown");
 
     // Upstream waits while suspended before writing the result; so do we, for as long as the
     // session may stay suspended: if it resumes, the build is still ours to record.
@@ -316,39 +440,16 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
         python_path: Some(job.diskimage.python_path.clone()),
         shell_type: job.diskimage.shell_type.clone(),
     };
-    let missing: Vec<&String> = job
+    let missing: Vec<String> = job
         .formats
         .iter()
-        .filter(|f| {
-            !job.env
-                .images_dir
-                .join(format!("{image}-{build_id}.{f}"))
-                .is_file()
-        })
+        .map(|f| format!("{image}-{build_id}.{f}"))
+        .filter(|name| !job.env.images_dir.join(name).is_file())
         .collect();
-    let reason = if !guard.is_valid() {
-        Some(format!("ZooKeeper lost while building {image}"))
-    } else if rc != Some(0) || timed_out {
-        let detail = detail.or_else(|| out_of_space(job, &build_id));
-        Some(format!(
-            "DIB failed creating {image} ({}) (timeout={}){}",
-            rc.map(|r| r.to_string()).unwrap_or_else(|| "none".into()),
-            if timed_out { "True" } else { "False" },
-            detail.map(|d| format!(": {d}")).unwrap_or_default()
-        ))
-    } else if !missing.is_empty() {
-        Some(format!(
-            "DIB exited 0 but did not write {}",
-            missing
-                .iter()
-                .map(|f| format!("{image}-{build_id}.{f}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    } else {
-        None
-    };
-    if reason.is_none() {
+    let verdict = Verdict::of(guard.is_valid(), &dib, missing, || {
+        out_of_space(job, &build_id)
+    });
+    if verdict == Verdict::Built {
         record.state = BuildState::Ready;
         record.formats = job.formats.clone();
     }
@@ -410,9 +511,9 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
             None,
         );
     }
-    let result = match reason {
+    let result = match verdict.reason(image) {
         Some(reason) => {
-            if stopped {
+            if verdict.stopped_by_shutdown() {
                 warn!("image={image} build={build_id}: {reason}");
             } else {
                 error!("image={image} build={build_id}: {reason}");
@@ -526,12 +627,8 @@ pub fn dib_env(job: &BuildJob, build_id: &str) -> Vec<(String, String)> {
     env
 }
 
-/// Runs DIB; returns (exit code, timed out, detail).
-fn run_dib(
-    job: &BuildJob,
-    build_id: &str,
-    cancel: &Receiver<()>,
-) -> (Option<i32>, bool, Option<String>) {
+/// Runs DIB (appending its `Exit code: N` line to the build log when it ended by itself).
+fn run_dib(job: &BuildJob, build_id: &str, cancel: &Receiver<()>) -> DibOutcome {
     let image = job.image.as_str();
     let cmdline = dib_command_line(job, build_id);
     let log_path = job
@@ -540,24 +637,16 @@ fn run_dib(
         .join(format!("{image}-{build_id}.log"));
     let argv = match command::shell_split(&cmdline) {
         Ok(a) if !a.is_empty() => a,
-        Ok(_) => return (None, false, Some("empty dib-cmd".into())),
+        Ok(_) => return DibOutcome::SpawnFailed("empty dib-cmd".into()),
         Err(e) => {
-            return (
-                None,
-                false,
-                Some(format!("cannot split the DIB command line: {e}")),
-            );
+            return DibOutcome::SpawnFailed(format!("cannot split the DIB command line: {e}"));
         }
     };
     if let Err(e) = std::fs::create_dir_all(&job.env.build_log_dir) {
-        return (
-            None,
-            false,
-            Some(format!(
-                "cannot create {}: {e}",
-                job.env.build_log_dir.display()
-            )),
-        );
+        return DibOutcome::SpawnFailed(format!(
+            "cannot create {}: {e}",
+            job.env.build_log_dir.display()
+        ));
     }
     prune_build_logs(&job.env.build_log_dir, image, job.env.build_log_retention);
     info!("Running {cmdline}");
@@ -577,7 +666,7 @@ fn run_dib(
         Ok(r) => r,
         Err(e) => {
             error!("image={image} build={build_id}: {e}");
-            return (None, false, Some(e.to_string()));
+            return DibOutcome::SpawnFailed(e.to_string());
         }
     };
     registry::set_activity(format!(
@@ -592,25 +681,21 @@ fn run_dib(
     match result {
         Ok(command::Outcome::Exited(rc)) => {
             append_line(&log_path, &format!("Exit code: {rc}"));
-            (Some(rc), false, None)
+            DibOutcome::Exited(rc)
         }
         Ok(command::Outcome::Signaled(sig)) => {
             append_line(&log_path, &format!("Exit code: {}", 128 + sig));
-            (
-                Some(128 + sig),
-                false,
-                Some(format!("killed by signal {sig}")),
-            )
+            DibOutcome::Signalled(sig)
         }
         Ok(command::Outcome::TimedOut) => {
             error!(
                 "Build timeout for image {image}, build {build_id} (log: {})",
                 log_path.display()
             );
-            (Some(1), true, None)
+            DibOutcome::TimedOut
         }
-        Ok(command::Outcome::Cancelled) => (Some(1), false, Some("stopped by shutdown".into())),
-        Err(e) => (None, false, Some(format!("waiting for DIB: {e}"))),
+        Ok(command::Outcome::Cancelled) => DibOutcome::Cancelled,
+        Err(e) => DibOutcome::WaitFailed(format!("waiting for DIB: {e}")),
     }
 }
 
@@ -805,5 +890,64 @@ mod tests {
         );
         assert_eq!(env[2].1, "/opt/images/ubuntu-abc");
         assert_eq!(env.last().unwrap().1, "override");
+    }
+
+    fn reason(dib: DibOutcome, hint: Option<&str>) -> String {
+        Verdict::of(true, &dib, vec![], || hint.map(String::from))
+            .reason("fedora")
+            .expect("a failed run has a reason")
+    }
+
+    #[test]
+    fn dib_failures_read_as_upstreams_messages() {
+        assert_eq!(
+            reason(DibOutcome::Exited(127), None),
+            "DIB failed creating fedora (127) (timeout=False)"
+        );
+        assert_eq!(
+            reason(DibOutcome::TimedOut, None),
+            "DIB failed creating fedora (1) (timeout=True)"
+        );
+        assert_eq!(
+            reason(DibOutcome::Signalled(9), None),
+            "DIB failed creating fedora (137) (timeout=False): killed by signal 9"
+        );
+        assert_eq!(
+            reason(DibOutcome::Cancelled, Some("unused")),
+            "DIB failed creating fedora (1) (timeout=False): stopped by shutdown"
+        );
+        assert_eq!(
+            reason(DibOutcome::SpawnFailed("empty dib-cmd".into()), None),
+            "DIB failed creating fedora (none) (timeout=False): empty dib-cmd"
+        );
+        assert_eq!(
+            reason(DibOutcome::Exited(1), Some("out of disk space")),
+            "DIB failed creating fedora (1) (timeout=False): out of disk space"
+        );
+    }
+
+    #[test]
+    fn the_verdict_puts_a_lost_session_first_and_missing_files_after_dib() {
+        let missing = || vec!["fedora-x.qcow2".to_string()];
+        let no_hint = || None;
+        assert_eq!(
+            Verdict::of(false, &DibOutcome::Exited(0), vec![], no_hint),
+            Verdict::SessionLost
+        );
+        assert!(matches!(
+            Verdict::of(true, &DibOutcome::Exited(2), missing(), no_hint),
+            Verdict::DibFailed { .. }
+        ));
+        let v = Verdict::of(true, &DibOutcome::Exited(0), missing(), no_hint);
+        assert_eq!(
+            v.reason("fedora").as_deref(),
+            Some("DIB exited 0 but did not write fedora-x.qcow2")
+        );
+        assert_eq!(
+            Verdict::of(true, &DibOutcome::Exited(0), vec![], no_hint),
+            Verdict::Built
+        );
+        assert!(Verdict::of(true, &DibOutcome::Cancelled, vec![], no_hint).stopped_by_shutdown());
+        assert!(!Verdict::of(true, &DibOutcome::TimedOut, vec![], no_hint).stopped_by_shutdown());
     }
 }

@@ -41,7 +41,7 @@ use crate::command;
 use crate::config::{DiskImage, Provider};
 use crate::model::{self, BuildState, UploadState};
 use crate::pool::{Stop, Work, WorkerPool};
-use crate::provider::{ProviderDriver, UploadRequest};
+use crate::provider::{ProviderDriver, ProviderError, UploadRequest};
 use crate::registry;
 use crate::stats::Stats;
 use crate::thread::ThreadKind;
@@ -299,46 +299,35 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
         job.file.display()
     );
     let upload_started = std::time::Instant::now();
-    let result = job.driver.upload(&req).and_then(|up| match run_hook(job, &up.external_id) {
-        Ok(()) => Ok(up),
-        Err(reason) => {
-            if let Err(e) = job.driver.delete(&up.external_id) {
-                error!("image={image} build={build_id} provider={provider}: cannot delete cloud image {} after the hook failed: {e}", up.external_id);
-            }
-            Err(crate::provider::ProviderError::new(crate::provider::ErrorKind::Command, reason))
-        }
-    });
-    let (record, outcome) = match result {
-        Ok(up) => {
-            let record = ImageUpload {
-                state: UploadState::Ready,
-                state_time: model::now_epoch(),
-                external_id: Some(up.external_id.clone()),
-                external_name: Some(external_name),
-                format: Some(job.format.clone()),
-                username: build.username.clone(),
-                python_path: build.python_path.clone(),
-                shell_type: build.shell_type.clone(),
-            };
-            (
-                record,
-                UploadResult::Ready {
-                    upload_id: upload_id.clone(),
-                    external_id: up.external_id,
-                },
-            )
-        }
-        Err(e) => {
+    let outcome = match push(job, &req) {
+        Pushed::Image { external_id } => UploadResult::Ready {
+            upload_id: upload_id.clone(),
+            external_id,
+        },
+        pushed @ (Pushed::UploadFailed(_) | Pushed::HookFailed(_)) => {
+            let reason = pushed.failure().unwrap_or_default();
             error!(
-                "Failed to upload build {build_id} of image {image} to provider {provider}: {e}"
+                "Failed to upload build {build_id} of image {image} to provider {provider}: {reason}"
             );
-            (
-                ImageUpload::bare_failed(model::now_epoch()),
-                UploadResult::Failed {
-                    upload_id: Some(upload_id.clone()),
-                    reason: e.to_string(),
-                },
-            )
+            UploadResult::Failed {
+                upload_id: Some(upload_id.clone()),
+                reason,
+            }
+        }
+    };
+    let record = match &outcome {
+        UploadResult::Ready { external_id, .. } => ImageUpload {
+            state: UploadState::Ready,
+            state_time: model::now_epoch(),
+            external_id: Some(external_id.clone()),
+            external_name: Some(external_name),
+            format: Some(job.format.clone()),
+            username: build.username.clone(),
+            python_path: build.python_path.clone(),
+            shell_type: build.shell_type.clone(),
+        },
+        UploadResult::Failed { .. } | UploadResult::Skipped { .. } => {
+            ImageUpload::bare_failed(model::now_epoch())
         }
     };
     let data = record.to_json();
@@ -352,16 +341,24 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
     }
     let timeout = zk.config().session_timeout;
     let write = fence::write_result(zk, &upload_path, &data, Some(&guard), timeout);
-    match (write, &outcome) {
-        (Ok(()), UploadResult::Ready { external_id, .. }) => {
+    // A failure is recorded as well as may be; only a `ready` result has more to settle.
+    let UploadResult::Ready { external_id, .. } = &outcome else {
+        if let Err(e) = write {
+            warn!(
+                "image={image} build={build_id} provider={provider} upload={upload_id}: cannot record the failure: {e}"
+            );
+        }
+        return outcome;
+    };
+    match write {
+        Ok(()) => {
             stats.upload_done(image, provider, upload_started.elapsed());
             info!(
                 "Image build {image}-{build_id} (external_id {external_id}) in {provider} is ready"
             );
             outcome
         }
-        (Ok(()), _) => outcome,
-        (Err(e), UploadResult::Ready { external_id, .. }) => {
+        Err(e) => {
             let failed = ImageUpload::bare_failed(model::now_epoch()).to_json();
             // A stop does not wait for uploads (UPLOAD_GRACE); closing the session ends this.
             match fence::settle(zk, &upload_path, &data, &failed, &|| false) {
@@ -396,11 +393,51 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
                 reason: format!("cannot record the upload: {e}"),
             }
         }
-        (Err(e), _) => {
-            warn!(
-                "image={image} build={build_id} provider={provider} upload={upload_id}: cannot record the failure: {e}"
-            );
-            outcome
+    }
+}
+
+/// What pushing the image to the cloud came to.
+#[derive(Debug)]
+enum Pushed {
+    /// The image is in the cloud and the post-upload hook (if any) succeeded.
+    Image { external_id: String },
+    /// The driver's upload failed; the driver deletes any cloud image it made.
+    UploadFailed(ProviderError),
+    /// The post-upload hook failed; the cloud image was deleted (or its deletion failure
+    /// logged), so nothing leaks (upstream quirk Q2).
+    HookFailed(String),
+}
+
+impl Pushed {
+    /// Why the push failed; `None` when it did not.
+    fn failure(&self) -> Option<String> {
+        match self {
+            Pushed::Image { .. } => None,
+            Pushed::UploadFailed(e) => Some(e.to_string()),
+            Pushed::HookFailed(reason) => Some(reason.clone()),
+        }
+    }
+}
+
+/// Uploads through the driver, then runs the post-upload hook; a hook failure deletes the
+/// image again.
+fn push(job: &UploadJob, req: &UploadRequest) -> Pushed {
+    let up = match job.driver.upload(req) {
+        Ok(up) => up,
+        Err(e) => return Pushed::UploadFailed(e),
+    };
+    match run_hook(job, &up.external_id) {
+        Ok(()) => Pushed::Image {
+            external_id: up.external_id,
+        },
+        Err(reason) => {
+            if let Err(e) = job.driver.delete(&up.external_id) {
+                error!(
+                    "image={} build={} provider={}: cannot delete cloud image {} after the hook failed: {e}",
+                    job.image, job.build_id, job.provider.name, up.external_id
+                );
+            }
+            Pushed::HookFailed(reason)
         }
     }
 }
