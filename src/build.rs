@@ -291,87 +291,122 @@ fn outcome(job: &BuildJob, result: BuildResult, builds: Option<Vec<BuildInfo>>) 
     }
 }
 
-/// Runs one job to completion (see the module docs).
+/// One step of a job: `Err` ends the job there (nothing more is done, and the image's
+/// builds are not re-read).
+type Step<T> = Result<T, EarlyEnd>;
+
+/// How a job can end before its result is recorded: every [`BuildResult`] but `Ready`.
+#[derive(Debug)]
+enum EarlyEnd {
+    Skipped(String),
+    NoSpace {
+        free_gib: f64,
+        required_gib: u64,
+    },
+    Failed {
+        build_id: Option<String>,
+        reason: String,
+        unrecorded: bool,
+    },
+}
+
+impl From<EarlyEnd> for BuildResult {
+    fn from(end: EarlyEnd) -> BuildResult {
+        match end {
+            EarlyEnd::Skipped(reason) => BuildResult::Skipped { reason },
+            EarlyEnd::NoSpace {
+                free_gib,
+                required_gib,
+            } => BuildResult::NoSpace {
+                free_gib,
+                required_gib,
+            },
+            EarlyEnd::Failed {
+                build_id,
+                reason,
+                unrecorded,
+            } => BuildResult::Failed {
+                build_id,
+                reason,
+                unrecorded,
+            },
+        }
+    }
+}
+
+/// Runs one job to completion (see the module docs): check space → lock → re-check →
+/// record → run → gate → finalize, each a function below.
 pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) -> BuildOutcome {
-    let image = job.image.as_str();
+    steps(zk, job, cancel, stats).unwrap_or_else(|end| outcome(job, end.into(), None))
+}
+
+fn steps(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) -> Step<BuildOutcome> {
+    check_space(job)?;
+    let guard = lock_image(zk, job)?;
+    recheck_under_lock(zk, job)?;
+    let build_id = record_building(zk, job)?;
+    let dib = run(job, &build_id, cancel, stats);
+    wait_for_session_fate(zk, job, &build_id);
+    let verdict = gate(job, &build_id, &dib, guard.is_valid());
+    let record = finalize(zk, job, &build_id, &verdict, &guard)?;
+    let result = report(zk, job, build_id, record, &verdict, stats);
+    let builds = tree::read_image(zk, &job.image).ok();
+    drop(guard);
+    Ok(outcome(job, result, builds))
+}
+
+/// Below `images-dir-required-free` GiB nothing is touched, so a builder with space can
+/// take the build. A failing check is logged and does not stop the build.
+fn check_space(job: &BuildJob) -> Step<()> {
     let required = job
         .diskimage
         .images_dir_required_free
         .unwrap_or(job.env.required_free_gib);
-    if required > 0 {
-        match free_gib(&job.env.images_dir) {
-            Ok(free) if free < required as f64 => {
-                return outcome(
-                    job,
-                    BuildResult::NoSpace {
-                        free_gib: free,
-                        required_gib: required,
-                    },
-                    None,
-                );
-            }
-            Ok(_) => {}
-            Err(e) => warn!(
-                "image={image}: cannot check free space in {}: {e}",
+    if required == 0 {
+        return Ok(());
+    }
+    match free_gib(&job.env.images_dir) {
+        Ok(free) if free < required as f64 => Err(EarlyEnd::NoSpace {
+            free_gib: free,
+            required_gib: required,
+        }),
+        Ok(_) => Ok(()),
+        Err(e) => {
+            warn!(
+                "image={}: cannot check free space in {}: {e}",
+                job.image,
                 job.env.images_dir.display()
-            ),
+            );
+            Ok(())
         }
     }
-    registry::set_activity(format!("locking image build lock of {image}"));
-    let guard = match lock::try_lock(zk, &paths::image_build_lock_path(image)) {
-        Ok(Some(g)) => g,
-        Ok(None) => {
-            return outcome(
-                job,
-                BuildResult::Skipped {
-                    reason: "the image build lock is held by another builder".into(),
-                },
-                None,
-            );
-        }
-        Err(e) => {
-            return outcome(
-                job,
-                BuildResult::Skipped {
-                    reason: format!("cannot take the image build lock: {e}"),
-                },
-                None,
-            );
-        }
-    };
-    // Re-check under the lock: the build records, the pause flag and the request, in one
-    // multi-read after listing the builds (two round trips: this is on the latency path).
-    let recheck = match recheck(zk, image) {
-        Ok(r) => r,
-        Err(e) => {
-            return outcome(
-                job,
-                BuildResult::Skipped {
-                    reason: format!("cannot re-read the image: {e}"),
-                },
-                None,
-            );
-        }
-    };
+}
+
+fn skipped(reason: impl Into<String>) -> EarlyEnd {
+    EarlyEnd::Skipped(reason.into())
+}
+
+/// The image build lock, without waiting: a held lock means another builder builds it.
+fn lock_image(zk: &Zk, job: &BuildJob) -> Step<lock::LockGuard> {
+    registry::set_activity(format!("locking image build lock of {}", job.image));
+    match lock::try_lock(zk, &paths::image_build_lock_path(&job.image)) {
+        Ok(Some(g)) => Ok(g),
+        Ok(None) => Err(skipped("the image build lock is held by another builder")),
+        Err(e) => Err(skipped(format!("cannot take the image build lock: {e}"))),
+    }
+}
+
+/// Re-check under the lock: the build records, the pause flag and the request, in one
+/// multi-read after listing the builds (two round trips: this is on the latency path).
+fn recheck_under_lock(zk: &Zk, job: &BuildJob) -> Step<()> {
+    let recheck =
+        recheck(zk, &job.image).map_err(|e| skipped(format!("cannot re-read the image: {e}")))?;
     if recheck.paused {
-        return outcome(
-            job,
-            BuildResult::Skipped {
-                reason: "image is paused".into(),
-            },
-            None,
-        );
+        return Err(skipped("image is paused"));
     }
-    let request_path = paths::image_build_request_path(image);
     if job.manual {
         if !recheck.requested {
-            return outcome(
-                job,
-                BuildResult::Skipped {
-                    reason: "the build request is gone".into(),
-                },
-                None,
-            );
+            return Err(skipped("the build request is gone"));
         }
     } else {
         let newest = recheck
@@ -381,55 +416,86 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
             .max_by(|a, b| a.1.state_time.total_cmp(&b.1.state_time))
             .map(|(id, _)| id.clone());
         if newest.is_some() && newest != job.seen_newest_ready {
-            return outcome(
-                job,
-                BuildResult::Skipped {
-                    reason: "another builder just built it".into(),
-                },
-                None,
-            );
+            return Err(skipped("another builder just built it"));
         }
     }
+    Ok(())
+}
 
+/// The `building` record under a new build id; returns the id.
+fn record_building(zk: &Zk, job: &BuildJob) -> Step<String> {
+    let image = job.image.as_str();
     let build_id = model::new_build_id();
-    let build_path = paths::image_build_path(image, &build_id);
     let building = ImageBuild::building(
         &job.env.fqdn,
         &job.env.builder_id,
         &job.formats,
         model::now_epoch(),
     );
+    let build_path = paths::image_build_path(image, &build_id);
     if let Err(e) = zk.create_with_parents(&build_path, &building.to_json(), Mode::Persistent) {
-        return outcome(
-            job,
-            BuildResult::Failed {
-                build_id: None,
-                reason: format!("cannot write the building record: {e}"),
-                unrecorded: false,
-            },
-            None,
-        );
+        return Err(EarlyEnd::Failed {
+            build_id: None,
+            reason: format!("cannot write the building record: {e}"),
+            unrecorded: false,
+        });
     }
     if job.manual {
         info!("Manual build request for image {image}");
     }
     info!("Building image {image} (build {build_id}): {}", job.cause);
+    Ok(build_id)
+}
 
+/// Runs DIB and counts the run in statsd.
+fn run(job: &BuildJob, build_id: &str, cancel: &Receiver<()>, stats: &Stats) -> DibOutcome {
     let dib_started = Instant::now();
-    let dib = run_dib(job, &build_id, cancel);
+    let dib = run_dib(job, build_id, cancel);
     stats.build_done(
-        image,
+        &job.image,
         dib_started.elapsed(),
         dib.exit_code().unwrap_or(1),
         model::now_epoch() as u64,
     );
+    dib
+}
 
-    // Upstream waits while suspended before writing the result; so do we, for as long as the
-    // session may stay suspended: if it resumes, the build is still ours to record.
+/// Upstream waits while suspended before writing the result; so do we, for as long as the
+/// session may stay suspended: if it resumes, the build is still ours to record.
+fn wait_for_session_fate(zk: &Zk, job: &BuildJob, build_id: &str) {
     if zk.state() == ConnState::Suspended {
-        info!("image={image} build={build_id}: waiting for ZooKeeper to record the result");
+        info!(
+            "image={} build={build_id}: waiting for ZooKeeper to record the result",
+            job.image
+        );
         zk.wait_while_suspended(zk.suspension_limit() + zk.session_timeout());
     }
+}
+
+/// What the run comes to: the session, DIB's end, the files it should have written.
+fn gate(job: &BuildJob, build_id: &str, dib: &DibOutcome, session_valid: bool) -> Verdict {
+    let missing: Vec<String> = job
+        .formats
+        .iter()
+        .map(|f| format!("{}-{build_id}.{f}", job.image))
+        .filter(|name| !job.env.images_dir.join(name).is_file())
+        .collect();
+    Verdict::of(session_valid, dib, missing, || out_of_space(job, build_id))
+}
+
+/// Overwrites the record with `ready` or `failed`; `ready` only while the lock holds, a
+/// failure also without it. A write whose reply was lost is settled (`zk::fence`); a
+/// result that cannot be recorded deletes the build's local files. Returns the record
+/// written.
+fn finalize(
+    zk: &Zk,
+    job: &BuildJob,
+    build_id: &str,
+    verdict: &Verdict,
+    guard: &lock::LockGuard,
+) -> Step<ImageBuild> {
+    let image = job.image.as_str();
+    let build_path = paths::image_build_path(image, build_id);
     let mut record = ImageBuild {
         state: BuildState::Failed,
         state_time: model::now_epoch(),
@@ -440,22 +506,12 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
         python_path: Some(job.diskimage.python_path.clone()),
         shell_type: job.diskimage.shell_type.clone(),
     };
-    let missing: Vec<String> = job
-        .formats
-        .iter()
-        .map(|f| format!("{image}-{build_id}.{f}"))
-        .filter(|name| !job.env.images_dir.join(name).is_file())
-        .collect();
-    let verdict = Verdict::of(guard.is_valid(), &dib, missing, || {
-        out_of_space(job, &build_id)
-    });
-    if verdict == Verdict::Built {
+    if *verdict == Verdict::Built {
         record.state = BuildState::Ready;
         record.formats = job.formats.clone();
     }
-    // `ready` is only written while the lock holds; a failure may be recorded without it.
     let data = record.to_json();
-    let lock_needed = (record.state == BuildState::Ready).then_some(&guard);
+    let lock_needed = (record.state == BuildState::Ready).then_some(guard);
     let timeout = zk.config().session_timeout;
     let mut write = fence::write_result(zk, &build_path, &data, lock_needed, timeout);
     if let Err(e) = &write
@@ -483,15 +539,11 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
                 error!(
                     "image={image} build={build_id}: cannot learn whether the ready record was written ({e}); keeping its local files"
                 );
-                return outcome(
-                    job,
-                    BuildResult::Failed {
-                        build_id: Some(build_id),
-                        reason: format!("the build's record is unknown: {e}"),
-                        unrecorded: true,
-                    },
-                    None,
-                );
+                return Err(EarlyEnd::Failed {
+                    build_id: Some(build_id.to_string()),
+                    reason: format!("the build's record is unknown: {e}"),
+                    unrecorded: true,
+                });
             }
             fence::Settled::NotRecorded => {}
         }
@@ -500,53 +552,56 @@ pub fn run_job(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) ->
         error!(
             "image={image} build={build_id}: cannot record the build result ({e}); deleting its local files"
         );
-        delete_local_build(&job.env.images_dir, image, &build_id);
-        return outcome(
-            job,
-            BuildResult::Failed {
-                build_id: Some(build_id),
-                reason: format!("cannot record the result: {e}"),
-                unrecorded: true,
-            },
-            None,
-        );
+        delete_local_build(&job.env.images_dir, image, build_id);
+        return Err(EarlyEnd::Failed {
+            build_id: Some(build_id.to_string()),
+            reason: format!("cannot record the result: {e}"),
+            unrecorded: true,
+        });
     }
-    let result = match verdict.reason(image) {
-        Some(reason) => {
-            if verdict.stopped_by_shutdown() {
-                warn!("image={image} build={build_id}: {reason}");
-            } else {
-                error!("image={image} build={build_id}: {reason}");
-            }
-            BuildResult::Failed {
-                build_id: Some(build_id),
-                reason,
-                unrecorded: false,
+    Ok(record)
+}
+
+/// Logs the recorded result; a ready build counts its file sizes and, when manual,
+/// deletes the request it satisfied.
+fn report(
+    zk: &Zk,
+    job: &BuildJob,
+    build_id: String,
+    record: ImageBuild,
+    verdict: &Verdict,
+    stats: &Stats,
+) -> BuildResult {
+    let image = job.image.as_str();
+    let Some(reason) = verdict.reason(image) else {
+        info!("DIB image {image} is built (build {build_id})");
+        for f in &job.formats {
+            let file = job.env.images_dir.join(format!("{image}-{build_id}.{f}"));
+            if let Ok(meta) = std::fs::metadata(&file) {
+                use std::os::unix::fs::MetadataExt;
+                stats.build_size(image, f, meta.blocks() * 512);
             }
         }
-        None => {
-            info!("DIB image {image} is built (build {build_id})");
-            for f in &job.formats {
-                let file = job.env.images_dir.join(format!("{image}-{build_id}.{f}"));
-                if let Ok(meta) = std::fs::metadata(&file) {
-                    use std::os::unix::fs::MetadataExt;
-                    stats.build_size(image, f, meta.blocks() * 512);
-                }
+        // Only a manual build satisfies the request (as upstream): a request made while a
+        // scheduled build was finishing asks for another build.
+        if job.manual {
+            match zk.delete(&paths::image_build_request_path(image), None) {
+                Ok(()) | Err(ZkError::NoNode) => {}
+                Err(e) => warn!("image={image}: cannot delete the build request: {e}"),
             }
-            // Only a manual build satisfies the request (as upstream): a request made while a
-            // scheduled build was finishing asks for another build.
-            if job.manual {
-                match zk.delete(&request_path, None) {
-                    Ok(()) | Err(ZkError::NoNode) => {}
-                    Err(e) => warn!("image={image}: cannot delete the build request: {e}"),
-                }
-            }
-            BuildResult::Ready { build_id, record }
         }
+        return BuildResult::Ready { build_id, record };
     };
-    let builds = tree::read_image(zk, image).ok();
-    drop(guard);
-    outcome(job, result, builds)
+    if verdict.stopped_by_shutdown() {
+        warn!("image={image} build={build_id}: {reason}");
+    } else {
+        error!("image={image} build={build_id}: {reason}");
+    }
+    BuildResult::Failed {
+        build_id: Some(build_id),
+        reason,
+        unrecorded: false,
+    }
 }
 
 /// What the build worker re-reads under the image build lock.
