@@ -45,7 +45,7 @@ use crate::provider::{ProviderDriver, ProviderError, UploadRequest};
 use crate::registry;
 use crate::stats::Stats;
 use crate::thread::ThreadKind;
-use crate::zk::schema::ImageUpload;
+use crate::zk::schema::{ImageBuild, ImageUpload};
 use crate::zk::tree::{self, BuildInfo};
 use crate::zk::{ConnState, Mode, Zk, ZkError, fence, lock, paths};
 
@@ -150,153 +150,48 @@ impl Work for UploadWork {
     }
 }
 
-/// Runs one job to completion (see the module docs).
-pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
-    let (image, build_id, provider) = (
-        job.image.as_str(),
-        job.build_id.as_str(),
-        job.provider.name.as_str(),
-    );
-    let lock_path = paths::image_upload_lock_path(image, build_id, provider);
-    registry::set_activity(format!(
-        "locking upload lock of {image}-{build_id} for {provider}"
-    ));
-    let guard = match lock::try_lock(zk, &lock_path) {
-        Ok(Some(g)) => g,
-        Ok(None) => {
-            return UploadResult::Skipped {
-                reason: "the upload lock is held by another worker or builder".into(),
-            };
-        }
-        Err(e) => {
-            return UploadResult::Skipped {
-                reason: format!("cannot take the upload lock: {e}"),
-            };
-        }
-    };
-    // Re-check under the lock.
-    let build = match tree::read_build(zk, image, build_id) {
-        Ok(Some(b)) if b.state == BuildState::Ready => b,
-        Ok(Some(b)) => {
-            return UploadResult::Skipped {
-                reason: format!("the build is {} now", b.state),
-            };
-        }
-        Ok(None) => {
-            // Taking the lock re-created the parents of its directory: if the build was
-            // deleted just before, that is an empty build znode; remove it (our lock, which
-            // lives inside it, goes first).
-            let build_path = paths::image_build_path(image, build_id);
-            if let Ok(Some((data, _))) = zk.get_data(&build_path)
-                && data.iter().all(u8::is_ascii_whitespace)
-            {
-                drop(guard);
-                if let Err(e) = zk.delete_recursive(&build_path) {
-                    warn!("{build_path}: cannot remove what our lock re-created: {e}");
-                }
-            }
-            return UploadResult::Skipped {
-                reason: "the build is gone".into(),
-            };
-        }
-        Err(e) => {
-            return UploadResult::Skipped {
-                reason: format!("cannot read the build: {e}"),
-            };
-        }
-    };
-    let mut failed_ids = Vec::new();
-    match tree::upload_ids(zk, image, build_id, provider) {
-        Ok(ids) => {
-            for id in ids {
-                match tree::read_upload(zk, image, build_id, provider, &id) {
-                    Ok(Some(u)) if u.state == UploadState::Ready => {
-                        return UploadResult::Skipped {
-                            reason: format!("upload {id} is already ready"),
-                        };
-                    }
-                    Ok(Some(u)) if u.state == UploadState::Failed => failed_ids.push(id),
-                    Ok(_) => {}
-                    Err(e) => {
-                        return UploadResult::Skipped {
-                            reason: format!("cannot read uploads: {e}"),
-                        };
-                    }
-                }
-            }
-        }
-        Err(e) => {
-            return UploadResult::Skipped {
-                reason: format!("cannot read uploads: {e}"),
-            };
-        }
-    }
-    for id in failed_ids {
-        let path = paths::image_upload_path(image, build_id, provider, &id);
-        match zk.delete_recursive(&path) {
-            Ok(()) => debug!(
-                "image={image} build={build_id} provider={provider} upload={id}: removed the record of a failed attempt"
-            ),
-            Err(e) => warn!(
-                "image={image} build={build_id} provider={provider} upload={id}: cannot remove a failed record: {e}"
-            ),
-        }
-    }
+/// One step of a job: `Err` ends the job with that result.
+type Step<T> = Result<T, UploadResult>;
 
-    let uploading = ImageUpload::uploading(
-        build.username.as_deref(),
-        build.python_path.as_deref(),
-        build.shell_type.as_deref(),
-        model::now_epoch(),
-    );
-    // Not with parents: the lock made them, and if the janitor has deleted the build since,
-    // re-creating them would put this upload under a build znode without data, where no
-    // reader sees it (and its image would look leaked).
-    let prefix = format!("{}/", paths::image_uploads_path(image, build_id, provider));
-    let upload_path = match zk.create(&prefix, &uploading.to_json(), Mode::PersistentSequential) {
-        Ok(p) => p,
-        Err(ZkError::NoNode) => {
-            return UploadResult::Skipped {
-                reason: "the build was deleted while we locked it".into(),
-            };
-        }
-        Err(e) => {
-            return UploadResult::Failed {
-                upload_id: None,
-                reason: format!("cannot create the uploading record: {e}"),
-            };
-        }
-    };
+fn skipped(reason: impl Into<String>) -> UploadResult {
+    UploadResult::Skipped {
+        reason: reason.into(),
+    }
+}
+
+/// Runs one job to completion (see the module docs): lock → re-check → clear failed
+/// attempts → record → push → finalize, each a function below.
+pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
+    steps(zk, job, stats).unwrap_or_else(|end| end)
+}
+
+fn steps(zk: &Zk, job: &UploadJob, stats: &Stats) -> Step<UploadResult> {
+    let guard = lock_upload(zk, job)?;
+    let (build, guard) = recheck_build(zk, job, guard)?;
+    let failed_ids = earlier_attempts(zk, job)?;
+    clear_failed_attempts(zk, job, failed_ids);
+    let upload_path = record_uploading(zk, job, &build)?;
     let upload_id = upload_path
         .rsplit('/')
         .next()
         .unwrap_or_default()
         .to_string();
-    let timestamp = model::now_epoch() as u64;
     let external_name = expand_name(
         &job.provider.image_name_format,
-        image,
+        &job.image,
         &upload_id,
-        timestamp,
+        model::now_epoch() as u64,
     );
-    let req = UploadRequest {
-        image_name: image.to_string(),
-        build_id: build_id.to_string(),
-        upload_id: upload_id.clone(),
-        external_name: external_name.clone(),
-        file: job.file.clone(),
-        format: job.format.clone(),
-        md5: read_checksum(&job.file, "md5", 32),
-        sha256: read_checksum(&job.file, "sha256", 64),
-        properties: properties(job, &upload_id),
-        timeout: Duration::from_secs(job.provider.image_upload_timeout),
-    };
+    let req = request(job, &upload_id, &external_name);
     registry::set_activity(format!(
-        "uploading {image}-{build_id} to {provider} as upload {upload_id}"
+        "uploading {}-{} to {} as upload {upload_id}",
+        job.image, job.build_id, job.provider.name
     ));
     info!(
-        "Uploading DIB image build {build_id} from {} to {provider}",
-        job.file.display()
+        "Uploading DIB image build {} from {} to {}",
+        job.build_id,
+        job.file.display(),
+        job.provider.name
     );
     let upload_started = std::time::Instant::now();
     let outcome = match push(job, &req) {
@@ -307,7 +202,8 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
         pushed @ (Pushed::UploadFailed(_) | Pushed::HookFailed(_)) => {
             let reason = pushed.failure().unwrap_or_default();
             error!(
-                "Failed to upload build {build_id} of image {image} to provider {provider}: {reason}"
+                "Failed to upload build {} of image {} to provider {}: {reason}",
+                job.build_id, job.image, job.provider.name
             );
             UploadResult::Failed {
                 upload_id: Some(upload_id.clone()),
@@ -330,6 +226,157 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
             ImageUpload::bare_failed(model::now_epoch())
         }
     };
+    let count_ready =
+        || stats.upload_done(&job.image, &job.provider.name, upload_started.elapsed());
+    Ok(finalize(
+        zk,
+        job,
+        &upload_path,
+        &record,
+        outcome,
+        &guard,
+        count_ready,
+    ))
+}
+
+/// The upload lock, without waiting: a held lock means someone uploads this build there.
+fn lock_upload(zk: &Zk, job: &UploadJob) -> Step<lock::LockGuard> {
+    let (image, build_id, provider) = (&job.image, &job.build_id, &job.provider.name);
+    let lock_path = paths::image_upload_lock_path(image, build_id, provider);
+    registry::set_activity(format!(
+        "locking upload lock of {image}-{build_id} for {provider}"
+    ));
+    match lock::try_lock(zk, &lock_path) {
+        Ok(Some(g)) => Ok(g),
+        Ok(None) => Err(skipped(
+            "the upload lock is held by another worker or builder",
+        )),
+        Err(e) => Err(skipped(format!("cannot take the upload lock: {e}"))),
+    }
+}
+
+/// Re-check under the lock: the build still exists and is `ready`. Takes the guard because
+/// a build that is gone may need it released first (see below).
+fn recheck_build(
+    zk: &Zk,
+    job: &UploadJob,
+    guard: lock::LockGuard,
+) -> Step<(ImageBuild, lock::LockGuard)> {
+    let (image, build_id) = (job.image.as_str(), job.build_id.as_str());
+    match tree::read_build(zk, image, build_id) {
+        Ok(Some(b)) if b.state == BuildState::Ready => Ok((b, guard)),
+        Ok(Some(b)) => Err(skipped(format!("the build is {} now", b.state))),
+        Ok(None) => {
+            // Taking the lock re-created the parents of its directory: if the build was
+            // deleted just before, that is an empty build znode; remove it (our lock, which
+            // lives inside it, goes first).
+            let build_path = paths::image_build_path(image, build_id);
+            if let Ok(Some((data, _))) = zk.get_data(&build_path)
+                && data.iter().all(u8::is_ascii_whitespace)
+            {
+                drop(guard);
+                if let Err(e) = zk.delete_recursive(&build_path) {
+                    warn!("{build_path}: cannot remove what our lock re-created: {e}");
+                }
+            }
+            Err(skipped("the build is gone"))
+        }
+        Err(e) => Err(skipped(format!("cannot read the build: {e}"))),
+    }
+}
+
+/// The ids of earlier `failed` attempts for this (build, provider); a `ready` upload ends
+/// the job (nothing to do).
+fn earlier_attempts(zk: &Zk, job: &UploadJob) -> Step<Vec<String>> {
+    let (image, build_id, provider) = (&job.image, &job.build_id, &job.provider.name);
+    let ids = tree::upload_ids(zk, image, build_id, provider)
+        .map_err(|e| skipped(format!("cannot read uploads: {e}")))?;
+    let mut failed_ids = Vec::new();
+    for id in ids {
+        match tree::read_upload(zk, image, build_id, provider, &id) {
+            Ok(Some(u)) if u.state == UploadState::Ready => {
+                return Err(skipped(format!("upload {id} is already ready")));
+            }
+            Ok(Some(u)) if u.state == UploadState::Failed => failed_ids.push(id),
+            Ok(_) => {}
+            Err(e) => return Err(skipped(format!("cannot read uploads: {e}"))),
+        }
+    }
+    Ok(failed_ids)
+}
+
+/// Deletes the records of failed attempts, so retries do not pile up records.
+fn clear_failed_attempts(zk: &Zk, job: &UploadJob, failed_ids: Vec<String>) {
+    let (image, build_id, provider) = (&job.image, &job.build_id, &job.provider.name);
+    for id in failed_ids {
+        let path = paths::image_upload_path(image, build_id, provider, &id);
+        match zk.delete_recursive(&path) {
+            Ok(()) => debug!(
+                "image={image} build={build_id} provider={provider} upload={id}: removed the record of a failed attempt"
+            ),
+            Err(e) => warn!(
+                "image={image} build={build_id} provider={provider} upload={id}: cannot remove a failed record: {e}"
+            ),
+        }
+    }
+}
+
+/// The `uploading` record, before the cloud is touched; returns its path.
+fn record_uploading(zk: &Zk, job: &UploadJob, build: &ImageBuild) -> Step<String> {
+    let uploading = ImageUpload::uploading(
+        build.username.as_deref(),
+        build.python_path.as_deref(),
+        build.shell_type.as_deref(),
+        model::now_epoch(),
+    );
+    // Not with parents: the lock made them, and if the janitor has deleted the build since,
+    // re-creating them would put this upload under a build znode without data, where no
+    // reader sees it (and its image would look leaked).
+    let prefix = format!(
+        "{}/",
+        paths::image_uploads_path(&job.image, &job.build_id, &job.provider.name)
+    );
+    match zk.create(&prefix, &uploading.to_json(), Mode::PersistentSequential) {
+        Ok(p) => Ok(p),
+        Err(ZkError::NoNode) => Err(skipped("the build was deleted while we locked it")),
+        Err(e) => Err(UploadResult::Failed {
+            upload_id: None,
+            reason: format!("cannot create the uploading record: {e}"),
+        }),
+    }
+}
+
+/// What the driver is asked to upload.
+fn request(job: &UploadJob, upload_id: &str, external_name: &str) -> UploadRequest {
+    UploadRequest {
+        image_name: job.image.clone(),
+        build_id: job.build_id.clone(),
+        upload_id: upload_id.to_string(),
+        external_name: external_name.to_string(),
+        file: job.file.clone(),
+        format: job.format.clone(),
+        md5: read_checksum(&job.file, "md5", 32),
+        sha256: read_checksum(&job.file, "sha256", 64),
+        properties: properties(job, upload_id),
+        timeout: Duration::from_secs(job.provider.image_upload_timeout),
+    }
+}
+
+/// Writes the result under the lock, after waiting for a suspended session's fate. A failure
+/// is recorded as well as may be; a `ready` record whose write failed is settled, and a
+/// cloud image without a record is deleted. `count_ready` counts a recorded `ready` upload
+/// in statsd.
+fn finalize(
+    zk: &Zk,
+    job: &UploadJob,
+    upload_path: &str,
+    record: &ImageUpload,
+    outcome: UploadResult,
+    guard: &lock::LockGuard,
+    count_ready: impl Fn(),
+) -> UploadResult {
+    let (image, build_id, provider) = (&job.image, &job.build_id, &job.provider.name);
+    let upload_id = upload_path.rsplit('/').next().unwrap_or_default();
     let data = record.to_json();
     // As for builds: a suspended session may resume with the upload lock still ours, so the
     // result waits for the session's fate instead of timing out into a fence.
@@ -340,7 +387,7 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
         zk.wait_while_suspended(zk.suspension_limit() + zk.session_timeout());
     }
     let timeout = zk.config().session_timeout;
-    let write = fence::write_result(zk, &upload_path, &data, Some(&guard), timeout);
+    let write = fence::write_result(zk, upload_path, &data, Some(guard), timeout);
     // A failure is recorded as well as may be; only a `ready` result has more to settle.
     let UploadResult::Ready { external_id, .. } = &outcome else {
         if let Err(e) = write {
@@ -352,7 +399,7 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
     };
     match write {
         Ok(()) => {
-            stats.upload_done(image, provider, upload_started.elapsed());
+            count_ready();
             info!(
                 "Image build {image}-{build_id} (external_id {external_id}) in {provider} is ready"
             );
@@ -361,9 +408,9 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
         Err(e) => {
             let failed = ImageUpload::bare_failed(model::now_epoch()).to_json();
             // A stop does not wait for uploads (UPLOAD_GRACE); closing the session ends this.
-            match fence::settle(zk, &upload_path, &data, &failed, &|| false) {
+            match fence::settle(zk, upload_path, &data, &failed, &|| false) {
                 fence::Settled::Recorded => {
-                    stats.upload_done(image, provider, upload_started.elapsed());
+                    count_ready();
                     info!(
                         "Image build {image}-{build_id} (external_id {external_id}) in {provider} is ready (its record was written although the reply was lost: {e})"
                     );
@@ -374,7 +421,7 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
                         "image={image} build={build_id} provider={provider} upload={upload_id}: cannot learn whether the ready upload was recorded ({e}); keeping cloud image {external_id} (leak detection deletes it if no record names it)"
                     );
                     return UploadResult::Failed {
-                        upload_id: Some(upload_id),
+                        upload_id: Some(upload_id.to_string()),
                         reason: format!("the upload's record is unknown: {e}"),
                     };
                 }
@@ -389,7 +436,7 @@ pub fn run_job(zk: &Zk, job: &UploadJob, stats: &Stats) -> UploadResult {
                 );
             }
             UploadResult::Failed {
-                upload_id: Some(upload_id),
+                upload_id: Some(upload_id.to_string()),
                 reason: format!("cannot record the upload: {e}"),
             }
         }
