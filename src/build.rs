@@ -348,7 +348,7 @@ fn steps(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) -> Step<
     let dib = run(job, &build_id, cancel, stats);
     wait_for_session_fate(zk, job, &build_id);
     let verdict = gate(job, &build_id, &dib, guard.is_valid());
-    let record = finalize(zk, job, &build_id, &verdict, &guard)?;
+    let record = finalize(zk, job, &build_id, &verdict, &guard, cancel)?;
     let result = report(zk, job, build_id, record, &verdict, stats);
     let builds = tree::read_image(zk, &job.image).ok();
     drop(guard);
@@ -484,15 +484,16 @@ fn gate(job: &BuildJob, build_id: &str, dib: &DibOutcome, session_valid: bool) -
 }
 
 /// Overwrites the record with `ready` or `failed`; `ready` only while the lock holds, a
-/// failure also without it. A write whose reply was lost is settled (`zk::fence`); a
-/// result that cannot be recorded deletes the build's local files. Returns the record
-/// written.
+/// failure also without it. A write whose reply was lost is settled (`zk::fence`), which
+/// `cancel` (a stop) cuts short, deleting nothing; a result that cannot be recorded deletes
+/// the build's local files. Returns the record written.
 fn finalize(
     zk: &Zk,
     job: &BuildJob,
     build_id: &str,
     verdict: &Verdict,
     guard: &lock::LockGuard,
+    cancel: &Receiver<()>,
 ) -> Step<ImageBuild> {
     let image = job.image.as_str();
     let build_path = paths::image_build_path(image, build_id);
