@@ -343,14 +343,7 @@ fn a_cloud_image_without_a_record_is_found_by_the_list_command_and_deleted() {
     let kept = up.upload.external_id.clone().unwrap();
     // What a builder killed right after the cloud accepted an image leaves: an image whose
     // upload has no record. And an image the builder did not upload at all.
-    let leaked = site.cloud_upload(
-        "cloud",
-        &[
-            ("NODEPOOL_BUILD_ID", &build),
-            ("NODEPOOL_UPLOAD_ID", "0000000099"),
-            ("NODEPOOL_PROVIDER", "cloud"),
-        ],
-    );
+    let leaked = site.tagged_cloud_upload("cloud", &build, "0000000099");
     let foreign = site.cloud_upload("cloud", &[]);
     b.wait_for_log(WAIT, &format!("Deleting leaked image {leaked}"));
     wait_until(WAIT, "the leaked image to go", || {
@@ -364,14 +357,7 @@ fn a_cloud_image_without_a_record_is_found_by_the_list_command_and_deleted() {
 
     // A listing that fails is reported and deletes nothing.
     std::fs::write(site.cloud_dir("cloud").join("fail-list"), "").unwrap();
-    let again = site.cloud_upload(
-        "cloud",
-        &[
-            ("NODEPOOL_BUILD_ID", &build),
-            ("NODEPOOL_UPLOAD_ID", "0000000098"),
-            ("NODEPOOL_PROVIDER", "cloud"),
-        ],
-    );
+    let again = site.tagged_cloud_upload("cloud", &build, "0000000098");
     b.wait_for_log(WAIT, "cannot list cloud images for leak detection");
     assert!(
         b.log().contains("list refused (fail-list present)"),
@@ -527,16 +513,7 @@ fn unreadable_records_keep_their_images_in_a_directory_cloud() {
         &site,
         &mut b,
         "cloud",
-        |build, upload| {
-            site.cloud_upload(
-                "cloud",
-                &[
-                    ("NODEPOOL_BUILD_ID", build),
-                    ("NODEPOOL_UPLOAD_ID", upload),
-                    ("NODEPOOL_PROVIDER", "cloud"),
-                ],
-            )
-        },
+        |build, upload| site.tagged_cloud_upload("cloud", build, upload),
         || site.cloud_images("cloud"),
     );
     site.assert_no_leaks(&["cloud"], &[0]);
@@ -565,14 +542,7 @@ fn an_upload_that_became_ready_after_the_janitor_read_it_is_not_clobbered() {
     let driver: Arc<dyn ProviderDriver> = Arc::from(for_provider(&cfg.providers[0], None).unwrap());
 
     let build = "00000000000000000000000000000c0d";
-    let cloud_id = site.cloud_upload(
-        "cloud",
-        &[
-            ("NODEPOOL_BUILD_ID", build),
-            ("NODEPOOL_UPLOAD_ID", "0000000001"),
-            ("NODEPOOL_PROVIDER", "cloud"),
-        ],
-    );
+    let cloud_id = site.tagged_cloud_upload("cloud", build, "0000000001");
     site.zk
         .create_with_parents(
             &paths::image_build_path("fedora", build),

@@ -437,6 +437,20 @@ key = "{key}"
         stdout.lines().last().unwrap().to_string()
     }
 
+    /// Puts an image into the `dir-cloud` provider `name` tagged as the builder tags an
+    /// upload (build id, upload id, provider), as a builder killed after the cloud accepted
+    /// it would leave it; returns the image id.
+    pub fn tagged_cloud_upload(&self, name: &str, build: &str, upload: &str) -> String {
+        self.cloud_upload(
+            name,
+            &[
+                ("NODEPOOL_BUILD_ID", build),
+                ("NODEPOOL_UPLOAD_ID", upload),
+                ("NODEPOOL_PROVIDER", name),
+            ],
+        )
+    }
+
     /// Writes a clouds.yaml with one `auth_type: none` cloud per (name, image_format) at
     /// `glance`; returns its path (for `OS_CLIENT_CONFIG_FILE`).
     pub fn glance_clouds(&self, glance: &GlanceServer, clouds: &[(&str, Option<&str>)]) -> String {
