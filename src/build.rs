@@ -21,6 +21,8 @@
 //!    while suspended, and a result that comes while still suspended waits for the session's
 //!    fate. If the final write fails, the build's local files are deleted at once.
 //!
+//! Every file name (DIB's output, image files, the build log) comes from `local`.
+//!
 //! The lock is held for the whole DIB run. Every job reports exactly one [`BuildOutcome`],
 //! even when the worker panics (the pool reports [`BuildResult::Failed`] then; see `pool`).
 
@@ -34,6 +36,7 @@ use log::{debug, error, info, warn};
 
 use crate::command;
 use crate::config::DiskImage;
+use crate::local;
 use crate::model::{self, BuildState};
 use crate::pool::{Stop, Work, WorkerPool};
 use crate::registry;
@@ -365,7 +368,7 @@ fn check_space(job: &BuildJob) -> Step<()> {
     if required == 0 {
         return Ok(());
     }
-    match free_gib(&job.env.images_dir) {
+    match local::free_gib(&job.env.images_dir) {
         Ok(free) if free < required as f64 => Err(EarlyEnd::NoSpace {
             free_gib: free,
             required_gib: required,
@@ -477,7 +480,7 @@ fn gate(job: &BuildJob, build_id: &str, dib: &DibOutcome, session_valid: bool) -
     let missing: Vec<String> = job
         .formats
         .iter()
-        .map(|f| format!("{}-{build_id}.{f}", job.image))
+        .map(|f| local::image_file_name(&job.image, build_id, f))
         .filter(|name| !job.env.images_dir.join(name).is_file())
         .collect();
     Verdict::of(session_valid, dib, missing, || out_of_space(job, build_id))
@@ -553,7 +556,7 @@ fn finalize(
         error!(
             "image={image} build={build_id}: cannot record the build result ({e}); deleting its local files"
         );
-        delete_local_build(&job.env.images_dir, image, build_id);
+        local::delete_build(&job.env.images_dir, image, build_id);
         return Err(EarlyEnd::Failed {
             build_id: Some(build_id.to_string()),
             reason: format!("cannot record the result: {e}"),
@@ -577,7 +580,7 @@ fn report(
     let Some(reason) = verdict.reason(image) else {
         info!("DIB image {image} is built (build {build_id})");
         for f in &job.formats {
-            let file = job.env.images_dir.join(format!("{image}-{build_id}.{f}"));
+            let file = local::image_file(&job.env.images_dir, image, &build_id, f);
             if let Ok(meta) = std::fs::metadata(&file) {
                 use std::os::unix::fs::MetadataExt;
                 stats.build_size(image, f, meta.blocks() * 512);
@@ -639,7 +642,7 @@ fn recheck(zk: &Zk, image: &str) -> crate::zk::Result<Recheck> {
 
 /// The DIB command line as upstream builds it (before shell-word splitting).
 pub fn dib_command_line(job: &BuildJob, build_id: &str) -> String {
-    let base = job.env.images_dir.join(format!("{}-{build_id}", job.image));
+    let base = local::dib_base(&job.env.images_dir, &job.image, build_id);
     let formats = job.formats.join(",");
     let dib_cmd = job.diskimage.dib_cmd.replace("%p", &share_dir());
     let mut cmd = format!("{dib_cmd} -x -t {formats} --checksum --no-tmpfs");
@@ -665,7 +668,7 @@ fn share_dir() -> String {
 
 /// The environment DIB gets on top of ours, in order (later entries win).
 pub fn dib_env(job: &BuildJob, build_id: &str) -> Vec<(String, String)> {
-    let base = job.env.images_dir.join(format!("{}-{build_id}", job.image));
+    let base = local::dib_base(&job.env.images_dir, &job.image, build_id);
     let mut env = vec![
         ("DIB_RELEASE".to_string(), job.diskimage.release.clone()),
         ("DIB_IMAGE_NAME".to_string(), job.image.clone()),
@@ -687,10 +690,7 @@ pub fn dib_env(job: &BuildJob, build_id: &str) -> Vec<(String, String)> {
 fn run_dib(job: &BuildJob, build_id: &str, cancel: &Receiver<()>) -> DibOutcome {
     let image = job.image.as_str();
     let cmdline = dib_command_line(job, build_id);
-    let log_path = job
-        .env
-        .build_log_dir
-        .join(format!("{image}-{build_id}.log"));
+    let log_path = local::build_log(&job.env.build_log_dir, image, build_id);
     let argv = match command::shell_split(&cmdline) {
         Ok(a) if !a.is_empty() => a,
         Ok(_) => return DibOutcome::SpawnFailed("empty dib-cmd".into()),
@@ -704,7 +704,7 @@ fn run_dib(job: &BuildJob, build_id: &str, cancel: &Receiver<()>) -> DibOutcome 
             job.env.build_log_dir.display()
         ));
     }
-    prune_build_logs(&job.env.build_log_dir, image, job.env.build_log_retention);
+    local::prune_build_logs(&job.env.build_log_dir, image, job.env.build_log_retention);
     info!("Running {cmdline}");
     info!("Logging to {}", log_path.display());
     let spec = command::Spec {
@@ -762,10 +762,7 @@ const LOG_TAIL_SEARCHED: u64 = 64 * 1024;
 /// the free space of images-dir now, so the daemon log tells the operator why DIB failed.
 fn out_of_space(job: &BuildJob, build_id: &str) -> Option<String> {
     use std::io::{Read, Seek, SeekFrom};
-    let path = job
-        .env
-        .build_log_dir
-        .join(format!("{}-{build_id}.log", job.image));
+    let path = local::build_log(&job.env.build_log_dir, &job.image, build_id);
     let mut file = std::fs::File::open(&path).ok()?;
     let len = file.metadata().ok()?.len();
     file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_SEARCHED)))
@@ -778,7 +775,7 @@ fn out_of_space(job: &BuildJob, build_id: &str) -> Option<String> {
     if !String::from_utf8_lossy(&tail).contains(text) {
         return None;
     }
-    let free = match free_gib(&job.env.images_dir) {
+    let free = match local::free_gib(&job.env.images_dir) {
         Ok(gib) => format!("{:.1} MiB free now", gib * 1024.0),
         Err(e) => format!("free space unknown: {e}"),
     };
@@ -797,73 +794,6 @@ fn append_line(path: &Path, line: &str) {
     if let Err(e) = res {
         warn!("cannot append to {}: {e}", path.display());
     }
-}
-
-/// Keeps the newest `max(retention, 1)` logs of `image` (exact `<image>-<hex>.log` names, not
-/// a prefix match as upstream's quirk Q5); `retention < 0` keeps everything.
-pub fn prune_build_logs(dir: &Path, image: &str, retention: i64) {
-    if retention < 0 {
-        return;
-    }
-    let keep = retention.max(1) as usize;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut logs: Vec<(std::time::SystemTime, PathBuf)> = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            name.strip_prefix(image)
-                .and_then(|r| r.strip_prefix('-'))
-                .and_then(|r| r.strip_suffix(".log"))
-                .is_some_and(model::is_build_id)
-        })
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .collect();
-    logs.sort();
-    let excess = logs.len().saturating_sub(keep);
-    for (_, path) in logs.into_iter().take(excess) {
-        info!("Deleting old build log {}", path.display());
-        if let Err(e) = std::fs::remove_file(&path) {
-            warn!("cannot delete {}: {e}", path.display());
-        }
-    }
-}
-
-/// Deletes a build's local files: `<image>-<id>.<ext>` (with checksum files) and the `.d`
-/// manifest directory.
-pub fn delete_local_build(images_dir: &Path, image: &str, build_id: &str) {
-    let stem = format!("{image}-{build_id}");
-    let Ok(entries) = std::fs::read_dir(images_dir) else {
-        return;
-    };
-    for entry in entries.filter_map(|e| e.ok()) {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(&stem).and_then(|r| r.strip_prefix('.')) else {
-            continue;
-        };
-        if rest.is_empty() || rest.contains('/') {
-            continue;
-        }
-        let path = entry.path();
-        let res = if rest == "d" && path.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        match res {
-            Ok(()) => info!("Removed DIB file {}", path.display()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => warn!("cannot remove {}: {e}", path.display()),
-        }
-    }
-}
-
-/// Free space of the file system holding `dir`, GiB.
-pub fn free_gib(dir: &Path) -> std::io::Result<f64> {
-    let st = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
-    Ok(st.blocks_available() as f64 * st.fragment_size() as f64 / (1024.0 * 1024.0 * 1024.0))
 }
 
 /// Formats a build lacks among `required`.

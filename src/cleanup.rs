@@ -29,7 +29,8 @@
 //!
 //! C. Local files: each builder deletes only its own files, for builds whose record is
 //!    `deleting` or gone (also after being offline), and prunes uploaded formats of `ready`
-//!    builds with `delete-after-upload`, never touching builds in progress.
+//!    builds with `delete-after-upload`, never touching builds in progress. Which builds and
+//!    formats go is decided here; `local` finds and deletes their files.
 //!
 //! # Deliberate differences from nodepool 11 (quirks of wire spec §3.11)
 //!
@@ -51,8 +52,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, info, warn};
 
-use crate::build;
 use crate::config::Config;
+use crate::local;
 use crate::model::{self, BuildState, UploadState, backoff};
 use crate::provider::ProviderDriver;
 use crate::registry;
@@ -857,7 +858,7 @@ impl Pass<'_> {
     /// ZooKeeper is asked only about the others (before their files are deleted).
     fn cleanup_local_files(&mut self, tree: Option<&BTreeMap<String, ImageSnapshot>>) {
         let dir = self.req.cfg.images_dir.clone();
-        let builds = match local_builds(&dir) {
+        let builds = match local::builds_present(&dir) {
             Ok(b) => b,
             Err(e) => return self.error(&format!("cannot list {}: {e}", dir.display())),
         };
@@ -900,11 +901,11 @@ impl Pass<'_> {
             match build {
                 None => {
                     info!("Doing cleanup for {image}:{id} (no build record)");
-                    self.report.deleted_files += delete_local(&dir, &image, &id);
+                    self.report.deleted_files += local::delete_build(&dir, &image, &id);
                 }
                 Some(b) if b.state == BuildState::Deleting => {
                     info!("Doing cleanup for {image}:{id} (build deleting)");
-                    self.report.deleted_files += delete_local(&dir, &image, &id);
+                    self.report.deleted_files += local::delete_build(&dir, &image, &id);
                 }
                 Some(b) if b.state == BuildState::Ready => {
                     self.prune_formats(&dir, &image, &id, None)
@@ -946,108 +947,10 @@ impl Pass<'_> {
                 keep.insert(f.clone());
             }
         }
-        let stem = format!("{image}-{id}");
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries.filter_map(|e| e.ok()) {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(ext) = name.strip_prefix(&stem).and_then(|r| r.strip_prefix('.')) else {
-                continue;
-            };
-            let format = ext.trim_end_matches(".md5").trim_end_matches(".sha256");
-            if format == "d" || format.contains('.') || keep.contains(format) {
-                continue;
-            }
-            match std::fs::remove_file(e.path()) {
-                Ok(()) => {
-                    info!(
-                        "Removed DIB file {} (delete-after-upload)",
-                        e.path().display()
-                    );
-                    self.report.deleted_files += 1;
-                }
-                Err(err) => warn!("cannot remove {}: {err}", e.path().display()),
-            }
-        }
+        self.report.deleted_files += local::prune_formats(dir, image, id, &keep);
     }
 }
 
-/// Distinct (image, build id) pairs of the files in images-dir named `<image>-<hex id>.<ext>`
-/// (image files, checksum files and `.d` manifest directories).
-pub fn local_builds(dir: &Path) -> std::io::Result<BTreeSet<(String, String)>> {
-    let mut out = BTreeSet::new();
-    for e in std::fs::read_dir(dir)? {
-        let name = e?.file_name().to_string_lossy().into_owned();
-        // Strip checksum suffixes, then the format extension.
-        let base = name
-            .strip_suffix(".md5")
-            .or_else(|| name.strip_suffix(".sha256"))
-            .unwrap_or(&name);
-        let Some((stem, ext)) = base.rsplit_once('.') else {
-            continue;
-        };
-        if ext.is_empty() || !ext.chars().all(|c| c.is_alphanumeric() || c == '_') {
-            continue;
-        }
-        let Some((image, id)) = stem.rsplit_once('-') else {
-            continue;
-        };
-        if image.is_empty() || !model::is_build_id(id) {
-            continue;
-        }
-        out.insert((image.to_string(), id.to_string()));
-    }
-    Ok(out)
-}
-
-/// Deletes every local file of a build (images, checksums, the `.d` manifest, even alone);
-/// returns how many entries went.
-fn delete_local(dir: &Path, image: &str, id: &str) -> usize {
-    let before = count_local(dir, image, id);
-    build::delete_local_build(dir, image, id);
-    before.saturating_sub(count_local(dir, image, id))
-}
-
-fn count_local(dir: &Path, image: &str, id: &str) -> usize {
-    let stem = format!("{image}-{id}.");
-    std::fs::read_dir(dir)
-        .map(|it| {
-            it.filter_map(|e| e.ok())
-                .filter(|e| e.file_name().to_string_lossy().starts_with(&stem))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn local_build_names_parse_like_upstreams_regex() {
-        let dir = tempfile::tempdir().unwrap();
-        for n in [
-            "fedora-0123abcd.qcow2",
-            "fedora-0123abcd.qcow2.md5",
-            "fedora-0123abcd.qcow2.sha256",
-            "fedora-0123abcd.d",
-            "ubuntu-jammy-ff00.raw",
-            "lone-aa.d",
-            "builder_id.txt",
-            "fake-dib.fedora.done",
-            "x-notHEX.qcow2",
-        ] {
-            std::fs::write(dir.path().join(n), "").unwrap();
-        }
-        let got: Vec<(String, String)> = local_builds(dir.path()).unwrap().into_iter().collect();
-        assert_eq!(
-            got,
-            vec![
-                ("fedora".into(), "0123abcd".into()),
-                ("lone".into(), "aa".into()),
-                ("ubuntu-jammy".into(), "ff00".into())
-            ]
-        );
-    }
-}
+/// The builds with local files in images-dir (`local::builds_present`), under the name the
+/// test tooling uses.
+pub use crate::local::builds_present as local_builds;

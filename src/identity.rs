@@ -7,10 +7,12 @@ use std::ffi::CStr;
 use std::io;
 use std::path::Path;
 
+use crate::local;
+
 /// Reads `<images_dir>/builder_id.txt`, creating it with a new UUID4 (canonical dashed form,
 /// no newline) when absent. The images directory must already exist, as upstream requires.
 pub fn builder_id(images_dir: &Path) -> io::Result<String> {
-    let path = images_dir.join("builder_id.txt");
+    let path = local::builder_id_file(images_dir);
     match std::fs::read_to_string(&path) {
         Ok(id) => Ok(id),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {

@@ -19,6 +19,8 @@
 //! * `daemon`: daemon mode: pidfile lock, double fork with a readiness pipe, `sd_notify`.
 //! * `identity`: who this builder is: `builder_id.txt`, host name, fully qualified name.
 //! * `lib.rs`: this map and the architecture invariants.
+//! * `local`: the images-dir and build-log dir: file names of a build (image, checksum and
+//!   manifest files, build logs) and reading them back, scanning, deletion, free space.
 //! * `logging`: nodepool's logger names and line format, `-l` dictConfig files, reopening.
 //! * `main.rs`: the binary: inherited signal state reset, flags, fork, exit codes.
 //! * `model`: domain vocabulary (build and upload states, build ids, back-off), no serde.
@@ -49,7 +51,8 @@
 //!
 //! 1. Only `scheduler` mutates scheduling state; everyone else sends it a message.
 //! 2. Only `zk::schema` knows the JSON of znodes, only `zk::paths` the tree layout, only
-//!    `provider::*` a cloud protocol, only `stats` the statsd key names.
+//!    `local` the file names of images-dir and build logs, only `provider::*` a cloud
+//!    protocol (and what a driver reads and defaults to), only `stats` the statsd key names.
 //! 3. Only `thread.rs` spawns threads.
 //! 4. No signal handler blocks, allocates or logs; no ZooKeeper event path blocks or does I/O.
 //! 5. A panic or error while handling one image never stops work on other images.
@@ -66,6 +69,7 @@ pub mod command;
 pub mod config;
 pub mod daemon;
 pub mod identity;
+pub mod local;
 pub mod logging;
 pub mod model;
 pub mod ops;

@@ -30,7 +30,7 @@
 //! janitor of any builder, as upstream.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +39,7 @@ use log::{debug, error, info, warn};
 
 use crate::command;
 use crate::config::{DiskImage, Provider};
+use crate::local::{self, Checksum};
 use crate::model::{self, BuildState, UploadState};
 use crate::pool::{Stop, Work, WorkerPool};
 use crate::provider::{ProviderDriver, ProviderError, UploadRequest};
@@ -355,8 +356,8 @@ fn request(job: &UploadJob, upload_id: &str, external_name: &str) -> UploadReque
         external_name: external_name.to_string(),
         file: job.file.clone(),
         format: job.format.clone(),
-        md5: read_checksum(&job.file, "md5", 32),
-        sha256: read_checksum(&job.file, "sha256", 64),
+        md5: local::read_checksum(&job.file, Checksum::Md5),
+        sha256: local::read_checksum(&job.file, Checksum::Sha256),
         properties: properties(job, upload_id),
         timeout: Duration::from_secs(job.provider.image_upload_timeout),
     }
@@ -532,14 +533,6 @@ fn properties(job: &UploadJob, upload_id: &str) -> BTreeMap<String, String> {
     p.insert("nodepool_upload_id".into(), upload_id.to_string());
     p.insert("nodepool_provider_name".into(), job.provider.name.clone());
     p
-}
-
-/// The first `len` characters of `<file>.<ext>`, like upstream (None if absent or short).
-fn read_checksum(file: &Path, ext: &str, len: usize) -> Option<String> {
-    let path = PathBuf::from(format!("{}.{ext}", file.display()));
-    let text = std::fs::read_to_string(path).ok()?;
-    let sum: String = text.chars().take(len).collect();
-    (sum.len() == len && sum.bytes().all(|b| b.is_ascii_hexdigit())).then_some(sum)
 }
 
 /// Runs the provider's post-upload hook (`<hook> <provider> <external-id> <file>`), logging

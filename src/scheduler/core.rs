@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use crate::build::{self, BuildResult};
 use crate::config::{self, Config, DiskImage};
+use crate::local;
 use crate::model::{self, BuildState, UploadState};
 use crate::upload::UploadResult;
 use crate::zk::tree::{self, BuildInfo};
@@ -462,9 +463,7 @@ pub fn upload_candidates(
                 // Someone uploads it now (or crashed doing so: the janitor clears that).
                 continue;
             }
-            let file = cfg
-                .images_dir
-                .join(format!("{}-{}.{format}", pd.name, newest.id));
+            let file = local::image_file(&cfg.images_dir, &pd.name, &newest.id, format);
             if !file_exists(&file) {
                 continue; // Only the builder holding the files uploads.
             }
