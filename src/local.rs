@@ -290,6 +290,15 @@ pub fn free_gib(dir: &Path) -> std::io::Result<f64> {
 mod tests {
     use super::*;
 
+    /// A temporary images-dir holding empty files of these names.
+    fn dir_with(names: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for n in names {
+            std::fs::write(dir.path().join(n), "").unwrap();
+        }
+        dir
+    }
+
     fn entry_names(dir: &Path) -> BTreeSet<String> {
         std::fs::read_dir(dir)
             .unwrap()
@@ -360,8 +369,7 @@ mod tests {
 
     #[test]
     fn local_build_names_parse_like_upstreams_regex() {
-        let dir = tempfile::tempdir().unwrap();
-        for n in [
+        let dir = dir_with(&[
             "fedora-0123abcd.qcow2",
             "fedora-0123abcd.qcow2.md5",
             "fedora-0123abcd.qcow2.sha256",
@@ -371,9 +379,7 @@ mod tests {
             "builder_id.txt",
             "fake-dib.fedora.done",
             "x-notHEX.qcow2",
-        ] {
-            std::fs::write(dir.path().join(n), "").unwrap();
-        }
+        ]);
         let got: Vec<(String, String)> = builds_present(dir.path()).unwrap().into_iter().collect();
         assert_eq!(
             got,
@@ -387,18 +393,15 @@ mod tests {
 
     #[test]
     fn deleting_a_build_takes_all_its_entries_and_nothing_of_others() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        for n in [
+        let dir = dir_with(&[
             "fedora-aa.qcow2",
             "fedora-aa.qcow2.md5",
             "fedora-aa.raw",
             "fedora-aab.qcow2",
             "fedora-bb-aa.qcow2",
             BUILDER_ID_FILE,
-        ] {
-            std::fs::write(d.join(n), "").unwrap();
-        }
+        ]);
+        let d = dir.path();
         std::fs::create_dir(manifest_dir(d, "fedora", "aa")).unwrap();
         std::fs::write(manifest_dir(d, "fedora", "aa").join("packages"), "").unwrap();
         assert_eq!(delete_build(d, "fedora", "aa"), 4);
@@ -415,17 +418,14 @@ mod tests {
 
     #[test]
     fn pruning_formats_keeps_the_kept_ones_and_the_manifest() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        for n in [
+        let dir = dir_with(&[
             "fedora-aa.qcow2",
             "fedora-aa.qcow2.md5",
             "fedora-aa.raw",
             "fedora-aa.raw.md5",
             "fedora-aa.raw.sha256",
-        ] {
-            std::fs::write(d.join(n), "").unwrap();
-        }
+        ]);
+        let d = dir.path();
         std::fs::create_dir(manifest_dir(d, "fedora", "aa")).unwrap();
         let keep = BTreeSet::from(["qcow2".to_string()]);
         assert_eq!(prune_formats(d, "fedora", "aa", &keep), 3);
