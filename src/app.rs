@@ -22,7 +22,7 @@ use crate::command;
 use crate::config::{Config, LoadOptions};
 use crate::identity;
 use crate::provider;
-use crate::scheduler::{self, core::configured_format};
+use crate::scheduler;
 use crate::signals::{self, ControlSignal};
 use crate::stats::Stats;
 use crate::thread::{self, ThreadKind};
@@ -197,13 +197,16 @@ fn provider_drivers(cfg: &Config) -> scheduler::Drivers {
                     "provider={}: cannot set up its driver, no uploads to it: {e}",
                     p.name
                 );
-                configured_format(p).unwrap_or_else(|| {
-                    warn!(
-                        "provider={}: cannot read its cloud's image format; assuming qcow2",
-                        p.name
-                    );
-                    "qcow2".into()
-                })
+                match provider::configured_format(p) {
+                    provider::ConfiguredFormat::Named(format) => format,
+                    provider::ConfiguredFormat::DriverDefault(format) => {
+                        warn!(
+                            "provider={}: cannot read its cloud's image format; assuming {format}",
+                            p.name
+                        );
+                        format.into()
+                    }
+                }
             }
         };
         formats.insert(p.name.clone(), format);

@@ -1,6 +1,7 @@
-//! Permissions of the files that hold secrets: the secure file (`-s`), and for OpenStack
-//! providers the `secure.yaml` and a `clouds.yaml` with a password, secret or token in it
-//! (found as the driver finds them, see `provider::openstack::clouds`).
+//! Permissions of the files that hold secrets: the secure file (`-s`), and the files each
+//! provider's driver says it reads secrets from (`provider::secret_files`: for OpenStack the
+//! `secure.yaml` and a `clouds.yaml` with a password, secret or token in it, found as the
+//! driver finds them).
 //!
 //! nodepool checks nothing here. To stay a drop-in replacement we do not refuse files that
 //! others can read (deployments often use `0640 root:nodepool`); we warn once per file,
@@ -12,16 +13,8 @@ use std::fmt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::config::{Config, Driver};
-use crate::provider::openstack::clouds::{self, SearchEnv};
-
-/// Keys whose (non-empty) values make a `clouds.yaml` a secret file.
-const SECRET_KEYS: [&str; 4] = [
-    "password",
-    "application_credential_secret",
-    "token",
-    "secret",
-];
+use crate::config::Config;
+use crate::provider;
 
 /// A secret file that others may read or write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,14 +58,12 @@ impl fmt::Display for Finding {
 /// The secret files of this configuration that others may read or write, each once.
 pub fn check(cfg: &Config, secure: Option<&Path>) -> Vec<Finding> {
     let mut files: Vec<PathBuf> = secure.map(Path::to_path_buf).into_iter().collect();
-    if cfg
-        .providers
-        .iter()
-        .any(|p| matches!(p.driver, Driver::OpenStack { .. }))
-    {
-        let found = clouds::locate(&SearchEnv::from_process());
-        files.extend(found.secure);
-        files.extend(found.clouds.filter(|p| holds_secrets(p)));
+    for p in &cfg.providers {
+        for file in provider::secret_files(p) {
+            if !files.contains(&file) {
+                files.push(file);
+            }
+        }
     }
     let mut findings: Vec<Finding> = Vec::new();
     for path in files {
@@ -85,30 +76,6 @@ pub fn check(cfg: &Config, secure: Option<&Path>) -> Vec<Finding> {
         }
     }
     findings
-}
-
-/// Whether a `clouds.yaml` has a non-empty value under one of [`SECRET_KEYS`] anywhere.
-fn holds_secrets(path: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return false;
-    };
-    let Ok(doc) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text) else {
-        return false;
-    };
-    has_secret(&doc)
-}
-
-fn has_secret(v: &serde_yaml_ng::Value) -> bool {
-    use serde_yaml_ng::Value;
-    match v {
-        Value::Mapping(m) => m.iter().any(|(k, v)| {
-            let secret_key = k.as_str().is_some_and(|k| SECRET_KEYS.contains(&k));
-            (secret_key && v.as_str().is_some_and(|s| !s.is_empty())) || has_secret(v)
-        }),
-        Value::Sequence(s) => s.iter().any(has_secret),
-        Value::Tagged(t) => has_secret(&t.value),
-        _ => false,
-    }
 }
 
 #[cfg(test)]
@@ -138,19 +105,5 @@ mod tests {
         );
         assert!(f(0o666).is_fatal() && f(0o666).to_string().contains("writable by everyone"));
         assert!(!f(0o664).is_fatal());
-    }
-
-    #[test]
-    fn clouds_yaml_holds_secrets_only_with_a_value() {
-        let yaml = |t: &str| serde_yaml_ng::from_str::<serde_yaml_ng::Value>(t).unwrap();
-        assert!(has_secret(&yaml(
-            "clouds:\n  c:\n    auth:\n      password: x\n"
-        )));
-        assert!(!has_secret(&yaml(
-            "clouds:\n  c:\n    auth:\n      username: u\n"
-        )));
-        assert!(!has_secret(&yaml(
-            "clouds:\n  c:\n    auth:\n      password: ''\n"
-        )));
     }
 }

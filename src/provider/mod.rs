@@ -5,6 +5,11 @@
 //! (name, file, format, checksums, properties) and calls [`ProviderDriver::upload`]; the
 //! cleanup worker calls [`ProviderDriver::delete`] with the `external_id` stored in ZooKeeper.
 //! Drivers are blocking and may be called from several upload threads at once.
+//!
+//! What a driver knows before it is set up is asked of this module too, so that nobody else
+//! repeats it: the image format its provider's config implies ([`configured_format`], with
+//! the driver's default) and the files it reads credentials from ([`secret_files`], for the
+//! permission check of `secret_files`).
 
 pub mod command;
 pub mod openstack;
@@ -123,6 +128,57 @@ pub trait ProviderDriver: Send + Sync {
     /// Lists the cloud images carrying `nodepool_provider_name=<this provider>`, for leak
     /// detection. A command provider without a `list-command` returns an empty list.
     fn list_images(&self) -> Result<Vec<CloudImage>, ProviderError>;
+}
+
+/// A provider's image format as far as its config says, without setting up its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfiguredFormat {
+    /// The config names it (`image-format`).
+    Named(String),
+    /// The config leaves it to the cloud (OpenStack: the `clouds.yaml` entry's
+    /// `image_format`); this is the driver's default, what it takes when the cloud says
+    /// nothing either.
+    DriverDefault(&'static str),
+}
+
+impl ConfiguredFormat {
+    /// The format, named or default.
+    pub fn format(&self) -> &str {
+        match self {
+            ConfiguredFormat::Named(f) => f,
+            ConfiguredFormat::DriverDefault(f) => f,
+        }
+    }
+}
+
+/// A provider's image format from its config alone (for a provider whose driver could not
+/// be set up, and for decisions made before any driver exists).
+pub fn configured_format(provider: &config::Provider) -> ConfiguredFormat {
+    match &provider.driver {
+        config::Driver::OpenStack {
+            image_format: Some(f),
+            ..
+        } => ConfiguredFormat::Named(f.clone()),
+        config::Driver::OpenStack {
+            image_format: None, ..
+        } => ConfiguredFormat::DriverDefault(openstack::DEFAULT_IMAGE_FORMAT),
+        config::Driver::Command { image_format, .. } => {
+            ConfiguredFormat::Named(image_format.clone())
+        }
+    }
+}
+
+/// The files a provider's driver reads that may hold credentials, as it would find them in
+/// this process's environment: for OpenStack the `secure.yaml` and a `clouds.yaml` holding a
+/// secret (`openstack::clouds::secret_files`); none for the command driver, whose commands
+/// are the operator's.
+pub fn secret_files(provider: &config::Provider) -> Vec<PathBuf> {
+    match &provider.driver {
+        config::Driver::OpenStack { .. } => {
+            openstack::clouds::secret_files(&openstack::clouds::SearchEnv::from_process())
+        }
+        config::Driver::Command { .. } => Vec::new(),
+    }
 }
 
 /// Creates the driver for a configured provider. `clouds_yaml` overrides the clouds.yaml

@@ -84,7 +84,7 @@ const UNCERTAIN_CREATE_WINDOW: Duration = Duration::from_secs(60);
 /// Images per page of `list_images` (Glance's own maximum is usually 1000).
 const DEFAULT_LIST_PAGE_SIZE: u32 = 100;
 /// The format when neither the provider nor the cloud says.
-const DEFAULT_IMAGE_FORMAT: &str = "qcow2";
+pub const DEFAULT_IMAGE_FORMAT: &str = "qcow2";
 /// Pause between two status polls, at most.
 const MAX_POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// Read size when streaming the file.

@@ -35,9 +35,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::build::{self, BuildResult};
-use crate::config::{self, Config, DiskImage};
+use crate::config::{Config, DiskImage};
 use crate::local;
 use crate::model::{self, BuildState, UploadState};
+use crate::provider;
 use crate::upload::UploadResult;
 use crate::zk::tree::{self, BuildInfo};
 
@@ -595,24 +596,13 @@ pub fn required_formats(
                         provider_formats
                             .get(&p.name)
                             .cloned()
-                            .or_else(|| configured_format(p))
-                            .unwrap_or_else(|| "qcow2".into()),
+                            .unwrap_or_else(|| provider::configured_format(p).format().into()),
                     );
                 }
             }
             (d.name.clone(), f)
         })
         .collect()
-}
-
-/// A provider's image format from the config alone (for a provider whose driver could not
-/// be set up): the configured `image-format`; `None` for an OpenStack provider that leaves
-/// it to its cloud's `clouds.yaml` entry.
-pub fn configured_format(p: &config::Provider) -> Option<String> {
-    match &p.driver {
-        config::Driver::Command { image_format, .. } => Some(image_format.clone()),
-        config::Driver::OpenStack { image_format, .. } => image_format.clone(),
-    }
 }
 
 /// An age the way an operator says it: "26h", "2m", "5s".
@@ -632,6 +622,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::config;
     use crate::zk::schema::{ImageBuild, ImageUpload};
     use crate::zk::tree::UploadInfo;
 
@@ -1035,7 +1026,11 @@ pause = {pause}
         let provider_formats = cfg
             .providers
             .iter()
-            .map(|p| (p.name.clone(), configured_format(p).unwrap()))
+            .map(|p| {
+                let format = provider::configured_format(p);
+                assert!(matches!(format, provider::ConfiguredFormat::Named(_)));
+                (p.name.clone(), format.format().to_string())
+            })
             .collect();
         let images = BTreeMap::from([("ubuntu".to_string(), st)]);
         upload_candidates(cfg, &provider_formats, |_| true, &images, |_| has_file)

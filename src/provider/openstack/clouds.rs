@@ -23,6 +23,13 @@
 //! (`endpoint_type`), `image_endpoint_override`, `image_format`, `verify`, `insecure` and
 //! `cacert` (what these mean for TLS, and the environment variables beside them: [`super::trust`]).
 //!
+//! # Which files hold secrets
+//!
+//! [`secret_files`] names the files the driver reads that may hold credentials, for the
+//! permission check of `secret_files`: `secure.yaml`, and `clouds.yaml` when a
+//! `password`, `application_credential_secret`, `token` or `secret` has a value anywhere in
+//! it.
+//!
 //! Secrets are held in [`Secret`], whose `Debug` output is `<redacted>`, and no error
 //! message of this module quotes a value from the files.
 
@@ -120,6 +127,48 @@ pub fn locate(env: &SearchEnv) -> Located {
         clouds: searched.iter().find(|p| p.is_file()).cloned(),
         secure: env.secure_candidates().into_iter().find(|p| p.is_file()),
         searched,
+    }
+}
+
+/// Keys whose (non-empty) values make a `clouds.yaml` a secret file.
+const SECRET_KEYS: [&str; 4] = [
+    "password",
+    "application_credential_secret",
+    "token",
+    "secret",
+];
+
+/// The files found for `env` that may hold credentials: the `secure.yaml`, and the
+/// `clouds.yaml` when it holds a secret.
+pub fn secret_files(env: &SearchEnv) -> Vec<PathBuf> {
+    let found = locate(env);
+    found
+        .secure
+        .into_iter()
+        .chain(found.clouds.filter(|p| holds_secrets(p)))
+        .collect()
+}
+
+/// Whether a `clouds.yaml` has a non-empty value under one of [`SECRET_KEYS`] anywhere.
+fn holds_secrets(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    let Ok(doc) = serde_yaml_ng::from_str::<Value>(&text) else {
+        return false;
+    };
+    has_secret(&doc)
+}
+
+fn has_secret(v: &Value) -> bool {
+    match v {
+        Value::Mapping(m) => m.iter().any(|(k, v)| {
+            let secret_key = k.as_str().is_some_and(|k| SECRET_KEYS.contains(&k));
+            (secret_key && v.as_str().is_some_and(|s| !s.is_empty())) || has_secret(v)
+        }),
+        Value::Sequence(s) => s.iter().any(has_secret),
+        Value::Tagged(t) => has_secret(&t.value),
+        _ => false,
     }
 }
 
@@ -482,5 +531,24 @@ fn expand_home(path: &str) -> PathBuf {
     match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
         (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
         _ => PathBuf::from(path),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clouds_yaml_holds_secrets_only_with_a_value() {
+        let yaml = |t: &str| serde_yaml_ng::from_str::<Value>(t).unwrap();
+        assert!(has_secret(&yaml(
+            "clouds:\n  c:\n    auth:\n      password: x\n"
+        )));
+        assert!(!has_secret(&yaml(
+            "clouds:\n  c:\n    auth:\n      username: u\n"
+        )));
+        assert!(!has_secret(&yaml(
+            "clouds:\n  c:\n    auth:\n      password: ''\n"
+        )));
     }
 }
