@@ -36,6 +36,7 @@ use log::{debug, error, info, warn};
 
 use crate::command;
 use crate::config::DiskImage;
+use crate::gate::{self, GateFailure};
 use crate::local;
 use crate::model::{self, BuildState};
 use crate::pool::{Stop, Work, WorkerPool};
@@ -75,6 +76,8 @@ pub struct BuildEnv {
     pub elements_dir: Option<PathBuf>,
     /// GiB; 0 turns the check off.
     pub required_free_gib: u64,
+    /// The top-level `image-gate` (a diskimage's own overrides it).
+    pub image_gate: bool,
     pub builder_id: String,
     pub fqdn: String,
 }
@@ -171,6 +174,8 @@ pub enum Verdict {
     },
     /// DIB exited 0 without writing these files.
     FilesMissing(Vec<String>),
+    /// Every file was written, but the image gate refused one (see `gate`).
+    GateFailed(GateFailure),
 }
 
 impl Verdict {
@@ -221,6 +226,7 @@ impl Verdict {
                 "DIB exited 0 but did not write {}",
                 files.join(", ")
             )),
+            Verdict::GateFailed(failure) => Some(format!("image gate failed: {failure}")),
         }
     }
 
@@ -231,7 +237,7 @@ impl Verdict {
             Verdict::DibFailed {
                 dib: DibOutcome::Cancelled,
                 ..
-            }
+            } | Verdict::GateFailed(GateFailure::Cancelled)
         )
     }
 }
@@ -348,9 +354,10 @@ fn steps(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) -> Step<
     let guard = lock_image(zk, job)?;
     recheck_under_lock(zk, job)?;
     let build_id = record_building(zk, job)?;
-    let dib = run(job, &build_id, cancel, stats);
+    let (dib, dib_time) = run(job, &build_id, cancel);
     wait_for_session_fate(zk, job, &build_id);
-    let verdict = gate(job, &build_id, &dib, guard.is_valid());
+    let verdict = gate(job, &build_id, &dib, guard.is_valid(), cancel);
+    count_build(job, &dib, dib_time, &verdict, stats);
     let record = finalize(zk, job, &build_id, &verdict, &guard, cancel)?;
     let result = report(zk, job, build_id, record, &verdict, stats);
     let builds = tree::read_image(zk, &job.image).ok();
@@ -450,17 +457,21 @@ fn record_building(zk: &Zk, job: &BuildJob) -> Step<String> {
     Ok(build_id)
 }
 
-/// Runs DIB and counts the run in statsd.
-fn run(job: &BuildJob, build_id: &str, cancel: &Receiver<()>, stats: &Stats) -> DibOutcome {
+/// Runs DIB; returns how it ended and how long it ran.
+fn run(job: &BuildJob, build_id: &str, cancel: &Receiver<()>) -> (DibOutcome, Duration) {
     let dib_started = Instant::now();
     let dib = run_dib(job, build_id, cancel);
-    stats.build_done(
-        &job.image,
-        dib_started.elapsed(),
-        dib.exit_code().unwrap_or(1),
-        model::now_epoch() as u64,
-    );
-    dib
+    (dib, dib_started.elapsed())
+}
+
+/// Counts the run in statsd: DIB's exit code, or 1 when the image gate refused the build
+/// (a gate failure is a failed build, like a DIB failure).
+fn count_build(job: &BuildJob, dib: &DibOutcome, took: Duration, verdict: &Verdict, stats: &Stats) {
+    let rc = match verdict {
+        Verdict::GateFailed(_) => 1,
+        _ => dib.exit_code().unwrap_or(1),
+    };
+    stats.build_done(&job.image, took, rc, model::now_epoch() as u64);
 }
 
 /// Upstream waits while suspended before writing the result; so do we, for as long as the
@@ -475,15 +486,59 @@ fn wait_for_session_fate(zk: &Zk, job: &BuildJob, build_id: &str) {
     }
 }
 
-/// What the run comes to: the session, DIB's end, the files it should have written.
-fn gate(job: &BuildJob, build_id: &str, dib: &DibOutcome, session_valid: bool) -> Verdict {
+/// What the run comes to: the session, DIB's end, the files it should have written, and
+/// then the image gate over those files (`gate`). A build the gate refuses loses its local
+/// files at once (it is never uploaded); its reason and output go to the build log too.
+fn gate(
+    job: &BuildJob,
+    build_id: &str,
+    dib: &DibOutcome,
+    session_valid: bool,
+    cancel: &Receiver<()>,
+) -> Verdict {
     let missing: Vec<String> = job
         .formats
         .iter()
         .map(|f| local::image_file_name(&job.image, build_id, f))
         .filter(|name| !job.env.images_dir.join(name).is_file())
         .collect();
-    Verdict::of(session_valid, dib, missing, || out_of_space(job, build_id))
+    let verdict = Verdict::of(session_valid, dib, missing, || out_of_space(job, build_id));
+    if verdict != Verdict::Built {
+        return verdict;
+    }
+    let image = job.image.as_str();
+    let spec = gate::GateSpec {
+        image,
+        build_id,
+        files: gate::build_files(&job.env.images_dir, image, build_id, &job.formats),
+        qemu_img: job.diskimage.image_gate.unwrap_or(job.env.image_gate),
+        validate_command: job.diskimage.validate_command.as_deref(),
+        validate_timeout: Duration::from_secs(job.diskimage.validate_timeout),
+    };
+    if !spec.qemu_img && spec.validate_command.is_none() {
+        return Verdict::Built;
+    }
+    registry::set_activity(format!("checking the files of {image} {build_id}"));
+    let started = Instant::now();
+    let result = gate::check_build(&spec, cancel);
+    debug!(
+        "image={image} build={build_id}: image gate took {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    match result {
+        Ok(()) => Verdict::Built,
+        Err(failure) => {
+            let log_path = job
+                .env
+                .build_log_dir
+                .join(format!("{image}-{build_id}.log"));
+            append_line(&log_path, &format!("Image gate failed: {failure}"));
+            if failure != GateFailure::Cancelled {
+                delete_local_build(&job.env.images_dir, image, build_id);
+            }
+            Verdict::GateFailed(failure)
+        }
+    }
 }
 
 /// Overwrites the record with `ready` or `failed`; `ready` only while the lock holds, a
@@ -831,6 +886,9 @@ mod tests {
                 shell_type: None,
                 metadata: Default::default(),
                 images_dir_required_free: None,
+                image_gate: None,
+                validate_command: None,
+                validate_timeout: 600,
             },
             formats: formats.iter().map(|s| s.to_string()).collect(),
             cause: "test".into(),
@@ -842,6 +900,7 @@ mod tests {
                 build_log_retention: 7,
                 elements_dir: Some("/etc/elements".into()),
                 required_free_gib: 0,
+                image_gate: true,
                 builder_id: "b".into(),
                 fqdn: "h".into(),
             },

@@ -17,6 +17,8 @@
 //! * `config`: the configuration, our TOML or nodepool.yaml itself (its builder subset),
 //!   read through one document tree, validated with every error as `file:line:col`.
 //! * `daemon`: daemon mode: pidfile lock, double fork with a readiness pipe, `sd_notify`.
+//! * `gate`: the image gate: `qemu-img info`/`check` of every built file and the optional
+//!   `validate-command`, before a build may be recorded `ready`.
 //! * `identity`: who this builder is: `builder_id.txt`, host name, fully qualified name.
 //! * `lib.rs`: this map and the architecture invariants.
 //! * `local`: the images-dir and build-log dir: file names of a build (image, checksum and
@@ -68,6 +70,7 @@ pub mod cli;
 pub mod command;
 pub mod config;
 pub mod daemon;
+pub mod gate;
 pub mod identity;
 pub mod local;
 pub mod logging;

@@ -148,6 +148,23 @@ fn full_config_merges_parents_secure_file_and_both_drivers() {
     assert_eq!(jammy.metadata, map(&[("owner", "infra")]));
     assert_eq!(jammy.rebuild_age, 3600);
     assert_eq!(jammy.build_timeout, 7200);
+    // The image gate: off at the top, back on for this image, with a validate command.
+    assert!(!config.image_gate);
+    assert_eq!(jammy.image_gate, Some(true));
+    assert_eq!(
+        jammy.validate_command,
+        Some(strings(&[
+            "/usr/local/bin/boot-test",
+            "--format={format}",
+            "{file}",
+            "{image_name}-{build_id}"
+        ]))
+    );
+    assert_eq!(jammy.validate_timeout, 300);
+    let debian = config.diskimage("debian-bookworm").unwrap();
+    assert_eq!(debian.image_gate, None, "the top-level image-gate decides");
+    assert_eq!(debian.validate_command, None);
+    assert_eq!(debian.validate_timeout, 600, "the default validate-timeout");
     assert_eq!(jammy.username, "base-user");
     assert_eq!(jammy.python_path, "/usr/bin/python3");
     assert_eq!(jammy.shell_type.as_deref(), Some("bash"));

@@ -34,6 +34,9 @@ mod glance_tls;
 mod glance_uploads;
 /// The test harness itself: servers start, TLS works, kazoo connects.
 mod harness;
+/// The image gate: qemu-img checks and validate-command before `ready`; a broken image
+/// fails its build, loses its files, is never uploaded, and backs off.
+mod image_gate;
 /// Logging as nodepool: `-l` dictConfig files, logger names, line format, filters.
 mod logging;
 /// A mixed fleet: Python nodepool-builder 11 and ours on one ZooKeeper, one Glance, one

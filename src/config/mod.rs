@@ -5,7 +5,8 @@
 //! The main file (`-c`) uses nodepool.yaml's key names, kebab-case, with nodepool's defaults
 //! (wire spec §4); `etc/nodepool-builder.toml` lists every key with its default.
 //! A few keys are our additions: `images-dir-required-free` (from the unmerged upstream
-//! proposal, GiB, also per diskimage), `zookeeper-auth`, `cleanup-interval`,
+//! proposal, GiB, also per diskimage), `image-gate` (also per diskimage), the diskimage's
+//! `validate-command` and `validate-timeout` (see `gate`), `zookeeper-auth`, `cleanup-interval`,
 //! `resync-interval`, `retry-backoff-initial`, `retry-backoff-max`, the provider driver
 //! `command` and the openstack provider's `image-format`.
 //!
@@ -125,6 +126,10 @@ pub mod defaults {
     pub const IMAGE_NAME_FORMAT: &str = "{image_name}-{timestamp}";
     /// `image-upload-timeout` of a provider, seconds.
     pub const IMAGE_UPLOAD_TIMEOUT: u64 = 3600;
+    /// `image-gate` (top level and per diskimage): the `qemu-img` checks run.
+    pub const IMAGE_GATE: bool = true;
+    /// `validate-timeout` of a diskimage, seconds.
+    pub const VALIDATE_TIMEOUT: u64 = 600;
     /// `image-format` of a command provider.
     pub const COMMAND_IMAGE_FORMAT: &str = "qcow2";
 }
@@ -144,6 +149,9 @@ pub struct Config {
     pub zookeeper_timeout: f64,
     /// GiB that must be free in `images_dir` before a build starts; 0 turns the check off.
     pub images_dir_required_free: u64,
+    /// `image-gate`: whether built files are checked with `qemu-img` before `ready`
+    /// (a diskimage's own `image-gate` overrides it).
+    pub image_gate: bool,
     /// The servers to connect to; there is at least one.
     pub zookeeper_servers: Vec<ZkServer>,
     pub zookeeper_tls: Option<ZkTls>,
@@ -225,6 +233,12 @@ pub struct DiskImage {
     pub metadata: BTreeMap<String, String>,
     /// Overrides the top-level `images_dir_required_free`, GiB.
     pub images_dir_required_free: Option<u64>,
+    /// Overrides the top-level `image_gate`.
+    pub image_gate: Option<bool>,
+    /// `validate-command`: an argv template run on every built file before `ready`.
+    pub validate_command: Option<Vec<String>>,
+    /// `validate-timeout`, seconds.
+    pub validate_timeout: u64,
 }
 
 /// One `[[providers]]` entry.

@@ -63,6 +63,7 @@ pub(crate) struct RawMain {
     pub build_log_retention: Option<i64>,
     pub zookeeper_timeout: Option<f64>,
     pub images_dir_required_free: Option<u64>,
+    pub image_gate: Option<bool>,
     pub cleanup_interval: Option<f64>,
     pub resync_interval: Option<f64>,
     pub retry_backoff_initial: Option<f64>,
@@ -111,6 +112,9 @@ pub(crate) struct DiskImageKeys {
     pub shell_type: Option<String>,
     pub metadata: Option<BTreeMap<String, String>>,
     pub images_dir_required_free: Option<u64>,
+    pub image_gate: Option<bool>,
+    pub validate_command: Option<Vec<String>>,
+    pub validate_timeout: Option<u64>,
 }
 
 /// One `[[diskimages]]` entry of the secure file.
@@ -146,6 +150,7 @@ const MAIN_ONLY_KEYS: &[&str] = &[
     "build-log-retention",
     "zookeeper-timeout",
     "images-dir-required-free",
+    "image-gate",
     "cleanup-interval",
     "resync-interval",
     "retry-backoff-initial",
@@ -171,6 +176,9 @@ const DISKIMAGE_MAIN_ONLY_KEYS: &[&str] = &[
     "shell-type",
     "metadata",
     "images-dir-required-free",
+    "image-gate",
+    "validate-command",
+    "validate-timeout",
 ];
 
 /// Top-level keys of nodepool.yaml that only the launcher reads.
@@ -251,6 +259,7 @@ pub(crate) fn read_main(
     let images_dir_required_free = r
         .integer(sink, "images-dir-required-free")
         .and_then(|v| non_negative(sink, "images-dir-required-free", v));
+    let image_gate = r.boolean(sink, "image-gate").map(|v| v.value);
     let cleanup_interval = r.number(sink, "cleanup-interval").and_then(|v| {
         check(
             sink,
@@ -321,6 +330,7 @@ pub(crate) fn read_main(
         build_log_retention: build_log_retention.map(|v| v.value),
         zookeeper_timeout: zookeeper_timeout.map(|v| v.value),
         images_dir_required_free,
+        image_gate,
         cleanup_interval: cleanup_interval.map(|v| v.value),
         resync_interval: resync_interval.map(|v| v.value),
         retry_backoff_initial: backoff_initial.map(|v| v.value),
@@ -524,7 +534,29 @@ fn read_diskimage(src: &Source, table: &Table, pos: Pos, sink: &mut Sink) -> Raw
         images_dir_required_free: d
             .integer(sink, "images-dir-required-free")
             .and_then(|v| non_negative(sink, "images-dir-required-free", v)),
+        image_gate: d.boolean(sink, "image-gate").map(|v| v.value),
+        validate_command: d.command(sink, "validate-command"),
+        validate_timeout: d
+            .integer(sink, "validate-timeout")
+            .and_then(|v| whole_seconds(sink, "validate-timeout", v))
+            .and_then(|v| positive(sink, "validate-timeout", v)),
     };
+    if let Some(template) = &keys.validate_command {
+        let unknown = crate::gate::unknown_placeholders(template);
+        if let Some(name) = unknown.first() {
+            let known: Vec<String> = crate::gate::VALIDATE_PLACEHOLDERS
+                .iter()
+                .map(|k| format!("{{{k}}}"))
+                .collect();
+            sink.error(
+                d.value_pos("validate-command"),
+                format!(
+                    "`validate-command` has an unknown placeholder {{{name}}} (known: {})",
+                    known.join(", ")
+                ),
+            );
+        }
+    }
     d.finish(sink);
     RawDiskImage {
         name,

@@ -86,6 +86,7 @@ pub(crate) fn build(main: RawMain, secure: Option<RawSecure>, sink: &mut Sink) -
         images_dir_required_free: main
             .images_dir_required_free
             .unwrap_or(defaults::IMAGES_DIR_REQUIRED_FREE),
+        image_gate: main.image_gate.unwrap_or(defaults::IMAGE_GATE),
         zookeeper_servers,
         zookeeper_tls: tls,
         zookeeper_auth: auth,
@@ -258,6 +259,9 @@ fn overlay(base: DiskImageKeys, child: &DiskImageKeys) -> DiskImageKeys {
         images_dir_required_free: child
             .images_dir_required_free
             .or(base.images_dir_required_free),
+        image_gate: child.image_gate.or(base.image_gate),
+        validate_command: child.validate_command.clone().or(base.validate_command),
+        validate_timeout: child.validate_timeout.or(base.validate_timeout),
     }
 }
 
@@ -284,6 +288,9 @@ fn finish_diskimage(name: String, keys: DiskImageKeys) -> DiskImage {
         shell_type: keys.shell_type,
         metadata: keys.metadata.unwrap_or_default(),
         images_dir_required_free: keys.images_dir_required_free,
+        image_gate: keys.image_gate,
+        validate_command: keys.validate_command,
+        validate_timeout: keys.validate_timeout.unwrap_or(defaults::VALIDATE_TIMEOUT),
     }
 }
 

@@ -423,7 +423,7 @@ fn describe_end(outcome: Outcome) -> String {
 }
 
 /// The `{name}` placeholders in `arg` (names of lowercase letters and `_`).
-fn placeholders(arg: &str) -> Vec<&str> {
+pub(crate) fn placeholders(arg: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut rest = arg;
     while let Some(open) = rest.find('{') {
@@ -444,7 +444,7 @@ fn is_placeholder_name(name: &str) -> bool {
 }
 
 /// `arg` with every known placeholder replaced (in one pass: values are not rescanned).
-fn substitute(arg: &str, values: &BTreeMap<&str, &str>) -> String {
+pub(crate) fn substitute(arg: &str, values: &BTreeMap<&str, &str>) -> String {
     let mut out = String::with_capacity(arg.len());
     let mut rest = arg;
     while let Some(open) = rest.find('{') {

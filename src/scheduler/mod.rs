@@ -528,6 +528,7 @@ impl Scheduler {
                     build_log_retention: self.cfg.build_log_retention,
                     elements_dir: self.cfg.elements_dir.clone(),
                     required_free_gib: self.cfg.images_dir_required_free,
+                    image_gate: self.cfg.image_gate,
                     builder_id: self.builder_id.clone(),
                     fqdn: self.fqdn.clone(),
                 },
