@@ -14,7 +14,10 @@
 //!    command line and environment, its output appended to `<build-log-dir>/<image>-<id>.log`
 //!    which ends with `Exit code: N`. DIB runs in its own process group; a timeout or shutdown
 //!    stops the whole group.
-//! 5. Overwrite the record with `ready` (with formats) or `failed` (without), and delete
+//! 5. The image gate (`gate`): every file DIB wrote is checked with `qemu-img` (and the
+//!    diskimage's `validate-command`) before `ready` may be written; a refused build is
+//!    `failed` like a DIB failure, and its local files are removed at once.
+//! 6. Overwrite the record with `ready` (with formats) or `failed` (without), and delete
 //!    `request-build` after a `ready` result. If the ZooKeeper session was lost while DIB ran,
 //!    the result is `failed` ("ZooKeeper lost while building"). A session that was only
 //!    suspended (a server restart, a network blip) and resumed is no loss: DIB keeps running
