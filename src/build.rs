@@ -523,13 +523,14 @@ fn gate(
     }
     registry::set_activity(format!("checking the files of {image} {build_id}"));
     let started = Instant::now();
-    let result = gate::check_build(&spec, cancel);
-    debug!(
-        "image={image} build={build_id}: image gate took {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-    match result {
-        Ok(()) => Verdict::Built,
+    match gate::check_build(&spec, cancel) {
+        Ok(()) => {
+            info!(
+                "image={image} build={build_id}: image gate passed in {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+            Verdict::Built
+        }
         Err(failure) => {
             let log_path = job
                 .env
@@ -659,9 +660,11 @@ fn report(
     } else {
         error!("image={image} build={build_id}: {reason}");
     }
+    // The scheduler repeats the reason when it schedules the retry: its first line is
+    // enough there (a gate failure's tool output is in the line above and the build log).
     BuildResult::Failed {
         build_id: Some(build_id),
-        reason,
+        reason: reason.lines().next().unwrap_or_default().to_string(),
         unrecorded: false,
     }
 }
@@ -975,6 +978,20 @@ mod tests {
     }
 
     #[test]
+    fn a_gate_failure_reads_as_the_gates_reason() {
+        let v = Verdict::GateFailed(GateFailure::WrongFormat {
+            file: "fedora-x.qcow2".into(),
+            expected: "qcow2".into(),
+            found: "raw".into(),
+        });
+        assert_eq!(
+            v.reason("fedora").as_deref(),
+            Some("image gate failed: fedora-x.qcow2 is raw, expected qcow2")
+        );
+        assert!(!v.stopped_by_shutdown());
+    }
+
+    #[test]
     fn the_verdict_puts_a_lost_session_first_and_missing_files_after_dib() {
         let missing = || vec!["fedora-x.qcow2".to_string()];
         let no_hint = || None;
@@ -996,6 +1013,7 @@ mod tests {
             Verdict::Built
         );
         assert!(Verdict::of(true, &DibOutcome::Cancelled, vec![], no_hint).stopped_by_shutdown());
+        assert!(Verdict::GateFailed(GateFailure::Cancelled).stopped_by_shutdown());
         assert!(!Verdict::of(true, &DibOutcome::TimedOut, vec![], no_hint).stopped_by_shutdown());
     }
 }

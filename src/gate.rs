@@ -147,7 +147,10 @@ pub enum GateFailure {
 impl fmt::Display for GateFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            GateFailure::QemuImgMissing(e) => write!(f, "cannot run qemu-img: {e}"),
+            GateFailure::QemuImgMissing(e) => write!(
+                f,
+                "cannot run qemu-img: {e} (install qemu-utils, or set image-gate = false)"
+            ),
             GateFailure::Unreadable { file, output } => {
                 write!(f, "qemu-img info cannot read {file}{}", block(output))
             }

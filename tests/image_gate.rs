@@ -100,7 +100,15 @@ fn a_good_image_passes_the_gate_reaches_the_validate_command_and_is_uploaded() {
         format!("--format=qcow2\n{}\nfedora\n{}\n", file.display(), build.id),
         "every placeholder reaches the command as one argument"
     );
-    assert!(!b.log().contains("image gate failed"), "{}", b.log());
+    let log = b.log();
+    assert!(!log.contains("image gate failed"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "image=fedora build={}: image gate passed in",
+            build.id
+        )),
+        "{log}"
+    );
 }
 
 #[test]
@@ -120,10 +128,13 @@ fn a_truncated_qcow2_fails_the_build_loses_its_files_and_is_never_uploaded() {
         log.contains("qemu-img check found") && log.contains("corrupt"),
         "{log}"
     );
-    assert!(
-        log.contains("exceeding the end of the file"),
-        "qemu-img's own words are in the log: {log}"
+    assert_eq!(
+        log.matches("exceeding the end of the file").count(),
+        log.matches("nodepool.builder.BuildWorker.0:   ERROR: counting reference")
+            .count(),
+        "qemu-img's own words are in the log, once, in the ERROR line: {log}"
     );
+    assert!(log.contains("exceeding the end of the file"), "{log}");
     assert_refused(&site, &id, "corrupt");
 }
 
@@ -232,4 +243,37 @@ fn image_gate_false_turns_the_qemu_img_checks_off() {
     let b = site.start(0, &[]);
     site.wait_builds("fedora", BuildState::Ready, 1);
     assert!(!b.log().contains("image gate failed"), "{}", b.log());
+}
+
+/// statsd counts a refused build as failed: DIB exited 0, but the `rc` gauge is 1.
+#[test]
+fn a_refused_build_counts_as_failed_in_statsd() {
+    let site = Site::new("gate_statsd");
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    let port = sock.local_addr().unwrap().port().to_string();
+    let cfg = site.config(
+        0,
+        "",
+        &fedora(
+            &site,
+            "[diskimages.env-vars]\nFAKE_DIB_CORRUPT = \"truncate\"",
+        ),
+    );
+    let mut b = BuilderProcess::start(
+        &["-d", "-c", cfg.to_str().unwrap()],
+        &[("STATSD_HOST", "127.0.0.1"), ("STATSD_PORT", &port)],
+        &site.path("builder0.log"),
+    );
+    gate_failure(&mut b);
+    let key = "nodepool.dib_image_build.fedora.status.rc:";
+    let mut buf = [0u8; 65536];
+    let rc = wait_for(WAIT, "the build's rc gauge", || {
+        let n = sock.recv(&mut buf).ok()?;
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .find_map(|l| l.strip_prefix(key).map(str::to_string))
+    });
+    assert_eq!(rc, "1|g");
 }
