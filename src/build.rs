@@ -532,13 +532,10 @@ fn gate(
             Verdict::Built
         }
         Err(failure) => {
-            let log_path = job
-                .env
-                .build_log_dir
-                .join(format!("{image}-{build_id}.log"));
+            let log_path = local::build_log(&job.env.build_log_dir, image, build_id);
             append_line(&log_path, &format!("Image gate failed: {failure}"));
             if failure != GateFailure::Cancelled {
-                delete_local_build(&job.env.images_dir, image, build_id);
+                local::delete_build(&job.env.images_dir, image, build_id);
             }
             Verdict::GateFailed(failure)
         }

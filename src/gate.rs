@@ -62,6 +62,7 @@ use crossbeam_channel::Receiver;
 use log::{debug, info};
 
 use crate::command::{self, Outcome, Output, Spec};
+use crate::local;
 
 /// The placeholders of `validate-command`.
 pub const VALIDATE_PLACEHOLDERS: [&str; 4] = ["file", "format", "image_name", "build_id"];
@@ -464,12 +465,7 @@ pub fn build_files(
 ) -> Vec<(String, PathBuf)> {
     formats
         .iter()
-        .map(|f| {
-            (
-                f.clone(),
-                images_dir.join(format!("{image}-{build_id}.{f}")),
-            )
-        })
+        .map(|f| (f.clone(), local::image_file(images_dir, image, build_id, f)))
         .collect()
 }
 
