@@ -16,7 +16,7 @@ use nodepool_builder::model::{BuildState, UploadState};
 use nodepool_builder::zk::schema::{ImageBuild, ImageUpload};
 use nodepool_builder::zk::{Mode, Zk, ZkConfig, paths};
 
-use crate::util::np::Site;
+use crate::util::site::TestSite;
 use crate::util::zk::{ZkOptions, ZkServer};
 use crate::util::{cpu_secs, poll_for};
 
@@ -153,7 +153,7 @@ fn bench_server() -> &'static ZkServer {
 
 /// Writes the clouds.yaml both builders read (through `OS_CLIENT_CONFIG_FILE`): one cloud,
 /// `bench`, that is the shared real Glance without Keystone.
-fn write_clouds(site: &Site) -> PathBuf {
+fn write_clouds(site: &TestSite) -> PathBuf {
     let glance = crate::util::glance::GlanceServer::shared();
     let path = site.path("clouds.yaml");
     let clouds = format!(
@@ -217,8 +217,8 @@ fn start_subject(
     images: usize,
     providers: usize,
     workers: (usize, usize),
-) -> (Site, Daemon) {
-    let site = Site::on(&format!("{scenario}_{}", subject.tag()), bench_server());
+) -> (TestSite, Daemon) {
+    let site = TestSite::on(&format!("{scenario}_{}", subject.tag()), bench_server());
     let clouds = write_clouds(&site);
     let (builds, uploads) = (workers.0.to_string(), workers.1.to_string());
     let daemon = match subject {
@@ -244,7 +244,7 @@ fn start_subject(
     (site, daemon)
 }
 
-fn ready_uploads(site: &Site, images: usize) -> usize {
+fn ready_uploads(site: &TestSite, images: usize) -> usize {
     (0..images)
         .map(|i| {
             site.uploads(&format!("img{i:02}"))
@@ -255,7 +255,13 @@ fn ready_uploads(site: &Site, images: usize) -> usize {
         .sum()
 }
 
-fn wait_all_uploaded(site: &Site, d: &Daemon, images: usize, providers: usize, limit: Duration) {
+fn wait_all_uploaded(
+    site: &TestSite,
+    d: &Daemon,
+    images: usize,
+    providers: usize,
+    limit: Duration,
+) {
     let want = images * providers;
     poll_for(limit, || {
         (ready_uploads(site, images) >= want).then_some(())
@@ -570,7 +576,7 @@ pub fn cleanup_cost(sizes: Sizes) -> Vec<Figure> {
 /// `create_image` of the same file to the same Glance; MB/s and peak RSS of each.
 pub fn upload_throughput(sizes: Sizes) -> Vec<Figure> {
     let glance = crate::util::glance::GlanceServer::shared();
-    let site = Site::on("bench_upload", bench_server());
+    let site = TestSite::on("bench_upload", bench_server());
     let clouds = site.path("clouds.yaml");
     std::fs::write(
         &clouds,

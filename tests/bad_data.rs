@@ -676,10 +676,10 @@ fn warnings_about(log: &str, what: &str) -> usize {
 
 #[test]
 fn a_daemon_skips_bad_znodes_with_one_warning_each_and_carries_on() {
-    use crate::util::np::Site;
+    use crate::util::site::TestSite;
     use nodepool_builder::zk::Mode;
 
-    let site = Site::new("bad_znodes");
+    let site = TestSite::new("bad_znodes");
     let body = format!(
         "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{{fake_dib}}\"\nformats = [\"raw\"]\n{}",
         site.provider("cloud", "raw", &["fedora"], "")

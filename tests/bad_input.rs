@@ -18,7 +18,7 @@ use nodepool_builder::model::UploadState;
 use crate::util::builder::BuilderProcess;
 use crate::util::faultproxy::{Fault, FaultProxy, Rule};
 use crate::util::glance::GlanceServer;
-use crate::util::np::{Site, WAIT};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::wait_until;
 
 const IMAGE: &str = "fedora";
@@ -28,7 +28,7 @@ const IMAGE: &str = "fedora";
 struct World {
     glance: &'static GlanceServer,
     proxy: FaultProxy,
-    site: Site,
+    site: TestSite,
     provider: String,
     clouds: String,
 }
@@ -39,7 +39,7 @@ impl World {
         let glance = GlanceServer::shared();
         let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], glance.port())));
         proxy.set(rules);
-        let site = Site::new(name);
+        let site = TestSite::new(name);
         let clouds = site.path("clouds.yaml");
         std::fs::write(
             &clouds,

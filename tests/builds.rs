@@ -7,7 +7,7 @@ use nix::sys::signal::Signal;
 use nodepool_builder::model::BuildState;
 use nodepool_builder::zk::paths;
 
-use crate::util::np::{Site, WAIT};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::zk::{ZkOptions, ZkServer};
 use crate::util::{cpu_secs, process_alive, wait_for, wait_until};
 
@@ -22,7 +22,7 @@ formats = ["qcow2"]
 
 #[test]
 fn first_build_then_manual_request_is_served_at_once() {
-    let site = Site::new("manual_request");
+    let site = TestSite::new("manual_request");
     site.config(0, "", ONE_IMAGE);
     let b = site.start(0, &[]);
     let first = site.wait_builds("fedora", BuildState::Ready, 1);
@@ -63,7 +63,7 @@ fn first_build_then_manual_request_is_served_at_once() {
 /// served.
 #[test]
 fn with_cleanup_disabled_a_manual_request_is_served_and_idle_costs_no_cpu() {
-    let site = Site::new("cleanup_disabled");
+    let site = TestSite::new("cleanup_disabled");
     site.config(0, "cleanup-interval = 0", ONE_IMAGE);
     let b = site.start(0, &[]);
     site.wait_builds("fedora", BuildState::Ready, 1);
@@ -89,7 +89,7 @@ fn with_cleanup_disabled_a_manual_request_is_served_and_idle_costs_no_cpu() {
 
 #[test]
 fn rebuild_age_expiry_rebuilds_and_keeps_both_logs() {
-    let site = Site::new("rebuild_age");
+    let site = TestSite::new("rebuild_age");
     site.config(
         0,
         "",
@@ -132,7 +132,7 @@ fn rebuild_age_expiry_rebuilds_and_keeps_both_logs() {
 
 #[test]
 fn paused_by_config_is_never_built_while_others_are() {
-    let site = Site::new("pause_config");
+    let site = TestSite::new("pause_config");
     site.config(
         0,
         "",
@@ -163,7 +163,7 @@ formats = ["raw"]
 
 #[test]
 fn pause_znode_holds_requests_until_unpaused() {
-    let site = Site::new("pause_znode");
+    let site = TestSite::new("pause_znode");
     site.config(0, "", &format!("{ONE_IMAGE}\n[[diskimages]]\nname = \"other\"\ndib-cmd = \"{{fake_dib}}\"\nformats = [\"raw\"]\n"));
     let _b = site.start(0, &[]);
     site.wait_builds("fedora", BuildState::Ready, 1);
@@ -189,7 +189,7 @@ fn pause_znode_holds_requests_until_unpaused() {
 
 #[test]
 fn formats_are_the_union_with_providers_and_a_new_format_rebuilds() {
-    let site = Site::new("formats_union");
+    let site = TestSite::new("formats_union");
     let providers = r#"
 [[providers]]
 name = "vhd-cloud"
@@ -232,7 +232,7 @@ name = "fedora"
 
 #[test]
 fn build_only_and_formatless_images() {
-    let site = Site::new("build_only");
+    let site = TestSite::new("build_only");
     site.config(
         0,
         "",
@@ -266,7 +266,7 @@ dib-cmd = "{fake_dib}"
 
 #[test]
 fn parents_and_abstract_images_merge_elements_and_env() {
-    let site = Site::new("parents");
+    let site = TestSite::new("parents");
     site.config(
         0,
         "",
@@ -313,7 +313,7 @@ FAKE_DIB_EXPECT_ENV = "TMPDIR=/opt/dib_tmp LEVEL=intermediate DIB_RELEASE=21"
 
 #[test]
 fn build_timeout_kills_the_whole_group_and_records_failed() {
-    let site = Site::new("build_timeout");
+    let site = TestSite::new("build_timeout");
     site.config(
         0,
         "",
@@ -348,7 +348,7 @@ fn build_timeout_kills_the_whole_group_and_records_failed() {
 
 #[test]
 fn dib_failure_records_failed_and_retries_with_backoff() {
-    let site = Site::new("dib_failure");
+    let site = TestSite::new("dib_failure");
     site.config(0, "", ONE_IMAGE);
     let fail = site.control(0, "fake-dib.fail", "");
     let mut b = site.start(0, &[]);
@@ -383,7 +383,7 @@ fn dib_failure_records_failed_and_retries_with_backoff() {
 
 #[test]
 fn dib_exiting_0_without_all_formats_is_a_failed_build() {
-    let site = Site::new("dib_partial");
+    let site = TestSite::new("dib_partial");
     site.config(
         0,
         "",
@@ -399,7 +399,7 @@ fn dib_exiting_0_without_all_formats_is_a_failed_build() {
 
 #[test]
 fn dib_exiting_0_without_any_file_is_a_failed_build_naming_the_file() {
-    let site = Site::new("dib_nofiles");
+    let site = TestSite::new("dib_nofiles");
     site.config(0, "", ONE_IMAGE);
     let nofiles = site.control(0, "fake-dib.nofiles", "");
     let mut b = site.start(0, &[]);
@@ -420,7 +420,7 @@ fn dib_exiting_0_without_any_file_is_a_failed_build_naming_the_file() {
 
 #[test]
 fn build_log_retention_keeps_exact_image_logs_only() {
-    let site = Site::new("log_retention");
+    let site = TestSite::new("log_retention");
     site.config(
         0,
         "build-log-retention = 1",
@@ -463,7 +463,7 @@ fn build_log_retention_keeps_exact_image_logs_only() {
 
 #[test]
 fn free_space_guard_waits_for_space_without_recording_failures() {
-    let site = Site::new("free_space");
+    let site = TestSite::new("free_space");
     let small = "\n[[diskimages]]\nname = \"small\"\ndib-cmd = \"{fake_dib}\"\nformats = [\"raw\"]\nimages-dir-required-free = 0\n";
     site.config(
         0,
@@ -505,7 +505,7 @@ fn free_space_guard_waits_for_space_without_recording_failures() {
 
 #[test]
 fn two_builders_never_build_one_image_twice() {
-    let site = Site::new("two_builders");
+    let site = TestSite::new("two_builders");
     let body = ONE_IMAGE.replace(
         "formats = [\"qcow2\"]",
         "formats = [\"qcow2\"]\n[diskimages.env-vars]\nFAKE_DIB_SIZE_MB = \"4\"",
@@ -551,7 +551,7 @@ fn two_builders_never_build_one_image_twice() {
 
 #[test]
 fn sigterm_during_a_build_kills_dib_and_records_failed() {
-    let site = Site::new("sigterm_build");
+    let site = TestSite::new("sigterm_build");
     site.config(0, "", ONE_IMAGE);
     site.control(0, "fake-dib.hang", "");
     let mut b = site.start(0, &[]);
@@ -588,7 +588,7 @@ fn sigterm_during_a_build_kills_dib_and_records_failed() {
 fn session_loss_during_a_build_records_failed_then_rebuilds() {
     // A dedicated server: this test freezes it. Leaked on purpose: it dies with the process.
     let server: &'static ZkServer = Box::leak(Box::new(ZkServer::start(ZkOptions::tls())));
-    let site = Site::on("session_loss", server);
+    let site = TestSite::on("session_loss", server);
     site.config(0, "", ONE_IMAGE);
     let cfg = site.path("builder0.toml");
     let text = std::fs::read_to_string(&cfg)

@@ -13,7 +13,7 @@ use nodepool_builder::provider::{ProviderDriver, for_provider};
 use nodepool_builder::zk::{Mode, paths};
 
 use crate::util::builder::BuilderProcess;
-use crate::util::np::{Site, WAIT};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::wait_until;
 
 fn image(name: &str, extra: &str) -> String {
@@ -22,7 +22,7 @@ fn image(name: &str, extra: &str) -> String {
 
 #[test]
 fn removing_an_image_from_config_deletes_uploads_builds_and_files() {
-    let site = Site::new("image_removal");
+    let site = TestSite::new("image_removal");
     let keep = image("keep", "");
     let gone = image("gone", "");
     site.config(
@@ -65,7 +65,7 @@ fn removing_an_image_from_config_deletes_uploads_builds_and_files() {
 
 #[test]
 fn removing_an_image_from_one_provider_deletes_only_that_upload() {
-    let site = Site::new("provider_removal");
+    let site = TestSite::new("provider_removal");
     let img = image("fedora", "");
     site.config(
         0,
@@ -110,7 +110,7 @@ fn removing_an_image_from_one_provider_deletes_only_that_upload() {
 
 #[test]
 fn a_third_build_rotates_out_the_oldest_keeping_two() {
-    let site = Site::new("rotation");
+    let site = TestSite::new("rotation");
     site.fedora_on_cloud(0, "build-log-retention = 1");
     let _b = site.start(0, &[]);
     let (first, _) = site
@@ -148,7 +148,7 @@ fn a_third_build_rotates_out_the_oldest_keeping_two() {
 
 #[test]
 fn failing_cloud_deletes_are_retried_until_they_succeed_and_files_go_first() {
-    let site = Site::new("delete_retries");
+    let site = TestSite::new("delete_retries");
     site.fedora_on_cloud(0, "cleanup-interval = 1.0");
     let mut b = site.start(0, &[]);
     let (build, up) = site
@@ -196,7 +196,7 @@ fn failing_cloud_deletes_are_retried_until_they_succeed_and_files_go_first() {
 
 #[test]
 fn delete_after_upload_prunes_uploaded_formats_but_keeps_keep_formats() {
-    let site = Site::new("delete_after_upload");
+    let site = TestSite::new("delete_after_upload");
     std::fs::create_dir_all(site.cloud_dir("vhd")).unwrap();
     std::fs::write(site.cloud_dir("vhd").join("fail-upload"), "").unwrap();
     let body = format!(
@@ -240,7 +240,7 @@ fn delete_after_upload_prunes_uploaded_formats_but_keeps_keep_formats() {
 
 #[test]
 fn dib_image_delete_with_two_builders_one_offline() {
-    let site = Site::new("two_builders_delete");
+    let site = TestSite::new("two_builders_delete");
     let img = image("fedora", "formats = [\"raw\"]");
     site.config(0, "", &img);
     site.config(1, "", &img);
@@ -275,7 +275,7 @@ fn dib_image_delete_with_two_builders_one_offline() {
 
 #[test]
 fn orphans_of_a_killed_builder_are_cleaned_and_the_work_redone() {
-    let site = Site::new("orphans");
+    let site = TestSite::new("orphans");
     site.fedora_on_cloud(0, "cleanup-interval = 1.0");
     let hang = site.control(0, "fake-dib.hang", "");
     let mut b = site.start(0, &[]);
@@ -326,7 +326,7 @@ fn orphans_of_a_killed_builder_are_cleaned_and_the_work_redone() {
 
 #[test]
 fn a_cloud_image_without_a_record_is_found_by_the_list_command_and_deleted() {
-    let site = Site::new("listed_leak");
+    let site = TestSite::new("listed_leak");
     site.config(
         0,
         "cleanup-interval = 1.0",
@@ -372,7 +372,7 @@ fn a_cloud_image_without_a_record_is_found_by_the_list_command_and_deleted() {
 
 #[test]
 fn empty_znodes_left_by_lock_races_are_removed() {
-    let site = Site::new("empty_znodes");
+    let site = TestSite::new("empty_znodes");
     site.config(
         0,
         "cleanup-interval = 1.0",
@@ -403,7 +403,7 @@ fn empty_znodes_left_by_lock_races_are_removed() {
 /// lists the cloud's images. None of them may go in five janitor passes; once the records
 /// are removed, leak detection deletes them.
 pub(crate) fn unreadable_records_keep_their_cloud_images(
-    site: &Site,
+    site: &TestSite,
     builder: &mut BuilderProcess,
     provider: &str,
     put: impl Fn(&str, &str) -> String,
@@ -498,7 +498,7 @@ pub(crate) fn unreadable_records_keep_their_cloud_images(
 
 #[test]
 fn unreadable_records_keep_their_images_in_a_directory_cloud() {
-    let site = Site::new("unreadable_records_dir");
+    let site = TestSite::new("unreadable_records_dir");
     site.config(
         0,
         "cleanup-interval = 1.0",
@@ -527,7 +527,7 @@ fn unreadable_records_keep_their_images_in_a_directory_cloud() {
 /// would leave the cloud image without a record; the next pass deletes both.
 #[test]
 fn an_upload_that_became_ready_after_the_janitor_read_it_is_not_clobbered() {
-    let site = Site::new("stale_snapshot");
+    let site = TestSite::new("stale_snapshot");
     let cfg_path = site.config(
         0,
         "",
@@ -611,7 +611,7 @@ fn an_upload_that_became_ready_after_the_janitor_read_it_is_not_clobbered() {
 /// provider has no `list-command`, so no leak detection could mend a lost record).
 #[test]
 fn an_image_taken_off_its_provider_mid_upload_is_deleted_with_its_cloud_image() {
-    let site = Site::new("removed_mid_upload");
+    let site = TestSite::new("removed_mid_upload");
     let with = |images: &[&str]| {
         site.config(
             0,

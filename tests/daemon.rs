@@ -277,7 +277,7 @@ os.execv(sys.argv[1], sys.argv[1:])";
 #[test]
 fn started_with_sigchld_ignored_and_sigterm_blocked_it_still_builds_uploads_and_stops() {
     use nodepool_builder::model::{BuildState, UploadState};
-    let site = crate::util::np::Site::new("careless_parent");
+    let site = crate::util::site::TestSite::new("careless_parent");
     site.fedora_on_cloud(0, "");
     let mut b = site.start_wrapped(0, &["python3", "-c", CARELESS_PARENT], &[], &[]);
     let status = std::fs::read_to_string(format!("/proc/{}/status", b.pid())).unwrap();

@@ -15,7 +15,7 @@ use nodepool_builder::model::BuildState;
 use nodepool_builder::zk::paths;
 
 use crate::util::builder::{BuilderProcess, binary};
-use crate::util::np::{Site, WAIT};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::{file_tail, process_alive, wait_for, wait_until};
 
 const ONE_IMAGE: &str = r#"
@@ -69,7 +69,7 @@ impl Daemon {
     }
 
     /// SIGTERM, then the process, the pidfile and the component node must go.
-    fn stop(self, site: &Site) {
+    fn stop(self, site: &TestSite) {
         self.signal(Signal::SIGTERM);
         wait_until(
             Duration::from_secs(20),
@@ -87,7 +87,7 @@ impl Daemon {
 }
 
 /// The builder component nodes in the site's ZooKeeper.
-fn components(site: &Site) -> Vec<String> {
+fn components(site: &TestSite) -> Vec<String> {
     site.zk
         .get_children(&paths::component_kind_path("builder"))
         .unwrap()
@@ -96,7 +96,7 @@ fn components(site: &Site) -> Vec<String> {
 
 /// Runs the binary in daemon mode (no -d/-f) and waits for the starting command to exit.
 fn start(
-    site: &Site,
+    site: &TestSite,
     cfg: &Path,
     pidfile: &Path,
     log: &Path,
@@ -135,7 +135,7 @@ fn describe(out: &Output) -> String {
 
 /// Starts a daemon that must come up; returns it once the starting command has exited 0.
 #[track_caller]
-fn start_ok(site: &Site, cfg: &Path, env: &[(&str, &str)]) -> Daemon {
+fn start_ok(site: &TestSite, cfg: &Path, env: &[(&str, &str)]) -> Daemon {
     let pidfile = site.path("run/nodepool-builder.pid");
     let log = site.path("log/nodepool-builder.log");
     let (out, took) = start(site, cfg, &pidfile, &log, env);
@@ -196,7 +196,7 @@ fn status_field(pid: i32, name: &str) -> String {
 
 #[test]
 fn start_returns_after_readiness_refuses_a_second_instance_and_stops_on_sigterm() {
-    let site = Site::new("dm_start");
+    let site = TestSite::new("dm_start");
     let cfg = site.config(0, "", "");
     let daemon = start_ok(&site, &cfg, &[]);
 
@@ -276,7 +276,7 @@ fn start_returns_after_readiness_refuses_a_second_instance_and_stops_on_sigterm(
 
 #[test]
 fn a_stale_pidfile_is_taken_over_and_systemd_is_notified_on_an_abstract_socket() {
-    let site = Site::new("dm_stale");
+    let site = TestSite::new("dm_stale");
     let cfg = site.config(0, "", "");
     // A pid that surely is dead: a child we reaped.
     let mut child = Command::new("true").spawn().unwrap();
@@ -304,7 +304,7 @@ fn a_stale_pidfile_is_taken_over_and_systemd_is_notified_on_an_abstract_socket()
 
 #[test]
 fn a_bad_config_is_refused_with_every_error_before_forking() {
-    let site = Site::new("dm_badcfg");
+    let site = TestSite::new("dm_badcfg");
     let cfg = site.config(0, "bogus-key = 1", "[[diskimages]]\nname = 5\n");
     let pidfile = site.path("run/nodepool-builder.pid");
     let log = site.path("log/nodepool-builder.log");
@@ -331,7 +331,7 @@ fn a_bad_config_is_refused_with_every_error_before_forking() {
 
 #[test]
 fn an_unusable_pidfile_directory_is_an_error() {
-    let site = Site::new("dm_piddir");
+    let site = TestSite::new("dm_piddir");
     let cfg = site.config(0, "", "");
     let file = site.path("a-file");
     std::fs::write(&file, "").unwrap();
@@ -358,7 +358,7 @@ fn an_unusable_pidfile_directory_is_an_error() {
 
 #[test]
 fn an_unusable_images_dir_fails_the_start_through_the_pipe_and_the_log() {
-    let site = Site::new("dm_imgdir");
+    let site = TestSite::new("dm_imgdir");
     let cfg = site.config(0, "", "");
     let images = site.images_dir(0);
     std::fs::remove_dir_all(&images).unwrap();
@@ -387,7 +387,7 @@ fn an_unusable_images_dir_fails_the_start_through_the_pipe_and_the_log() {
 
 #[test]
 fn sighup_reopens_the_moved_log_and_keeps_the_old_config_when_the_new_one_is_broken() {
-    let site = Site::new("dm_sighup");
+    let site = TestSite::new("dm_sighup");
     let cfg = site.config(0, "", "");
     let daemon = start_ok(&site, &cfg, &[]);
 
@@ -431,7 +431,7 @@ fn sighup_reopens_the_moved_log_and_keeps_the_old_config_when_the_new_one_is_bro
 
 #[test]
 fn notify_socket_gets_ready_only_once_connected_in_foreground_mode() {
-    let site = Site::new("dm_notify");
+    let site = TestSite::new("dm_notify");
     let cfg = site.config(0, "", "");
     let path = site.path("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
@@ -493,7 +493,7 @@ fn bit(n: i32) -> u64 {
 
 #[test]
 fn children_of_the_daemon_start_with_an_empty_mask_and_default_dispositions() {
-    let site = Site::new("dm_sigstate");
+    let site = TestSite::new("dm_sigstate");
     let out = site.path("probe.out");
     let script = site.path("probe-dib");
     std::fs::write(&script, format!("#!/bin/sh\ngrep -E 'SigBlk|SigIgn' /proc/self/status > {}.tmp\nmv {0}.tmp {0}\nexit 1\n", out.display())).unwrap();
@@ -548,7 +548,7 @@ fn children_of_the_daemon_start_with_an_empty_mask_and_default_dispositions() {
 
 #[test]
 fn a_logging_config_gives_the_daemon_its_log_files_and_sighup_reopens_them() {
-    let site = Site::new("dm_logconfig");
+    let site = TestSite::new("dm_logconfig");
     let cfg = site.config(0, "", ONE_IMAGE);
     let pidfile = site.path("run/nodepool-builder.pid");
     // Relative file names: relative to the directory the daemon was started in.

@@ -7,14 +7,14 @@
 
 use nodepool_builder::model::BuildState;
 
-use crate::util::np::Site;
+use crate::util::site::TestSite;
 use crate::util::tmpfs::Tmpfs;
 
 const MIB: u64 = 1024 * 1024;
 
 #[test]
 fn full_images_dir_fails_the_build_cleanly_and_building_resumes_with_space() {
-    let site = Site::new("disk_full");
+    let site = TestSite::new("disk_full");
     let tmpfs = Tmpfs::mount(&site.images_dir(0), 8);
     // fake-dib makes a 2 MiB raw disk in a work directory, then copies it to the image
     // file: with 5 MiB taken, the work file fits and the copy does not.
@@ -25,7 +25,7 @@ fn full_images_dir_fails_the_build_cleanly_and_building_resumes_with_space() {
     site.config(0, "cleanup-interval = 1.0", body);
     let mut b = site.start(0, &[]);
     let failed = site.wait_builds("fedora", BuildState::Failed, 1).remove(0);
-    b.wait_for_log(crate::util::np::WAIT, "out of disk space");
+    b.wait_for_log(crate::util::site::WAIT, "out of disk space");
     let log = b.log();
     let line = log
         .lines()
@@ -48,7 +48,7 @@ fn full_images_dir_fails_the_build_cleanly_and_building_resumes_with_space() {
             .is_empty()
             .then_some(())
     });
-    b.wait_for_log(crate::util::np::WAIT, "(failure 2)");
+    b.wait_for_log(crate::util::site::WAIT, "(failure 2)");
     assert!(
         site.builds_in("fedora", BuildState::Ready).is_empty(),
         "no build is ready without space\n{}",

@@ -30,7 +30,7 @@ use crate::util::builder::BuilderProcess;
 use crate::util::ensemble::Ensemble;
 use crate::util::glance::GlanceServer;
 use crate::util::invariants::{Checker, Cloud, CloudSpec, Sampler};
-use crate::util::np::{Site, WAIT};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::zk::{ZkOptions, ZkServer};
 use crate::util::zkproxy::{self, ZkProxy};
 use crate::util::{file_tail, poll_for, wait_until};
@@ -110,7 +110,7 @@ fn summary(scenario: &str, seed: u64, faults: usize, checker: &Checker, extra: &
 }
 
 /// Every builder log's tail, for failure messages.
-fn logs(site: &Site) -> String {
+fn logs(site: &TestSite) -> String {
     (0..4)
         .map(|n| site.path(&format!("builder{n}.log")))
         .filter(|p| p.exists())
@@ -122,7 +122,7 @@ fn logs(site: &Site) -> String {
 /// the checker's dump and the builder logs.
 #[track_caller]
 fn wait_cond<T>(
-    site: &Site,
+    site: &TestSite,
     checker: &Checker,
     timeout: Duration,
     what: &str,
@@ -144,7 +144,7 @@ fn builds(zk: &Zk, image: &str) -> Vec<BuildInfo> {
 }
 
 /// Kills builder `n` of `site` like [`kill_tree`] and tells the checker its builder id.
-fn crash(site: &Site, checker: &Checker, n: usize, b: &mut BuilderProcess) -> usize {
+fn crash(site: &TestSite, checker: &Checker, n: usize, b: &mut BuilderProcess) -> usize {
     let killed = kill_tree(b);
     let id = std::fs::read_to_string(site.images_dir(n).join("builder_id.txt"))
         .expect("the builder's builder_id.txt");
@@ -194,7 +194,7 @@ fn children_of(pid: i32) -> Vec<i32> {
 }
 
 /// A checker for a site on a single server.
-fn checker_for(site: &Site, clouds: &[(&str, &[&str])], builders: &[usize]) -> Arc<Checker> {
+fn checker_for(site: &TestSite, clouds: &[(&str, &[&str])], builders: &[usize]) -> Arc<Checker> {
     Checker::new(
         vec![("127.0.0.1".into(), site.server.plain_port())],
         &site.chroot,
@@ -205,14 +205,14 @@ fn checker_for(site: &Site, clouds: &[(&str, &[&str])], builders: &[usize]) -> A
 
 /// Configs for `builders` of `site` with one image `fedora` on the directory cloud `cloud`
 /// (`top` added to the top level), and their checker.
-fn fedora_on_cloud(site: &Site, builders: &[usize], top: &str) -> Arc<Checker> {
+fn fedora_on_cloud(site: &TestSite, builders: &[usize], top: &str) -> Arc<Checker> {
     for n in builders {
         site.fedora_on_cloud(*n, &format!("cleanup-interval = 1.0\n{top}"));
     }
     checker_for(site, &[("cloud", &["fedora"])], builders)
 }
 
-fn cloud_specs(site: &Site, clouds: &[(&str, &[&str])]) -> Vec<CloudSpec> {
+fn cloud_specs(site: &TestSite, clouds: &[(&str, &[&str])]) -> Vec<CloudSpec> {
     clouds
         .iter()
         .map(|(name, images)| CloudSpec {
@@ -231,11 +231,11 @@ fn ensemble_site(
     images: &[&str],
     builders: usize,
     top: &str,
-) -> (Site, Arc<Checker>) {
+) -> (TestSite, Arc<Checker>) {
     let chroot = ens.chroot(name);
     // The shared server only lends its certificates: the configs are pointed at the
     // ensemble below.
-    let site = Site::with_session(name, ZkServer::shared(), chroot.clone(), ens.plain_hosts());
+    let site = TestSite::with_session(name, ZkServer::shared(), chroot.clone(), ens.plain_hosts());
     let body = format!(
         "{}{}",
         images.iter().map(|n| image(n)).collect::<String>(),
@@ -269,7 +269,7 @@ fn ensemble_site(
 #[test]
 fn builder_killed_mid_build_is_taken_over_by_a_second_builder() {
     let seed = seed();
-    let site = Site::new("faults_crash_build");
+    let site = TestSite::new("faults_crash_build");
     let checker = fedora_on_cloud(&site, &[0, 1], "");
     let sampler = Sampler::start(&checker);
     // The DIB writes its files, then sleeps: the files exist, the record says building.
@@ -327,7 +327,7 @@ fn builder_killed_mid_build_is_taken_over_by_a_second_builder() {
 #[test]
 fn builder_killed_mid_upload_is_restarted_and_uploads_once() {
     let seed = seed();
-    let site = Site::new("faults_crash_upload");
+    let site = TestSite::new("faults_crash_upload");
     let checker = fedora_on_cloud(&site, &[0], "");
     let sampler = Sampler::start(&checker);
     std::fs::create_dir_all(site.cloud_dir("cloud")).unwrap();
@@ -384,7 +384,7 @@ fn session_expiry_during_a_build_and_an_upload_redoes_the_work_once() {
     let seed = seed();
     // A dedicated server: this test freezes it. Leaked on purpose: it dies with the process.
     let server: &'static ZkServer = Box::leak(Box::new(ZkServer::start(ZkOptions::tls())));
-    let site = Site::on("faults_session", server);
+    let site = TestSite::on("faults_session", server);
     let checker = fedora_on_cloud(&site, &[0], "zookeeper-timeout = 4.0");
     let sampler = Sampler::start(&checker);
     let zk_pid = Pid::from_raw(server.pid() as i32);
@@ -496,10 +496,10 @@ fn session_expiry_during_a_build_and_an_upload_redoes_the_work_once() {
 /// A site whose builder 0 (image `fedora` on the directory cloud `cloud`, `top` added to its
 /// config) and whose test session talk to the dedicated `server`, which the test may kill and
 /// restart (the site borrows only the shared server's certificates), and its checker.
-fn site_on_dedicated(server: &ZkServer, name: &str, top: &str) -> (Site, Arc<Checker>) {
+fn site_on_dedicated(server: &ZkServer, name: &str, top: &str) -> (TestSite, Arc<Checker>) {
     let chroot = server.chroot(name);
     let hosts = vec![("127.0.0.1".to_string(), server.plain_port())];
-    let site = Site::with_session(name, ZkServer::shared(), chroot.clone(), hosts.clone());
+    let site = TestSite::with_session(name, ZkServer::shared(), chroot.clone(), hosts.clone());
     let cfg = site.fedora_on_cloud(0, &format!("cleanup-interval = 1.0\n{top}"));
     let shared_port = format!("port = {}\n", ZkServer::shared().tls_port().unwrap());
     let text = std::fs::read_to_string(&cfg).unwrap();
@@ -710,8 +710,8 @@ fn a_server_restart_beyond_the_session_timeout_redoes_the_build_once() {
 
 /// A site whose builder 0 (one image on the directory cloud) talks plaintext to ZooKeeper
 /// through a proxy that can lose chosen replies.
-fn fedora_behind_a_proxy(name: &str) -> (Site, ZkProxy, Arc<Checker>) {
-    let site = Site::new(name);
+fn fedora_behind_a_proxy(name: &str) -> (TestSite, ZkProxy, Arc<Checker>) {
+    let site = TestSite::new(name);
     let proxy = ZkProxy::start(site.server.plain_port());
     let checker = fedora_on_cloud(&site, &[0], "");
     let cfg = site.path("builder0.toml");
@@ -930,7 +930,7 @@ fn three_builders_serve_bursts_of_requests_with_random_pauses() {
     let seed = seed();
     let mut rng = Rng::new(seed);
     let requests = 100 * scale();
-    let site = Site::new("faults_many");
+    let site = TestSite::new("faults_many");
     let names: Vec<String> = (0..20).map(|i| format!("img{i:02}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     // One real Glance through the OpenStack driver. It is shared by this process's tests,
@@ -942,7 +942,7 @@ fn three_builders_serve_bursts_of_requests_with_random_pauses() {
     let body = format!(
         "{}{}",
         names.iter().map(|n| image(n)).collect::<String>(),
-        Site::openstack_provider(provider, "glance", &refs, "")
+        TestSite::openstack_provider(provider, "glance", &refs, "")
     );
     for n in 0..3 {
         site.config(n, "cleanup-interval = 2.0", &body);
@@ -1163,7 +1163,7 @@ fn ensemble_loses_its_leader_then_a_follower_during_builds_and_uploads() {
 fn the_invariant_checker_reports_every_planted_violation() {
     use nodepool_builder::zk::Mode;
     use nodepool_builder::zk::schema::ImageBuild;
-    let site = Site::new("faults_checker");
+    let site = TestSite::new("faults_checker");
     let checker = checker_for(&site, &[("cloud", &["x"])], &[0]);
     let building = ImageBuild {
         state: BuildState::Building,

@@ -14,7 +14,7 @@ use nodepool_builder::model::UploadState;
 
 use crate::util::builder::BuilderProcess;
 use crate::util::glance::GlanceServer;
-use crate::util::np::{Site, WAIT};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::wait_for;
 use crate::util::zk::certs;
 
@@ -31,7 +31,7 @@ fn glance_entry(glance: &GlanceServer, lines: &str) -> String {
 }
 
 /// Writes the site's `clouds.yaml` with the entries `(name, body)`; returns its path.
-fn write_clouds(site: &Site, clouds: &[(&str, String)]) -> String {
+fn write_clouds(site: &TestSite, clouds: &[(&str, String)]) -> String {
     let mut yaml = String::from("clouds:\n");
     for (name, body) in clouds {
         yaml.push_str(&format!("  {name}:\n{body}"));
@@ -42,10 +42,10 @@ fn write_clouds(site: &Site, clouds: &[(&str, String)]) -> String {
 }
 
 /// Builder 0's config: diskimage [`IMAGE`] for every provider `(name, cloud)`.
-fn write_config(site: &Site, providers: &[(&str, &str)]) {
+fn write_config(site: &TestSite, providers: &[(&str, &str)]) {
     let mut body = format!("\n[[diskimages]]\nname = \"{IMAGE}\"\ndib-cmd = \"{{fake_dib}}\"\n");
     for (provider, cloud) in providers {
-        body.push_str(&Site::openstack_provider(provider, cloud, &[IMAGE], ""));
+        body.push_str(&TestSite::openstack_provider(provider, cloud, &[IMAGE], ""));
     }
     site.config(0, "", &body);
 }
@@ -63,7 +63,7 @@ fn failure_line(b: &BuilderProcess, provider: &str) -> Option<String> {
 /// cloud has `cloud_lines`, and checks that the upload becomes ready and Glance holds it.
 fn upload_is_ready(test: &str, cloud_lines: &str, env: &[(&str, &str)]) {
     let glance = GlanceServer::shared_tls();
-    let site = Site::new(test);
+    let site = TestSite::new(test);
     let provider = format!("tls-{test}");
     let clouds = write_clouds(&site, &[("cloud", glance_entry(glance, cloud_lines))]);
     write_config(&site, &[(&provider, "cloud")]);
@@ -127,7 +127,7 @@ fn upload_over_https_is_ready_with_the_ca_in_the_system_store() {
 #[test]
 fn untrusted_https_glance_fails_with_one_line_naming_the_ca_problem() {
     let glance = GlanceServer::shared_tls();
-    let site = Site::new("untrusted");
+    let site = TestSite::new("untrusted");
     let (plain, keystone) = ("tls-untrusted", "tls-untrusted-keystone");
     let password = "tls-untrusted-s3cret-password";
     // The second cloud authenticates with a password at an https "Keystone" of the same

@@ -8,7 +8,7 @@ use std::time::Duration;
 use nodepool_builder::model::{BuildState, UploadState};
 
 use crate::util::glance::GlanceServer;
-use crate::util::np::{Site, WAIT};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::wait_until;
 
 fn md5_of(path: &std::path::Path) -> String {
@@ -26,13 +26,13 @@ fn md5_of(path: &std::path::Path) -> String {
 #[test]
 fn one_build_goes_to_two_glance_providers_in_their_formats() {
     let glance = GlanceServer::shared();
-    let site = Site::new("glance_two");
+    let site = TestSite::new("glance_two");
     let clouds = site.glance_clouds(glance, &[("vhd-cloud", Some("vhd")), ("plain-cloud", None)]);
     let (pv, pq) = ("glance-two-vhd", "glance-two-qcow2");
     let body = format!(
         "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{{fake_dib}}\"\n[diskimages.metadata]\nowner = \"ci\"\n{}{}",
-        Site::openstack_provider(pv, "vhd-cloud", &["fedora"], ""),
-        Site::openstack_provider(pq, "plain-cloud", &["fedora"], ""),
+        TestSite::openstack_provider(pv, "vhd-cloud", &["fedora"], ""),
+        TestSite::openstack_provider(pq, "plain-cloud", &["fedora"], ""),
     );
     site.config(0, "", &body);
     let _b = site.start_with_env(0, &[], &[("OS_CLIENT_CONFIG_FILE", &clouds)]);
@@ -77,12 +77,12 @@ fn one_build_goes_to_two_glance_providers_in_their_formats() {
 #[test]
 fn glance_killed_mid_upload_is_retried_and_leaves_no_stray_image() {
     let mut glance = GlanceServer::start();
-    let site = Site::new("glance_killed");
+    let site = TestSite::new("glance_killed");
     let clouds = site.glance_clouds(&glance, &[("cloud", None)]);
     let provider = "glance-killed";
     let body = format!(
         "\n[[diskimages]]\nname = \"big\"\ndib-cmd = \"{{fake_dib}}\"\n[diskimages.env-vars]\nFAKE_DIB_SIZE_MB = \"384\"\n{}",
-        Site::openstack_provider(provider, "cloud", &["big"], "")
+        TestSite::openstack_provider(provider, "cloud", &["big"], "")
     );
     site.config(0, "", &body);
     let mut b = site.start_with_env(0, &[], &[("OS_CLIENT_CONFIG_FILE", &clouds)]);
@@ -121,7 +121,7 @@ fn glance_killed_mid_upload_is_retried_and_leaves_no_stray_image() {
 
 #[test]
 fn two_builders_with_the_files_upload_once_per_provider() {
-    let site = Site::new("two_uploaders");
+    let site = TestSite::new("two_uploaders");
     std::fs::create_dir_all(site.cloud_dir("cloud")).unwrap();
     std::fs::write(site.cloud_dir("cloud").join("slow-upload"), "1").unwrap();
     let body = format!(
@@ -174,12 +174,12 @@ fn two_builders_with_the_files_upload_once_per_provider() {
 #[test]
 fn unreadable_records_keep_their_images_in_glance() {
     let glance = GlanceServer::shared();
-    let site = Site::new("unreadable_records_glance");
+    let site = TestSite::new("unreadable_records_glance");
     let clouds = site.glance_clouds(glance, &[("unreadable-cloud", Some("raw"))]);
     let provider = "glance-unreadable";
     let body = format!(
         "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{{fake_dib}}\"\n{}",
-        Site::openstack_provider(provider, "unreadable-cloud", &["fedora"], ""),
+        TestSite::openstack_provider(provider, "unreadable-cloud", &["fedora"], ""),
     );
     site.config(0, "cleanup-interval = 1.0", &body);
     let mut b = site.start_with_env(0, &[], &[("OS_CLIENT_CONFIG_FILE", &clouds)]);

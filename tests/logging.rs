@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 use nodepool_builder::model::{BuildState, UploadState};
 
 use crate::util::builder::BuilderProcess;
-use crate::util::np::{Site, WAIT};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::wait_until;
 
 /// One line of nodepool's format, `%(asctime)s %(levelname)s %(name)s: %(message)s`.
@@ -87,7 +87,7 @@ fn the_line_format_reader_accepts_nodepools_lines_only() {
 
 #[test]
 fn a_logging_config_file_routes_each_record_to_the_handlers_its_levels_allow() {
-    let site = Site::new("logging_config");
+    let site = TestSite::new("logging_config");
     let cfg = site.fedora_on_cloud(0, "");
     let main_log = site.path("var/builder.log");
     let build_log = site.path("var/build-debug.log");
@@ -251,7 +251,7 @@ root:
 
 #[test]
 fn an_ini_logging_config_is_refused_with_a_clear_error() {
-    let site = Site::new("logging_ini");
+    let site = TestSite::new("logging_ini");
     let cfg = site.fedora_on_cloud(0, "");
     let ini = site.path("logging.conf");
     std::fs::write(&ini, "[loggers]\nkeys=root\n").unwrap();
@@ -276,7 +276,7 @@ fn an_ini_logging_config_is_refused_with_a_clear_error() {
 
 #[test]
 fn a_nodepool_builder_log_filter_acts_on_nodepool_logger_names() {
-    let site = Site::new("logging_env_filter");
+    let site = TestSite::new("logging_env_filter");
     let cfg = site.fedora_on_cloud(0, "");
     let log = site.path("builder.log");
     let b = BuilderProcess::start(
@@ -313,7 +313,7 @@ fn a_nodepool_builder_log_filter_acts_on_nodepool_logger_names() {
 
 #[test]
 fn debug_mode_shows_nodepool_debug_lines_but_not_the_zookeeper_clients_packets() {
-    let site = Site::new("logging_debug");
+    let site = TestSite::new("logging_debug");
     let cfg = site.fedora_on_cloud(0, "");
     let log = site.path("builder.log");
     let mut b = BuilderProcess::start(&["-d", "-c", cfg.to_str().unwrap()], &[], &log);

@@ -78,7 +78,7 @@ use crate::util::faultproxy::{Fault, FaultProxy, Rule};
 use crate::util::glance::GlanceServer;
 use crate::util::invariants::{Checker, Cloud, CloudSpec, Sampler};
 use crate::util::nodepool::{NodepoolCli, describe};
-use crate::util::np::{Site, WAIT};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::upstream::{NodepoolYaml, UpstreamBuilder, UpstreamOptions, YamlProvider};
 use crate::util::{file_tail, poll_for};
 
@@ -129,7 +129,7 @@ fn fleet_yaml() -> NodepoolYaml {
 
 /// The site, its Glance (shared) and fault proxy, the one `nodepool.yaml` and clouds.yaml.
 struct Fleet {
-    site: Site,
+    site: TestSite,
     glance: &'static GlanceServer,
     proxy: FaultProxy,
     yaml: PathBuf,
@@ -138,7 +138,7 @@ struct Fleet {
 
 impl Fleet {
     fn new(name: &str) -> Fleet {
-        let site = Site::new(name);
+        let site = TestSite::new(name);
         let glance = GlanceServer::shared();
         let proxy = FaultProxy::start(format!("127.0.0.1:{}", glance.port()).parse().unwrap());
         let clouds = site.path("clouds.yaml");
@@ -326,7 +326,7 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn start(site: &Site) -> Recorder {
+    fn start(site: &TestSite) -> Recorder {
         let zk = Zk::connect(ZkConfig {
             hosts: vec![("127.0.0.1".into(), site.server.plain_port())],
             chroot: Some(site.chroot.clone()),

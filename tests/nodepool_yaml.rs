@@ -11,12 +11,12 @@ use nix::sys::signal::Signal;
 use nodepool_builder::model::{BuildState, UploadState};
 
 use crate::util::builder::binary;
-use crate::util::np::{Site, WAIT, fake_dib};
+use crate::util::site::{TestSite, WAIT, fake_dib};
 use crate::util::wait_until;
 
 /// Writes `nodepool.yaml` (builder 0) and `secure.conf`; `provider_images` is the YAML of the
 /// `cloud` provider's `diskimages` value. Returns (main, secure).
-fn write_site_yaml(site: &Site, provider_images: &str) -> (PathBuf, PathBuf) {
+fn write_site_yaml(site: &TestSite, provider_images: &str) -> (PathBuf, PathBuf) {
     let certs = site.server.certs();
     let dir_cloud = crate::util::repo_root().join("etc/quickstart/dir-cloud");
     let cloud = site.cloud_dir("cloud");
@@ -126,7 +126,7 @@ fn check_config(main: &Path, secure: &Path, extra: &[&str], images: &Path) -> st
 
 #[test]
 fn a_sites_nodepool_yaml_builds_uploads_reloads_and_cleans_up() {
-    let site = Site::new("nodepool_yaml_site");
+    let site = TestSite::new("nodepool_yaml_site");
     let images = site.images_dir(0);
     let (main, secure) = write_site_yaml(
         &site,
@@ -191,7 +191,7 @@ fn a_sites_nodepool_yaml_builds_uploads_reloads_and_cleans_up() {
 
 #[test]
 fn a_provider_we_cannot_upload_to_is_a_start_up_error_naming_it() {
-    let site = Site::new("nodepool_yaml_azure");
+    let site = TestSite::new("nodepool_yaml_azure");
     let images = site.images_dir(0);
     let (main, secure) = write_site_yaml(&site, "[{name: fedora}]");
     let out = check_config(&main, &secure, &[], &images);

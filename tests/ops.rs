@@ -17,7 +17,7 @@ use nodepool_builder::zk::{Mode, Zk, ZkConfig, paths};
 
 use crate::util::builder::BuilderProcess;
 use crate::util::nodepool::{DiskImage, NodepoolCli, Table, age_seconds, describe, ops, ops_ok};
-use crate::util::np::{Site, WAIT};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::{poll_for, process_alive, wait_until};
 
 fn diskimage(name: &str, formats: &str, extra: &str) -> String {
@@ -135,7 +135,7 @@ fn image_tree(zk: &Zk) -> BTreeMap<String, Vec<u8>> {
 
 #[test]
 fn listings_match_the_python_cli() {
-    let site = Site::new("ops_listings");
+    let site = TestSite::new("ops_listings");
     let images = [
         diskimage("alpha", "\"qcow2\"", ""),
         diskimage("beta", "\"qcow2\", \"raw\"", ""),
@@ -313,7 +313,7 @@ fn listings_match_the_python_cli() {
 
 #[test]
 fn python_image_build_and_image_pause_drive_our_builder() {
-    let site = Site::new("ops_python_drives");
+    let site = TestSite::new("ops_python_drives");
     let cfg = site.config(0, "", &diskimage("fedora", "\"qcow2\"", ""));
     let _b = Graceful(site.start(0, &[]));
     site.wait_builds("fedora", BuildState::Ready, 1);
@@ -367,7 +367,7 @@ fn python_image_build_and_image_pause_drive_our_builder() {
 
 #[test]
 fn messages_and_errors_of_the_changing_commands() {
-    let site = Site::new("ops_errors");
+    let site = TestSite::new("ops_errors");
     let images = [
         diskimage("fedora", "\"qcow2\"", ""),
         diskimage("hung", "\"qcow2\"", ""),
@@ -527,7 +527,7 @@ fn messages_and_errors_of_the_changing_commands() {
 
 #[test]
 fn export_then_import_reproduces_the_tree_and_upload_ids_continue() {
-    let site = Site::new("ops_export");
+    let site = TestSite::new("ops_export");
     let cfg = site.config(
         0,
         "cleanup-interval = 0.0",
@@ -686,6 +686,6 @@ fn export_then_import_reproduces_the_tree_and_upload_ids_continue() {
 }
 
 /// The Python CLI's `image-list` on an empty chroot.
-fn python_empty_image_list(site: &Site, chroot: &str) -> String {
+fn python_empty_image_list(site: &TestSite, chroot: &str) -> String {
     NodepoolCli::new(site, chroot, &[]).run_ok(&["image-list"])
 }

@@ -21,7 +21,7 @@ use nodepool_builder::model::BuildState;
 use nodepool_builder::zk::tree::BuildInfo;
 
 use crate::util::builder::BuilderProcess;
-use crate::util::np::Site;
+use crate::util::site::TestSite;
 use crate::util::{file_tail, poll_for, process_alive, repo_root};
 
 const IMAGE: &str = "debian-minimal-test";
@@ -161,7 +161,7 @@ fn newest_build_log(dir: &Path) -> Option<PathBuf> {
         .map(|e| e.path())
 }
 
-fn failure(site: &Site, what: &str, log: Option<PathBuf>) -> String {
+fn failure(site: &TestSite, what: &str, log: Option<PathBuf>) -> String {
     let log = log.or_else(|| newest_build_log(&site.log_dir(0)));
     let tail = match &log {
         Some(p) => format!(
@@ -198,7 +198,7 @@ fn debian_minimal_is_built_by_real_dib() {
     let install_time = install_started.elapsed();
     let (archive, security) = apt_mirrors();
 
-    let site = Site::new("real_dib");
+    let site = TestSite::new("real_dib");
     let cache = repo_root().join("target/test-env/dib-cache");
     std::fs::create_dir_all(&cache).unwrap();
     let cached = cache

@@ -12,8 +12,8 @@ use nodepool_builder::zk::{Zk, ZkConfig, paths, tree};
 
 use crate::util::builder::BuilderProcess;
 use crate::util::glance::{GlanceServer, KeystoneServer};
-use crate::util::np::{Site, WAIT};
 use crate::util::python::{describe_output, kz_args, kz_plain_args, run_kazoo};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::zk::ZkServer;
 
 const ONE_IMAGE: &str =
@@ -67,7 +67,7 @@ fn tls_port_answers_only_clients_with_a_certificate_of_its_ca() {
 
 /// Starts the daemon of `site` with its TLS files replaced as `edit` says; returns it
 /// without waiting for readiness.
-fn start_with_tls(site: &Site, edit: &dyn Fn(String) -> String) -> BuilderProcess {
+fn start_with_tls(site: &TestSite, edit: &dyn Fn(String) -> String) -> BuilderProcess {
     let cfg = site.config(0, "", ONE_IMAGE);
     let text = edit(std::fs::read_to_string(&cfg).unwrap());
     std::fs::write(&cfg, text).unwrap();
@@ -83,7 +83,7 @@ fn start_with_tls(site: &Site, edit: &dyn Fn(String) -> String) -> BuilderProces
 
 #[test]
 fn daemon_with_a_certificate_of_another_ca_says_why_it_cannot_connect() {
-    let site = Site::new("tls_wrong_client_ca");
+    let site = TestSite::new("tls_wrong_client_ca");
     let certs = site.server.certs();
     let mut b = start_with_tls(&site, &|t| {
         t.replace(
@@ -117,7 +117,7 @@ fn retry_line(b: &BuilderProcess) -> String {
 
 #[test]
 fn daemon_not_trusting_the_server_says_why_it_cannot_connect() {
-    let site = Site::new("tls_wrong_server_ca");
+    let site = TestSite::new("tls_wrong_server_ca");
     let certs = site.server.certs();
     let mut b = start_with_tls(&site, &|t| {
         t.replace(
@@ -139,7 +139,7 @@ fn daemon_not_trusting_the_server_says_why_it_cannot_connect() {
 const ZK_DIGEST: &str = "np-builder:Zk-digest-S3cret-pw";
 
 /// A secure file (`-s`) with `[zookeeper-auth]`.
-fn secure_with_digest(site: &Site) -> std::path::PathBuf {
+fn secure_with_digest(site: &TestSite) -> std::path::PathBuf {
     let path = site.path("secure.toml");
     std::fs::write(
         &path,
@@ -151,7 +151,7 @@ fn secure_with_digest(site: &Site) -> std::path::PathBuf {
 }
 
 /// A session of the test's own, authenticated like the builder.
-fn digest_session(site: &Site) -> Zk {
+fn digest_session(site: &TestSite) -> Zk {
     let zk = Zk::connect(ZkConfig {
         hosts: vec![("127.0.0.1".into(), site.server.plain_port())],
         chroot: Some(site.chroot.clone()),
@@ -164,7 +164,7 @@ fn digest_session(site: &Site) -> Zk {
 }
 
 /// kazoo on the plain port (no TLS identity), with or without a digest.
-fn kz(site: &Site, digest: Option<&str>, cmd: &[&str]) -> std::process::Output {
+fn kz(site: &TestSite, digest: Option<&str>, cmd: &[&str]) -> std::process::Output {
     let mut args = kz_plain_args(site.server, &site.chroot);
     if let Some(d) = digest {
         args.extend(["--digest".to_string(), d.to_string()]);
@@ -174,7 +174,7 @@ fn kz(site: &Site, digest: Option<&str>, cmd: &[&str]) -> std::process::Output {
 
 #[test]
 fn digest_auth_makes_every_builder_znode_creator_only() {
-    let site = Site::new("digest_acl");
+    let site = TestSite::new("digest_acl");
     let secure = secure_with_digest(&site);
     site.config(0, "", ONE_IMAGE);
     let _b = site.start(0, &["-s", secure.to_str().unwrap()]);
@@ -280,7 +280,7 @@ fn credentials_never_reach_logs_or_stack_dumps() {
         KeystoneServer::NODEPOOL_PROJECT,
         "member",
     );
-    let site = Site::new("no_secrets");
+    let site = TestSite::new("no_secrets");
     let cloud = |name: &str, user: &str| {
         format!(
             "  {name}:\n    auth_type: password\n    region_name: RegionOne\n    auth:\n      auth_url: {}\n      username: {user}\n      project_name: {}\n      user_domain_name: Default\n      project_domain_name: Default\n",
@@ -409,7 +409,7 @@ fn check_config(
 
 #[test]
 fn secret_files_readable_by_others_are_named_once_and_world_writable_ones_refused() {
-    let site = Site::new("secret_modes");
+    let site = TestSite::new("secret_modes");
     let secure = secure_with_digest(&site);
     // An OpenStack provider: its clouds.yaml holds a password, its secure.yaml does too.
     let clouds = site.path("clouds.yaml");

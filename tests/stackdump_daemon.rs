@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nodepool_builder::model::BuildState;
 
-use crate::util::np::{Site, WAIT};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::{process_alive, wait_for, wait_until};
 
 const ONE_IMAGE: &str = r#"
@@ -62,7 +62,7 @@ fn count(log: &str, needle: &str) -> usize {
 
 #[test]
 fn sigusr2_dumps_every_thread_of_the_daemon_and_survives_a_burst() {
-    let site = Site::new("stackdump_daemon");
+    let site = TestSite::new("stackdump_daemon");
     let cfg = site.config(0, "", ONE_IMAGE);
     let hang = site.control(0, "fake-dib.hang", "");
     let log_path = site.path("builder.log");
@@ -222,7 +222,7 @@ fn settled_dump_count(b: &crate::util::builder::BuilderProcess, at_least: usize)
 
 #[test]
 fn a_burst_of_1000_sigusr2_gives_a_few_dumps_and_requests_are_served_throughout() {
-    let site = Site::new("sigusr2_storm");
+    let site = TestSite::new("sigusr2_storm");
     let cfg = site.config(0, "", ONE_IMAGE);
     let log_path = site.path("builder.log");
     let mut b = crate::util::builder::BuilderProcess::start(
@@ -280,7 +280,7 @@ fn a_burst_of_1000_sigusr2_gives_a_few_dumps_and_requests_are_served_throughout(
 /// Starts the builder with the log filter `filter`, sends one SIGUSR2 and returns the log
 /// once `until` is in it.
 fn one_dump_with_filter(name: &str, filter: &str, until: &str) -> String {
-    let site = Site::new(name);
+    let site = TestSite::new(name);
     let cfg = site.config(0, "", "");
     let mut b = crate::util::builder::BuilderProcess::start(
         &["-f", "-c", cfg.to_str().unwrap()],

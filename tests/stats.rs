@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use nodepool_builder::model::UploadState;
 
 use crate::util::builder::BuilderProcess;
-use crate::util::np::Site;
+use crate::util::site::TestSite;
 
 #[test]
 fn upstream_statsd_keys_after_one_build_and_one_upload() {
-    let site = Site::new("statsd");
+    let site = TestSite::new("statsd");
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();

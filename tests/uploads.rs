@@ -8,7 +8,7 @@ use std::time::Duration;
 use nodepool_builder::model::{BuildState, UploadState};
 use nodepool_builder::zk::paths;
 
-use crate::util::np::{Site, WAIT};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::wait_until;
 
 fn image(name: &str, formats: &str) -> String {
@@ -19,7 +19,7 @@ fn image(name: &str, formats: &str) -> String {
 
 #[test]
 fn one_build_uploads_vhd_and_qcow2_to_two_providers() {
-    let site = Site::new("two_providers");
+    let site = TestSite::new("two_providers");
     let body = format!(
         "{}{}{}",
         image("fedora", ""),
@@ -99,7 +99,7 @@ fn one_build_uploads_vhd_and_qcow2_to_two_providers() {
 
 #[test]
 fn a_failing_provider_does_not_block_the_other_and_failures_do_not_pile_up() {
-    let site = Site::new("failing_provider");
+    let site = TestSite::new("failing_provider");
     std::fs::create_dir_all(site.cloud_dir("bad")).unwrap();
     std::fs::write(site.cloud_dir("bad").join("fail-upload"), "").unwrap();
     let body = format!(
@@ -141,7 +141,7 @@ fn a_failing_provider_does_not_block_the_other_and_failures_do_not_pile_up() {
 
 #[test]
 fn provider_pause_holds_uploads_of_that_image_only() {
-    let site = Site::new("upload_pause");
+    let site = TestSite::new("upload_pause");
     let mut body = format!("{}{}", image("held", ""), image("free", ""));
     body.push_str(
         &site
@@ -163,7 +163,7 @@ fn provider_pause_holds_uploads_of_that_image_only() {
 
 #[test]
 fn post_upload_hook_runs_and_its_failure_deletes_the_cloud_image() {
-    let site = Site::new("post_upload_hook");
+    let site = TestSite::new("post_upload_hook");
     let hook = site.path("hook");
     std::fs::write(&hook, "#!/bin/sh\necho \"hook $1 $2 $3\"\n[ -e \"$(dirname \"$3\")/hook-fails\" ] && { echo broken >&2; exit 3; }\ntouch \"$3.post\"\n").unwrap();
     std::process::Command::new("chmod")
@@ -220,7 +220,7 @@ fn post_upload_hook_runs_and_its_failure_deletes_the_cloud_image() {
 
 #[test]
 fn image_delete_of_the_only_upload_leads_to_a_reupload() {
-    let site = Site::new("reupload");
+    let site = TestSite::new("reupload");
     let body = format!(
         "{}{}",
         image("fedora", ""),
@@ -254,7 +254,7 @@ fn image_delete_of_the_only_upload_leads_to_a_reupload() {
 #[test]
 fn uploads_start_as_soon_as_the_build_is_ready() {
     // Twenty images × three providers from an empty tree: everything ends ready, nothing twice.
-    let site = Site::new("burst");
+    let site = TestSite::new("burst");
     let names: Vec<String> = (0..20).map(|i| format!("img{i:02}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut body: String = names.iter().map(|n| image(n, "")).collect();
@@ -293,7 +293,7 @@ fn uploads_start_as_soon_as_the_build_is_ready() {
 #[test]
 fn sigterm_during_an_upload_stops_within_the_grace_and_the_upload_is_redone_once() {
     use nix::sys::signal::Signal;
-    let site = Site::new("sigterm_upload");
+    let site = TestSite::new("sigterm_upload");
     std::fs::create_dir_all(site.cloud_dir("cloud")).unwrap();
     std::fs::write(site.cloud_dir("cloud").join("slow-upload"), "300").unwrap();
     site.fedora_on_cloud(0, "cleanup-interval = 1.0");
@@ -355,7 +355,7 @@ fn sigterm_during_an_upload_stops_within_the_grace_and_the_upload_is_redone_once
 /// Writes an executable upload script into the site's directory and returns the config body:
 /// the `fedora` diskimage, and a command provider `cloud` (raw) whose upload command is the
 /// script (called with `{file}`), whose delete command is `true`, with `extra` added to it.
-fn scripted_upload(site: &Site, script: &str, extra: &str) -> String {
+fn scripted_upload(site: &TestSite, script: &str, extra: &str) -> String {
     let path = site.path("upload-script");
     std::fs::write(&path, script).unwrap();
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -369,7 +369,7 @@ fn scripted_upload(site: &Site, script: &str, extra: &str) -> String {
 }
 
 /// Waits for the first upload of `fedora` to `cloud` that is `ready` or `failed`.
-fn first_finished_upload(site: &Site) -> (String, nodepool_builder::zk::tree::UploadInfo) {
+fn first_finished_upload(site: &TestSite) -> (String, nodepool_builder::zk::tree::UploadInfo) {
     site.wait("an upload of fedora to end ready or failed", || {
         site.uploads("fedora").into_iter().find(|(_, u)| {
             u.provider == "cloud"
@@ -380,7 +380,7 @@ fn first_finished_upload(site: &Site) -> (String, nodepool_builder::zk::tree::Up
 
 #[test]
 fn an_upload_id_that_is_not_one_printable_token_fails_the_upload_with_the_output_quoted() {
-    let site = Site::new("bad_upload_id");
+    let site = TestSite::new("bad_upload_id");
     let body = scripted_upload(
         &site,
         "#!/bin/sh\necho \"copying $1\"\necho 'image 42 (pending)'\necho 'a warning' >&2\n",
@@ -410,7 +410,7 @@ fn an_upload_id_that_is_not_one_printable_token_fails_the_upload_with_the_output
 
 #[test]
 fn a_timed_out_upload_command_gets_sigterm_for_its_whole_group_before_sigkill() {
-    let site = Site::new("upload_timeout_term");
+    let site = TestSite::new("upload_timeout_term");
     let terms = site.path("terms");
     // The command and a child of it both note SIGTERM and exit; SIGKILL would leave no note.
     let script = format!(
@@ -449,7 +449,7 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn processes_an_upload_command_leaves_in_its_group_are_killed_when_it_exits() {
-    let site = Site::new("upload_leftovers");
+    let site = TestSite::new("upload_leftovers");
     let pid_file = site.path("leftover.pid");
     let script = format!(
         "#!/bin/sh\nsleep 120 >/dev/null 2>&1 &\necho $! > {}\necho image-1\n",
@@ -477,7 +477,7 @@ fn processes_an_upload_command_leaves_in_its_group_are_killed_when_it_exits() {
 #[test]
 fn a_builder_running_as_pid_1_of_a_pid_namespace_uploads() {
     // As in a container: the daemon is PID 1, so its commands' parent is PID 1 too.
-    let site = Site::new("pid_1_uploads");
+    let site = TestSite::new("pid_1_uploads");
     site.fedora_on_cloud(0, "");
     let b = site.start_wrapped(
         0,
@@ -511,7 +511,7 @@ fn stopping_the_builder_stops_every_process_of_a_running_upload_command() {
     // An upload command that is a wrapper script: the real upload is its child. Were only
     // the script killed, the child would go on and create a cloud image nobody records.
     use nix::sys::signal::Signal;
-    let site = Site::new("stop_upload_group");
+    let site = TestSite::new("stop_upload_group");
     let pid_file = site.path("child.pid");
     let script = format!(
         "#!/bin/sh\nsleep 300 &\necho $! > {}\nwait\necho image-1\n",

@@ -16,6 +16,8 @@
 //! * [`invariants`]: the invariants fault-injection tests check, continuously and at the end.
 //! * [`nodepool`]: the Python nodepool 11 CLI (its own virtualenv) and runners that compare
 //!   its output with our operator subcommands'.
+//! * [`site`]: [`site::TestSite`], one nodepool site per test: a ZooKeeper chroot, configs,
+//!   builder processes and clouds, with the waits and record look-ups tests assert on.
 //! * [`upstream`]: the Python nodepool-builder 11 daemon and the `nodepool.yaml` it reads,
 //!   for the benchmark and the mixed-fleet tests.
 //!
@@ -35,8 +37,8 @@ pub mod faultproxy;
 pub mod glance;
 pub mod invariants;
 pub mod nodepool;
-pub mod np;
 pub mod python;
+pub mod site;
 pub mod tmpfs;
 pub mod upstream;
 pub mod zk;

@@ -15,7 +15,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::np::Site;
+use super::site::TestSite;
 use super::{poll_for, repo_root};
 
 /// How long one CLI call may take.
@@ -68,7 +68,7 @@ pub struct NodepoolCli {
 
 impl NodepoolCli {
     /// Writes `<dir>/nodepool-<chroot name>.yaml` for `chroot` on `site`'s server.
-    pub fn new(site: &Site, chroot: &str, diskimages: &[DiskImage]) -> NodepoolCli {
+    pub fn new(site: &TestSite, chroot: &str, diskimages: &[DiskImage]) -> NodepoolCli {
         let certs = site.server.certs();
         let mut yaml = format!(
             "zookeeper-servers:\n  - host: localhost\n    port: {port}\n    chroot: {chroot}\n\

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use super::np::{Site, fake_dib};
+use super::site::{TestSite, fake_dib};
 use super::{file_tail, poll_for, repo_root};
 
 /// How long the Python daemon may take to start (imports, ZooKeeper, workers).
@@ -70,7 +70,7 @@ impl NodepoolYaml {
     /// `images` diskimages `img00..`, each on `providers` providers `p0..` of the cloud
     /// `bench`, with the images and log directories of builder 0 of `site` (the benchmark's
     /// shape).
-    pub fn bench(site: &Site, images: usize, providers: usize) -> NodepoolYaml {
+    pub fn bench(site: &TestSite, images: usize, providers: usize) -> NodepoolYaml {
         let names: Vec<String> = (0..images).map(|i| format!("img{i:02}")).collect();
         NodepoolYaml {
             images_dir: site.images_dir(0).display().to_string(),
@@ -90,7 +90,7 @@ impl NodepoolYaml {
     }
 
     /// The file's text for `site`'s ZooKeeper (TLS port, chroot, test certificates).
-    pub fn render(&self, site: &Site) -> String {
+    pub fn render(&self, site: &TestSite) -> String {
         let certs = site.server.certs();
         let mut y = format!(
             "images-dir: '{images_dir}'\n\
@@ -147,7 +147,7 @@ impl NodepoolYaml {
     }
 
     /// Writes [`NodepoolYaml::render`] to `path`.
-    pub fn write(&self, site: &Site, path: &Path) {
+    pub fn write(&self, site: &TestSite, path: &Path) {
         std::fs::write(path, self.render(site))
             .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     }
@@ -156,7 +156,7 @@ impl NodepoolYaml {
 /// Writes `<site>/nodepool.yaml` for the benchmark's Python builder: `images` diskimages
 /// `img00..`, each on `providers` OpenStack providers `p0..` of the cloud `bench` (the same
 /// clouds.yaml this builder reads through `OS_CLIENT_CONFIG_FILE`).
-pub fn write_config(site: &Site, images: usize, providers: usize) {
+pub fn write_config(site: &TestSite, images: usize, providers: usize) {
     NodepoolYaml::bench(site, images, providers).write(site, &site.path("nodepool.yaml"));
 }
 
@@ -185,7 +185,7 @@ pub struct UpstreamBuilder {
 impl UpstreamBuilder {
     /// Starts the benchmark's builder: `<site>/nodepool.yaml` of [`write_config`] and
     /// `<site>/clouds.yaml`, builder 0's directories.
-    pub fn start(site: &Site, build_workers: usize, upload_workers: usize) -> UpstreamBuilder {
+    pub fn start(site: &TestSite, build_workers: usize, upload_workers: usize) -> UpstreamBuilder {
         std::fs::create_dir_all(site.images_dir(0)).unwrap();
         std::fs::create_dir_all(site.log_dir(0)).unwrap();
         UpstreamBuilder::start_with(UpstreamOptions {

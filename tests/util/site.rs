@@ -1,6 +1,8 @@
-//! One nodepool "site" for a test: a ZooKeeper chroot on the shared server, a directory with
-//! images, logs and configs, builder processes, and a ZooKeeper session of the test's own to
-//! look at (and poke) the tree.
+//! [`TestSite`]: one nodepool site for a test, the way an operator's site is one ZooKeeper
+//! tree, its builders and their clouds: a ZooKeeper chroot on the shared (or a dedicated)
+//! server, a directory with images, logs, configs and directory "clouds", the builder
+//! processes started from those configs, and a ZooKeeper session of the test's own to look at
+//! (and poke) the tree. Most integration tests start with `let site = TestSite::new(..)`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,30 +34,33 @@ pub fn fake_dib() -> PathBuf {
     super::repo_root().join("tests/fixtures/fake-dib")
 }
 
-pub struct Site {
+/// A running test site: ZooKeeper chroot + test directory + configs + the builders started
+/// from them (see the module doc). Dropping it closes the test's session and removes the
+/// directory, unless the test failed.
+pub struct TestSite {
     pub dir: tempfile::TempDir,
     pub server: &'static ZkServer,
     pub chroot: String,
     pub zk: Zk,
 }
 
-impl Drop for Site {
+impl Drop for TestSite {
     fn drop(&mut self) {
         self.zk.close();
         super::keep_after_failure(&mut self.dir);
     }
 }
 
-impl Site {
+impl TestSite {
     /// A new site on the shared TLS server.
-    pub fn new(name: &str) -> Site {
-        Site::on(name, ZkServer::shared())
+    pub fn new(name: &str) -> TestSite {
+        TestSite::on(name, ZkServer::shared())
     }
 
     /// A new site on a given (TLS) server, e.g. a dedicated one a test freezes.
-    pub fn on(name: &str, server: &'static ZkServer) -> Site {
+    pub fn on(name: &str, server: &'static ZkServer) -> TestSite {
         let hosts = vec![("127.0.0.1".into(), server.plain_port())];
-        Site::with_session(name, server, server.chroot(name), hosts)
+        TestSite::with_session(name, server, server.chroot(name), hosts)
     }
 
     /// A site whose test session talks to `hosts` (plaintext ports) under `chroot`;
@@ -66,7 +71,7 @@ impl Site {
         server: &'static ZkServer,
         chroot: String,
         hosts: Vec<(String, u16)>,
-    ) -> Site {
+    ) -> TestSite {
         let dir = test_dir(name);
         let zk = Zk::connect(ZkConfig {
             hosts,
@@ -79,7 +84,7 @@ impl Site {
             zk.wait_connected(Duration::from_secs(30)),
             "test session to zookeeper"
         );
-        Site {
+        TestSite {
             dir,
             server,
             chroot,
@@ -153,7 +158,7 @@ key = "{key}"
         self.start_with_env(n, extra_args, &[])
     }
 
-    /// Like [`Site::start`], with extra environment (e.g. `OS_CLIENT_CONFIG_FILE`).
+    /// Like [`TestSite::start`], with extra environment (e.g. `OS_CLIENT_CONFIG_FILE`).
     pub fn start_with_env(
         &self,
         n: usize,
@@ -163,7 +168,7 @@ key = "{key}"
         self.start_config(n, &self.config_path(n), extra_args, env)
     }
 
-    /// Like [`Site::start_with_env`], with the config file `cfg` (e.g. a nodepool.yaml).
+    /// Like [`TestSite::start_with_env`], with the config file `cfg` (e.g. a nodepool.yaml).
     pub fn start_config(
         &self,
         n: usize,
@@ -174,12 +179,12 @@ key = "{key}"
         self.start_as(n, cfg, &Launch::default(), extra_args, env)
     }
 
-    /// The config file [`Site::config`] writes for builder `n`.
+    /// The config file [`TestSite::config`] writes for builder `n`.
     fn config_path(&self, n: usize) -> PathBuf {
         self.path(&format!("builder{n}.toml"))
     }
 
-    /// Like [`Site::start_with_env`], with the variables that choose which CAs the OpenStack
+    /// Like [`TestSite::start_with_env`], with the variables that choose which CAs the OpenStack
     /// driver trusts ([`TRUST_ENV_VARS`]) removed from what the builder inherits, so only
     /// `env` decides (a test run's own `REQUESTS_CA_BUNDLE` must not change the outcome).
     pub fn start_with_trust_env(&self, n: usize, env: &[(&str, &str)]) -> BuilderProcess {
@@ -190,7 +195,7 @@ key = "{key}"
         self.start_as(n, &self.config_path(n), &how, &[], env)
     }
 
-    /// Like [`Site::start_with_env`], with the binary started through `wrapper` (see
+    /// Like [`TestSite::start_with_env`], with the binary started through `wrapper` (see
     /// [`Launch::wrapper`]).
     pub fn start_wrapped(
         &self,
@@ -406,7 +411,7 @@ key = "{key}"
         self.config(n, top, &body)
     }
 
-    /// The `list-command` line of a `dir-cloud` provider (for [`Site::provider`]'s `extra`).
+    /// The `list-command` line of a `dir-cloud` provider (for [`TestSite::provider`]'s `extra`).
     pub fn list_command(&self, name: &str) -> String {
         format!(
             "list-command = [\"{}\", \"list\", \"{}\"]",
