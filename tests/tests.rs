@@ -7,7 +7,7 @@ mod bad_data;
 mod bad_input;
 /// The benchmark harness at small sizes (the full run is `cargo bench`).
 mod bench_smoke;
-/// The build pipeline: the real binary, real ZooKeeper, the test image builder.
+/// Building images with the test image builder: scheduling, failures, local disk space.
 mod builds;
 /// The janitor: retention, removals, retries, orphans, local files, no leaks.
 mod cleanup;
@@ -19,10 +19,8 @@ mod config;
 mod daemon;
 /// Daemon mode: fork, pidfile, readiness, log file, SIGHUP.
 mod daemon_mode;
-/// A full images-dir (a small tmpfs) during a build: failed cleanly, resumes with space.
-mod disk;
-/// The test image builder script that stands in for diskimage-builder.
-mod fake_dib;
+/// The image builder programs: real diskimage-builder, and the test script standing in for it.
+mod dib;
 /// Fault injection (ensemble failover, session expiry, crashes, many builders) with invariant checks.
 mod faults;
 /// Cloud drivers against a real Glance (and Keystone) from PyPI.
@@ -46,8 +44,6 @@ mod mixed_fleet;
 mod nodepool_yaml;
 /// Operator subcommands, compared with the Python nodepool CLI on the same data.
 mod ops;
-/// One real diskimage-builder build (debian-minimal, tar and qcow2) through the daemon.
-mod real_dib;
 /// Security: mutual TLS, digest ACLs, no credentials in logs, secret file modes.
 mod security;
 /// SIGUSR2 stack capture of registered threads, in-process.

@@ -1,6 +1,8 @@
 //! `tests/fixtures/fake-dib`, the stand-in for diskimage-builder, run through
 //! `command::spawn` the way the builder runs DIB: real images from qemu-img, checksum
 //! files, the manifest directory, argument and environment checks, and the control files.
+//! Every build test in `builds` (and most upload tests) relies on it behaving like
+//! `disk-image-create`; the real one is in [`super::real`].
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

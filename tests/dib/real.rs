@@ -1,5 +1,6 @@
 //! One real diskimage-builder build through the daemon: `debian-minimal` as a `tar` and a
-//! `qcow2`, with DIB 3.43 from `scripts/dib-env.sh` (shared/docs/real-services.md §c).
+//! `qcow2`, with DIB 3.43 from `scripts/dib-env.sh` (shared/docs/real-services.md §c). Every
+//! other build test uses the test script checked in [`super::test_script`].
 //!
 //! Why two formats: DIB writes the `--checksum` files (`.md5`, `.sha256`) only for formats
 //! that go through its image conversion; a `tar` is written straight from the build root and

@@ -1,0 +1,26 @@
+//! Building images: the build pipeline of the real binary with a real ZooKeeper, running the
+//! test image builder (`tests/fixtures/fake-dib`) as its DIB.
+//!
+//! * [`scheduling`]: when builds happen and what each is asked for (requests, rebuild age,
+//!   pauses, formats, parents, two builders);
+//! * [`failures`]: DIB failing, timing out, leaving files out; stops and session loss
+//!   mid-build;
+//! * [`local_disk`]: the free-space guard, a full file system, build-log retention.
+//!
+//! Elsewhere: the image builder programs themselves (real diskimage-builder and the test
+//! script) in `dib`; the janitor's removal of builds in `cleanup`; builds under injected
+//! ZooKeeper faults and crashes in `faults`.
+
+mod failures;
+mod local_disk;
+mod scheduling;
+
+/// One diskimage, `fedora`, built as a qcow2 by the test image builder.
+const ONE_IMAGE: &str = r#"
+[[diskimages]]
+name = "fedora"
+dib-cmd = "{fake_dib}"
+elements = ["fedora", "vm"]
+release = 21
+formats = ["qcow2"]
+"#;
