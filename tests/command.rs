@@ -190,7 +190,7 @@ fn captured_stdout_and_stderr_are_kept_apart_as_tails() {
 #[test]
 fn a_parent_death_signal_does_not_stop_commands_of_a_live_daemon() {
     // The race check compares the parent pid with the daemon's, whatever its value (a
-    // daemon that is PID 1 of a container is tested in uploads::).
+    // daemon that is PID 1 of a container is tested in uploads::command_driver).
     let mut spec = bash("echo started", &[]);
     spec.parent_death_signal = Some(nix::sys::signal::Signal::SIGKILL);
     spec.output = Output::Capture {

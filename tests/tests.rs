@@ -3,14 +3,14 @@
 
 /// Bad data: the fuzz targets' checks over the seed corpus, nasty records, mutated configs.
 mod bad_data;
-/// Bad upload input: Glance behind a fault proxy answers 500/503/415, stalls, vanishes.
-mod bad_input;
 /// The benchmark harness at small sizes (the full run is `cargo bench`).
 mod bench_smoke;
 /// Building images with the test image builder: scheduling, failures, local disk space.
 mod builds;
 /// The janitor: retention, removals, retries, orphans, local files, no leaks.
 mod cleanup;
+/// The cloud drivers called directly: OpenStack against a real Glance and Keystone, command.
+mod cloud_drivers;
 /// The subprocess runner: process groups, timeouts, logs, clean signal state.
 mod command;
 /// Configuration loading: good configs, twenty broken ones with file:line:col.
@@ -23,13 +23,6 @@ mod daemon_mode;
 mod dib;
 /// Fault injection (ensemble failover, session expiry, crashes, many builders) with invariant checks.
 mod faults;
-/// Cloud drivers against a real Glance (and Keystone) from PyPI.
-mod glance;
-/// Glance behind TLS of a private CA: trusted through cacert, OS_CACERT, REQUESTS_CA_BUNDLE,
-/// the system store; untrusted fails with one clear line.
-mod glance_tls;
-/// The upload pipeline against a real Glance through clouds.yaml.
-mod glance_uploads;
 /// The test harness itself: servers start, TLS works, kazoo connects.
 mod harness;
 /// The image gate: qemu-img checks and validate-command before `ready`; a broken image
@@ -54,7 +47,7 @@ mod stackdump_daemon;
 mod stats;
 /// House rules: every src file has a //! doc; only src/thread.rs spawns threads.
 mod tidy;
-/// The upload pipeline with the command driver and a directory cloud.
+/// Uploading images through the daemon: command driver, Glance, Glance faults, Glance TLS.
 mod uploads;
 /// Shared test tooling: real ZooKeeper servers, certificates, Python venvs, waits.
 mod util;

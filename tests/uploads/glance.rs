@@ -1,7 +1,9 @@
 //! The upload pipeline end to end against a real Glance from PyPI: the daemon builds with the
 //! test image builder and uploads through the OpenStack driver configured by clouds.yaml.
 //! Upstream's upload tests (two providers with their formats), Glance dying mid-upload
-//! (retried, exactly one ready upload, no stray image), and two builders racing for one build.
+//! (retried, exactly one ready upload, no stray image), two builders racing for one build, and
+//! unreadable records keeping their images. Glance's faults one by one are in
+//! [`super::glance_faults`], https in [`super::glance_tls`].
 
 use std::time::Duration;
 

@@ -7,7 +7,7 @@
 //! lifted exactly one `ready` upload exists, whose image is the provider's only one.
 //!
 //! The DIB side of the scenario (non-zero exit, build timeout, no files, some formats) is in
-//! `builds`, the post-upload hook failure in `uploads`.
+//! `builds::failures`, the post-upload hook failure in [`super::command_driver`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
