@@ -15,10 +15,8 @@ mod cloud_drivers;
 mod command;
 /// Configuration loading: good configs, twenty broken ones with file:line:col.
 mod config;
-/// The real binary: foreground daemon over TLS, signals, check-config.
+/// The process life of the real binary: foreground, daemon mode, signals, check-config.
 mod daemon;
-/// Daemon mode: fork, pidfile, readiness, log file, SIGHUP.
-mod daemon_mode;
 /// The image builder programs: real diskimage-builder, and the test script standing in for it.
 mod dib;
 /// Fault injection (ensemble failover, session expiry, crashes, many builders) with invariant checks.
@@ -39,10 +37,8 @@ mod nodepool_yaml;
 mod ops;
 /// Security: mutual TLS, digest ACLs, no credentials in logs, secret file modes.
 mod security;
-/// SIGUSR2 stack capture of registered threads, in-process.
+/// SIGUSR2 stack dumps: the capture in-process, and the real daemon signalled.
 mod stackdump;
-/// SIGUSR2 stack dumps of the real daemon.
-mod stackdump_daemon;
 /// statsd keys as upstream emits them.
 mod stats;
 /// House rules: every src file has a //! doc; only src/thread.rs spawns threads.

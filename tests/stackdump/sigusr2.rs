@@ -1,5 +1,6 @@
 //! SIGUSR2 stack dumps of the real daemon: every registered thread shows where it waits, a
-//! burst of signals neither crashes nor wedges it, and no job is lost.
+//! burst of signals neither crashes nor wedges it, and no job is lost. The capture itself is
+//! tested in-process in [`super::in_process`].
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -1,5 +1,7 @@
 //! The real binary as an operator runs it: foreground mode against a TLS-only ZooKeeper,
-//! component registration, clean stop on SIGINT/SIGTERM, and `check-config`.
+//! component registration (a refused one does not stop the start), clean stop on
+//! SIGINT/SIGTERM, `check-config` (every error located, no secret echoed), and a start by a
+//! careless parent (SIGCHLD ignored, SIGTERM blocked). Daemon mode is in [`super::detached`].
 
 use std::path::Path;
 use std::time::Duration;

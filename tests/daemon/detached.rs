@@ -1,4 +1,4 @@
-//! Daemon mode of the real binary, as an init script runs it: the starting command exits only
+//! Daemon mode (detached, the default without `-f`) of the real binary, as an init script runs it: the starting command exits only
 //! once the daemon is ready (or failed), the pidfile lock, a detached process with no
 //! terminal, SIGHUP (reload and log reopen), SIGTERM, `NOTIFY_SOCKET`, and clean signal state
 //! in the daemon's children.
