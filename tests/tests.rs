@@ -41,7 +41,8 @@ mod security;
 mod stackdump;
 /// statsd keys as upstream emits them.
 mod stats;
-/// House rules: every src file has a //! doc; only src/thread.rs spawns threads.
+/// House rules: every src file has a //! doc; only src/thread.rs spawns threads; the code
+/// map and the test helper map are complete.
 mod tidy;
 /// Uploading images through the daemon: command driver, Glance, Glance faults, Glance TLS.
 mod uploads;

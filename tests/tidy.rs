@@ -1,6 +1,8 @@
 //! House rules checked by reading the source: every file under `src/` opens with a `//!`
 //! module essay, and only `src/thread.rs` starts threads (style.md §3 and §5; clippy's
-//! `disallowed-methods` checks the second rule too, but only when clippy runs).
+//! `disallowed-methods` checks the second rule too, but only when clippy runs); the code map
+//! in `src/lib.rs` and the helper map in `tests/util/mod.rs` list every file (and every
+//! public test helper); `rust-version` is what the locked crates need.
 
 use std::path::{Path, PathBuf};
 
@@ -224,4 +226,108 @@ fn the_code_map_in_lib_rs_lists_every_entry_of_src() {
         .collect();
     entries.sort();
     assert_eq!(mapped, entries, "src/lib.rs's code map against `ls src`");
+}
+
+/// The names of the top-level `pub` items of a Rust file (functions, types, constants), in
+/// file order. A scan of rustfmt-formatted text: items start at column 0.
+fn public_items(text: &str) -> Vec<String> {
+    const KINDS: [&str; 7] = [
+        "fn ", "struct ", "enum ", "const ", "static ", "type ", "trait ",
+    ];
+    text.lines()
+        .filter_map(|line| line.strip_prefix("pub "))
+        .filter_map(|rest| KINDS.iter().find_map(|kind| rest.strip_prefix(kind)))
+        .map(|rest| {
+            rest.chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
+/// The helper map in `tests/util/mod.rs` has one line per file of `tests/util` (in `ls`
+/// order, `mod.rs` first) and, below it, one line per public item of that file: a test
+/// author finds every helper in one place, and a new one cannot be left out of the map.
+#[test]
+fn the_helper_map_in_util_lists_every_file_and_public_helper() {
+    let util = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/util");
+    let mod_rs = std::fs::read_to_string(util.join("mod.rs")).unwrap();
+    let start = mod_rs
+        .find("//! # Helper map")
+        .expect("tests/util/mod.rs has a helper map");
+    let mut mapped: Vec<(String, Vec<String>)> = Vec::new();
+    for line in mod_rs[start..].lines().take_while(|l| l.starts_with("//!")) {
+        if let Some(entry) = line.strip_prefix("//! * ") {
+            let name = entry
+                .trim_start_matches("[`")
+                .trim_start_matches('`')
+                .split('`')
+                .next()
+                .unwrap_or_default();
+            mapped.push((name.trim_end_matches(".rs").to_string(), Vec::new()));
+        } else if let Some(entry) = line.strip_prefix("//!   - [`") {
+            let path = entry.split('`').next().unwrap_or_default();
+            let (module, items) = mapped
+                .last_mut()
+                .unwrap_or_else(|| panic!("an item before any file in the map: {line}"));
+            // mod.rs's own items are bare names, every other file's are `file::item`.
+            let item = if module == "mod" {
+                path.to_string()
+            } else {
+                path.strip_prefix(&format!("{module}::"))
+                    .map_or_else(|| format!("{path} (not under {module}::)"), str::to_string)
+            };
+            items.push(item);
+        }
+    }
+    let mut stems: Vec<String> = std::fs::read_dir(&util)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|ext| ext == "rs"))
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .filter(|stem| stem != "mod")
+        .collect();
+    stems.sort();
+    stems.insert(0, "mod".to_string());
+    let actual: Vec<(String, Vec<String>)> = stems
+        .into_iter()
+        .map(|stem| {
+            let text = std::fs::read_to_string(util.join(format!("{stem}.rs"))).unwrap();
+            let mut items = public_items(&text);
+            items.sort();
+            (stem, items)
+        })
+        .collect();
+    for (_, items) in &mut mapped {
+        items.sort();
+    }
+    let files = |map: &[(String, Vec<String>)]| map.iter().map(|(f, _)| f.clone()).collect();
+    let (mapped_files, actual_files): (Vec<String>, Vec<String>) = (files(&mapped), files(&actual));
+    assert_eq!(
+        mapped_files, actual_files,
+        "the files in tests/util/mod.rs's helper map against `ls tests/util`"
+    );
+    let mut wrong = Vec::new();
+    for ((file, listed), (_, items)) in mapped.iter().zip(&actual) {
+        for item in items.iter().filter(|i| !listed.contains(i)) {
+            wrong.push(format!("{file}.rs: pub {item} is not in the map"));
+        }
+        for item in listed.iter().filter(|i| !items.contains(i)) {
+            wrong.push(format!(
+                "{file}.rs: the map lists {item}, the file has no such pub item"
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "tests/util/mod.rs's helper map is out of date:\n{}",
+        wrong.join("\n")
+    );
+}
+
+#[test]
+fn the_public_item_scan_sees_functions_types_and_constants() {
+    let text = "pub fn a() {}\npub struct B<'a>;\npub(crate) fn c() {}\n    pub fn d() {}\n\
+                pub const E: u8 = 1;\npub enum F {}\npub mod g;\nfn h() {}\n";
+    assert_eq!(public_items(text), ["a", "B", "E", "F"]);
 }

@@ -1,25 +1,6 @@
 //! Shared test tooling: waits with deadlines, per-test directories, and the real services
-//! the tests run against.
-//!
-//! * [`wait_until`] / [`wait_for`]: the only way tests wait. They poll a condition with a
-//!   short back-off and panic with `timed out after …: waiting for <what>`; a bare sleep is
-//!   never a synchronisation.
-//! * [`test_dir`]: a unique directory per test, removed when dropped.
-//! * [`zk`]: real ZooKeeper 3.8 servers from the Debian package (one shared TLS server per
-//!   test binary, dedicated ones for fault injection) and the test certificates.
-//! * [`python`]: the kazoo virtualenv and the Python helper scripts in
-//!   `tests/fixtures/python/`.
-//! * [`faultproxy`]: an HTTP proxy in front of a real Glance that injects 500/503/415
-//!   answers, stalls, or vanishes for chosen requests.
-//! * [`tmpfs`]: a small tmpfs a test mounts (as root) to fill a file system for real.
-//! * [`ensemble`]: a three-member TLS ZooKeeper ensemble on loopback, for failover tests.
-//! * [`invariants`]: the invariants fault-injection tests check, continuously and at the end.
-//! * [`nodepool`]: the Python nodepool 11 CLI (its own virtualenv) and runners that compare
-//!   its output with our operator subcommands'.
-//! * [`site`]: [`site::TestSite`], one nodepool site per test: a ZooKeeper chroot, configs,
-//!   builder processes and clouds, with the waits and record look-ups tests assert on.
-//! * [`upstream`]: the Python nodepool-builder 11 daemon and the `nodepool.yaml` it reads,
-//!   for the benchmark and the mixed-fleet tests.
+//! the tests run against. Tests wait only with [`wait_until`] / [`wait_for`] (a bare sleep
+//! is never a synchronisation), and most start from a [`site::TestSite`].
 //!
 //! Everything a test run leaves on disk lives under one directory per test process,
 //! [`run_dir`], inside Cargo's `target/tmp`. Directories of test processes that are no longer
@@ -27,6 +8,119 @@
 //!
 //! Missing software is installed by `scripts/test-env.sh`; fixtures run it themselves when
 //! what they need is absent, and fail (never skip) when it still cannot be had.
+//!
+//! # Helper map
+//!
+//! One line per file of `tests/util` and per public item of each (`tidy::` checks that the
+//! map and the files agree, so a new helper cannot be left out).
+//!
+//! * `mod.rs`: waits, scratch directories, processes.
+//!   - [`wait_until`]: poll a condition with back-off until it holds; panic naming what was
+//!     awaited after the deadline.
+//!   - [`wait_for`]: the same for a condition that produces a value.
+//!   - [`poll_for`]: the non-panicking core of [`wait_for`], for fixtures adding context.
+//!   - [`repo_root`]: the repository root.
+//!   - [`run_dir`]: this test process's scratch directory under `target/tmp`.
+//!   - [`test_dir`]: a unique directory per test, removed when dropped.
+//!   - [`ensure_test_env`]: run `scripts/test-env.sh` for some parts, once per process.
+//!   - [`sanitize`]: a test name made fit for file and znode names.
+//!   - [`file_tail`]: the last lines of a file (for failure messages).
+//!   - [`keep_after_failure`]: keep a failed test's directory and say where it is.
+//!   - [`cpu_secs`]: user + system CPU seconds of a process.
+//!   - [`process_alive`]: whether a pid is a live (non-zombie) process.
+//! * [`builder`]: the real `nodepool-builder` binary as a child process of a test.
+//!   - [`builder::binary`]: the path of the binary under test.
+//!   - [`builder::Launch`]: how to start it beyond arguments: a wrapper, variables unset.
+//!   - [`builder::BuilderProcess`]: a running builder: its log, waits for log lines, signals.
+//! * [`ensemble`]: a three-member TLS ZooKeeper ensemble on loopback, for failover tests.
+//!   - [`ensemble::SERVE_TIMEOUT`]: how long the ensemble may take to elect a leader.
+//!   - [`ensemble::Ensemble`]: three ZooKeeper JVMs; kill, restart, wait until serving.
+//! * [`faultproxy`]: an HTTP proxy in front of a real Glance that injects faults.
+//!   - [`faultproxy::Fault`]: what a matching request gets (500/503/415, a stall, a vanish).
+//!   - [`faultproxy::Rule`]: a request pattern and its fault.
+//!   - [`faultproxy::FaultProxy`]: a running proxy on a loopback port; rules set and cleared.
+//! * [`glance`]: real Glance 33 and Keystone 30 servers from PyPI virtualenvs, and images.
+//!   - [`glance::START_TIMEOUT`]: how long a server may take to become ready.
+//!   - [`glance::FIXED_PROJECT`]: the project of every fixed-identity request.
+//!   - [`glance::glance_venv`]: the Glance virtualenv.
+//!   - [`glance::keystone_venv`]: the Keystone virtualenv.
+//!   - [`glance::fixtures_dir`]: `tests/fixtures/glance`.
+//!   - [`glance::ensure_installed`]: run `scripts/glance-env.sh` for a part, once per process.
+//!   - [`glance::HttpReply`]: an answer of [`glance::http`].
+//!   - [`glance::http`]: one plain-HTTP JSON request.
+//!   - [`glance::http_expect`]: the same, panicking unless the status is the expected one.
+//!   - [`glance::GlanceServer`]: one Glance API server (shared, or a test's own).
+//!   - [`glance::KeystoneOptions`]: what kind of Keystone to start.
+//!   - [`glance::KeystoneServer`]: one bootstrapped Keystone: projects, users, tokens.
+//!   - [`glance::keystone_token`]: a project-scoped token for a user.
+//!   - [`glance::qemu_image`]: a real image file of a format, made by `qemu-img`.
+//!   - [`glance::write_random`]: a file of random bytes.
+//! * [`invariants`]: the invariants fault-injection tests check, continuously and at the end.
+//!   - [`invariants::CloudSpec`]: a provider the invariants know: its cloud and images.
+//!   - [`invariants::Cloud`]: where a provider's images live (directory cloud or Glance).
+//!   - [`invariants::Checker`]: checks the invariants of one site (sample, final check).
+//!   - [`invariants::now`]: seconds since the epoch, like the records' `state_time`.
+//!   - [`invariants::cloud_images`]: image ids in a directory cloud.
+//!   - [`invariants::Sampler`]: a thread sampling a [`invariants::Checker`] until stopped.
+//! * [`nodepool`]: the Python nodepool 11 CLI and runners comparing it with our subcommands.
+//!   - [`nodepool::CLI_TIMEOUT`]: how long one CLI call may take.
+//!   - [`nodepool::nodepool_bin`]: the venv's `nodepool` script, installed on first use.
+//!   - [`nodepool::DiskImage`]: one diskimage of the Python CLI's config.
+//!   - [`nodepool::NodepoolCli`]: the Python CLI configured for one chroot.
+//!   - [`nodepool::ops`]: run one of our operator subcommands to completion.
+//!   - [`nodepool::ops_ok`]: the same, for one that must succeed; its stdout.
+//!   - [`nodepool::describe`]: exit status, stdout and stderr, labelled.
+//!   - [`nodepool::Table`]: a printed PrettyTable, parsed into frame lines and cells.
+//!   - [`nodepool::age_seconds`]: seconds in a `DD:HH:MM:SS` age.
+//! * [`python`]: the kazoo virtualenv and the Python helper scripts in
+//!   `tests/fixtures/python/`.
+//!   - [`python::RUN_TIMEOUT`]: how long [`python::run_kazoo`] lets a script run.
+//!   - [`python::kazoo_python`]: the kazoo virtualenv's python, installed on first use.
+//!   - [`python::kazoo_command`]: the command running one helper script.
+//!   - [`python::run_kazoo`]: run a helper script to completion.
+//!   - [`python::run_kazoo_ok`]: the same, for one that must exit 0; its stdout.
+//!   - [`python::kz_tls_args`]: `kz.py` connection arguments over TLS with the client cert.
+//!   - [`python::kz_plain_args`]: `kz.py` connection arguments over plaintext.
+//!   - [`python::kz_args`]: connection arguments and a sub-command in one list.
+//!   - [`python::describe_output`]: a script's stdout and stderr, labelled.
+//!   - [`python::KazooChild`]: a running helper script with piped stdio, killed when dropped.
+//! * [`site`]: one nodepool site per test.
+//!   - [`site::TRUST_ENV_VARS`]: the variables that decide which CAs the OpenStack driver
+//!     trusts.
+//!   - [`site::WAIT`]: the default wait for something the builder does.
+//!   - [`site::fake_dib`]: the test image builder script, `tests/fixtures/fake-dib`.
+//!   - [`site::TestSite`]: a ZooKeeper chroot, configs, builder processes and clouds, with
+//!     the waits and record look-ups tests assert on.
+//! * [`tmpfs`]: a small tmpfs a test mounts (as root) to fill a file system for real.
+//!   - [`tmpfs::Tmpfs`]: the mount, with fillers; unmounted when dropped.
+//! * [`upstream`]: the Python nodepool-builder 11 daemon and the `nodepool.yaml` it reads,
+//!   for the benchmark and the mixed-fleet tests.
+//!   - [`upstream::START_TIMEOUT`]: how long the Python daemon may take to start.
+//!   - [`upstream::venv`]: the nodepool virtualenv, installed on first use.
+//!   - [`upstream::YamlProvider`]: one OpenStack provider of a [`upstream::NodepoolYaml`].
+//!   - [`upstream::NodepoolYaml`]: the inputs of one `nodepool.yaml`, rendered to text.
+//!   - [`upstream::write_config`]: the benchmark's `nodepool.yaml` for a site.
+//!   - [`upstream::UpstreamOptions`]: how to start one Python builder.
+//!   - [`upstream::UpstreamBuilder`]: a running Python nodepool-builder.
+//! * [`zk`]: real ZooKeeper 3.8 servers from the Debian package (one shared TLS server per
+//!   test binary, dedicated ones for fault injection) and the test certificates.
+//!   - [`zk::START_TIMEOUT`]: how long a server may take to become ready.
+//!   - [`zk::CLASSPATH`]: the jars on the server's classpath.
+//!   - [`zk::ZkOptions`]: what kind of server to start.
+//!   - [`zk::Certs`]: the test CA, server and client certificates (and another CA's).
+//!   - [`zk::certs`]: the test certificates, made on first use.
+//!   - [`zk::ZkServer`]: one ZooKeeper server: shared or dedicated, freeze, kill, restart.
+//!   - [`zk::four_letter_to`]: send a four-letter word to a port, read the answer.
+//!   - [`zk::free_port`]: a free loopback port not handed out before in this process.
+//!   - [`zk::spawn_tied_to_process`]: spawn a child that dies with this test process.
+//!   - [`zk::ensure_zookeeper_installed`]: java and the jars, installed if missing.
+//!   - [`zk::find_in_path`]: the first file of a name on `PATH`.
+//!   - [`zk::tls_config_lines`]: zoo.cfg lines of a TLS client port with the test certs.
+//! * [`zkproxy`]: a TCP proxy in front of ZooKeeper that loses one chosen reply.
+//!   - [`zkproxy::SET_DATA`]: the request type of a setData.
+//!   - [`zkproxy::CREATE`]: the request types of a create.
+//!   - [`zkproxy::DELETE`]: the request type of a delete.
+//!   - [`zkproxy::ZkProxy`]: a running proxy; cut the reply of the next matching request.
 
 // Not every test module uses every helper.
 #![allow(dead_code)]
