@@ -44,7 +44,7 @@
 //!   - [`glance::FIXED_PROJECT`]: the project of every fixed-identity request.
 //!   - [`glance::glance_venv`]: the Glance virtualenv.
 //!   - [`glance::keystone_venv`]: the Keystone virtualenv.
-//!   - [`glance::fixtures_dir`]: `tests/fixtures/glance`.
+//!   - [`glance::fixtures_dir`]: the directory `tests/fixtures/glance`.
 //!   - [`glance::ensure_installed`]: run `scripts/glance-env.sh` for a part, once per process.
 //!   - [`glance::HttpReply`]: an answer of [`glance::http`].
 //!   - [`glance::http`]: one plain-HTTP JSON request.
