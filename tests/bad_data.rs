@@ -8,6 +8,10 @@
 //! `NODEPOOL_BLESS_CORPUS=1 cargo test --test integration -- bad_data::seed_corpus`.
 //! A crash that `scripts/fuzz.sh` finds is kept as `tests/fuzz/regressions/<target>/<name>`
 //! once fixed; every file there runs here too.
+//!
+//! Elsewhere: broken configs as an operator writes them (every error at its `file:line:col`)
+//! in `config`; bad answers from a cloud (Glance's 500, 503, 415, stalls) in
+//! `uploads::glance_faults`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

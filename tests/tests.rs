@@ -1,5 +1,10 @@
 //! The one integration-test binary. Every module drives real servers (ZooKeeper, kazoo, ...);
 //! nothing is mocked.
+//!
+//! Modules are laid out by capability (what a user of the builder relies on), not by the
+//! fixture a test happens to use; each module's essay says what it covers and where its
+//! neighbours' tests live. Run one capability with its path as the filter, e.g.
+//! `cargo test --test integration -- uploads::glance_faults::`.
 
 /// Bad data: the fuzz targets' checks over the seed corpus, nasty records, mutated configs.
 mod bad_data;
