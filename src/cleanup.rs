@@ -950,7 +950,3 @@ impl Pass<'_> {
         self.report.deleted_files += local::prune_formats(dir, image, id, &keep);
     }
 }
-
-/// The builds with local files in images-dir (`local::builds_present`), under the name the
-/// test tooling uses.
-pub use crate::local::builds_present as local_builds;

@@ -755,7 +755,7 @@ fn lose_the_reply_to_a_ready_write(name: &str, path_part: &str, settled: &str, d
         "the cloud image is kept while ZooKeeper is away"
     );
     assert!(
-        !nodepool_builder::cleanup::local_builds(&site.images_dir(0))
+        !nodepool_builder::local::builds_present(&site.images_dir(0))
             .unwrap()
             .is_empty(),
         "the local files are kept while ZooKeeper is away"
@@ -841,7 +841,7 @@ fn a_stop_while_a_lost_ready_write_is_unsettled_exits_and_keeps_the_files() {
     let status = b.wait_exit(Duration::from_secs(25));
     assert!(status.success(), "{status:?}\n{}", b.log());
     assert!(
-        !nodepool_builder::cleanup::local_builds(&site.images_dir(0))
+        !nodepool_builder::local::builds_present(&site.images_dir(0))
             .unwrap()
             .is_empty(),
         "the build's files are kept: its ready record may have landed"

@@ -11,12 +11,12 @@ use std::path::PathBuf;
 use nodepool_builder::model::{BuildState, UploadState};
 
 use crate::util::builder::BuilderProcess;
-use crate::util::np::{Site, WAIT};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::{process_alive, wait_for};
 
 /// `fedora` in qcow2 (and `extra` lines in its table), uploaded as qcow2 to the directory
 /// cloud `cloud`.
-fn fedora(site: &Site, extra: &str) -> String {
+fn fedora(site: &TestSite, extra: &str) -> String {
     format!(
         "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{{fake_dib}}\"\nformats = [\"qcow2\"]\n{extra}\n{}",
         site.provider("cloud", "qcow2", &["fedora"], "")
@@ -24,7 +24,7 @@ fn fedora(site: &Site, extra: &str) -> String {
 }
 
 /// An executable script in the site's directory.
-fn script(site: &Site, name: &str, body: &str) -> PathBuf {
+fn script(site: &TestSite, name: &str, body: &str) -> PathBuf {
     let path = site.path(name);
     std::fs::write(&path, format!("#!/bin/bash\n{body}\n")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -53,7 +53,7 @@ fn gate_failure(b: &mut BuilderProcess) -> (String, String) {
 
 /// A refused build: no ready build, nothing uploaded, its local files gone, and the reason
 /// in its build log.
-fn assert_refused(site: &Site, id: &str, reason: &str) {
+fn assert_refused(site: &TestSite, id: &str, reason: &str) {
     assert!(site.builds_in("fedora", BuildState::Ready).is_empty());
     assert!(site.uploads("fedora").is_empty(), "never uploaded");
     assert!(
@@ -74,7 +74,7 @@ fn assert_refused(site: &Site, id: &str, reason: &str) {
 
 #[test]
 fn a_good_image_passes_the_gate_reaches_the_validate_command_and_is_uploaded() {
-    let site = Site::new("gate_good");
+    let site = TestSite::new("gate_good");
     let args = site.path("validate.args");
     let validate = script(
         &site,
@@ -113,7 +113,7 @@ fn a_good_image_passes_the_gate_reaches_the_validate_command_and_is_uploaded() {
 
 #[test]
 fn a_truncated_qcow2_fails_the_build_loses_its_files_and_is_never_uploaded() {
-    let site = Site::new("gate_truncated");
+    let site = TestSite::new("gate_truncated");
     site.config(
         0,
         "",
@@ -140,7 +140,7 @@ fn a_truncated_qcow2_fails_the_build_loses_its_files_and_is_never_uploaded() {
 
 #[test]
 fn raw_bytes_in_a_qcow2_file_fail_as_the_wrong_format_and_back_off() {
-    let site = Site::new("gate_wrong_format");
+    let site = TestSite::new("gate_wrong_format");
     site.config(
         0,
         "",
@@ -165,7 +165,7 @@ fn raw_bytes_in_a_qcow2_file_fail_as_the_wrong_format_and_back_off() {
 
 #[test]
 fn a_validate_command_exiting_1_fails_the_build_with_its_output_in_the_log() {
-    let site = Site::new("gate_validate_exit");
+    let site = TestSite::new("gate_validate_exit");
     let validate = script(
         &site,
         "validate",
@@ -194,7 +194,7 @@ fn a_validate_command_exiting_1_fails_the_build_with_its_output_in_the_log() {
 
 #[test]
 fn a_validate_command_hanging_past_its_timeout_fails_and_its_process_group_is_gone() {
-    let site = Site::new("gate_validate_hang");
+    let site = TestSite::new("gate_validate_hang");
     let pids = site.path("validate.pids");
     let validate = script(
         &site,
@@ -231,7 +231,7 @@ fn a_validate_command_hanging_past_its_timeout_fails_and_its_process_group_is_go
 
 #[test]
 fn image_gate_false_turns_the_qemu_img_checks_off() {
-    let site = Site::new("gate_off");
+    let site = TestSite::new("gate_off");
     site.config(
         0,
         "image-gate = false",
@@ -248,7 +248,7 @@ fn image_gate_false_turns_the_qemu_img_checks_off() {
 /// statsd counts a refused build as failed: DIB exited 0, but the `rc` gauge is 1.
 #[test]
 fn a_refused_build_counts_as_failed_in_statsd() {
-    let site = Site::new("gate_statsd");
+    let site = TestSite::new("gate_statsd");
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))
         .unwrap();

@@ -361,7 +361,7 @@ impl Checker {
         }
         // Local files without a build record.
         for dir in &self.images_dirs {
-            let local = nodepool_builder::cleanup::local_builds(dir).unwrap_or_default();
+            let local = nodepool_builder::local::builds_present(dir).unwrap_or_default();
             for (image, id) in local {
                 if self
                     .zk

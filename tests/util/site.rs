@@ -598,7 +598,7 @@ key = "{key}"
         }
         for n in builders {
             for (image, id) in
-                nodepool_builder::cleanup::local_builds(&self.images_dir(*n)).unwrap()
+                nodepool_builder::local::builds_present(&self.images_dir(*n)).unwrap()
             {
                 assert!(
                     self.zk
