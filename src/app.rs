@@ -21,6 +21,7 @@ use crate::cleanup::Janitor;
 use crate::command;
 use crate::config::{Config, LoadOptions};
 use crate::identity;
+use crate::progress;
 use crate::provider;
 use crate::scheduler;
 use crate::signals::{self, ControlSignal};
@@ -96,6 +97,13 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
         opts.upload_workers
     );
     ready();
+    let progress = match progress::Ticker::start(cfg.progress_interval) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            error!("cannot start the progress thread, no progress lines: {e}");
+            None
+        }
+    };
 
     // The scheduler thread owns everything from here; it returns after ordered shutdown.
     let stats = Stats::from_env(&fqdn);
@@ -122,6 +130,7 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
     if sched.join().is_err() {
         error!("the scheduler panicked; shutting down");
     }
+    drop(progress);
     info!("Shutting down: closing the ZooKeeper session");
     zk.close();
     // Uploads past their grace are left to their threads, but not their commands: an

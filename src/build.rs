@@ -13,7 +13,9 @@
 //! 4. Prune old build logs of this image (exact name match), then run DIB with upstream's
 //!    command line and environment, its output appended to `<build-log-dir>/<image>-<id>.log`
 //!    which ends with `Exit code: N`. DIB runs in its own process group; a timeout or shutdown
-//!    stops the whole group.
+//!    stops the whole group. While DIB runs, the build is in the `progress` table (elapsed
+//!    time, the build log's last line); a failed run's error line carries the log's last
+//!    lines, so the cause is in the daemon log.
 //! 5. The image gate (`gate`): every file DIB wrote is checked with `qemu-img` (and the
 //!    diskimage's `validate-command`) before `ready` may be written; a refused build is
 //!    `failed` like a DIB failure, and its local files are removed at once.
@@ -43,6 +45,7 @@ use crate::gate::{self, GateFailure};
 use crate::local;
 use crate::model::{self, BuildState};
 use crate::pool::{Stop, Work, WorkerPool};
+use crate::progress;
 use crate::registry;
 use crate::stats::Stats;
 use crate::thread::ThreadKind;
@@ -654,6 +657,17 @@ fn report(
     };
     if verdict.stopped_by_shutdown() {
         warn!("image={image} build={build_id}: {reason}");
+    } else if let Verdict::DibFailed { .. } = verdict {
+        // The cause is usually in DIB's last words: bring them into the daemon log, after
+        // the line upstream logs (which stays the first line).
+        let log_path = job
+            .env
+            .build_log_dir
+            .join(format!("{image}-{build_id}.log"));
+        error!(
+            "image={image} build={build_id}: {reason}{}",
+            failure_tail(&log_path)
+        );
     } else {
         error!("image={image} build={build_id}: {reason}");
     }
@@ -787,7 +801,13 @@ fn run_dib(job: &BuildJob, build_id: &str, cancel: &Receiver<()>) -> DibOutcome 
         "building {image} {build_id}, dib pid {}",
         running.pid()
     ));
+    let tracked = progress::track(progress::Work::Build {
+        image: image.to_string(),
+        build_id: build_id.to_string(),
+        log: log_path.clone(),
+    });
     let result = running.wait(cancel);
+    drop(tracked);
     debug!(
         "image={image} build={build_id}: DIB ran for {:.1}s",
         started.elapsed().as_secs_f64()
@@ -841,6 +861,25 @@ fn out_of_space(job: &BuildJob, build_id: &str) -> Option<String> {
         "out of disk space: the build log says \"{text}\" (images-dir {}: {free})",
         job.env.images_dir.display()
     ))
+}
+
+/// How many of a failed build log's last lines the daemon's error line carries.
+const FAILURE_TAIL_LINES: usize = 20;
+
+/// The end of a failed build's log for the daemon's error line: a newline, a header naming
+/// the log, and its last non-empty lines (at most 20 of at most 200 characters, indented);
+/// empty when the log has none.
+fn failure_tail(log_path: &Path) -> String {
+    let lines = progress::log_tail(log_path, FAILURE_TAIL_LINES);
+    if lines.is_empty() {
+        return String::new();
+    }
+    let mut out = format!("\nLast {} lines of {}:", lines.len(), log_path.display());
+    for line in lines {
+        out.push_str("\n  ");
+        out.push_str(&line);
+    }
+    out
 }
 
 fn append_line(path: &Path, line: &str) {

@@ -30,6 +30,8 @@
 //!   export/import), in PrettyTable's layout.
 //! * `pool`: the worker pool of builds and uploads: named workers, one outcome per job (also
 //!   on panic), shutdown that joins (builds) or waits a grace period, then detaches (uploads).
+//! * `progress`: the progress of running builds and uploads in one table, and the
+//!   `progress` thread that logs it every `progress-interval`.
 //! * `provider`: cloud drivers behind one trait: OpenStack (Glance and Keystone through
 //!   clouds.yaml, CA trust as openstacksdk) and the command driver.
 //! * `registry`: the process-wide registry of our threads and what each is doing.
@@ -77,6 +79,7 @@ pub mod logging;
 pub mod model;
 pub mod ops;
 pub mod pool;
+pub mod progress;
 pub mod provider;
 pub mod registry;
 pub mod scheduler;

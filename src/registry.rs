@@ -8,7 +8,8 @@
 //! ubuntu-jammy 3f2a…, dib pid 4711") together with the moment it was set. The SIGUSR2 stack
 //! dump (`stackdump.rs`) prints the breadcrumb next to each thread's stack, so a dump stays
 //! useful even when a stack cannot be walked, and [`snapshot`] offers the same data to
-//! anything else that wants to show what the daemon is doing.
+//! anything else that wants to show what the daemon is doing. An [`ActivityHandle`] lets
+//! another thread set a thread's breadcrumb (the `progress` thread shows a job's progress).
 //!
 //! # The capture slot
 //!
@@ -220,6 +221,35 @@ pub fn register_current_thread_as(name: &str, kind: &str) -> Registration {
 pub fn set_activity(text: impl Into<String>) {
     if let Some(state) = current_state() {
         *lock_ignoring_poison(&state.activity) = Some((text.into(), SystemTime::now()));
+    }
+}
+
+/// A registered thread's breadcrumb, to be set from another thread: the `progress` thread
+/// writes a running job's progress into its worker's breadcrumb.
+#[derive(Clone)]
+pub struct ActivityHandle(Arc<ThreadState>);
+
+impl std::fmt::Debug for ActivityHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ActivityHandle")
+    }
+}
+
+impl ActivityHandle {
+    /// The calling thread's breadcrumb; `None` on an unregistered thread.
+    pub fn current() -> Option<ActivityHandle> {
+        current_state().map(ActivityHandle)
+    }
+
+    /// The breadcrumb's text now; `None` when idle.
+    pub fn get(&self) -> Option<String> {
+        self.0.activity().map(|(text, _)| text)
+    }
+
+    /// Sets the breadcrumb (stamped now), or resets it to idle with `None`. Harmless once
+    /// the thread has exited: nobody shows its entry any more.
+    pub fn set(&self, text: Option<String>) {
+        *lock_ignoring_poison(&self.0.activity) = text.map(|t| (t, SystemTime::now()));
     }
 }
 

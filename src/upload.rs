@@ -13,7 +13,8 @@
 //!    the launcher's leak cleanup and other builders can see the upload exists.
 //! 4. Upload through the provider driver (name from `image-name-format`, checksums from the
 //!    `.md5`/`.sha256` files, properties = diskimage `metadata` + provider `meta` + the
-//!    `nodepool_*` tags), then run the `post-upload-hook` if any.
+//!    `nodepool_*` tags), then run the `post-upload-hook` if any. Meanwhile the upload is
+//!    in the `progress` table: bytes sent, rate and ETA from a streaming driver.
 //! 5. Write `ready` (with `external_id`, `external_name`, `format`, `username`,
 //!    `python_path`, `shell_type`) — or a bare `failed` record. An upload that ends while
 //!    the ZooKeeper session is suspended waits for the session's fate first: if it resumes,
@@ -42,6 +43,7 @@ use crate::config::{DiskImage, Provider};
 use crate::local::{self, Checksum};
 use crate::model::{self, BuildState, UploadState};
 use crate::pool::{Stop, Work, WorkerPool};
+use crate::progress;
 use crate::provider::{ProviderDriver, ProviderError, UploadRequest};
 use crate::registry;
 use crate::stats::Stats;
@@ -195,7 +197,15 @@ fn steps(zk: &Zk, job: &UploadJob, stats: &Stats) -> Step<UploadResult> {
         job.provider.name
     );
     let upload_started = std::time::Instant::now();
-    let outcome = match push(job, &req) {
+    let tracked = progress::track(progress::Work::Upload {
+        image: job.image.clone(),
+        build_id: job.build_id.clone(),
+        provider: job.provider.name.clone(),
+        bytes: Arc::clone(&req.progress),
+    });
+    let pushed = push(job, &req);
+    drop(tracked);
+    let outcome = match pushed {
         Pushed::Image { external_id } => UploadResult::Ready {
             upload_id: upload_id.clone(),
             external_id,
@@ -360,6 +370,7 @@ fn request(job: &UploadJob, upload_id: &str, external_name: &str) -> UploadReque
         sha256: local::read_checksum(&job.file, Checksum::Sha256),
         properties: properties(job, upload_id),
         timeout: Duration::from_secs(job.provider.image_upload_timeout),
+        progress: Default::default(),
     }
 }
 

@@ -63,6 +63,7 @@ fn minimal_config_gets_nodepool_defaults() {
     assert_eq!(config.zookeeper_auth, None);
     assert_eq!(config.cleanup_interval, 60.0);
     assert_eq!(config.resync_interval, 300.0);
+    assert_eq!(config.progress_interval, 30.0);
     assert_eq!(config.retry_backoff_initial, 5.0);
     assert_eq!(config.retry_backoff_max, 600.0);
     assert!(config.diskimages.is_empty());
@@ -87,6 +88,7 @@ fn full_config_merges_parents_secure_file_and_both_drivers() {
     assert_eq!(config.images_dir_required_free, 20);
     assert_eq!(config.cleanup_interval, 0.0);
     assert_eq!(config.resync_interval, 120.5);
+    assert_eq!(config.progress_interval, 2.5);
     assert_eq!(config.retry_backoff_initial, 1.0);
     assert_eq!(config.retry_backoff_max, 60.0);
 

@@ -40,6 +40,8 @@ mod mixed_fleet;
 mod nodepool_yaml;
 /// Operator subcommands, compared with the Python nodepool CLI on the same data.
 mod ops;
+/// Progress lines of running builds and uploads; a failed DIB run's last log lines.
+mod progress;
 /// Security: mutual TLS, digest ACLs, no credentials in logs, secret file modes.
 mod security;
 /// SIGUSR2 stack dumps: the capture in-process, and the real daemon signalled.

@@ -7,7 +7,7 @@
 //! A few keys are our additions: `images-dir-required-free` (from the unmerged upstream
 //! proposal, GiB, also per diskimage), `image-gate` (also per diskimage), the diskimage's
 //! `validate-command` and `validate-timeout` (see `gate`), `zookeeper-auth`, `cleanup-interval`,
-//! `resync-interval`, `retry-backoff-initial`, `retry-backoff-max`, the provider driver
+//! `resync-interval`, `progress-interval`, `retry-backoff-initial`, `retry-backoff-max`, the provider driver
 //! `command` and the openstack provider's `image-format`.
 //!
 //! The same keys may be written as YAML, so that a site's existing nodepool.yaml (and its
@@ -106,6 +106,8 @@ pub mod defaults {
     pub const CLEANUP_INTERVAL: f64 = 60.0;
     /// `resync-interval`, seconds.
     pub const RESYNC_INTERVAL: f64 = 300.0;
+    /// `progress-interval`, seconds.
+    pub const PROGRESS_INTERVAL: f64 = 30.0;
     /// `retry-backoff-initial`, seconds.
     pub const RETRY_BACKOFF_INITIAL: f64 = 5.0;
     /// `retry-backoff-max`, seconds.
@@ -160,6 +162,8 @@ pub struct Config {
     pub cleanup_interval: f64,
     /// Seconds between slow safety rescans of everything.
     pub resync_interval: f64,
+    /// Seconds between progress lines of running builds and uploads; 0 turns them off.
+    pub progress_interval: f64,
     /// First retry delay after a failure, seconds.
     pub retry_backoff_initial: f64,
     /// Longest retry delay, seconds.

@@ -66,6 +66,7 @@ pub(crate) struct RawMain {
     pub image_gate: Option<bool>,
     pub cleanup_interval: Option<f64>,
     pub resync_interval: Option<f64>,
+    pub progress_interval: Option<f64>,
     pub retry_backoff_initial: Option<f64>,
     pub retry_backoff_max: Option<f64>,
     /// `Some` whenever the key is present, even if its entries had errors.
@@ -153,6 +154,7 @@ const MAIN_ONLY_KEYS: &[&str] = &[
     "image-gate",
     "cleanup-interval",
     "resync-interval",
+    "progress-interval",
     "retry-backoff-initial",
     "retry-backoff-max",
     "providers",
@@ -273,6 +275,15 @@ pub(crate) fn read_main(
         .number(sink, "resync-interval")
         .and_then(|v| positive_f64(sink, "resync-interval", v))
         .and_then(|v| seconds(sink, "resync-interval", v));
+    let progress_interval = r.number(sink, "progress-interval").and_then(|v| {
+        check(
+            sink,
+            &v,
+            v.value >= 0.0,
+            "`progress-interval` must not be negative (0 turns progress lines off)",
+        )
+        .and_then(|v| seconds(sink, "progress-interval", v))
+    });
     let backoff_initial = r
         .number(sink, "retry-backoff-initial")
         .and_then(|v| positive_f64(sink, "retry-backoff-initial", v))
@@ -333,6 +344,7 @@ pub(crate) fn read_main(
         image_gate,
         cleanup_interval: cleanup_interval.map(|v| v.value),
         resync_interval: resync_interval.map(|v| v.value),
+        progress_interval: progress_interval.map(|v| v.value),
         retry_backoff_initial: backoff_initial.map(|v| v.value),
         retry_backoff_max: backoff_max.map(|v| v.value),
         zookeeper_servers,

@@ -92,6 +92,9 @@ pub(crate) fn build(main: RawMain, secure: Option<RawSecure>, sink: &mut Sink) -
         zookeeper_auth: auth,
         cleanup_interval: main.cleanup_interval.unwrap_or(defaults::CLEANUP_INTERVAL),
         resync_interval: main.resync_interval.unwrap_or(defaults::RESYNC_INTERVAL),
+        progress_interval: main
+            .progress_interval
+            .unwrap_or(defaults::PROGRESS_INTERVAL),
         retry_backoff_initial: main
             .retry_backoff_initial
             .unwrap_or(defaults::RETRY_BACKOFF_INITIAL),

@@ -43,6 +43,9 @@ pub struct UploadRequest {
     pub properties: BTreeMap<String, String>,
     /// `image-upload-timeout`: the whole upload, including waiting for the image to be active.
     pub timeout: Duration,
+    /// Bytes of `file` sent so far: a driver that streams the file counts them here (the
+    /// `progress` lines read them); one that does not leaves it alone.
+    pub progress: std::sync::Arc<crate::progress::ByteCount>,
 }
 
 /// What a successful upload returns.

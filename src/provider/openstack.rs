@@ -585,7 +585,9 @@ impl OpenStackDriver {
                     ),
                 )
             })?;
-            let reader = HashingReader::new(file, want_sha256, hashes.clone());
+            req.progress.start(size);
+            let reader = HashingReader::new(file, want_sha256, hashes.clone())
+                .counting(std::sync::Arc::clone(&req.progress));
             Ok(Body::Stream {
                 content_type: "application/octet-stream",
                 len: size,
@@ -879,6 +881,8 @@ struct HashingReader {
     file: File,
     hashes: Option<Hashes>,
     slot: std::sync::Arc<Mutex<Option<Hashes>>>,
+    /// Where the bytes read are counted for the progress lines.
+    progress: Option<std::sync::Arc<crate::progress::ByteCount>>,
 }
 
 impl HashingReader {
@@ -892,7 +896,14 @@ impl HashingReader {
             file,
             hashes: Some(hashes),
             slot,
+            progress: None,
         }
+    }
+
+    /// Also counts the bytes read in `progress`.
+    fn counting(mut self, progress: std::sync::Arc<crate::progress::ByteCount>) -> HashingReader {
+        self.progress = Some(progress);
+        self
     }
 }
 
@@ -906,6 +917,9 @@ impl Read for HashingReader {
             if let Some(sha) = &mut h.sha256 {
                 sha.update(&buf[..n]);
             }
+        }
+        if let Some(p) = &self.progress {
+            p.add(n as u64);
         }
         Ok(n)
     }

@@ -487,6 +487,7 @@ impl Scheduler {
                     // Upstream's reload breaks here (quirk Q3); we keep the session and say so.
                     warn!("zookeeper-* settings changed: they take effect at the next restart");
                 }
+                crate::progress::set_interval(cfg.progress_interval);
                 self.cfg = Arc::new(cfg);
                 self.make_drivers();
                 self.watcher.send(WatchCmd::Images(image_names(&self.cfg)));

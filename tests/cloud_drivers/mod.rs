@@ -36,5 +36,6 @@ fn request(provider: &str, file: &Path, format: &str) -> UploadRequest {
         sha256: None,
         properties,
         timeout: Duration::from_secs(300),
+        progress: Default::default(),
     }
 }

@@ -327,6 +327,7 @@ fn check_usable(config: &Config) {
     seconds("zookeeper-timeout", config.zookeeper_timeout);
     seconds("cleanup-interval", config.cleanup_interval);
     seconds("resync-interval", config.resync_interval);
+    seconds("progress-interval", config.progress_interval);
     seconds("retry-backoff-initial", config.retry_backoff_initial);
     seconds("retry-backoff-max", config.retry_backoff_max);
     for d in &config.diskimages {
