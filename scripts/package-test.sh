@@ -40,7 +40,7 @@ CONF=/etc/nodepool/nodepool.yaml
 SECURE=/etc/nodepool/secure.conf
 LOGCONF=/etc/nodepool/builder-logging.yaml
 DEFAULTS=/etc/default/$PKG
-PIDFILE=/run/nodepool/$PKG.pid
+PIDFILE=/run/nodepool-builder/$PKG.pid
 DAEMON_LOG=/var/log/nodepool/$PKG.log
 MARKER=/var/tmp/$PKG-package-test.installed
 CARGO_DEB_VERSION=3.8.0
@@ -52,7 +52,7 @@ die() { log "FAIL: $*"; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || { echo "package-test: must run as root (it installs the package)" >&2; exit 1; }
 mkdir -p "$OUT"
-# One run at a time on a machine: the package, the user and /run/nodepool are global.
+# One run at a time on a machine: the package, the user and /run/nodepool-builder are global.
 exec 9>"$OUT/.lock"
 flock -w 1800 9 || { echo "package-test: another run holds $OUT/.lock" >&2; exit 1; }
 : >"$LOG"
@@ -544,7 +544,7 @@ rm -rf /etc/nodepool/tls "$CONF" "$SECURE" "$LOGCONF"
 rmdir /etc/nodepool
 grep -qi 'warning' <<<"$LAST_OUT" && die "dpkg --purge warned"
 rm -f "$MARKER"
-for gone in /etc/nodepool /etc/default/$PKG "$INIT" /etc/logrotate.d/$PKG /var/log/nodepool /run/nodepool; do
+for gone in /etc/nodepool /etc/default/$PKG "$INIT" /etc/logrotate.d/$PKG /var/log/nodepool /run/nodepool-builder; do
     [ ! -e "$gone" ] || die "$gone is left after purge"
 done
 ls /etc/rc*.d/*"$PKG" 2>/dev/null && die "rc links are left after purge"

@@ -8,6 +8,8 @@
 //! or one session timeout has passed trying (the registration is retried meanwhile: see
 //! `zk::component`). The last step of the shutdown stops every command still running
 //! (`command::stop_all`): a detached upload's command and everything in its process group.
+//! Under systemd, the `watchdog` thread (`service`) starts with "ready" and stops after the
+//! scheduler.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,6 +26,7 @@ use crate::identity;
 use crate::progress;
 use crate::provider;
 use crate::scheduler;
+use crate::service::Service;
 use crate::signals::{self, ControlSignal};
 use crate::stats::Stats;
 use crate::thread::{self, ThreadKind};
@@ -43,6 +46,8 @@ pub struct Options {
     pub load_options: LoadOptions,
     pub build_workers: usize,
     pub upload_workers: usize,
+    /// systemd's notification socket and watchdog (a no-op without them).
+    pub service: Service,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. `ready` is called once ZooKeeper is connected and
@@ -97,6 +102,7 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
         opts.upload_workers
     );
     ready();
+    let watchdog = opts.service.start_watchdog();
     let progress = match progress::Ticker::start(cfg.progress_interval) {
         Ok(t) => Some(t),
         Err(e) => {
@@ -123,6 +129,7 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
         stats,
         workers,
         sources,
+        service: opts.service.clone(),
     };
     let sched = thread::spawn(ThreadKind::Scheduler, "scheduler", move || {
         scheduler::run(setup)
@@ -131,6 +138,7 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
         error!("the scheduler panicked; shutting down");
     }
     drop(progress);
+    drop(watchdog);
     info!("Shutting down: closing the ZooKeeper session");
     zk.close();
     // Uploads past their grace are left to their threads, but not their commands: an

@@ -455,6 +455,27 @@ pub fn take_notify_socket() -> Option<OsString> {
     Some(socket)
 }
 
+/// Reads and unsets `WATCHDOG_USEC` and `WATCHDOG_PID`: the watchdog interval systemd
+/// asked for, if any and if meant for this process (`WATCHDOG_PID` unset or our pid).
+///
+/// CAUTION: like [`take_notify_socket`], call it while the process has one thread.
+pub fn take_watchdog() -> Option<Duration> {
+    let usec = std::env::var("WATCHDOG_USEC").ok();
+    let pid = std::env::var("WATCHDOG_PID").ok();
+    // SAFETY: single-threaded at this point (see above).
+    unsafe {
+        std::env::remove_var("WATCHDOG_USEC");
+        std::env::remove_var("WATCHDOG_PID");
+    }
+    if let Some(pid) = pid
+        && pid.trim().parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    let usec: u64 = usec?.trim().parse().ok().filter(|u| *u > 0)?;
+    Some(Duration::from_micros(usec))
+}
+
 /// Sends `state` (e.g. `READY=1`) to systemd's notification socket: a path, or an abstract
 /// socket name when it starts with `@`.
 pub fn notify(socket: &OsStr, state: &str) -> io::Result<()> {

@@ -39,6 +39,8 @@
 //!   decisions (what to build and why, uploads, wake-ups, back-off, retention with the
 //!   recency bridge) are pure functions in `scheduler::core`, unit-tested without servers.
 //! * `secret_files`: warns about secret files others can read, refuses world-writable ones.
+//! * `service`: systemd beyond `READY=1`: the watchdog fed while the scheduler loop turns,
+//!   `STATUS=` with a one-line summary, `STOPPING=1`.
 //! * `signals`: SIGTERM/SIGINT/SIGHUP as messages, and the reset of inherited signal state.
 //! * `stackdump`: the SIGUSR2 backtrace of every registered thread.
 //! * `stats`: statsd, with nodepool 11's key names.
@@ -84,6 +86,7 @@ pub mod provider;
 pub mod registry;
 pub mod scheduler;
 pub mod secret_files;
+pub mod service;
 pub mod signals;
 pub mod stackdump;
 pub mod stats;

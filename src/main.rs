@@ -24,6 +24,7 @@ use clap::{CommandFactory, FromArgMatches};
 use nodepool_builder::cli::{Cli, Command};
 use nodepool_builder::daemon::{self, Pidfile, ReadyPipe, Role, StartOutcome};
 use nodepool_builder::logging::{Destination, LogConfig, Prepared};
+use nodepool_builder::service::Service;
 use nodepool_builder::{
     app, config, identity, logging, registry, secret_files, signals, stackdump, thread,
 };
@@ -39,6 +40,8 @@ fn main() -> ExitCode {
     }
     // Then, still with one thread (it changes the environment).
     let notify_socket = daemon::take_notify_socket();
+    let watchdog = daemon::take_watchdog();
+    let service = Service::new(notify_socket.clone(), watchdog);
     let matches = Cli::command().get_matches();
     let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -52,8 +55,10 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig) => check_config(&cli),
         Some(Command::Ops(ref cmd)) => nodepool_builder::ops::run(&cli, cmd),
-        None if cli.debug || cli.foreground => run_foreground(cli, pidfile_given, notify_socket),
-        None => run_daemon(cli, notify_socket),
+        None if cli.debug || cli.foreground => {
+            run_foreground(cli, pidfile_given, notify_socket, service)
+        }
+        None => run_daemon(cli, notify_socket, service),
     }
 }
 
@@ -190,8 +195,9 @@ fn load_options(cli: &Cli) -> config::LoadOptions {
     }
 }
 
-fn options(cli: &Cli) -> app::Options {
+fn options(cli: &Cli, service: Service) -> app::Options {
     app::Options {
+        service,
         config_path: cli.config.clone(),
         secure_path: cli.secure.clone(),
         load_options: load_options(cli),
@@ -233,7 +239,12 @@ fn remove_pidfile(pidfile: Option<Pidfile>) {
     }
 }
 
-fn run_foreground(cli: Cli, pidfile_given: bool, notify_socket: Option<OsString>) -> ExitCode {
+fn run_foreground(
+    cli: Cli,
+    pidfile_given: bool,
+    notify_socket: Option<OsString>,
+    service: Service,
+) -> ExitCode {
     let (cfg, findings) = match load_config(&cli) {
         Ok(loaded) => loaded,
         Err(code) => return code,
@@ -275,7 +286,7 @@ fn run_foreground(cli: Cli, pidfile_given: bool, notify_socket: Option<OsString>
     warn_ignored_log_config(&cli, &ignored);
     warn_secret_files(&findings);
     log_left_providers(&cli, &cfg);
-    let result = app::run(cfg, options(&cli), || {
+    let result = app::run(cfg, options(&cli, service), || {
         notify_ready(notify_socket.as_ref(), "READY=1")
     });
     remove_pidfile(pidfile);
@@ -289,7 +300,7 @@ fn run_foreground(cli: Cli, pidfile_given: bool, notify_socket: Option<OsString>
     }
 }
 
-fn run_daemon(cli: Cli, notify_socket: Option<OsString>) -> ExitCode {
+fn run_daemon(cli: Cli, notify_socket: Option<OsString>, service: Service) -> ExitCode {
     daemon::close_inherited_fds();
     let (cfg, findings) = match load_config(&cli) {
         Ok(loaded) => loaded,
@@ -347,7 +358,7 @@ fn run_daemon(cli: Cli, notify_socket: Option<OsString>) -> ExitCode {
     );
     warn_secret_files(&findings);
     log_left_providers(&cli, &cfg);
-    let result = run_daemon_app(cfg, &cli, &ready, notify_socket.as_ref());
+    let result = run_daemon_app(cfg, &cli, &ready, notify_socket.as_ref(), service);
     remove_pidfile(Some(pidfile));
     match result {
         Ok(()) => {
@@ -368,8 +379,9 @@ fn run_daemon_app(
     cli: &Cli,
     ready: &ReadyPipe,
     notify_socket: Option<&OsString>,
+    service: Service,
 ) -> Result<(), String> {
-    app::run(cfg, options(cli), || {
+    app::run(cfg, options(cli, service), || {
         // systemd first: once the starting command has exited, everything is announced.
         notify_ready(
             notify_socket,

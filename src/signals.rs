@@ -1,10 +1,15 @@
-//! Control signals: SIGTERM, SIGINT and SIGHUP become messages on a channel.
+//! Control signals: SIGTERM, SIGINT and SIGHUP become messages on a channel; SIGUSR1
+//! reopens the log files.
 //!
 //! signal-hook's handlers only write to a self-pipe; the `signals` thread turns them into
 //! [`ControlSignal`]s. No signal is blocked, so children we spawn (DIB) inherit no blocked
 //! signal (the runner empties their mask anyway).
 //! A second SIGTERM/SIGINT exits at once, for an operator who does not want to wait.
 //! SIGHUP also reopens the daemon log file (`logging::reopen`), here on this normal thread.
+//! SIGUSR1 only reopens it, without reloading the configuration: log rotation (the
+//! package's logrotate file) must not reload a configuration an operator is half-way
+//! through editing. nodepool 11 handles no SIGUSR1 (its default action would end the
+//! process); its logs are usually rotated with `copytruncate` or watched file handlers.
 //!
 //! # Inherited signal state
 //!
@@ -28,7 +33,7 @@
 
 use crossbeam_channel::Sender;
 use log::{info, warn};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use crate::thread::{self, ThreadKind};
@@ -89,7 +94,7 @@ pub enum ControlSignal {
 /// CAUTION: call before spawning worker threads, so no thread ever runs with the default
 /// (terminating) disposition of these signals.
 pub fn install(tx: Sender<ControlSignal>) -> std::io::Result<()> {
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])?;
     // Detached: it lives as long as the process and blocks in the signal iterator.
     thread::spawn(ThreadKind::Signals, "signals", move || {
         let mut stopping = false;
@@ -100,6 +105,12 @@ pub fn install(tx: Sender<ControlSignal>) -> std::io::Result<()> {
                     crate::logging::reopen();
                     info!("SIGHUP received: reloading configuration");
                     let _ = tx.send(ControlSignal::Reload);
+                }
+                SIGUSR1 => {
+                    crate::logging::reopen();
+                    info!(
+                        "SIGUSR1 received: log files reopened (the configuration is not reloaded)"
+                    );
                 }
                 _ if stopping => {
                     warn!("second stop signal received: exiting at once");

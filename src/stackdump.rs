@@ -92,7 +92,8 @@ pub const LOG_TARGET: &str = "nodepool.stack_dump";
 pub struct Config {
     /// The signal sent to each thread to make it record its stack. SIGURG by default: its
     /// default action is to ignore, debuggers pass it silently, and libc does not use it.
-    /// SIGUSR1 and `libc::SIGRTMIN() + n` work too (compute real-time numbers at run time).
+    /// `libc::SIGRTMIN() + n` works too (compute real-time numbers at run time); SIGUSR1 would
+    /// too, but the daemon uses it to reopen its log files (`signals`).
     pub capture_signal: i32,
     /// How long a dump waits for all threads to answer.
     pub timeout: Duration,

@@ -19,7 +19,7 @@
 //! Linux keeps at most 15 bytes of a thread name. Names are therefore short and
 //! conventional. The daemon's threads: `main`, `signals`, `stackdump`, `zk-session` (the
 //! session supervisor), `zk-hooks` (new-session hooks), `zk-events` (watch forwarding),
-//! `zk-watch` (the image tree watcher), `scheduler`, `build-0`…, `upload-0`…, `cleanup`, `progress`, and
+//! `zk-watch` (the image tree watcher), `scheduler`, `build-0`…, `upload-0`…, `cleanup`, `progress`, `watchdog` (under systemd's watchdog), and
 //! per running child process `dib-out-0`… (its log) or `cmd-out-0`… (captured output). A
 //! longer name is a bug: it panics in debug builds and is cut at a character boundary in
 //! release builds, so that the registered name always equals the kernel's.
@@ -68,6 +68,8 @@ pub enum ThreadKind {
     Cleanup,
     /// Logs the progress of running builds and uploads (`progress`).
     Progress,
+    /// Feeds systemd's watchdog while the scheduler loop turns (`watchdog`).
+    Watchdog,
     /// Drains a child process's stdout and stderr into a log or into memory.
     PipeReader,
     /// Anything else, including tests.
@@ -87,6 +89,7 @@ impl ThreadKind {
             ThreadKind::Upload => "upload",
             ThreadKind::Cleanup => "cleanup",
             ThreadKind::Progress => "progress",
+            ThreadKind::Watchdog => "watchdog",
             ThreadKind::PipeReader => "pipe-reader",
             ThreadKind::Other => "other",
         }

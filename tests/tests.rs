@@ -48,6 +48,8 @@ mod security;
 mod stackdump;
 /// statsd keys as upstream emits them.
 mod stats;
+/// systemd: watchdog fed only while the scheduler turns, STATUS=, STOPPING=1, SIGUSR1, the unit.
+mod systemd;
 /// House rules: every src file has a //! doc; only src/thread.rs spawns threads; the code
 /// map and the test helper map are complete.
 mod tidy;

@@ -8,6 +8,9 @@
 //! reports, ZooKeeper events from the `zk-watch` thread, and one timer for the nearest
 //! deadline); `handle` applies it to the state; then the plans hand builds, uploads and a
 //! janitor pass to idle workers; the turn is timed once ("overly long scheduler loop turn").
+//! Under systemd each turn is stamped for the watchdog (which is fed only while the loop
+//! turns; an idle loop turns on a local timer every quarter watchdog interval, without any
+//! ZooKeeper traffic), and the `STATUS=` line is sent when it changed (`service`).
 //! Nothing polls: a `request-build` znode appearing reaches the scheduler as a
 //! [`ZkEvent::RequestBuild`] within milliseconds, and the job is handed to an idle build
 //! worker at once.
@@ -58,6 +61,7 @@ use crate::cleanup::{CleanupReport, CleanupRequest, ImageSnapshot, Janitor};
 use crate::config::{self, Config};
 use crate::model;
 use crate::provider::ProviderDriver;
+use crate::service::{self, Service};
 use crate::signals::ControlSignal;
 use crate::stats::{self, Stats};
 use crate::upload::{UploadJob, UploadOutcome, UploadPool, UploadResult};
@@ -96,6 +100,8 @@ pub struct Setup {
     pub make_drivers: fn(&Config) -> Drivers,
     pub workers: Workers,
     pub sources: Sources,
+    /// systemd: the loop's liveness for the watchdog, `STATUS=`, `STOPPING=1`.
+    pub service: Service,
 }
 
 /// The provider drivers of one config.
@@ -156,6 +162,7 @@ pub fn run(setup: Setup) {
         watcher: workers.watcher,
         next_verify: Instant::now(),
         stopping: false,
+        service: setup.service,
     };
     s.next_verify = Instant::now() + s.verify_interval();
     s.run_loop(&mut sources);
@@ -223,6 +230,7 @@ struct Scheduler {
     watcher: Watcher,
     next_verify: Instant,
     stopping: bool,
+    service: Service,
 }
 
 /// Every source the scheduler loop selects on, in priority order.
@@ -317,15 +325,23 @@ impl Scheduler {
     fn run_loop(&mut self, src: &mut Sources) {
         crate::registry::set_activity("scheduling");
         loop {
-            let event = src.next_event(self.next_wake());
+            // Under systemd's watchdog an idle loop turns too, on a local timer.
+            let wake = match self.service.heartbeat() {
+                Some(beat) => self.next_wake().min(Instant::now() + beat),
+                None => self.next_wake(),
+            };
+            let event = src.next_event(wake);
+            self.service.turned();
             let started = Instant::now();
             if self.handle(event) == Flow::Stop {
                 self.stopping = true;
+                self.service.stopping();
                 return;
             }
             self.plan();
             self.plan_uploads();
             self.maybe_start_cleanup();
+            self.service.status(&self.status_line());
             let took = started.elapsed();
             if took > Duration::from_millis(200) {
                 warn!("overly long scheduler loop turn: {took:?}");
@@ -760,6 +776,22 @@ impl Scheduler {
             }
             slot.in_flight = true;
         }
+    }
+
+    /// The one-line summary for systemd's `STATUS=`.
+    fn status_line(&self) -> String {
+        let ready = self
+            .images
+            .values()
+            .filter(|st| {
+                st.builds
+                    .iter()
+                    .any(|b| b.build.state == model::BuildState::Ready)
+            })
+            .count();
+        let building = self.images.values().filter(|st| st.in_flight).count();
+        let uploading = self.slots.values().filter(|s| s.in_flight).count();
+        service::status_line(ready, building, uploading)
     }
 
     /// The nearest instant something must be re-decided without an event.
