@@ -159,9 +159,10 @@ fn a_running_command_upload_logs_how_long_it_has_been_running() {
 #[test]
 fn a_streamed_glance_upload_logs_bytes_sent_of_the_total_rate_and_eta() {
     let glance = GlanceServer::shared();
-    // Glance takes the whole file, then never answers: the upload stays running.
+    // Glance takes the first 4 MiB of the image, then takes no more: the upload stays
+    // running part-way, its writes blocked.
     let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], glance.port())));
-    proxy.set(vec![Rule::data(Fault::Stall)]);
+    proxy.set(vec![Rule::data(Fault::Hold(4 << 20))]);
     let site = Site::new("progress_glance");
     let clouds = site.path("clouds.yaml");
     std::fs::write(
@@ -172,8 +173,10 @@ fn a_streamed_glance_upload_logs_bytes_sent_of_the_total_rate_and_eta() {
         ),
     )
     .unwrap();
+    // 48 MiB of random data: far more than the loopback socket buffers hold.
     let body = format!(
-        "{FEDORA}\n[[providers]]\nname = \"progress-glance\"\ncloud = \"held\"\nrate = 0.0\n\
+        "{FEDORA}[diskimages.env-vars]\nFAKE_DIB_SIZE_MB = \"48\"\n\
+         \n[[providers]]\nname = \"progress-glance\"\ncloud = \"held\"\nrate = 0.0\n\
          [[providers.diskimages]]\nname = \"fedora\"\n"
     );
     site.config(0, "progress-interval = 1.0", &body);
@@ -185,23 +188,34 @@ fn a_streamed_glance_upload_logs_bytes_sent_of_the_total_rate_and_eta() {
     let build = site.wait_builds("fedora", BuildState::Ready, 1).remove(0);
     let start = format!("Upload of fedora-{} to progress-glance: ", build.id);
     b.wait_for_log(WAIT, &start);
-    b.wait_for_log(WAIT, "(100%), ");
+    b.wait_for_log(WAIT, " MB/s, ETA ");
     let file = site
         .images_dir(0)
         .join(format!("fedora-{}.qcow2", build.id));
-    let size = std::fs::metadata(&file).unwrap().len();
+    let total = nodepool_builder::progress::bytes(std::fs::metadata(&file).unwrap().len());
     let log = b.log();
+    // e.g. "…: 9.1 MiB of 48.0 MiB (18%), 9.0 MB/s, ETA 4s"
     let line = log
         .lines()
-        .find(|l| l.contains(&start) && l.contains("(100%)"))
+        .find(|l| l.contains(&start) && l.contains(" MB/s, ETA "))
         .unwrap();
-    // e.g. "…: 193.0 KiB of 193.0 KiB (100%), 12.3 MB/s, ETA 0s"
-    let size_text = nodepool_builder::progress::bytes(size);
+    eprintln!("progress line: {line}");
+    let figures = line.split(&start).nth(1).unwrap();
+    let (sent, rest) = figures.split_once(" of ").expect("sent of total");
+    assert!(sent.ends_with("MiB"), "{line}");
     assert!(
-        line.contains(&format!("{start}{size_text} of {size_text} (100%), ")),
-        "bytes sent of the file's {size} bytes: {line}"
+        rest.starts_with(&format!("{total} (")),
+        "the total is the file's size, {total}: {line}"
     );
-    assert!(line.contains(" MB/s, ETA 0s"), "rate and ETA: {line}");
+    let percent: u32 = rest
+        .split_once(" (")
+        .and_then(|(_, r)| r.split_once("%)"))
+        .and_then(|(p, _)| p.parse().ok())
+        .expect("a percentage");
+    assert!(
+        (1..100).contains(&percent),
+        "part-way, not all of it: {line}"
+    );
     let dump = dump(&mut b);
     assert!(
         dump.lines()

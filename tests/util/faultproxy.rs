@@ -16,6 +16,8 @@
 //!   by `HTTP <code>` (the cloud did the work, the client hears it failed).
 //! * [`Fault::Stall`]: the body is read, then nothing is answered until the rules change
 //!   ([`FaultProxy::clear`] or another [`FaultProxy::set`]) or the proxy is dropped.
+//! * [`Fault::Hold`]: the first bytes of the body are read, then nothing more is read or
+//!   answered until the rules change or the proxy is dropped (the client blocks mid-body).
 //! * [`Fault::Vanish`]: half of the body is forwarded upstream, then both connections are cut
 //!   and the proxy goes *down*: every live connection is cut and every new one closed
 //!   unanswered until [`FaultProxy::clear`]. That is a cloud vanishing mid-upload.
@@ -45,6 +47,9 @@ pub enum Fault {
     AfterForward(u16),
     /// Never answer (until the rules change).
     Stall,
+    /// Read this many bytes of the body, then neither read on nor answer until the rules
+    /// change: a cloud that stops taking an upload part-way (the client's writes block).
+    Hold(u64),
     /// Forward half the body, cut the connections, and stay down until cleared.
     Vanish,
 }
@@ -413,8 +418,12 @@ fn serve(shared: &Shared, client: &TcpStream) -> io::Result<()> {
             answer(&mut writer, code);
             Ok(())
         }
-        Some(Fault::Stall) => {
-            copy_body(&mut reader, &mut io::sink(), head.framing, true, None)?;
+        Some(fault @ (Fault::Stall | Fault::Hold(_))) => {
+            let limit = match fault {
+                Fault::Hold(n) => Some(n),
+                _ => None,
+            };
+            copy_body(&mut reader, &mut io::sink(), head.framing, true, limit)?;
             shared.record(format!("{what} -> stalled"));
             let mut st = shared.lock();
             while st.epoch == epoch && !shared.stopping.load(Ordering::SeqCst) {
