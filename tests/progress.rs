@@ -13,7 +13,7 @@ use nodepool_builder::model::{BuildState, UploadState};
 use crate::util::builder::BuilderProcess;
 use crate::util::faultproxy::{Fault, FaultProxy, Rule};
 use crate::util::glance::GlanceServer;
-use crate::util::np::{Site, WAIT};
+use crate::util::site::{TestSite, WAIT};
 
 const FEDORA: &str = "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{fake_dib}\"\n";
 /// `fedora` with a format of its own, so it is built without any provider.
@@ -40,7 +40,7 @@ fn dump(b: &mut BuilderProcess) -> String {
 
 #[test]
 fn a_running_build_logs_its_elapsed_time_and_last_log_line_and_the_dump_shows_it() {
-    let site = Site::new("progress_build");
+    let site = TestSite::new("progress_build");
     site.config(0, "progress-interval = 1.0", FEDORA_RAW);
     let pause = site.control(0, "fake-dib.pause", "");
     let mut b = site.start(0, &[]);
@@ -78,7 +78,7 @@ fn a_running_build_logs_its_elapsed_time_and_last_log_line_and_the_dump_shows_it
 
 #[test]
 fn a_failed_dib_run_puts_the_build_logs_last_lines_into_the_daemon_error() {
-    let site = Site::new("progress_dib_fail");
+    let site = TestSite::new("progress_dib_fail");
     site.config(0, "", FEDORA_RAW);
     site.control(0, "fake-dib.fail", "");
     let mut b = site.start(0, &[]);
@@ -126,7 +126,7 @@ fn a_failed_dib_run_puts_the_build_logs_last_lines_into_the_daemon_error() {
 
 #[test]
 fn a_running_command_upload_logs_how_long_it_has_been_running() {
-    let site = Site::new("progress_cmd_upload");
+    let site = TestSite::new("progress_cmd_upload");
     let hold = site.path("hold-upload");
     std::fs::write(&hold, "").unwrap();
     let dir_cloud = crate::util::repo_root().join("etc/quickstart/dir-cloud");
@@ -163,7 +163,7 @@ fn a_streamed_glance_upload_logs_bytes_sent_of_the_total_rate_and_eta() {
     // running part-way, its writes blocked.
     let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], glance.port())));
     proxy.set(vec![Rule::data(Fault::Hold(4 << 20))]);
-    let site = Site::new("progress_glance");
+    let site = TestSite::new("progress_glance");
     let clouds = site.path("clouds.yaml");
     std::fs::write(
         &clouds,

@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use nodepool_builder::model::BuildState;
 
 use crate::util::builder::{BuilderProcess, binary};
-use crate::util::np::{Site, WAIT};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::{repo_root, wait_for, wait_until};
 
 const FEDORA_RAW: &str =
@@ -67,7 +67,7 @@ impl Notify {
 }
 
 /// Starts `nodepool-builder -f` with `NOTIFY_SOCKET` and `env`.
-fn start(site: &Site, cfg: &Path, socket: &Path, env: &[(&str, &str)]) -> BuilderProcess {
+fn start(site: &TestSite, cfg: &Path, socket: &Path, env: &[(&str, &str)]) -> BuilderProcess {
     let mut all = vec![
         ("NOTIFY_SOCKET", socket.to_str().unwrap()),
         (
@@ -139,7 +139,7 @@ impl Drop for StoppedThread {
 
 #[test]
 fn the_watchdog_is_fed_while_the_scheduler_turns_and_starves_while_it_is_stopped() {
-    let site = Site::new("systemd_watchdog");
+    let site = TestSite::new("systemd_watchdog");
     let cfg = site.config(0, "", "");
     let path = site.path("notify.sock");
     let notify = Notify::bind(&path);
@@ -189,7 +189,7 @@ fn the_watchdog_is_fed_while_the_scheduler_turns_and_starves_while_it_is_stopped
 
 #[test]
 fn status_follows_a_build_and_sigterm_sends_stopping() {
-    let site = Site::new("systemd_status");
+    let site = TestSite::new("systemd_status");
     let cfg = site.config(0, "", FEDORA_RAW);
     let pause = site.control(0, "fake-dib.pause", "");
     let path = site.path("notify.sock");
@@ -221,7 +221,7 @@ fn status_follows_a_build_and_sigterm_sends_stopping() {
 
 #[test]
 fn sigusr1_reopens_the_moved_log_without_reloading_the_configuration() {
-    let site = Site::new("systemd_usr1");
+    let site = TestSite::new("systemd_usr1");
     let cfg = site.config(0, "", "");
     let pidfile = site.path("run/nodepool-builder.pid");
     let log = site.path("log/nodepool-builder.log");
