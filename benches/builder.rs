@@ -1,4 +1,4 @@
-//! `cargo bench --bench builder [-- [--quick] [--only steady,latency,upload,janitor]]`: measures this builder against real ZooKeeper
+//! `cargo bench --bench builder [-- [--quick] [--only steady,latency,upload,janitor,scale]]`: measures this builder against real ZooKeeper
 //! servers (started by the test tooling) and prints one table; the raw figures go to
 //! `target/bench/builder.json`. A scenario that cannot run panics, so the exit status is
 //! non-zero.
@@ -9,8 +9,11 @@
 //! then idle ZooKeeper requests per minute (`mntr` packet counters, probes subtracted), CPU
 //! per idle minute and RSS after the idle minute; request → `building` latency and request →
 //! all uploads `ready` (p50/p95 over manual requests); a 1 GiB upload next to openstacksdk's
-//! `create_image`; and the cost of one janitor pass over a tree of 1,000 builds / 10,000
-//! uploads next to one ten times smaller (no reference).
+//! `create_image`; the cost of one janitor pass over a tree of 1,000 builds / 10,000
+//! uploads next to one ten times smaller (no reference); and, for this builder only, a scale
+//! guard: 30 diskimages × 15 command-driver directory clouds built and uploaded, idle
+//! requests, CPU and RSS, then the whole-tree re-read after a new ZooKeeper session and the
+//! janitor's full pass after it.
 
 #[allow(unused_imports)]
 #[path = "../tests/util/mod.rs"]
@@ -25,7 +28,7 @@ fn main() {
     } else {
         scenarios::Sizes::FULL
     };
-    // `-- --only steady,latency,upload,janitor` runs a subset.
+    // `-- --only steady,latency,upload,janitor,scale` runs a subset.
     let args: Vec<String> = std::env::args().collect();
     let only: Vec<String> = args
         .iter()

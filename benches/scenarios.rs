@@ -3,9 +3,12 @@
 //! per builder and scenario, one builder alive at a time) and the same real Glance, with the
 //! same test image builder script and equivalent configs. Shared by the bench binary
 //! (`cargo bench --bench builder`, full sizes) and by a smoke test in the test suite (one
-//! small iteration each, so the harness cannot rot).
+//! small iteration each, so the harness cannot rot). The janitor and scale scenarios measure
+//! this builder only.
 //!
-//! Each scenario returns figures; nothing here asserts a target — the README compares.
+//! Each scenario returns figures; nothing here asserts a target — the README compares. The
+//! scale scenario freezes the benchmark's server (SIGSTOP) to end the builder's session, so
+//! nothing else may use that server while it runs.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -33,6 +36,8 @@ pub struct Sizes {
     pub cleanup_builds: usize,
     /// Diskimages × providers of the large steady state.
     pub big: (usize, usize),
+    /// Diskimages × command-driver directory-cloud providers of the scale scenario.
+    pub scale: (usize, usize),
 }
 
 impl Sizes {
@@ -43,6 +48,7 @@ impl Sizes {
         idle_secs: 60,
         cleanup_builds: 1000,
         big: (20, 3),
+        scale: (30, 15),
     };
     pub const QUICK: Sizes = Sizes {
         upload_mib: 16,
@@ -50,6 +56,7 @@ impl Sizes {
         idle_secs: 5,
         cleanup_builds: 40,
         big: (4, 2),
+        scale: (4, 3),
     };
 }
 
@@ -571,6 +578,226 @@ pub fn cleanup_cost(sizes: Sizes) -> Vec<Figure> {
     out
 }
 
+/// The milliseconds since midnight of a builder log line (`2026-12-07 18:00:00,123 INFO …`).
+fn log_ms(line: &str) -> Option<i64> {
+    let time = line.get(11..23)?;
+    let (hms, ms) = time.split_once(',')?;
+    let mut parts = hms.split(':').map(|v| v.parse::<i64>().ok());
+    let (h, m, s) = (parts.next()??, parts.next()??, parts.next()??);
+    Some(((h * 60 + m) * 60 + s) * 1000 + ms.parse::<i64>().ok()?)
+}
+
+/// Milliseconds from one log line to a later one (across midnight too).
+fn log_gap_ms(from: &str, to: &str) -> f64 {
+    match (log_ms(from), log_ms(to)) {
+        (Some(a), Some(b)) => ((b - a).rem_euclid(86_400_000)) as f64,
+        _ => f64::NAN,
+    }
+}
+
+/// Resumes a frozen ZooKeeper server when dropped, so a failing scenario never leaves the
+/// benchmark's server stopped.
+struct Frozen(i32);
+
+impl Frozen {
+    /// Stops the server's JVM with SIGSTOP: its connections stay open and silent.
+    fn server(server: &ZkServer) -> Frozen {
+        let pid = server.pid() as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .expect("freeze ZooKeeper");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+    }
+}
+
+/// This builder only (nodepool 11 at this size would take most of an hour): `images`
+/// diskimages × `providers` command-driver directory clouds (`etc/quickstart/dir-cloud`, with
+/// its `list-command`, so the janitor looks for leaked images too), raw images from the test
+/// image builder script. Empty ZooKeeper → every upload `ready` (wall time from the
+/// builder's start); one idle window (ZooKeeper requests and CPU per minute, then the
+/// resident set); then a new ZooKeeper session — the server is frozen until the builder gives
+/// the old session up, then thawed — and, from the builder's log, the time from the new
+/// session to the scheduler having the whole tree re-read, and the janitor's full pass that
+/// follows (it reads the whole tree itself after a gap).
+pub fn scale(sizes: Sizes) -> Vec<Figure> {
+    let (images, providers) = sizes.scale;
+    let want = images * providers;
+    let shape = format!("{images}×{providers}");
+    let start = Instant::now();
+    let site = Site::on(&format!("scale_{images}x{providers}"), bench_server());
+    let names: Vec<String> = (0..images).map(|i| format!("img{i:02}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut body: String = names
+        .iter()
+        .map(|n| format!("\n[[diskimages]]\nname = \"{n}\"\ndib-cmd = \"{{fake_dib}}\"\n"))
+        .collect();
+    for p in 0..providers {
+        let name = format!("p{p:02}");
+        body.push_str(&site.provider(&name, "raw", &refs, &site.list_command(&name)));
+    }
+    site.config(
+        0,
+        "cleanup-interval = 60.0\nresync-interval = 300.0\nzookeeper-timeout = 10.0",
+        &body,
+    );
+    let (builds, uploads) = (DEFAULT_WORKERS.0.to_string(), DEFAULT_WORKERS.1.to_string());
+    let b = site.start(
+        0,
+        &["--build-workers", &builds, "--upload-workers", &uploads],
+    );
+
+    // Count `ready` uploads in the log, not in ZooKeeper: reading 450 records every few
+    // milliseconds would slow down the builder being measured. Four reads a second at most.
+    let ready_lines = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("Image build ") && l.ends_with(" is ready"))
+            .count()
+    };
+    let mut last_read: Option<Instant> = None;
+    poll_for(Duration::from_secs(900), || {
+        if last_read.is_some_and(|t| t.elapsed() < Duration::from_millis(250)) {
+            return None;
+        }
+        last_read = Some(Instant::now());
+        (ready_lines(&b.log()) >= want).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{want} uploads never became ready within 900 s\nbuilder log:\n{}",
+            crate::util::file_tail(&site.path("builder0.log"), 80)
+        )
+    });
+    let burst = start.elapsed().as_secs_f64();
+    assert_eq!(
+        ready_uploads(&site, images),
+        want,
+        "every upload is recorded ready in ZooKeeper\n{}",
+        crate::util::file_tail(&site.path("builder0.log"), 80)
+    );
+
+    // Idle: only the builder talks to the server while we count.
+    let _ = poll_for(Duration::from_secs(3), || None::<()>);
+    site.zk.close();
+    let cpu0 = cpu_secs(b.pid());
+    let t0 = Instant::now();
+    let idle = idle_rate(bench_server(), sizes.idle_secs);
+    let cpu_idle = (cpu_secs(b.pid()) - cpu0) * 60.0 / t0.elapsed().as_secs_f64();
+    let rss = rss_kib(b.pid()) / 1024.0;
+    let private = smaps_rollup_kib(b.pid(), "Anonymous:") / 1024.0;
+    let dir = crate::util::repo_root().join("target/bench");
+    let _ = std::fs::create_dir_all(&dir);
+    if let Ok(smaps) = std::fs::read_to_string(format!("/proc/{}/smaps", b.pid())) {
+        let _ = std::fs::write(
+            dir.join(format!("smaps-scale-{images}x{providers}-ours.txt")),
+            smaps,
+        );
+    }
+
+    // A new session: silence until the builder gives the old one up (twice its timeout after
+    // noticing), then the server back, which has expired the old one meanwhile.
+    let lost_before = b.log().matches("ZooKeeper session lost").count();
+    let frozen = Frozen::server(bench_server());
+    poll_for(Duration::from_secs(90), || {
+        (b.log().matches("ZooKeeper session lost").count() > lost_before).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the builder never gave its session up\n{}",
+            crate::util::file_tail(&site.path("builder0.log"), 80)
+        )
+    });
+    drop(frozen);
+    // From the new session's "Connected" line: the watcher's re-read ("resync of …"), the
+    // scheduler's "state re-read" once every event of it is applied, the janitor's full pass.
+    let lines_after_new_session = |log: &str| -> Option<Vec<String>> {
+        let lines: Vec<&str> = log.lines().collect();
+        let lost = lines
+            .iter()
+            .rposition(|l| l.contains("ZooKeeper session lost"))?;
+        let connected = lost
+            + lines[lost..]
+                .iter()
+                .position(|l| l.contains("Connected to zookeeper"))?;
+        let after = &lines[connected..];
+        let resync = after.iter().find(|l| l.contains("resync of "))?;
+        let reread = after
+            .iter()
+            .find(|l| l.contains("watches re-armed; state re-read"))?;
+        let pass = after.iter().find(|l| {
+            l.contains("cleanup pass:") && l.contains("(whole tree read from ZooKeeper)")
+        })?;
+        Some(
+            [lines[connected], resync, reread, pass]
+                .iter()
+                .map(|l| l.to_string())
+                .collect(),
+        )
+    };
+    let mut last_read: Option<Instant> = None;
+    let found = poll_for(Duration::from_secs(120), || {
+        if last_read.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+            return None;
+        }
+        last_read = Some(Instant::now());
+        lines_after_new_session(&b.log())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no new session, resync and full janitor pass in the log\n{}",
+            crate::util::file_tail(&site.path("builder0.log"), 80)
+        )
+    });
+    let [connected, resync, reread, pass] = <[String; 4]>::try_from(found).unwrap();
+    let counted = format!("resync of {images} images, {images} builds, {want} uploads took ");
+    assert!(
+        resync.contains(&counted),
+        "the resync read the whole tree (`{counted}…`): {resync}"
+    );
+    let pass_ms: f64 = pass
+        .split("; took ")
+        .nth(1)
+        .and_then(|r| r.split(" ms").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no time in the janitor's line: {pass}"));
+    drop(b);
+
+    let figure = |name: String, unit: &'static str, ours: f64| Figure {
+        name: format!("scale {shape}, ours only: {name}"),
+        unit,
+        better: Better::Lower,
+        ours,
+        reference: None,
+    };
+    vec![
+        figure("empty → all built and uploaded".into(), "s", burst),
+        figure("idle ZooKeeper requests".into(), "req/min", idle),
+        figure("CPU per idle minute".into(), "s/min", cpu_idle),
+        figure(format!("RSS after {} s idle", sizes.idle_secs), "MiB", rss),
+        figure("  of which private (anonymous)".into(), "MiB", private),
+        figure(
+            format!("new session → whole tree re-read ({want} uploads)"),
+            "ms",
+            log_gap_ms(&connected, &reread),
+        ),
+        figure(
+            "janitor full pass after it (whole tree read)".into(),
+            "ms",
+            pass_ms,
+        ),
+    ]
+}
+
 /// A qcow2 of `mib` MiB of random data to Glance: this builder (the daemon, OpenStack driver,
 /// from the `uploading` record's creation to the `ready` record) next to openstacksdk's
 /// `create_image` of the same file to the same Glance; MB/s and peak RSS of each.
@@ -700,7 +927,8 @@ pub fn rss_kib(pid: i32) -> f64 {
 /// Runs every scenario, each for this builder and then for nodepool-builder 11 (where there
 /// is an equivalent), on the same ZooKeeper and Glance; returns all figures.
 ///
-/// `only`, when given, names the scenarios to run: `steady`, `latency`, `upload`, `janitor`.
+/// `only`, when given, names the scenarios to run: `steady`, `latency`, `upload`, `janitor`,
+/// `scale`.
 pub fn run_all(sizes: Sizes, only: &[String]) -> Vec<Figure> {
     let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let mut all = Vec::new();
@@ -725,6 +953,9 @@ pub fn run_all(sizes: Sizes, only: &[String]) -> Vec<Figure> {
     }
     if run("janitor") {
         all.extend(cleanup_cost(sizes));
+    }
+    if run("scale") {
+        all.extend(scale(sizes));
     }
     all
 }

@@ -32,6 +32,10 @@
 //!    builds with `delete-after-upload`, never touching builds in progress. Which builds and
 //!    formats go is decided here; `local` finds and deletes their files.
 //!
+//! Each pass ends with one DEBUG line, `cleanup pass: … deleted; took N ms (whole tree read
+//! from ZooKeeper)` or `(from the watched snapshot)`; the benchmark's scale scenario reads
+//! the time of the full pass that follows a new session from it.
+//!
 //! # Deliberate differences from nodepool 11 (quirks of wire spec §3.11)
 //!
 //! * Q2 (hook failure leaks the cloud image): fixed in the upload worker.
@@ -304,12 +308,16 @@ pub fn pass(zk: &Zk, req: &CleanupRequest, state: &mut JanitorState) -> CleanupR
     p.cleanup_local_files(tree.as_ref());
     p.report.took = started.elapsed();
     debug!(
-        "cleanup pass: {} builds, {} uploads, {} files deleted, {} errors in {:?}",
+        "cleanup pass: {} builds, {} uploads, {} files deleted, {} errors; took {} ms ({})",
         p.report.deleted_builds,
         p.report.deleted_uploads,
         p.report.deleted_files,
         p.report.errors,
-        p.report.took
+        p.report.took.as_millis(),
+        match &req.snapshot {
+            Some(_) => "from the watched snapshot",
+            None => "whole tree read from ZooKeeper",
+        }
     );
     p.report
 }
