@@ -720,7 +720,7 @@ pub fn scale(sizes: Sizes) -> Vec<Figure> {
     drop(frozen);
     // From the new session's "Connected" line: the watcher's re-read ("resync of …"), the
     // scheduler's "state re-read" once every event of it is applied, the janitor's full pass.
-    let lines_after_new_session = |log: &str| -> Option<Vec<String>> {
+    let lines_after_new_session = |log: &str| -> Option<([String; 4], Vec<String>)> {
         let lines: Vec<&str> = log.lines().collect();
         let lost = lines
             .iter()
@@ -734,15 +734,20 @@ pub fn scale(sizes: Sizes) -> Vec<Figure> {
         let reread = after
             .iter()
             .find(|l| l.contains("watches re-armed; state re-read"))?;
-        let pass = after.iter().find(|l| {
+        let pass = after.iter().position(|l| {
             l.contains("cleanup pass:") && l.contains("(whole tree read from ZooKeeper)")
         })?;
-        Some(
-            [lines[connected], resync, reread, pass]
-                .iter()
-                .map(|l| l.to_string())
-                .collect(),
-        )
+        // Nothing is uploaded or deleted meanwhile: every command that ended before the pass
+        // did is a `list-command` of its leak scan.
+        let commands: Vec<String> = after[..pass]
+            .iter()
+            .filter(|l| l.contains("dir-cloud` ended ("))
+            .map(|l| l.to_string())
+            .collect();
+        Some((
+            [lines[connected], resync, reread, after[pass]].map(str::to_string),
+            commands,
+        ))
     };
     let mut last_read: Option<Instant> = None;
     let found = poll_for(Duration::from_secs(120), || {
@@ -758,7 +763,21 @@ pub fn scale(sizes: Sizes) -> Vec<Figure> {
             crate::util::file_tail(&site.path("builder0.log"), 80)
         )
     });
-    let [connected, resync, reread, pass] = <[String; 4]>::try_from(found).unwrap();
+    let ([connected, resync, reread, pass], commands) = found;
+    assert_eq!(
+        commands.len(),
+        providers,
+        "one list-command per provider in the janitor's full pass: {commands:#?}"
+    );
+    let lists_ms: f64 = commands
+        .iter()
+        .map(|l| {
+            l.rsplit(" after ")
+                .next()
+                .and_then(debug_duration_ms)
+                .unwrap_or_else(|| panic!("no duration in {l}"))
+        })
+        .sum();
     let counted = format!("resync of {images} images, {images} builds, {want} uploads took ");
     assert!(
         resync.contains(&counted),
@@ -795,7 +814,28 @@ pub fn scale(sizes: Sizes) -> Vec<Figure> {
             "ms",
             pass_ms,
         ),
+        figure(
+            format!("  of which {providers} dir-cloud list-commands (leak scan)"),
+            "ms",
+            lists_ms,
+        ),
     ]
+}
+
+/// Milliseconds of a `Duration` as `{:.1?}` prints it (`380.2ms`, `1.5s`, `950.0µs`).
+fn debug_duration_ms(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (value, unit) = text.split_at(split);
+    let value: f64 = value.parse().ok()?;
+    let scale = match unit {
+        "s" => 1000.0,
+        "ms" => 1.0,
+        "µs" => 1e-3,
+        "ns" => 1e-6,
+        _ => return None,
+    };
+    Some(value * scale)
 }
 
 /// A qcow2 of `mib` MiB of random data to Glance: this builder (the daemon, OpenStack driver,
