@@ -635,7 +635,7 @@ pub fn scale(sizes: Sizes) -> Vec<Figure> {
     let want = images * providers;
     let shape = format!("{images}×{providers}");
     let start = Instant::now();
-    let site = Site::on(&format!("scale_{images}x{providers}"), bench_server());
+    let site = TestSite::on(&format!("scale_{images}x{providers}"), bench_server());
     let names: Vec<String> = (0..images).map(|i| format!("img{i:02}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut body: String = names
