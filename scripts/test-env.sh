@@ -8,7 +8,8 @@
 #              classpath; see shared/docs/real-services.md §a.1)
 #   netcat     netcat-openbsd (for people poking at servers by hand; tests talk TCP themselves)
 #   openssl    the openssl command (test certificates)
-#   packages   the three above
+#   prometheus Debian's Prometheus (`prometheus` server and `promtool`) for tests/metrics.rs
+#   packages   zookeeper, netcat, openssl and prometheus
 #   qemu       qemu-utils (qemu-img makes real test images)
 #   kazoo      a Python virtualenv with kazoo 2.9.0 at target/test-env/kazoo-venv
 #   nodepool   nodepool 11.0.0 (its CLI) in target/test-env/nodepool-venv (scripts/nodepool-env.sh)
@@ -147,16 +148,16 @@ parts=("$@")
 expanded=()
 for part in "${parts[@]}"; do
     case "$part" in
-        all) expanded+=(zookeeper netcat openssl qemu kazoo nodepool glance keystone dib) ;;
-        packages) expanded+=(zookeeper netcat openssl qemu) ;;
-        zookeeper | netcat | openssl | qemu | kazoo | nodepool | glance | keystone | dib) expanded+=("$part") ;;
+        all) expanded+=(zookeeper netcat openssl prometheus qemu kazoo nodepool glance keystone dib) ;;
+        packages) expanded+=(zookeeper netcat openssl prometheus qemu) ;;
+        zookeeper | netcat | openssl | prometheus | qemu | kazoo | nodepool | glance | keystone | dib) expanded+=("$part") ;;
         check) CHECK_ONLY=1 ;;
         -h | --help | help) usage; exit 0 ;;
         *) usage; die "unknown part: $part" ;;
     esac
 done
 if [ "${#expanded[@]}" -eq 0 ]; then
-    expanded=(zookeeper netcat openssl qemu kazoo nodepool glance keystone dib)
+    expanded=(zookeeper netcat openssl prometheus qemu kazoo nodepool glance keystone dib)
 fi
 
 has_part() {
@@ -171,6 +172,7 @@ has_part() {
 has_part zookeeper && want_pkg zookeeper
 has_part netcat && want_pkg netcat-openbsd
 has_part openssl && want_pkg openssl
+has_part prometheus && want_pkg prometheus
 has_part qemu && ! command -v qemu-img >/dev/null 2>&1 && want_pkg qemu-utils
 install_missing_pkgs
 has_part zookeeper && verify_zookeeper
