@@ -6,7 +6,8 @@
 //! ZooKeeper session with its new-session hooks, then the workers; "ready" is announced only
 //! once ZooKeeper is connected and every thread is up, and once the component is registered
 //! or one session timeout has passed trying (the registration is retried meanwhile: see
-//! `zk::component`). The last step of the shutdown stops every command still running
+//! `zk::component`). The HTTP endpoint (`webapp`), when configured, listens before the
+//! session is started, so a listen failure is a start-up error. The last step of the shutdown stops every command still running
 //! (`command::stop_all`): a detached upload's command and everything in its process group.
 //! Under systemd, the `watchdog` thread (`service`) starts with "ready" and stops after the
 //! scheduler.
@@ -30,6 +31,7 @@ use crate::service::Service;
 use crate::signals::{self, ControlSignal};
 use crate::stats::Stats;
 use crate::thread::{self, ThreadKind};
+use crate::webapp::Webapp;
 use crate::zk::watcher::Watcher;
 use crate::zk::{Zk, ZkConfig, component};
 use crate::{build, upload};
@@ -68,6 +70,18 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
     let zk = Zk::new(zk_cfg);
     let registration =
         component::register_on_every_session(&zk, hostname.clone(), identity::version());
+    // Before the session: a listen failure stops the start-up, and /healthz answers (503)
+    // while ZooKeeper is still being reached.
+    let webapp = match cfg.builder_webapp {
+        Some(addr) => match Webapp::start(addr, &zk, registration.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                zk.close();
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     zk.start();
     info!("Waiting for ZooKeeper {}", zk.config().connect_string());
     if !wait_for_zookeeper(&zk, &ctl_rx) {
@@ -139,6 +153,7 @@ pub fn run(cfg: Config, opts: Options, ready: impl FnOnce()) -> Result<(), Strin
     }
     drop(progress);
     drop(watchdog);
+    drop(webapp);
     info!("Shutting down: closing the ZooKeeper session");
     zk.close();
     // Uploads past their grace are left to their threads, but not their commands: an

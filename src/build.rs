@@ -43,6 +43,7 @@ use crate::command;
 use crate::config::DiskImage;
 use crate::gate::{self, GateFailure};
 use crate::local;
+use crate::metrics::FailureCause;
 use crate::model::{self, BuildState};
 use crate::pool::{Stop, Work, WorkerPool};
 use crate::progress;
@@ -364,6 +365,9 @@ fn steps(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) -> Step<
     wait_for_session_fate(zk, job, &build_id);
     let verdict = gate(job, &build_id, &dib, guard.is_valid(), cancel);
     count_build(job, &dib, dib_time, &verdict, stats);
+    if let Some(cause) = failure_cause(&verdict) {
+        crate::metrics::global().build_failed(&job.image, cause);
+    }
     let record = finalize(zk, job, &build_id, &verdict, &guard, cancel)?;
     let result = report(zk, job, build_id, record, &verdict, stats);
     let builds = tree::read_image(zk, &job.image).ok();
@@ -467,6 +471,7 @@ fn record_building(zk: &Zk, job: &BuildJob) -> Step<String> {
 fn run(job: &BuildJob, build_id: &str, cancel: &Receiver<()>) -> (DibOutcome, Duration) {
     let dib_started = Instant::now();
     let dib = run_dib(job, build_id, cancel);
+    crate::metrics::global().dib_ran(&job.image, dib_started.elapsed());
     (dib, dib_started.elapsed())
 }
 
@@ -542,6 +547,25 @@ fn gate(
             }
             Verdict::GateFailed(failure)
         }
+    }
+}
+
+/// The `cause` label a failed verdict is counted under; `None` for a build, or a run stopped
+/// by shutdown (no failure of the build).
+pub fn failure_cause(verdict: &Verdict) -> Option<FailureCause> {
+    match verdict {
+        Verdict::Built => None,
+        v if v.stopped_by_shutdown() => None,
+        Verdict::SessionLost => Some(FailureCause::SessionLost),
+        Verdict::DibFailed {
+            dib: DibOutcome::TimedOut,
+            ..
+        } => Some(FailureCause::Timeout),
+        // The hint is only ever the out-of-space finding of the build log.
+        Verdict::DibFailed { hint: Some(_), .. } => Some(FailureCause::NoSpace),
+        Verdict::DibFailed { .. } => Some(FailureCause::ExitCode),
+        Verdict::FilesMissing(_) => Some(FailureCause::MissingFiles),
+        Verdict::GateFailed(_) => Some(FailureCause::Gate),
     }
 }
 

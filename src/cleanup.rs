@@ -848,7 +848,10 @@ impl Pass<'_> {
                 img.id, img.name
             );
             match driver.delete(&img.id) {
-                Ok(()) => self.report.deleted_uploads += 1,
+                Ok(()) => {
+                    self.report.deleted_uploads += 1;
+                    crate::metrics::global().leaked_image_deleted(&provider);
+                }
                 Err(e) => {
                     candidates.insert(key);
                     self.error(&format!(

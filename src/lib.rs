@@ -25,6 +25,7 @@
 //!   manifest files, build logs) and reading them back, scanning, deletion, free space.
 //! * `logging`: nodepool's logger names and line format, `-l` dictConfig files, reopening.
 //! * `main.rs`: the binary: inherited signal state reset, flags, fork, exit codes.
+//! * `metrics`: Prometheus metric families (names, help, types) and their text format.
 //! * `model`: domain vocabulary (build and upload states, build ids, back-off), no serde.
 //! * `ops`: the operator subcommands of upstream's `nodepool` CLI (lists, changes,
 //!   export/import), in PrettyTable's layout.
@@ -47,6 +48,8 @@
 //! * `thread`: the one place that starts threads (names, registration, joining handles).
 //! * `upload`: the upload workers (`upload-N`): one build to one provider, recorded as
 //!   nodepool 11's UploadWorker does, the post-upload hook.
+//! * `webapp`: the optional HTTP endpoint (`webapp` thread): `/metrics`, `/healthz`, `/ready`,
+//!   and the launcher webapp's `/dib-image-list` and `/image-list`.
 //! * `zk`: the synchronous ZooKeeper facade over `zookeeper-client` (`zk::Zk`, sessions kept as
 //!   long as the server keeps them), the znode layout (`zk::paths`), the wire records
 //!   (`zk::schema`), tree readers (`zk::tree`), the kazoo lock recipe (`zk::lock`), result
@@ -58,7 +61,8 @@
 //! 1. Only `scheduler` mutates scheduling state; everyone else sends it a message.
 //! 2. Only `zk::schema` knows the JSON of znodes, only `zk::paths` the tree layout, only
 //!    `local` the file names of images-dir and build logs, only `provider::*` a cloud
-//!    protocol (and what a driver reads and defaults to), only `stats` the statsd key names.
+//!    protocol (and what a driver reads and defaults to), only `stats` the statsd key names,
+//!    only `metrics` the Prometheus names.
 //! 3. Only `thread.rs` spawns threads.
 //! 4. No signal handler blocks, allocates or logs; no ZooKeeper event path blocks or does I/O.
 //! 5. A panic or error while handling one image never stops work on other images.
@@ -78,6 +82,7 @@ pub mod gate;
 pub mod identity;
 pub mod local;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod pool;
@@ -92,4 +97,5 @@ pub mod stackdump;
 pub mod stats;
 pub mod thread;
 pub mod upload;
+pub mod webapp;
 pub mod zk;

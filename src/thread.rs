@@ -19,7 +19,8 @@
 //! Linux keeps at most 15 bytes of a thread name. Names are therefore short and
 //! conventional. The daemon's threads: `main`, `signals`, `stackdump`, `zk-session` (the
 //! session supervisor), `zk-hooks` (new-session hooks), `zk-events` (watch forwarding),
-//! `zk-watch` (the image tree watcher), `scheduler`, `build-0`…, `upload-0`…, `cleanup`, `progress`, `watchdog` (under systemd's watchdog), and
+//! `zk-watch` (the image tree watcher), `scheduler`, `build-0`…, `upload-0`…, `cleanup`, `progress`, `watchdog` (under systemd's watchdog), `webapp` (the HTTP
+//! endpoint, when configured), and
 //! per running child process `dib-out-0`… (its log) or `cmd-out-0`… (captured output). A
 //! longer name is a bug: it panics in debug builds and is cut at a character boundary in
 //! release builds, so that the registered name always equals the kernel's.
@@ -72,6 +73,8 @@ pub enum ThreadKind {
     Watchdog,
     /// Drains a child process's stdout and stderr into a log or into memory.
     PipeReader,
+    /// Serves the HTTP endpoint (`/metrics`, `/healthz`, ...).
+    Webapp,
     /// Anything else, including tests.
     Other,
 }
@@ -91,6 +94,7 @@ impl ThreadKind {
             ThreadKind::Progress => "progress",
             ThreadKind::Watchdog => "watchdog",
             ThreadKind::PipeReader => "pipe-reader",
+            ThreadKind::Webapp => "webapp",
             ThreadKind::Other => "other",
         }
     }

@@ -237,8 +237,12 @@ fn steps(zk: &Zk, job: &UploadJob, stats: &Stats) -> Step<UploadResult> {
             ImageUpload::bare_failed(model::now_epoch())
         }
     };
-    let count_ready =
-        || stats.upload_done(&job.image, &job.provider.name, upload_started.elapsed());
+    let count_ready = || {
+        let took = upload_started.elapsed();
+        stats.upload_done(&job.image, &job.provider.name, took);
+        let bytes = std::fs::metadata(&job.file).map_or(0, |m| m.len());
+        crate::metrics::global().uploaded(&job.image, &job.provider.name, bytes, took);
+    };
     Ok(finalize(
         zk,
         job,

@@ -33,6 +33,9 @@ mod harness;
 mod image_gate;
 /// Logging as nodepool: `-l` dictConfig files, logger names, line format, filters.
 mod logging;
+/// The builder's HTTP endpoint: promtool, a real Prometheus scraping it, /healthz following
+/// ZooKeeper, the JSON lists against the Python CLI, off unless configured.
+mod metrics;
 /// A mixed fleet: Python nodepool-builder 11 and ours on one ZooKeeper, one Glance, one
 /// nodepool.yaml; side by side, takeover mid-upload, and the way back.
 mod mixed_fleet;

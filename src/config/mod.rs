@@ -7,7 +7,9 @@
 //! A few keys are our additions: `images-dir-required-free` (from the unmerged upstream
 //! proposal, GiB, also per diskimage), `image-gate` (also per diskimage), the diskimage's
 //! `validate-command` and `validate-timeout` (see `gate`), `zookeeper-auth`, `cleanup-interval`,
-//! `resync-interval`, `progress-interval`, `retry-backoff-initial`, `retry-backoff-max`, the provider driver
+//! `resync-interval`, `progress-interval`, `retry-backoff-initial`, `retry-backoff-max`,
+//! `builder-webapp` (the HTTP endpoint: `listen-address`, `port`; nodepool.yaml's `webapp` is
+//! the launcher's, whose port the builder must not take on a host running both), the provider driver
 //! `command` and the openstack provider's `image-format`.
 //!
 //! The same keys may be written as YAML, so that a site's existing nodepool.yaml (and its
@@ -168,6 +170,8 @@ pub struct Config {
     pub retry_backoff_initial: f64,
     /// Longest retry delay, seconds.
     pub retry_backoff_max: f64,
+    /// Where the HTTP endpoint (`webapp`) listens; `None` (the default): no endpoint.
+    pub builder_webapp: Option<std::net::SocketAddr>,
     /// Non-abstract diskimages with their parents merged, in file order.
     pub diskimages: Vec<DiskImage>,
     /// Providers in file order.

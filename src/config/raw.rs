@@ -69,6 +69,8 @@ pub(crate) struct RawMain {
     pub progress_interval: Option<f64>,
     pub retry_backoff_initial: Option<f64>,
     pub retry_backoff_max: Option<f64>,
+    /// `[builder-webapp]`: where the HTTP endpoint listens.
+    pub builder_webapp: Option<std::net::SocketAddr>,
     /// `Some` whenever the key is present, even if its entries had errors.
     pub zookeeper_servers: Option<Vec<ZkServer>>,
     pub zookeeper_tls: Option<ZkTls>,
@@ -157,6 +159,7 @@ const MAIN_ONLY_KEYS: &[&str] = &[
     "progress-interval",
     "retry-backoff-initial",
     "retry-backoff-max",
+    "builder-webapp",
     "providers",
 ];
 
@@ -316,6 +319,7 @@ pub(crate) fn read_main(
             }
         }
     }
+    let builder_webapp = read_webapp(src, &mut r, sink);
     let zookeeper_servers = read_servers(src, &mut r, sink);
     let zookeeper_tls = read_tls(src, base, &mut r, sink);
     let zookeeper_auth = read_auth(src, &mut r, sink);
@@ -347,6 +351,7 @@ pub(crate) fn read_main(
         progress_interval: progress_interval.map(|v| v.value),
         retry_backoff_initial: backoff_initial.map(|v| v.value),
         retry_backoff_max: backoff_max.map(|v| v.value),
+        builder_webapp,
         zookeeper_servers,
         zookeeper_tls,
         zookeeper_auth,
@@ -487,6 +492,44 @@ fn read_tls(src: &Source, base: &Path, r: &mut Reader<'_>, sink: &mut Sink) -> O
         ca: ca.unwrap_or_default(),
         verify_hostname: verify_hostname.is_some_and(|v| v.value),
     })
+}
+
+/// `[builder-webapp]`: `port` (required) and `listen-address` (an IP address, default
+/// `0.0.0.0` as the launcher's `webapp`).
+fn read_webapp(src: &Source, r: &mut Reader<'_>, sink: &mut Sink) -> Option<std::net::SocketAddr> {
+    let (table, pos) = r.table(sink, "builder-webapp")?;
+    let mut w = Reader::new(src, table, pos, "[builder-webapp]");
+    let address = w.string(sink, "listen-address");
+    let port = w.integer(sink, "port").and_then(|p| {
+        check(
+            sink,
+            &p,
+            (1..=65535).contains(&p.value),
+            "`port` must be between 1 and 65535",
+        )
+    });
+    w.require(sink, "port");
+    w.finish(sink);
+    let ip = match address {
+        None => std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        Some(a) => match a.value.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip,
+            Err(_) => {
+                sink.error(
+                    a.pos,
+                    format!(
+                        "`listen-address` must be an IP address (such as 127.0.0.1 or ::), not {:?}",
+                        a.value
+                    ),
+                );
+                return None;
+            }
+        },
+    };
+    Some(std::net::SocketAddr::new(
+        ip,
+        u16::try_from(port?.value).ok()?,
+    ))
 }
 
 fn read_auth(src: &Source, r: &mut Reader<'_>, sink: &mut Sink) -> Option<ZkAuth> {

@@ -101,6 +101,7 @@ pub(crate) fn build(main: RawMain, secure: Option<RawSecure>, sink: &mut Sink) -
         retry_backoff_max: main
             .retry_backoff_max
             .unwrap_or(defaults::RETRY_BACKOFF_MAX),
+        builder_webapp: main.builder_webapp,
         diskimages,
         providers,
         left_providers: main.left_providers,

@@ -39,7 +39,7 @@
 //! * `--json` prints what the launcher webapp serves for the three listings.
 
 mod change;
-mod list;
+pub mod list;
 mod table;
 mod transfer;
 

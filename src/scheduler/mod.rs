@@ -59,6 +59,7 @@ use log::{debug, error, info, warn};
 use crate::build::{self, BuildEnv, BuildJob, BuildOutcome, BuildPool, BuildResult};
 use crate::cleanup::{CleanupReport, CleanupRequest, ImageSnapshot, Janitor};
 use crate::config::{self, Config};
+use crate::metrics::{self, FailureCause};
 use crate::model;
 use crate::provider::ProviderDriver;
 use crate::service::{self, Service};
@@ -334,6 +335,7 @@ impl Scheduler {
             self.service.turned();
             let started = Instant::now();
             if self.handle(event) == Flow::Stop {
+                metrics::global().set_ready(false);
                 self.stopping = true;
                 self.service.stopping();
                 return;
@@ -342,6 +344,7 @@ impl Scheduler {
             self.plan_uploads();
             self.maybe_start_cleanup();
             self.service.status(&self.status_line());
+            self.publish_metrics();
             let took = started.elapsed();
             if took > Duration::from_millis(200) {
                 warn!("overly long scheduler loop turn: {took:?}");
@@ -438,6 +441,8 @@ impl Scheduler {
             }
             ZkEvent::Resynced => {
                 debug!("watches re-armed; state re-read");
+                // The first one ends start-up: the image tree has been read.
+                metrics::global().set_ready(true);
                 // After a gap, the janitor's next pass reads ZooKeeper itself.
                 self.cleanup_full = true;
                 self.cleanup_soon();
@@ -457,6 +462,11 @@ impl Scheduler {
             st.builds = builds;
         }
         let follow = apply_build_result(st, &outcome.result, outcome.manual, b, Instant::now());
+        let m = metrics::global();
+        m.build_ended(&image, build_state_label(&outcome.result));
+        if matches!(outcome.result, BuildResult::NoSpace { .. }) {
+            m.build_failed(&image, FailureCause::NoSpace);
+        }
         match (&outcome.result, follow) {
             (BuildResult::Ready { build_id, .. }, _) => {
                 debug!("image={image} build={build_id}: ready");
@@ -504,6 +514,9 @@ impl Scheduler {
                     warn!("zookeeper-* settings changed: they take effect at the next restart");
                 }
                 crate::progress::set_interval(cfg.progress_interval);
+                if cfg.builder_webapp != self.cfg.builder_webapp {
+                    warn!("builder-webapp changed: it takes effect at the next restart");
+                }
                 self.cfg = Arc::new(cfg);
                 self.make_drivers();
                 self.watcher.send(WatchCmd::Images(image_names(&self.cfg)));
@@ -619,6 +632,13 @@ impl Scheduler {
 
     fn on_cleanup(&mut self, report: CleanupReport) {
         self.cleanup_running = false;
+        metrics::global().janitor_pass(
+            report.took,
+            report.deleted_builds,
+            report.deleted_uploads,
+            report.deleted_files,
+            report.errors,
+        );
         for (image, id) in &report.abandoned_resolved {
             if let Some(st) = self.images.get_mut(image) {
                 st.abandoned.remove(id);
@@ -643,6 +663,20 @@ impl Scheduler {
                 report.took
             );
         }
+    }
+
+    /// The workers' and the waiting requests' gauges, after every loop turn.
+    fn publish_metrics(&self) {
+        let m = metrics::global();
+        let builds = self.images.values().filter(|s| s.in_flight).count() as u64;
+        let waiting = self
+            .images
+            .values()
+            .filter(|s| s.requested && !s.in_flight)
+            .count() as u64;
+        m.workers("build", builds, self.build_workers as u64, Some(waiting));
+        let uploads = self.slots.values().filter(|s| s.in_flight).count() as u64;
+        m.workers("upload", uploads, self.upload_workers as u64, None);
     }
 
     /// The per-image state gauges, after every janitor pass, as upstream.
@@ -713,6 +747,15 @@ impl Scheduler {
             .entry((outcome.image.clone(), outcome.provider.clone()))
             .or_default();
         let follow = apply_upload_result(slot, &outcome.result, b, Instant::now());
+        metrics::global().upload_ended(
+            &outcome.image,
+            &outcome.provider,
+            match outcome.result {
+                UploadResult::Ready { .. } => "ready",
+                UploadResult::Failed { .. } => "failed",
+                UploadResult::Skipped { .. } => "skipped",
+            },
+        );
         let (image, build, provider) = (&outcome.image, &outcome.build_id, &outcome.provider);
         match (&outcome.result, follow) {
             (UploadResult::Ready { upload_id, .. }, _) => {
@@ -810,4 +853,14 @@ impl Scheduler {
 /// The configured diskimage names (what the watcher watches).
 pub fn image_names(cfg: &Config) -> BTreeSet<String> {
     cfg.diskimages.iter().map(|d| d.name.clone()).collect()
+}
+
+/// The `state` label a build job's end is counted under.
+fn build_state_label(result: &BuildResult) -> &'static str {
+    match result {
+        BuildResult::Ready { .. } => "ready",
+        BuildResult::Failed { .. } => "failed",
+        BuildResult::Skipped { .. } => "skipped",
+        BuildResult::NoSpace { .. } => "no_space",
+    }
 }

@@ -78,6 +78,12 @@ impl Registration {
         }
     }
 
+    /// Whether the component is registered in the current session (no waiting).
+    pub fn is_current(&self, zk: &Zk) -> bool {
+        let generation = self.state.0.lock().unwrap().generation;
+        generation != 0 && generation == zk.session().generation
+    }
+
     /// Why the latest registration attempt failed, while none has succeeded since.
     pub fn last_error(&self) -> Option<String> {
         self.state.0.lock().unwrap().last_error.clone()

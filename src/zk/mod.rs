@@ -780,6 +780,13 @@ impl Zk {
             if st.state == ConnState::Closed || (st.state == state && new_generation.is_none()) {
                 return;
             }
+            let reconnected = state == ConnState::Connected
+                && (st.state == ConnState::Suspended || new_generation.is_some_and(|g| g > 1));
+            if reconnected {
+                crate::metrics::global().zk_reconnected();
+            } else if state == ConnState::Lost {
+                crate::metrics::global().zk_session_lost();
+            }
             st.state = state;
             if let Some(g) = new_generation {
                 st.generation = g;

@@ -131,6 +131,7 @@ pub mod faultproxy;
 pub mod glance;
 pub mod invariants;
 pub mod nodepool;
+pub mod prometheus;
 pub mod python;
 pub mod site;
 pub mod tmpfs;
