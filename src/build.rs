@@ -1076,4 +1076,34 @@ mod tests {
         assert!(Verdict::GateFailed(GateFailure::Cancelled).stopped_by_shutdown());
         assert!(!Verdict::of(true, &DibOutcome::TimedOut, vec![], no_hint).stopped_by_shutdown());
     }
+
+    #[test]
+    fn failed_builds_are_counted_under_their_cause_and_a_shutdown_is_none() {
+        let no_hint = || None;
+        let cause = |dib: DibOutcome, missing: Vec<String>, hint: Option<String>| {
+            failure_cause(&Verdict::of(true, &dib, missing, || hint))
+        };
+        assert_eq!(cause(DibOutcome::Exited(0), vec![], None), None);
+        assert_eq!(
+            cause(DibOutcome::Exited(1), vec![], None),
+            Some(FailureCause::ExitCode)
+        );
+        assert_eq!(
+            cause(DibOutcome::TimedOut, vec![], None),
+            Some(FailureCause::Timeout)
+        );
+        assert_eq!(
+            cause(DibOutcome::Exited(1), vec![], Some("no space left".into())),
+            Some(FailureCause::NoSpace)
+        );
+        assert_eq!(
+            cause(DibOutcome::Exited(0), vec!["img-1.qcow2".into()], None),
+            Some(FailureCause::MissingFiles)
+        );
+        assert_eq!(cause(DibOutcome::Cancelled, vec![], None), None);
+        assert_eq!(
+            failure_cause(&Verdict::of(false, &DibOutcome::Exited(0), vec![], no_hint)),
+            Some(FailureCause::SessionLost)
+        );
+    }
 }
