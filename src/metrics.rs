@@ -187,6 +187,35 @@ pub const QUEUE_DEPTH: Family = Family {
 };
 
 /// Every family, in the order they are served.
+pub const RUNNING_BUILD: Family = Family {
+    name: "nodepool_builder_running_build_seconds",
+    kind: Kind::Gauge,
+    help: "Seconds each running build has been running (the progress table).",
+    labels: &["image", "build_id"],
+    buckets: &[],
+};
+pub const RUNNING_UPLOAD: Family = Family {
+    name: "nodepool_builder_running_upload_seconds",
+    kind: Kind::Gauge,
+    help: "Seconds each running upload has been running (the progress table).",
+    labels: &["image", "build_id", "provider"],
+    buckets: &[],
+};
+pub const UPLOAD_SENT: Family = Family {
+    name: "nodepool_builder_running_upload_sent_bytes",
+    kind: Kind::Gauge,
+    help: "Bytes a running upload has sent so far (streaming drivers only).",
+    labels: &["image", "build_id", "provider"],
+    buckets: &[],
+};
+pub const UPLOAD_SIZE: Family = Family {
+    name: "nodepool_builder_running_upload_size_bytes",
+    kind: Kind::Gauge,
+    help: "Size of the file a running upload sends (streaming drivers only).",
+    labels: &["image", "build_id", "provider"],
+    buckets: &[],
+};
+
 pub const FAMILIES: &[&Family] = &[
     &BUILDS,
     &BUILD_DURATION,
@@ -206,6 +235,10 @@ pub const FAMILIES: &[&Family] = &[
     &LEAKED_IMAGES_DELETED,
     &WORKERS,
     &QUEUE_DEPTH,
+    &RUNNING_BUILD,
+    &RUNNING_UPLOAD,
+    &UPLOAD_SENT,
+    &UPLOAD_SIZE,
 ];
 
 /// Why a build failed, as the `cause` label of [`DIB_FAILURES`].
@@ -302,6 +335,40 @@ impl Metrics {
                 *n = to;
             }
         });
+    }
+
+    /// Replaces the samples of the running-job gauges with the progress table's rows, so a
+    /// finished job's series ends with it.
+    pub fn running(&self, jobs: &[crate::progress::Progress]) {
+        use crate::progress::Progress;
+        {
+            let mut values = self.values.lock().unwrap_or_else(|e| e.into_inner());
+            for family in [&RUNNING_BUILD, &RUNNING_UPLOAD, &UPLOAD_SENT, &UPLOAD_SIZE] {
+                values.remove(family.name);
+            }
+        }
+        for job in jobs {
+            let secs = job.elapsed().as_secs_f64();
+            match job {
+                Progress::Build {
+                    image, build_id, ..
+                } => self.set(&RUNNING_BUILD, &[image, build_id], secs),
+                Progress::Upload {
+                    image,
+                    build_id,
+                    provider,
+                    transfer,
+                    ..
+                } => {
+                    let labels = [image.as_str(), build_id, provider];
+                    self.set(&RUNNING_UPLOAD, &labels, secs);
+                    if let Some(t) = transfer {
+                        self.set(&UPLOAD_SENT, &labels, t.sent as f64);
+                        self.set(&UPLOAD_SIZE, &labels, t.total as f64);
+                    }
+                }
+            }
+        }
     }
 
     /// Counts one observation in a histogram.
@@ -409,9 +476,15 @@ impl Metrics {
         self.set(&ZK_CONNECTED, &[], f64::from(u8::from(connected)));
         self.set(&COMPONENT_REGISTERED, &[], f64::from(u8::from(registered)));
         self.set(&READY, &[], f64::from(u8::from(self.is_ready())));
+        self.running(&crate::progress::snapshot());
         for f in [&ZK_SESSION_LOSSES, &ZK_RECONNECTS, &JANITOR_ERRORS] {
             self.add(f, &[], 0.0);
         }
+        self.render_values()
+    }
+
+    /// The text format of the values as they are, without refreshing the live gauges.
+    fn render_values(&self) -> String {
         let values = self.values.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = String::with_capacity(4096);
         for family in FAMILIES {
@@ -528,6 +601,54 @@ mod tests {
             "nodepool_builder_build_duration_seconds_bucket{image=\"img\",le=\"+Inf\"} 2\n"
         ));
         assert!(text.contains("nodepool_builder_build_duration_seconds_count{image=\"img\"} 2\n"));
+    }
+
+    #[test]
+    fn running_jobs_are_series_while_they_run_and_gone_after() {
+        use crate::progress::{Progress, Transfer};
+        let m = Metrics::default();
+        let upload = Progress::Upload {
+            image: "fedora".into(),
+            build_id: "ab12".into(),
+            provider: "p1".into(),
+            elapsed: Duration::from_secs(90),
+            transfer: Some(Transfer {
+                sent: 1024,
+                total: 4096,
+                elapsed: Duration::from_secs(80),
+            }),
+        };
+        let build = Progress::Build {
+            image: "debian".into(),
+            build_id: "cd34".into(),
+            elapsed: Duration::from_secs(600),
+            last_line: None,
+        };
+        m.running(&[upload, build]);
+        let text = m.render_values();
+        let labels = r#"{image="fedora",build_id="ab12",provider="p1"}"#;
+        assert!(text.contains(&format!(
+            "nodepool_builder_running_upload_seconds{labels} 90\n"
+        )));
+        assert!(text.contains(&format!(
+            "nodepool_builder_running_upload_sent_bytes{labels} 1024\n"
+        )));
+        assert!(text.contains(&format!(
+            "nodepool_builder_running_upload_size_bytes{labels} 4096\n"
+        )));
+        assert!(text.contains(
+            "nodepool_builder_running_build_seconds{image=\"debian\",build_id=\"cd34\"} 600\n"
+        ));
+        m.running(&[]);
+        let text = m.render_values();
+        assert!(
+            !text.contains("nodepool_builder_running_upload_seconds{"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("nodepool_builder_running_build_seconds{"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -14,8 +14,8 @@ use nodepool_builder::model::{BuildState, UploadState};
 
 use crate::util::builder::BuilderProcess;
 use crate::util::nodepool::{DiskImage, NodepoolCli, Table};
-use crate::util::np::{Site, WAIT};
 use crate::util::prometheus::{Prometheus, promtool_check_metrics};
+use crate::util::site::{TestSite, WAIT};
 use crate::util::wait_for;
 use crate::util::zk::{ZkOptions, ZkServer, free_port};
 
@@ -70,8 +70,8 @@ fn webapp_top() -> (String, SocketAddr) {
 
 /// A site whose builder 0 builds `fedora` and uploads it to the directory cloud `cloud`,
 /// with the endpoint on; returns after one ready build and one ready upload.
-fn built_and_uploaded(name: &str) -> (Site, BuilderProcess, SocketAddr) {
-    let site = Site::new(name);
+fn built_and_uploaded(name: &str) -> (TestSite, BuilderProcess, SocketAddr) {
+    let site = TestSite::new(name);
     let (top, addr) = webapp_top();
     site.fedora_on_cloud(0, &top);
     let b = site.start(0, &[]);
@@ -140,7 +140,7 @@ fn healthz_is_503_with_the_reason_while_zookeeper_is_down_and_200_again_after() 
     let name = "metrics_healthz";
     let chroot = server.chroot(name);
     let hosts = vec![("127.0.0.1".to_string(), server.plain_port())];
-    let site = Site::with_session(name, ZkServer::shared(), chroot, hosts);
+    let site = TestSite::with_session(name, ZkServer::shared(), chroot, hosts);
     let (top, addr) = webapp_top();
     let cfg = site.fedora_on_cloud(0, &format!("zookeeper-timeout = 30.0\n{top}"));
     let shared_port = format!("port = {}\n", ZkServer::shared().tls_port().unwrap());
@@ -283,7 +283,7 @@ fn listening_sockets(pid: i32) -> Vec<String> {
 
 #[test]
 fn the_endpoint_is_off_unless_configured_and_then_serves_from_a_registered_thread() {
-    let site = Site::new("metrics_off");
+    let site = TestSite::new("metrics_off");
     site.fedora_on_cloud(0, "");
     let b = site.start(0, &[]);
     site.wait_builds("fedora", BuildState::Ready, 1);
@@ -295,7 +295,7 @@ fn the_endpoint_is_off_unless_configured_and_then_serves_from_a_registered_threa
     assert!(!b.log().contains("Webapp listening"), "{}", b.log());
 
     // With the key, the same builder listens on exactly the configured address.
-    let site = Site::new("metrics_on");
+    let site = TestSite::new("metrics_on");
     let (top, addr) = webapp_top();
     site.fedora_on_cloud(0, &top);
     let mut b = site.start(0, &[]);
@@ -315,7 +315,7 @@ fn the_endpoint_is_off_unless_configured_and_then_serves_from_a_registered_threa
 
 #[test]
 fn a_listen_address_already_in_use_stops_the_start_with_a_clear_error() {
-    let site = Site::new("metrics_in_use");
+    let site = TestSite::new("metrics_in_use");
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let cfg = site.fedora_on_cloud(
