@@ -72,6 +72,10 @@
 //!   - [`nodepool::describe`]: exit status, stdout and stderr, labelled.
 //!   - [`nodepool::Table`]: a printed PrettyTable, parsed into frame lines and cells.
 //!   - [`nodepool::age_seconds`]: seconds in a `DD:HH:MM:SS` age.
+//! * [`prometheus`]: a real Prometheus server scraping a builder, and `promtool`.
+//!   - [`prometheus::binary`]: one binary of Debian's prometheus package, installed if missing.
+//!   - [`prometheus::promtool_check_metrics`]: `promtool check metrics` on a scrape's text.
+//!   - [`prometheus::Prometheus`]: a running server on loopback; PromQL queries, waits for a value.
 //! * [`python`]: the kazoo virtualenv and the Python helper scripts in
 //!   `tests/fixtures/python/`.
 //!   - [`python::RUN_TIMEOUT`]: how long [`python::run_kazoo`] lets a script run.
