@@ -1,4 +1,4 @@
-//! `cargo bench --bench builder [-- [--quick] [--only steady,latency,upload,janitor,scale]]`: measures this builder against real ZooKeeper
+//! `cargo bench --bench builder [-- [--quick] [--only steady,latency,upload,janitor,scale,endpoint]]`: measures this builder against real ZooKeeper
 //! servers (started by the test tooling) and prints one table; the raw figures go to
 //! `target/bench/builder.json`. A scenario that cannot run panics, so the exit status is
 //! non-zero.
@@ -13,7 +13,8 @@
 //! uploads next to one ten times smaller (no reference); and, for this builder only, a scale
 //! guard: 30 diskimages × 15 command-driver directory clouds built and uploaded, idle
 //! requests, CPU and RSS, then the whole-tree re-read after a new ZooKeeper session and the
-//! janitor's full pass after it.
+//! janitor's full pass after it; and the optional HTTP endpoint on, scraped every second
+//! through the idle window (RSS, idle requests, the time of one `/metrics` scrape).
 
 #[allow(unused_imports)]
 #[path = "../tests/util/mod.rs"]
@@ -28,7 +29,7 @@ fn main() {
     } else {
         scenarios::Sizes::FULL
     };
-    // `-- --only steady,latency,upload,janitor,scale` runs a subset.
+    // `-- --only steady,latency,upload,janitor,scale,endpoint` runs a subset.
     let args: Vec<String> = std::env::args().collect();
     let only: Vec<String> = args
         .iter()

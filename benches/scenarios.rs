@@ -621,6 +621,110 @@ impl Drop for Frozen {
     }
 }
 
+/// GET `path` from the builder's HTTP endpoint (one request per connection, as the endpoint
+/// serves them): the body's length and how long the answer took.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (usize, Duration) {
+    use std::io::{Read, Write};
+    let t = Instant::now();
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to builder-webapp");
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer)
+        .expect("read the endpoint's answer");
+    let took = t.elapsed();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{path}: {text}");
+    let body = text.split_once("\r\n\r\n").map_or(0, |(_, b)| b.len());
+    (body, took)
+}
+
+/// This builder alone, 3 × 2 on Glance as in the steady state but with the `builder-webapp`
+/// endpoint on and scraped the way a Prometheus and a health check would (`/metrics` and
+/// `/healthz` every second) through the whole idle window: resident memory after it, idle
+/// ZooKeeper requests (scrapes must cost none), and what a scrape takes.
+pub fn endpoint(sizes: Sizes) -> Vec<Figure> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let site = TestSite::on("endpoint_3x2_ours", bench_server());
+    let clouds = write_clouds(&site);
+    site.config(
+        0,
+        &format!(
+            "cleanup-interval = 60.0\nresync-interval = 300.0\nzookeeper-timeout = 10.0\n\n\
+             [builder-webapp]\nlisten-address = \"127.0.0.1\"\nport = {port}\n"
+        ),
+        &images_and_providers(3, 2),
+    );
+    let (builds, uploads) = (DEFAULT_WORKERS.0.to_string(), DEFAULT_WORKERS.1.to_string());
+    let d = Daemon::Ours(site.start_with_env(
+        0,
+        &["--build-workers", &builds, "--upload-workers", &uploads],
+        &[("OS_CLIENT_CONFIG_FILE", clouds.to_str().unwrap())],
+    ));
+    wait_all_uploaded(&site, &d, 3, 2, Duration::from_secs(900));
+    let _ = poll_for(Duration::from_secs(3), || None::<()>);
+    site.zk.close();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut times = Vec::new();
+            let mut size = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (bytes, took) = http_get(addr, "/metrics");
+                http_get(addr, "/healthz");
+                size = bytes;
+                times.push(took.as_secs_f64() * 1000.0);
+                let _ = poll_for(Duration::from_secs(1), || {
+                    stop.load(std::sync::atomic::Ordering::Relaxed)
+                        .then_some(())
+                });
+            }
+            (times, size)
+        })
+    };
+    let idle = idle_rate(bench_server(), sizes.idle_secs);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut times, size) = scraper.join().expect("the scraper thread");
+    times.sort_by(|a, b| a.total_cmp(b));
+    let rss = rss_kib(d.pid()) / 1024.0;
+    let figure = |name: String, ours: f64, unit: &'static str| Figure {
+        name,
+        unit,
+        better: Better::Lower,
+        ours,
+        reference: None,
+    };
+    vec![
+        figure(
+            format!(
+                "endpoint on, 3×2: RSS after {} s idle, scraped every second (ours only)",
+                sizes.idle_secs
+            ),
+            rss,
+            "MiB",
+        ),
+        figure(
+            "endpoint on, 3×2: idle ZooKeeper requests while scraped".into(),
+            idle,
+            "req/min",
+        ),
+        figure(
+            format!("endpoint on: /metrics scrape p50 ({} bytes)", size),
+            percentile(&times, 0.5),
+            "ms",
+        ),
+    ]
+}
+
 /// This builder only (nodepool 11 at this size would take most of an hour): `images`
 /// diskimages × `providers` command-driver directory clouds (`etc/quickstart/dir-cloud`, with
 /// its `list-command`, so the janitor looks for leaked images too), raw images from the test
@@ -996,6 +1100,9 @@ pub fn run_all(sizes: Sizes, only: &[String]) -> Vec<Figure> {
     }
     if run("scale") {
         all.extend(scale(sizes));
+    }
+    if run("endpoint") {
+        all.extend(endpoint(sizes));
     }
     all
 }
