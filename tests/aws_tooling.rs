@@ -2,6 +2,16 @@
 //! actions the AWS driver relies on exist in the pinned moto version, called through boto3
 //! the way nodepool 11 calls them. When moto is upgraded and drops or changes one of them,
 //! these tests say so before the driver's tests fail in a less obvious way.
+//!
+//! The EC2 import STAND-IN (`tests/fixtures/python/aws-import-standin.py`, the one part of
+//! the AWS tests that is not a real server: moto 5.2.5 has no ImportSnapshot / ImportImage)
+//! is tested here through boto3: raw and VMDK imports, task states, errors, and that
+//! everything else (S3 multipart) passes it unchanged.
+//!
+//! The interoperability reference `tests/fixtures/aws/nodepool11-ebs-direct.json` is made
+//! here by nodepool 11's own builder uploading to moto: what it asked StartSnapshot and
+//! RegisterImage for, and what moto kept. Rewrite it with
+//! `NODEPOOL_BLESS_AWS=1 cargo test --test integration -- aws_tooling::nodepool11`.
 
 use crate::util::moto::MotoServer;
 
@@ -357,4 +367,244 @@ out({"etag": head["ETag"], "length": head["ContentLength"],
         })
         .count();
     assert_eq!(parts, 3, "{:?}", moto.requests());
+}
+
+/// Interoperability reference: nodepool 11's own builder (boto3, `import-method:
+/// ebs-direct`) uploads a fake-dib raw image to moto (through the stand-in, for its journal)
+/// and the test records what it asked for and what moto registered, normalised, in
+/// `tests/fixtures/aws/nodepool11-ebs-direct.json`: the AWS driver's tests compare their
+/// upload with it. The test fails when nodepool 11's behaviour no longer matches the
+/// committed file; run it with `NODEPOOL_BLESS_AWS=1` to rewrite it.
+#[test]
+fn nodepool11_ebs_direct_upload_to_moto_matches_the_committed_reference() {
+    use crate::util::upstream::{AwsYamlProvider, NodepoolYaml, UpstreamBuilder, UpstreamOptions};
+    use nodepool_builder::model::UploadState;
+
+    let moto = MotoServer::start_with_import_standin("nodepool11_ebs_direct");
+    let site = crate::util::site::TestSite::new("nodepool11_ebs_direct");
+    let yaml = NodepoolYaml {
+        images_dir: site.images_dir(0).display().to_string(),
+        build_log_dir: site.log_dir(0).display().to_string(),
+        top: Vec::new(),
+        images: vec!["ubuntu-noble".into()],
+        env_vars: Vec::new(),
+        providers: Vec::new(),
+    };
+    let provider = AwsYamlProvider {
+        name: "aws-moto".into(),
+        region: crate::util::moto::REGION.into(),
+        bucket: None,
+        image_format: None,
+        images: vec![(
+            "ubuntu-noble".into(),
+            vec![
+                ("import-method".into(), "ebs-direct".into()),
+                ("imds-support".into(), "v2.0".into()),
+            ],
+        )],
+        tags: vec![("team".into(), "infra".into())],
+    };
+    let config = site.path("nodepool.yaml");
+    std::fs::write(&config, yaml.render_with_aws(&site, &[provider])).unwrap();
+    std::fs::create_dir_all(site.images_dir(0)).unwrap();
+    std::fs::create_dir_all(site.log_dir(0)).unwrap();
+    let python = UpstreamBuilder::start_with(UpstreamOptions {
+        config: config.clone(),
+        clouds: site.path("clouds.yaml"),
+        log: site.path("python.log"),
+        cwd: site.path("python-cwd"),
+        workers: (1, 1),
+        env: moto.env(),
+    });
+    let ready = crate::util::wait_for(
+        std::time::Duration::from_secs(240),
+        "nodepool 11's ebs-direct upload to moto to be ready",
+        || {
+            if let Some(failed) = site
+                .uploads_in("ubuntu-noble", "aws-moto", UploadState::Failed)
+                .first()
+            {
+                panic!(
+                    "nodepool 11's upload failed: {failed:?}\n{}\n{}",
+                    python.log_tail(),
+                    moto.log_tail(30)
+                );
+            }
+            site.uploads_in("ubuntu-noble", "aws-moto", UploadState::Ready)
+                .into_iter()
+                .next()
+        },
+    );
+    python.stop();
+    // What nodepool 11 sent, before this test's own calls below.
+    let requests = moto.requests();
+    let (build_id, upload) = ready;
+    let ami = upload
+        .upload
+        .external_id
+        .clone()
+        .expect("a ready upload has an external id");
+    let described = moto.boto3(&format!(
+        r#"
+img = ec2.describe_images(ImageIds=["{ami}"])["Images"][0]
+keep = ["Name", "Architecture", "BlockDeviceMappings", "EnaSupport", "ImdsSupport", "Tags",
+        "RootDeviceName", "VirtualizationType", "BootMode", "State"]
+snaps = ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]
+out({{"image": {{k: img.get(k) for k in keep}},
+     "snapshots": [{{"Tags": s.get("Tags", []), "VolumeSize": s["VolumeSize"], "State": s["State"],
+                    "SnapshotId": s["SnapshotId"]}} for s in snaps]}})
+"#
+    ));
+    let described: serde_json::Value = serde_json::from_str(described.trim()).unwrap();
+    // What nodepool 11 sent: StartSnapshot's JSON body (its ClientToken is a fresh uuid4),
+    // the number of blocks, RegisterImage's parameters (moto keeps only the name), and the
+    // calls from StartSnapshot to RegisterImage in order.
+    let mut start_snapshot = requests
+        .iter()
+        .find(|r| r["method"] == "POST" && r["path"] == "/snapshots")
+        .map(|r| r["json"].clone())
+        .expect("nodepool 11 called StartSnapshot");
+    if start_snapshot.get("ClientToken").is_some() {
+        start_snapshot["ClientToken"] = "<uuid4 hex>".into();
+    }
+    let blocks = requests
+        .iter()
+        .filter(|r| {
+            r["method"] == "PUT" && r["path"].as_str().is_some_and(|p| p.contains("/blocks/"))
+        })
+        .count();
+    let register = requests
+        .iter()
+        .find(|r| r["action"] == "RegisterImage")
+        .map(|r| r["params"].clone())
+        .expect("nodepool 11 called RegisterImage");
+    let first = requests
+        .iter()
+        .position(|r| r["method"] == "POST" && r["path"] == "/snapshots")
+        .unwrap();
+    let last = requests
+        .iter()
+        .position(|r| r["action"] == "RegisterImage")
+        .unwrap();
+    let actions: Vec<String> = requests[first..=last]
+        .iter()
+        .map(|r| match r["action"].as_str() {
+            Some(a) => a.to_string(),
+            None => format!(
+                "{} {}",
+                r["method"].as_str().unwrap_or(""),
+                r["path"]
+                    .as_str()
+                    .unwrap_or("")
+                    .split('?')
+                    .next()
+                    .unwrap_or("")
+            ),
+        })
+        .fold(Vec::new(), |mut seen, a| {
+            if seen.last() != Some(&a) {
+                seen.push(a);
+            }
+            seen
+        });
+    let snapshot_id = register["BlockDeviceMapping.1.Ebs.SnapshotId"]
+        .as_str()
+        .expect("RegisterImage names the uploaded snapshot")
+        .to_string();
+    let uploaded_snapshot = described["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["SnapshotId"] == snapshot_id.as_str())
+        .cloned()
+        .expect("the uploaded snapshot is in DescribeSnapshots");
+    let reference = serde_json::json!({
+        "about": "nodepool 11.0.0 nodepool-builder, driver aws, import-method ebs-direct, \
+                  imds-support v2.0, tags {team: infra}, fake-dib 1 MiB raw image, against moto \
+                  5.2.5 (through the import stand-in's journal). ids and times normalised. \
+                  registered_by_moto shows what moto kept of RegisterImage (only the name); \
+                  register_image_request is what nodepool 11 asked for.",
+        "zookeeper_upload": {
+            "external_name": upload.upload.external_name,
+            "format": upload.upload.format,
+        },
+        "start_snapshot_request": start_snapshot,
+        "put_snapshot_block_calls": blocks,
+        "register_image_request": register,
+        "registered_by_moto": described["image"],
+        "uploaded_snapshot": uploaded_snapshot,
+        "calls_from_start_snapshot_to_register_image": actions,
+    });
+    let normalised = normalise(
+        &serde_json::to_string_pretty(&reference).unwrap(),
+        &[
+            (&build_id, "<build-id>"),
+            (&upload.id, "<upload-id>"),
+            (&ami, "ami-<id>"),
+            (&snapshot_id, "snap-<uploaded>"),
+        ],
+    );
+    let fixture = crate::util::repo_root().join("tests/fixtures/aws/nodepool11-ebs-direct.json");
+    if std::env::var_os("NODEPOOL_BLESS_AWS").is_some() {
+        std::fs::create_dir_all(fixture.parent().unwrap()).unwrap();
+        std::fs::write(&fixture, format!("{normalised}\n")).unwrap();
+    }
+    let committed = std::fs::read_to_string(&fixture).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {} ({e}); run with NODEPOOL_BLESS_AWS=1 to write it. Now:\n{normalised}",
+            fixture.display()
+        )
+    });
+    assert_eq!(
+        committed.trim_end(),
+        normalised,
+        "nodepool 11's ebs-direct upload differs from {}",
+        fixture.display()
+    );
+}
+
+/// `text` with each known value replaced by its placeholder, then every remaining moto id
+/// (`ami-…`, `snap-…`, `vol-…`), ISO date, and nodepool timestamp (ten digits) by a fixed
+/// placeholder, so the reference does not change from run to run.
+fn normalise(text: &str, known: &[(&str, &str)]) -> String {
+    let mut text = text.to_string();
+    for (value, placeholder) in known {
+        text = text.replace(value, placeholder);
+    }
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while !rest.is_empty() {
+        let prefixed = ["ami-", "snap-", "vol-"].iter().find_map(|p| {
+            let tail = rest.strip_prefix(p)?;
+            let hex = tail.chars().take_while(|c| c.is_ascii_hexdigit()).count();
+            (hex >= 8).then_some((*p, hex))
+        });
+        if let Some((p, hex)) = prefixed {
+            out.push_str(&format!("{p}<other>"));
+            rest = &rest[p.len() + hex..];
+            continue;
+        }
+        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+        let starts_word = !out.ends_with(|c: char| c.is_ascii_alphanumeric());
+        // 2026-12-07T21:28:23.000Z (not the API version 2016-11-15, which has no time).
+        let date = rest
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || "-:.TZ+".contains(*c))
+            .count();
+        if digits == 4 && starts_word && rest[..date].contains('T') {
+            out.push_str("<date>");
+            rest = &rest[date..];
+            continue;
+        }
+        if digits == 10 && starts_word {
+            out.push_str("<timestamp>");
+            rest = &rest[digits..];
+            continue;
+        }
+        let n = digits.max(1);
+        let take = rest.char_indices().nth(n).map_or(rest.len(), |(i, _)| i);
+        out.push_str(&rest[..take]);
+        rest = &rest[take..];
+    }
+    out
 }

@@ -110,6 +110,7 @@
 //!   - [`upstream::venv`]: the nodepool virtualenv, installed on first use.
 //!   - [`upstream::YamlProvider`]: one OpenStack provider of a [`upstream::NodepoolYaml`].
 //!   - [`upstream::NodepoolYaml`]: the inputs of one `nodepool.yaml`, rendered to text.
+//!   - [`upstream::AwsYamlProvider`]: one AWS provider of a `nodepool.yaml` (for moto).
 //!   - [`upstream::write_config`]: the benchmark's `nodepool.yaml` for a site.
 //!   - [`upstream::UpstreamOptions`]: how to start one Python builder.
 //!   - [`upstream::UpstreamBuilder`]: a running Python nodepool-builder.

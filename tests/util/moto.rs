@@ -158,7 +158,8 @@ impl MotoServer {
     /// Every request that went through the import stand-in, in order, as JSON objects:
     /// `{"action", "params", "status"}` for EC2 query-API requests (`params` flat, as sent:
     /// `BlockDeviceMapping.1.Ebs.VolumeType`, …), `{"method", "path", "status"}` for the
-    /// others. Panics when there is no stand-in. This is how a test sees what a builder asked
+    /// others, with `"json"` the body when it was small JSON (EBS direct's `StartSnapshot`
+    /// with its tags). Panics when there is no stand-in. This is how a test sees what a builder asked
     /// `RegisterImage` for: moto keeps only the name.
     pub fn requests(&self) -> Vec<serde_json::Value> {
         assert!(
