@@ -608,3 +608,51 @@ fn normalise(text: &str, known: &[(&str, &str)]) -> String {
     }
     out
 }
+
+/// nodepool 11's launcher-side AWS driver (its create and delete state machines, run by
+/// `upstream::aws_launch`) boots a node from an AMI registered the `ebs-direct` way in moto:
+/// RunInstances with that image, `running`, nodepool's tags on the instance, then
+/// TerminateInstances. The AWS driver's tests boot from their own AMI the same way.
+#[test]
+fn nodepool11_aws_driver_boots_and_deletes_a_node_from_an_ebs_direct_ami_on_moto() {
+    let moto = MotoServer::start_with_import_standin("nodepool11_aws_launch");
+    let out = moto.boto3(
+        r#"
+snap = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+ebs.complete_snapshot(SnapshotId=snap, ChangedBlocksCount=0)
+out(ec2.register_image(
+    Name="ubuntu-noble-1700000000", Architecture="x86_64", RootDeviceName="/dev/sda1",
+    VirtualizationType="hvm", EnaSupport=True,
+    BlockDeviceMappings=[{"DeviceName": "/dev/sda1", "Ebs": {"SnapshotId": snap, "VolumeSize": 1,
+                                                             "VolumeType": "gp3"}}])["ImageId"])
+"#,
+    );
+    let ami: String = serde_json::from_str(out.trim()).unwrap();
+    let dir = crate::util::test_dir("nodepool11_aws_launch");
+    let launched = crate::util::upstream::aws_launch(&moto.env(), dir.path(), &ami);
+    let created = &launched["created"];
+    assert_eq!(created["state"], "complete", "{launched}");
+    assert_eq!(created["image_id"], ami.as_str(), "{launched}");
+    assert_eq!(created["instance_state"], "running", "{launched}");
+    assert_eq!(
+        created["tags"],
+        serde_json::json!([{"Key": "Name", "Value": "np0000000001"},
+                           {"Key": "nodepool_node_id", "Value": "0000000001"}]),
+        "{launched}"
+    );
+    assert_eq!(launched["deleted"], true, "{launched}");
+    let actions: Vec<String> = moto
+        .requests()
+        .iter()
+        .filter_map(|r| r["action"].as_str().map(str::to_string))
+        .collect();
+    eprintln!("EC2 calls through the stand-in: {actions:?}");
+    assert!(
+        actions.iter().any(|a| a == "RunInstances"),
+        "nodepool 11 booted without RunInstances: {actions:?}"
+    );
+    assert!(
+        actions.iter().any(|a| a == "TerminateInstances"),
+        "{actions:?}"
+    );
+}

@@ -222,6 +222,53 @@ impl NodepoolYaml {
     }
 }
 
+/// How long [`aws_launch`] may take.
+pub const AWS_LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Boots one node from `ami` with nodepool 11's own AWS driver and deletes it again
+/// (`tests/fixtures/python/nodepool11-aws-launch.py`: the launcher's create and delete state
+/// machines, not the launcher daemon), with `env` pointing it at the endpoint (e.g.
+/// [`super::moto::MotoServer::env`]); `dir` gets its `nodepool.yaml` and output. Returns the
+/// script's JSON (`created`: the instance as nodepool saw it; `deleted`: whether it ended
+/// `terminated`). Panics with the script's output when it fails.
+pub fn aws_launch(env: &[(String, String)], dir: &Path, ami: &str) -> serde_json::Value {
+    let venv = venv();
+    let script = repo_root().join("tests/fixtures/python/nodepool11-aws-launch.py");
+    let (out, err) = (dir.join("aws-launch.out"), dir.join("aws-launch.err"));
+    let file = |p: &Path| {
+        std::fs::File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()))
+    };
+    let mut child = Command::new(venv.join("bin/python"))
+        .arg(&script)
+        .args(["--ami", ami, "--dir"])
+        .arg(dir)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", dir)
+        .env("PYTHONWARNINGS", "ignore")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(file(&out))
+        .stderr(file(&err))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    let status = poll_for(AWS_LAUNCH_TIMEOUT, || child.try_wait().ok().flatten());
+    let stdout = std::fs::read_to_string(&out).unwrap_or_default();
+    match status {
+        Some(st) if st.success() => serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{} printed no JSON ({e}): {stdout}", script.display())),
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{} failed ({other:?}):\n{stdout}\n{}",
+                script.display(),
+                file_tail(&err, 40)
+            )
+        }
+    }
+}
+
 /// Writes `<site>/nodepool.yaml` for the benchmark's Python builder: `images` diskimages
 /// `img00..`, each on `providers` OpenStack providers `p0..` of the cloud `bench` (the same
 /// clouds.yaml this builder reads through `OS_CLIENT_CONFIG_FILE`).
