@@ -490,6 +490,11 @@ out({{"image": {{k: img.get(k) for k in keep}},
         .iter()
         .map(|r| match r["action"].as_str() {
             Some(a) => a.to_string(),
+            // nodepool 11 puts blocks from several threads, in no fixed order: one entry for
+            // all of them (their count is `put_snapshot_block_calls`).
+            None if r["path"].as_str().is_some_and(|p| p.contains("/blocks/")) => {
+                "PUT /snapshots/<snapshot>/blocks/<index> (each block)".to_string()
+            }
             None => format!(
                 "{} {}",
                 r["method"].as_str().unwrap_or(""),
