@@ -7,8 +7,9 @@
 //! once ZooKeeper is connected and every thread is up, and once the component is registered
 //! or one session timeout has passed trying (the registration is retried meanwhile: see
 //! `zk::component`). The HTTP endpoint (`webapp`), when configured, listens before the
-//! session is started, so a listen failure is a start-up error. The last step of the shutdown stops every command still running
-//! (`command::stop_all`): a detached upload's command and everything in its process group.
+//! session is started, so a listen failure is a start-up error. The last step of the
+//! shutdown stops every command still running (`command::stop_all`): a detached upload's
+//! command and everything in its process group.
 //! Under systemd, the `watchdog` thread (`service`) starts with "ready" and stops after the
 //! scheduler.
 
