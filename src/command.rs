@@ -1,7 +1,8 @@
-//! The subprocess runner, the one owner of the daemon's child processes: diskimage-builder,
-//! the image gate's `qemu-img` and `validate-command`, the post-upload hook, and the command
-//! driver's upload, delete and list commands all run through it. It starts a command in its own process group, sends its output to a log file
-//! or captures it, and waits for it with a timeout and a cancel channel.
+//! The subprocess runner, the one owner of the daemon's child processes: diskimage-builder, the
+//! image gate's `qemu-img` and `validate-command`, the post-upload hook, and the command driver's
+//! upload, delete and list commands all run through it. It starts a command in its own process
+//! group, sends its output to a log file or captures it, and waits for it with a timeout and a
+//! cancel channel.
 //!
 //! One runner means one policy for every child: process group, clean signal state, SIGTERM
 //! then SIGKILL with bounded waits, leftovers of the group killed after the exit, no zombie.

@@ -16,14 +16,14 @@
 //!
 //! # Names
 //!
-//! Linux keeps at most 15 bytes of a thread name. Names are therefore short and
-//! conventional. The daemon's threads: `main`, `signals`, `stackdump`, `zk-session` (the
-//! session supervisor), `zk-hooks` (new-session hooks), `zk-events` (watch forwarding),
-//! `zk-watch` (the image tree watcher), `scheduler`, `build-0`…, `upload-0`…, `cleanup`, `progress`, `watchdog` (under systemd's watchdog), `webapp` (the HTTP
-//! endpoint, when configured), and
-//! per running child process `dib-out-0`… (its log) or `cmd-out-0`… (captured output). A
-//! longer name is a bug: it panics in debug builds and is cut at a character boundary in
-//! release builds, so that the registered name always equals the kernel's.
+//! Linux keeps at most 15 bytes of a thread name. Names are therefore short and conventional. The
+//! daemon's threads: `main`, `signals`, `stackdump`, `zk-session` (the session supervisor),
+//! `zk-hooks` (new-session hooks), `zk-events` (watch forwarding), `zk-watch` (the image tree
+//! watcher), `scheduler`, `build-0`…, `upload-0`…, `cleanup`, `progress`, `watchdog` (under
+//! systemd's watchdog), `webapp` (the HTTP endpoint, when configured), and per running child
+//! process `dib-out-0`… (its log) or `cmd-out-0`… (captured output). A longer name is a bug: it
+//! panics in debug builds and is cut at a character boundary in release builds, so that the
+//! registered name always equals the kernel's.
 //!
 //! # Hazards
 //!

@@ -2,15 +2,15 @@
 //!
 //! # Format
 //!
-//! The main file (`-c`) uses nodepool.yaml's key names, kebab-case, with nodepool's defaults
-//! (wire spec §4); `etc/nodepool-builder.toml` lists every key with its default.
-//! A few keys are our additions: `images-dir-required-free` (from the unmerged upstream
-//! proposal, GiB, also per diskimage), `image-gate` (also per diskimage), the diskimage's
-//! `validate-command` and `validate-timeout` (see `gate`), `zookeeper-auth`, `cleanup-interval`,
-//! `resync-interval`, `progress-interval`, `retry-backoff-initial`, `retry-backoff-max`,
-//! `builder-webapp` (the HTTP endpoint: `listen-address`, `port`; nodepool.yaml's `webapp` is
-//! the launcher's, whose port the builder must not take on a host running both), the provider driver
-//! `command` and the openstack provider's `image-format`.
+//! The main file (`-c`) uses nodepool.yaml's key names, kebab-case, with nodepool's defaults (wire
+//! spec §4); `etc/nodepool-builder.toml` lists every key with its default. A few keys are our
+//! additions: `images-dir-required-free` (from the unmerged upstream proposal, GiB, also per
+//! diskimage), `image-gate` (also per diskimage), the diskimage's `validate-command` and
+//! `validate-timeout` (see `gate`), `zookeeper-auth`, `cleanup-interval`, `resync-interval`,
+//! `progress-interval`, `retry-backoff-initial`, `retry-backoff-max`, `builder-webapp` (the HTTP
+//! endpoint: `listen-address`, `port`; nodepool.yaml's `webapp` is the launcher's, whose port the
+//! builder must not take on a host running both), the provider driver `command` and the openstack
+//! provider's `image-format`.
 //!
 //! The same keys may be written as YAML, so that a site's existing nodepool.yaml (and its
 //! secure file) can be given to `-c` (and `-s`) unchanged. A file is YAML when its name
