@@ -284,25 +284,46 @@ enum Value {
 }
 
 /// The metric values of one process.
-#[derive(Default)]
 pub struct Metrics {
     values: Mutex<BTreeMap<&'static str, BTreeMap<Vec<String>, Value>>>,
     ready: AtomicBool,
+    /// Whether values are kept at all: only when something can read them.
+    recording: AtomicBool,
 }
 
-/// The process-wide metrics.
+impl Default for Metrics {
+    /// A recording registry (the process-wide one starts off: see [`global`]).
+    fn default() -> Metrics {
+        Metrics {
+            values: Mutex::default(),
+            ready: AtomicBool::new(false),
+            recording: AtomicBool::new(true),
+        }
+    }
+}
+
+/// The process-wide metrics. They record nothing until [`Metrics::start_recording`] (the
+/// `webapp` endpoint does, when it is configured): without a reader, keeping values would only
+/// cost memory and touch code in every scheduler turn, which shows in idle RSS (most of it is
+/// code pages).
 pub fn global() -> &'static Metrics {
     static GLOBAL: OnceLock<Metrics> = OnceLock::new();
-    GLOBAL.get_or_init(Metrics::default)
+    GLOBAL.get_or_init(|| Metrics {
+        recording: AtomicBool::new(false),
+        ..Metrics::default()
+    })
 }
 
 impl Metrics {
-    fn with<R>(
-        &self,
-        family: &'static Family,
-        labels: &[&str],
-        f: impl FnOnce(&mut Value) -> R,
-    ) -> R {
+    /// From now on values are kept (once something will read them).
+    pub fn start_recording(&self) {
+        self.recording.store(true, Ordering::Relaxed);
+    }
+
+    fn with(&self, family: &'static Family, labels: &[&str], f: impl FnOnce(&mut Value)) {
+        if !self.recording.load(Ordering::Relaxed) {
+            return;
+        }
         debug_assert_eq!(labels.len(), family.labels.len(), "{}", family.name);
         let mut values = self.values.lock().unwrap_or_else(|e| e.into_inner());
         let samples = values.entry(family.name).or_default();

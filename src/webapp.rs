@@ -110,6 +110,7 @@ impl Webapp {
             .map_err(|e| format!("builder-webapp: cannot listen on {addr}: {e}"))?;
         let addr = listener.local_addr().unwrap_or(addr);
         info!("Webapp listening on {addr}");
+        metrics::global().start_recording();
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let zk = zk.clone();
