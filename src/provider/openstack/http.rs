@@ -190,6 +190,23 @@ impl Http {
         method: &str,
         url: &str,
         token: Option<&str>,
+        body: Body,
+        timeout: Duration,
+    ) -> Result<Reply, TransportError> {
+        let mut headers = vec![("Accept".to_string(), "application/json".to_string())];
+        if let Some(token) = token {
+            headers.push(("X-Auth-Token".to_string(), token.to_string()));
+        }
+        self.send_with(method, url, &headers, body, timeout)
+    }
+
+    /// [`Http::send`] with the caller's headers (the aws driver's signed ones). A retry
+    /// sends the same headers again, so a signature must stay valid for the whole call.
+    pub fn send_with(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(String, String)],
         mut body: Body,
         timeout: Duration,
     ) -> Result<Reply, TransportError> {
@@ -208,7 +225,7 @@ impl Http {
                 });
             }
             self.rate.wait();
-            match self.send_once(method, url, token, &mut body, left) {
+            match self.send_once(method, url, headers, &mut body, left) {
                 Ok(reply) => return Ok(reply),
                 Err(e) if idempotent && attempt == 1 && !e.timed_out && e.certificate.is_none() => {
                     log::debug!("{method} {url} failed ({}); retrying once", e.message);
@@ -222,7 +239,7 @@ impl Http {
         &self,
         method: &str,
         url: &str,
-        token: Option<&str>,
+        headers: &[(String, String)],
         body: &mut Body,
         timeout: Duration,
     ) -> Result<Reply, TransportError> {
@@ -251,12 +268,9 @@ impl Http {
                 message,
             }
         };
-        let mut builder = ureq::http::Request::builder()
-            .method(method)
-            .uri(url)
-            .header("Accept", "application/json");
-        if let Some(token) = token {
-            builder = builder.header("X-Auth-Token", token);
+        let mut builder = ureq::http::Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            builder = builder.header(name.as_str(), value.as_str());
         }
         let result = match body {
             Body::None => {
