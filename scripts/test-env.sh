@@ -15,6 +15,8 @@
 #   nodepool   nodepool 11.0.0 (its CLI) in target/test-env/nodepool-venv (scripts/nodepool-env.sh)
 #   glance     Glance 33 under uWSGI in target/test-env/glance-venv (scripts/glance-env.sh)
 #   keystone   Keystone 30 in target/test-env/keystone-venv (scripts/glance-env.sh)
+#   moto       moto's server (S3, EBS direct, EC2 images) in target/test-env/moto-venv
+#              (scripts/moto-env.sh)
 #   dib        diskimage-builder and its Debian packages (scripts/dib-env.sh)
 #   all        everything above
 #   check      install nothing; report what is missing and exit 1 if anything is
@@ -148,16 +150,16 @@ parts=("$@")
 expanded=()
 for part in "${parts[@]}"; do
     case "$part" in
-        all) expanded+=(zookeeper netcat openssl prometheus qemu kazoo nodepool glance keystone dib) ;;
+        all) expanded+=(zookeeper netcat openssl prometheus qemu kazoo nodepool glance keystone moto dib) ;;
         packages) expanded+=(zookeeper netcat openssl prometheus qemu) ;;
-        zookeeper | netcat | openssl | prometheus | qemu | kazoo | nodepool | glance | keystone | dib) expanded+=("$part") ;;
+        zookeeper | netcat | openssl | prometheus | qemu | kazoo | nodepool | glance | keystone | moto | dib) expanded+=("$part") ;;
         check) CHECK_ONLY=1 ;;
         -h | --help | help) usage; exit 0 ;;
         *) usage; die "unknown part: $part" ;;
     esac
 done
 if [ "${#expanded[@]}" -eq 0 ]; then
-    expanded=(zookeeper netcat openssl prometheus qemu kazoo nodepool glance keystone dib)
+    expanded=(zookeeper netcat openssl prometheus qemu kazoo nodepool glance keystone moto dib)
 fi
 
 has_part() {
@@ -183,6 +185,7 @@ if [ "$CHECK_ONLY" -eq 0 ]; then
     has_part nodepool && bash "$REPO_ROOT/scripts/nodepool-env.sh"
     has_part glance && bash "$REPO_ROOT/scripts/glance-env.sh" glance
     has_part keystone && bash "$REPO_ROOT/scripts/glance-env.sh" keystone
+    has_part moto && bash "$REPO_ROOT/scripts/moto-env.sh"
     has_part dib && bash "$REPO_ROOT/scripts/dib-env.sh"
 fi
 

@@ -62,6 +62,13 @@
 //!   - [`invariants::now`]: seconds since the epoch, like the records' `state_time`.
 //!   - [`invariants::cloud_images`]: image ids in a directory cloud.
 //!   - [`invariants::Sampler`]: a thread sampling a [`invariants::Checker`] until stopped.
+//! * [`moto`]: moto's server (S3, EBS direct, EC2 images) on loopback, and boto3 against it.
+//!   - [`moto::START_TIMEOUT`]: how long the server may take to answer.
+//!   - [`moto::BOTO3_TIMEOUT`]: how long one boto3 snippet may run.
+//!   - [`moto::REGION`]: the region every client uses.
+//!   - [`moto::venv`]: the moto virtualenv (with boto3), installed on first use.
+//!   - [`moto::MotoServer`]: one server process: endpoint, a builder's environment, boto3
+//!     snippets.
 //! * [`nodepool`]: the Python nodepool 11 CLI and runners comparing it with our subcommands.
 //!   - [`nodepool::CLI_TIMEOUT`]: how long one CLI call may take.
 //!   - [`nodepool::nodepool_bin`]: the venv's `nodepool` script, installed on first use.
@@ -134,6 +141,7 @@ pub mod ensemble;
 pub mod faultproxy;
 pub mod glance;
 pub mod invariants;
+pub mod moto;
 pub mod nodepool;
 pub mod prometheus;
 pub mod python;
