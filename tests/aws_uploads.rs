@@ -2,9 +2,20 @@
 //! in nodepool.yaml (defaults, refusals), and uploads, deletions and leak detection against
 //! a real EC2/EBS stand-in (moto) started by the test tooling.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
-use nodepool_builder::config::{self, AwsImage, AwsImportMethod, Driver};
+use nodepool_builder::config::{self, AwsImage, AwsImportMethod, Driver, ProviderDiskImage};
+use nodepool_builder::provider::aws::AwsDriver;
+use nodepool_builder::provider::aws::credentials::AwsEnv;
+use nodepool_builder::provider::openstack::trust::TrustStores;
+use nodepool_builder::provider::{ErrorKind, ProviderDriver, UploadRequest};
+use serde_json::{Value, json};
+
+use crate::util::faultproxy::{Fault, FaultProxy, Rule};
+use crate::util::moto::MotoServer;
 
 fn fixtures() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config")
@@ -124,4 +135,226 @@ fn bad_aws_keys_are_refused_with_their_position() {
     let errors = load(&src).unwrap_err().to_string();
     assert!(errors.contains(":13:16:"), "{errors}");
     assert!(errors.contains("`imds-support: v2.0` needs"), "{errors}");
+}
+
+// ---- the driver against moto ----------------------------------------------------------
+
+const PROVIDER: &str = "ec2-test";
+const BLOCK: usize = 512 * 1024;
+
+fn aws_provider() -> config::Provider {
+    config::Provider {
+        name: PROVIDER.into(),
+        driver: Driver::Aws {
+            region_name: "us-east-1".into(),
+            profile_name: None,
+            bucket_name: None,
+            image_format: "raw".into(),
+        },
+        rate: 0.0,
+        image_name_format: "{image_name}-{timestamp}".into(),
+        image_upload_timeout: 300,
+        post_upload_hook: None,
+        diskimages: vec![ProviderDiskImage {
+            name: "debian".into(),
+            pause: false,
+            meta: BTreeMap::new(),
+            aws: Some(AwsImage {
+                import_method: AwsImportMethod::EbsDirect,
+                architecture: "x86_64".into(),
+                ena_support: true,
+                volume_size: None,
+                volume_type: "gp3".into(),
+                iops: None,
+                throughput: None,
+                imds_v2: false,
+            }),
+        }],
+    }
+}
+
+/// A driver in `vars` (a builder's AWS environment), never the test process's own.
+fn driver(vars: Vec<(String, String)>) -> AwsDriver {
+    let env = AwsEnv {
+        vars: vars.into_iter().collect(),
+        home: None,
+    };
+    AwsDriver::with_env(&aws_provider(), env, &Arc::new(TrustStores::from_process()))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A raw image of three 512 KiB blocks: data, zeros, and 100 bytes of data at the end.
+fn image_file(dir: &Path) -> PathBuf {
+    let mut data = vec![b'A'; BLOCK];
+    data.extend(vec![0u8; BLOCK]);
+    data.extend(vec![b'B'; 100]);
+    let path = dir.join("debian.raw");
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+fn request(file: &Path) -> UploadRequest {
+    let build_id = uuid::Uuid::new_v4().simple().to_string();
+    let properties = BTreeMap::from([
+        ("nodepool_build_id".to_string(), build_id.clone()),
+        ("nodepool_upload_id".to_string(), "0000000001".to_string()),
+        ("nodepool_provider_name".to_string(), PROVIDER.to_string()),
+        ("team".to_string(), "ci".to_string()),
+    ]);
+    UploadRequest {
+        image_name: "debian".into(),
+        build_id,
+        upload_id: "0000000001".into(),
+        external_name: "debian-1700000000".into(),
+        file: file.to_path_buf(),
+        format: "raw".into(),
+        md5: None,
+        sha256: None,
+        properties,
+        timeout: Duration::from_secs(120),
+        progress: Default::default(),
+    }
+}
+
+/// What moto holds: our snapshots (by owner), every AMI, as JSON.
+fn cloud_state(moto: &MotoServer) -> Value {
+    let out = moto.boto3(
+        r#"
+snaps = ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]
+state = {"snapshots": {}, "images": {}}
+for s in snaps:
+    tags = {t["Key"]: t["Value"] for t in s.get("Tags", [])}
+    if "nodepool_build_id" not in tags:
+        continue  # moto's own snapshots behind AMIs
+    blocks = ebs.list_snapshot_blocks(SnapshotId=s["SnapshotId"])["Blocks"]
+    state["snapshots"][s["SnapshotId"]] = {"state": s["State"], "size": s["VolumeSize"],
+        "tags": tags, "blocks": [b["BlockIndex"] for b in blocks]}
+for i in ec2.describe_images(Owners=["self"])["Images"]:
+    state["images"][i["ImageId"]] = {"name": i["Name"], "state": i["State"],
+        "tags": {t["Key"]: t["Value"] for t in i.get("Tags", [])}}
+out(state)
+"#,
+    );
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("no JSON ({e}): {out}"))
+}
+
+#[test]
+fn ebs_direct_upload_registers_a_tagged_ami_from_the_written_blocks() {
+    let moto = MotoServer::start("aws_ebs_direct_upload");
+    let dir = tempfile::tempdir().unwrap();
+    let req = request(&image_file(dir.path()));
+    let driver = driver(moto.env());
+
+    let uploaded = driver
+        .upload(&req)
+        .unwrap_or_else(|e| panic!("{e}; moto: {}", moto.log_tail(20)));
+    assert!(uploaded.external_id.starts_with("ami-"), "{uploaded:?}");
+
+    let state = cloud_state(&moto);
+    let image = &state["images"][&uploaded.external_id];
+    assert_eq!(image["name"], "debian-1700000000", "{state}");
+    let tags = json!({
+        "nodepool_build_id": req.build_id,
+        "nodepool_upload_id": "0000000001",
+        "nodepool_provider_name": PROVIDER,
+        "team": "ci",
+    });
+    assert_eq!(image["tags"], tags, "{state}");
+    let snapshots = state["snapshots"].as_object().unwrap();
+    assert_eq!(snapshots.len(), 1, "{state}");
+    let snapshot = snapshots.values().next().unwrap();
+    assert_eq!(snapshot["tags"], tags, "{state}");
+    assert_eq!(snapshot["state"], "completed", "{state}");
+    assert_eq!(snapshot["size"], 1, "{state}: 1.0 MiB rounds up to 1 GiB");
+    // The all-zero block in the middle is not sent; the short last block is.
+    assert_eq!(snapshot["blocks"], json!([0, 2]), "{state}");
+    assert_eq!(
+        req.progress.transfer().map(|t| t.sent),
+        Some(2 * BLOCK as u64 + 100)
+    );
+
+    // The launcher-side view: the AMI is what leak detection lists, its snapshot is not.
+    let listed = driver.list_images().unwrap();
+    let ids: Vec<&str> = listed.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, [uploaded.external_id.as_str()]);
+    assert_eq!(listed[0].properties["nodepool_build_id"], req.build_id);
+}
+
+#[test]
+fn deleting_an_ami_deregisters_it_and_deletes_its_snapshot() {
+    let moto = MotoServer::start("aws_delete");
+    let dir = tempfile::tempdir().unwrap();
+    let req = request(&image_file(dir.path()));
+    let driver = driver(moto.env());
+    let id = driver.upload(&req).unwrap().external_id;
+
+    driver.delete(&id).unwrap_or_else(|e| panic!("{e}"));
+    let state = cloud_state(&moto);
+    assert_eq!(state["images"], json!({}), "{state}");
+    assert_eq!(state["snapshots"], json!({}), "{state}");
+    // Deleting what is gone is success (the janitor may try twice).
+    driver
+        .delete(&id)
+        .unwrap_or_else(|e| panic!("second delete: {e}"));
+    assert!(driver.list_images().unwrap().is_empty());
+}
+
+#[test]
+fn an_upload_without_credentials_fails_clearly_and_creates_nothing() {
+    let moto = MotoServer::start("aws_no_credentials");
+    let dir = tempfile::tempdir().unwrap();
+    let req = request(&image_file(dir.path()));
+    let vars: Vec<(String, String)> = moto
+        .env()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("AWS_ACCESS_KEY_ID") && k != "AWS_SECRET_ACCESS_KEY")
+        .collect();
+    let err = driver(vars).upload(&req).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Auth, "{err}");
+    assert!(
+        err.message.starts_with(&format!(
+            "provider {PROVIDER}: upload of debian-1700000000: no AWS credentials for profile default: "
+        )) && err.message.contains("aws-credentials (no [default])"),
+        "{err}"
+    );
+    let state = cloud_state(&moto);
+    assert_eq!(state, json!({"images": {}, "snapshots": {}}));
+}
+
+#[test]
+fn a_failed_block_write_deletes_the_snapshot_and_registers_nothing() {
+    let moto = MotoServer::start("aws_failed_block");
+    let upstream = moto
+        .endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let proxy = FaultProxy::start(upstream);
+    proxy.set(vec![Rule::new("PUT", "/blocks/2", Fault::Status(500))]);
+    let dir = tempfile::tempdir().unwrap();
+    let req = request(&image_file(dir.path()));
+    let mut vars = moto.env();
+    vars.push(("AWS_ENDPOINT_URL_EBS".into(), proxy.url()));
+    let secret = vars
+        .iter()
+        .find(|(k, _)| k == "AWS_SECRET_ACCESS_KEY")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+
+    let err = driver(vars).upload(&req).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Server, "{err}");
+    assert!(
+        err.message.contains("PutSnapshotBlock 2: HTTP 500"),
+        "{err}"
+    );
+    assert!(!err.message.contains(&secret), "{err}");
+    // Three attempts, as upstream's uploader makes, then the snapshot is deleted.
+    assert_eq!(proxy.count("/blocks/2"), 3, "{:?}", proxy.requests());
+    let state = cloud_state(&moto);
+    assert_eq!(
+        state,
+        json!({"images": {}, "snapshots": {}}),
+        "{:?}",
+        proxy.requests()
+    );
 }

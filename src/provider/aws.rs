@@ -8,6 +8,7 @@
 //! PUT  ebs  /snapshots/<id>/blocks/<n>      PutSnapshotBlock: 512 KiB, SHA-256, 4 in flight
 //! POST ebs  /snapshots/completion/<id>      CompleteSnapshot, until "completed"
 //! POST ec2  Action=RegisterImage            the snapshot as /dev/sda1, hvm, tags
+//! POST ec2  Action=CreateTags               the same tags on the AMI once more
 //! ```
 //!
 //! The AMI and its snapshot carry the request's properties as tags: `nodepool_build_id`,
@@ -15,6 +16,9 @@
 //! diskimage `tags` (upstream's `meta`), the same keys nodepool 11 writes. The AMI's name is
 //! the upload's external name (`{image_name}-{timestamp}` unless `image-name-format` says
 //! otherwise; nodepool 11 fixes it for aws). The AMI id is the upload's `external_id`.
+//! `CreateTags` after `RegisterImage` is our addition: AWS applies the `TagSpecifications`
+//! already, but EC2 stand-ins (moto, which the tests use) drop them, and an AMI without its
+//! tags is one nobody's leak detection finds; a failed `CreateTags` fails the upload.
 //! Details and the deliberate differences (all-zero blocks are not sent) are in [`ebs`].
 //!
 //! Blocks go out from [`BLOCK_WORKERS`] threads (`ebs-put-N`, started through
@@ -33,8 +37,10 @@
 //! janitor: [`ProviderDriver::list_images`] lists our AMIs by `nodepool_provider_name`, and
 //! our snapshots that no listed AMI uses (their id is `snap-…`), and the janitor deletes
 //! those whose build and upload have no record. [`ProviderDriver::delete`] deregisters the
-//! AMI and then deletes its snapshots (a `snap-…` id deletes just the snapshot); what is
-//! already gone counts as deleted.
+//! AMI and then deletes its snapshots: the ones its block device mapping names and ours
+//! tagged with the same build and upload ids (a stand-in may map a snapshot of its own); a
+//! `snap-…` id deletes just the snapshot. What is already gone counts as deleted. A snapshot
+//! counts as used (not listed) when an AMI maps it or carries its build and upload ids.
 //!
 //! # Rate
 //!
@@ -162,10 +168,11 @@ impl AwsDriver {
         )
     }
 
-    fn credentials(&self) -> Result<Credentials, ProviderError> {
+    /// The credentials for one operation (`context` names it in the error).
+    fn credentials(&self, context: &str) -> Result<Credentials, ProviderError> {
         self.env
             .credentials(self.profile_name.as_deref())
-            .map_err(|e| self.error(ErrorKind::Auth, e))
+            .map_err(|e| self.error(ErrorKind::Auth, format!("{context}: {e}")))
     }
 }
 
@@ -685,6 +692,10 @@ impl AwsDriver {
         match self.api.ec2(creds, "RegisterImage", &params, left) {
             Ok(xml) => match ec2::parse_image_id(&xml) {
                 Ok(id) => {
+                    if let Err(e) = self.tag(creds, &id, &req.properties, deadline) {
+                        self.discard(creds, req, &snapshot, true);
+                        return Err(self.call_error(&context, e));
+                    }
                     log::info!(target: &self.log_target, "provider {}: {context}: registered AMI {id} from snapshot {snapshot} ({written} blocks written)", self.name);
                     Ok(Uploaded { external_id: id })
                 }
@@ -698,6 +709,25 @@ impl AwsDriver {
                 Err(self.call_error(&context, e))
             }
         }
+    }
+
+    /// Tags `resource` again with `CreateTags` (RegisterImage's `TagSpecifications` already
+    /// did on AWS; EC2 stand-ins such as moto drop them, and an AMI without its tags is one
+    /// the janitor cannot find).
+    fn tag(
+        &self,
+        creds: &Credentials,
+        resource: &str,
+        tags: &BTreeMap<String, String>,
+        deadline: Instant,
+    ) -> Result<(), CallError> {
+        let mut params = vec![("ResourceId.1".to_string(), resource.to_string())];
+        for (i, (k, v)) in tags.iter().enumerate() {
+            params.push((format!("Tag.{}.Key", i + 1), k.clone()));
+            params.push((format!("Tag.{}.Value", i + 1), v.clone()));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.api.ec2(creds, "CreateTags", &params, left).map(|_| ())
     }
 
     /// `CompleteSnapshot` until the snapshot is completed.
@@ -898,7 +928,7 @@ impl ProviderDriver for AwsDriver {
                 ),
             ));
         };
-        let creds = self.credentials()?;
+        let creds = self.credentials(&format!("upload of {}", req.external_name))?;
         log::debug!(target: &self.log_target, "provider {}: uploading {} to region {} with credentials from {}", self.name, req.external_name, self.region, creds.source());
         match image.import_method {
             AwsImportMethod::EbsDirect => self.upload_ebs_direct(req, image, &creds),
@@ -915,8 +945,8 @@ impl ProviderDriver for AwsDriver {
     }
 
     fn delete(&self, external_id: &str) -> Result<(), ProviderError> {
-        let creds = self.credentials()?;
         let context = format!("delete of {external_id}");
+        let creds = self.credentials(&context)?;
         if external_id.starts_with("snap-") {
             return self
                 .delete_snapshot(&creds, external_id, CALL_TIMEOUT)
@@ -926,8 +956,8 @@ impl ProviderDriver for AwsDriver {
             ("Owner.1".to_string(), "self".to_string()),
             ("ImageId.1".to_string(), external_id.to_string()),
         ];
-        let snapshots: Vec<String> = match self.describe_images(&creds, params) {
-            Ok(amis) => amis.into_iter().flat_map(|a| a.snapshot_ids).collect(),
+        let amis = match self.describe_images(&creds, params) {
+            Ok(amis) => amis,
             Err(e)
                 if e.code
                     .as_deref()
@@ -937,6 +967,31 @@ impl ProviderDriver for AwsDriver {
             }
             Err(e) => return Err(self.call_error(&context, e)),
         };
+        let mut snapshots: Vec<String> = amis.iter().flat_map(|a| a.snapshot_ids.clone()).collect();
+        // The snapshots of the same upload (by its tags) too: the AMI's mapping names the one
+        // we wrote on AWS, but a stand-in may have swapped in its own.
+        if let Some(ami) = amis.iter().find(|a| a.id == external_id)
+            && let (Some(build), Some(upload)) = (
+                ami.tags.get("nodepool_build_id"),
+                ami.tags.get("nodepool_upload_id"),
+            )
+            && ami.tags.get(PROVIDER_TAG) == Some(&self.name)
+        {
+            let tagged = self
+                .describe_snapshots(&creds)
+                .map_err(|e| self.call_error(&context, e))?;
+            snapshots.extend(
+                tagged
+                    .into_iter()
+                    .filter(|s| {
+                        s.tags.get("nodepool_build_id") == Some(build)
+                            && s.tags.get("nodepool_upload_id") == Some(upload)
+                    })
+                    .map(|s| s.id),
+            );
+        }
+        snapshots.sort();
+        snapshots.dedup();
         self.deregister(&creds, external_id, CALL_TIMEOUT)
             .map_err(|e| self.call_error(&context, e))?;
         for snapshot in snapshots {
@@ -947,7 +1002,7 @@ impl ProviderDriver for AwsDriver {
     }
 
     fn list_images(&self) -> Result<Vec<CloudImage>, ProviderError> {
-        let creds = self.credentials()?;
+        let creds = self.credentials("listing images")?;
         let amis = self
             .describe_images(&creds, provider_filter("Owner.1", &self.name))
             .map_err(|e| self.call_error("listing images", e))?;
@@ -958,13 +1013,26 @@ impl ProviderDriver for AwsDriver {
     }
 }
 
+/// The build and upload ids a resource is tagged with.
+fn upload_of(tags: &BTreeMap<String, String>) -> Option<(&String, &String)> {
+    Some((
+        tags.get("nodepool_build_id")?,
+        tags.get("nodepool_upload_id")?,
+    ))
+}
+
 /// Our AMIs, and our snapshots that none of them uses, as cloud images for leak detection.
+/// A snapshot is used when an AMI maps it or carries the same build and upload ids (it is
+/// deleted with that AMI).
 fn our_resources(amis: Vec<ec2::Ami>, snapshots: Vec<ec2::Snapshot>) -> Vec<CloudImage> {
     let used: std::collections::BTreeSet<&String> =
         amis.iter().flat_map(|a| &a.snapshot_ids).collect();
+    let uploads: std::collections::BTreeSet<(&String, &String)> =
+        amis.iter().filter_map(|a| upload_of(&a.tags)).collect();
     let orphans: Vec<CloudImage> = snapshots
         .iter()
         .filter(|s| !used.contains(&s.id))
+        .filter(|s| upload_of(&s.tags).is_none_or(|u| !uploads.contains(&u)))
         .map(|s| CloudImage {
             id: s.id.clone(),
             name: format!("snapshot {}", s.id),
@@ -1021,20 +1089,30 @@ mod tests {
     #[test]
     fn leak_listing_has_our_amis_and_only_orphaned_snapshots() {
         let tags = BTreeMap::from([(PROVIDER_TAG.to_string(), "p".to_string())]);
+        let upload = |b: &str| {
+            let mut t = tags.clone();
+            t.insert("nodepool_build_id".into(), b.into());
+            t.insert("nodepool_upload_id".into(), "0000000001".into());
+            t
+        };
         let amis = vec![ec2::Ami {
             id: "ami-1".into(),
             name: "n".into(),
             state: "available".into(),
             snapshot_ids: vec!["snap-used".into()],
-            tags: tags.clone(),
+            tags: upload("b1"),
         }];
-        let snaps = ["snap-used", "snap-orphan"]
-            .map(|id| ec2::Snapshot {
-                id: id.into(),
-                state: "completed".into(),
-                tags: tags.clone(),
-            })
-            .to_vec();
+        let snaps = [
+            ("snap-used", tags.clone()),
+            ("snap-same-upload", upload("b1")),
+            ("snap-orphan", upload("b2")),
+        ]
+        .map(|(id, tags)| ec2::Snapshot {
+            id: id.into(),
+            state: "completed".into(),
+            tags,
+        })
+        .to_vec();
         let ids: Vec<String> = our_resources(amis, snaps)
             .into_iter()
             .map(|i| i.id)
