@@ -358,3 +358,104 @@ fn a_failed_block_write_deletes_the_snapshot_and_registers_nothing() {
         proxy.requests()
     );
 }
+
+// ---- the builder daemon with an aws provider ---------------------------------------------
+
+/// Registers, through boto3, an AMI from a one-block snapshot of ours with `tags` (none: a
+/// foreign AMI) and returns its id.
+fn register_ami(moto: &MotoServer, name: &str, tags: &[(&str, &str)]) -> String {
+    let tags: Vec<Value> = tags
+        .iter()
+        .map(|(k, v)| json!({"Key": k, "Value": v}))
+        .collect();
+    let out = moto.boto3(&format!(
+        r#"
+import base64, hashlib
+tags = json.loads('{tags}')
+snap = ebs.start_snapshot(VolumeSize=1, **({{"Tags": tags}} if tags else {{}}))["SnapshotId"]
+block = b"\x01" * 524288
+ebs.put_snapshot_block(SnapshotId=snap, BlockIndex=0, BlockData=block, DataLength=len(block),
+    Checksum=base64.b64encode(hashlib.sha256(block).digest()).decode(), ChecksumAlgorithm="SHA256")
+ebs.complete_snapshot(SnapshotId=snap, ChangedBlocksCount=1)
+ami = ec2.register_image(Name="{name}", RootDeviceName="/dev/sda1", VirtualizationType="hvm",
+    BlockDeviceMappings=[{{"DeviceName": "/dev/sda1", "Ebs": {{"SnapshotId": snap}}}}])["ImageId"]
+if tags:
+    ec2.create_tags(Resources=[ami], Tags=tags)
+print(ami)
+"#,
+        tags = Value::from(tags)
+    ));
+    out.trim().to_string()
+}
+
+#[test]
+fn the_builder_records_its_ami_and_the_janitor_deletes_only_untracked_tagged_amis() {
+    let moto = MotoServer::start("aws_site");
+    let site = crate::util::site::TestSite::new("aws_site");
+    site.config(
+        0,
+        "cleanup-interval = 1.0",
+        "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{fake_dib}\"\nformats = [\"raw\"]\n\
+         \n[[providers]]\nname = \"ec2\"\ndriver = \"aws\"\nregion-name = \"us-east-1\"\nrate = 0\n\
+         [[providers.diskimages]]\nname = \"fedora\"\nimport-method = \"ebs-direct\"\n\
+         tags = { team = \"ci\" }\n",
+    );
+    let env = moto.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut b = site.start_with_env(0, &[], &env);
+    let (build, up) = site
+        .wait_uploads(
+            "fedora",
+            "ec2",
+            nodepool_builder::model::UploadState::Ready,
+            1,
+        )
+        .remove(0);
+    let ami = up.upload.external_id.clone().unwrap();
+    assert!(ami.starts_with("ami-"), "{up:?}");
+    assert_eq!(up.upload.format.as_deref(), Some("raw"));
+    let state = cloud_state(&moto);
+    let tags = &state["images"][&ami]["tags"];
+    assert_eq!(tags["nodepool_build_id"], build.as_str(), "{state}");
+    assert_eq!(tags["nodepool_upload_id"], up.id.as_str(), "{state}");
+    assert_eq!(tags["nodepool_provider_name"], "ec2", "{state}");
+    assert_eq!(tags["team"], "ci", "{state}");
+    assert_eq!(
+        state["images"][&ami]["name"],
+        up.upload.external_name.clone().unwrap().as_str()
+    );
+
+    // An AMI a killed builder left (its upload has no record), and one that is not ours.
+    let leaked = register_ami(
+        &moto,
+        "fedora-leaked",
+        &[
+            ("nodepool_build_id", &build),
+            ("nodepool_upload_id", "0000000099"),
+            ("nodepool_provider_name", "ec2"),
+        ],
+    );
+    let foreign = register_ami(&moto, "someone-elses", &[]);
+    b.wait_for_log(WAIT_LONG, &format!("Deleting leaked image {leaked}"));
+    crate::util::wait_until(WAIT_LONG, "the leaked AMI and its snapshot to go", || {
+        let state = cloud_state(&moto);
+        state["images"].get(&leaked).is_none()
+            && state["snapshots"]
+                .as_object()
+                .unwrap()
+                .values()
+                .all(|s| s["tags"]["nodepool_upload_id"] != "0000000099")
+    });
+    let state = cloud_state(&moto);
+    let mut left: Vec<&String> = state["images"].as_object().unwrap().keys().collect();
+    left.sort();
+    let mut want = vec![&ami, &foreign];
+    want.sort();
+    assert_eq!(left, want, "the recorded and the foreign AMI stay: {state}");
+    assert!(
+        !b.log().contains("testing-secret-key"),
+        "the secret key is never logged"
+    );
+}
+
+const WAIT_LONG: Duration = Duration::from_secs(90);
