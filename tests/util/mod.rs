@@ -110,6 +110,10 @@
 //!   - [`upstream::venv`]: the nodepool virtualenv, installed on first use.
 //!   - [`upstream::YamlProvider`]: one OpenStack provider of a [`upstream::NodepoolYaml`].
 //!   - [`upstream::NodepoolYaml`]: the inputs of one `nodepool.yaml`, rendered to text.
+//!   - [`upstream::AwsYamlProvider`]: one AWS provider of a `nodepool.yaml` (for moto).
+//!   - [`upstream::AWS_LAUNCH_TIMEOUT`]: how long [`upstream::aws_launch`] may take.
+//!   - [`upstream::aws_launch`]: boot and delete one node from an AMI with nodepool 11's
+//!     AWS driver.
 //!   - [`upstream::write_config`]: the benchmark's `nodepool.yaml` for a site.
 //!   - [`upstream::UpstreamOptions`]: how to start one Python builder.
 //!   - [`upstream::UpstreamBuilder`]: a running Python nodepool-builder.

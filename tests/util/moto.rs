@@ -22,6 +22,15 @@
 //! * `ImportSnapshot`, `DescribeImportSnapshotTasks`, `ImportImage` and
 //!   `DescribeImportImageTasks` are not implemented (HTTP 500, `NotImplementedError`).
 //!
+//! The one STAND-IN: for the `snapshot` and `image` import methods,
+//! [`MotoServer::start_with_import_standin`] puts `tests/fixtures/python/aws-import-standin.py`
+//! in front of moto. It answers only the four VM Import actions moto lacks, doing their work
+//! on moto's real S3 and EBS direct APIs (and RegisterImage for `ImportImage`), and forwards
+//! every other request unchanged; its docstring says exactly what it does. It also keeps a
+//! journal of every request ([`MotoServer::requests`]), the way to see what a builder asked
+//! `RegisterImage` for. Clients sign requests for the stand-in's host, which is the Host
+//! header moto receives, and moto does not check signatures in any case.
+//!
 //! Missing venv: [`venv`] runs `scripts/test-env.sh moto`; if it is still missing the test
 //! fails (never skips).
 
@@ -60,6 +69,8 @@ pub fn venv() -> PathBuf {
 pub struct MotoServer {
     port: u16,
     child: Option<Child>,
+    /// The import stand-in in front of moto: its port and process.
+    standin: Option<(u16, Child)>,
     /// CAUTION: declared last so it is removed after `Drop::drop` has killed the server.
     dir: tempfile::TempDir,
 }
@@ -85,21 +96,44 @@ impl MotoServer {
         let mut server = MotoServer {
             port,
             child: Some(child),
+            standin: None,
             dir,
         };
-        server.wait_ready();
+        server.wait_ready("moto_server", "moto.log");
         server
     }
 
-    fn wait_ready(&mut self) {
-        let url = format!("{}/moto-api/data.json", self.moto_url());
+    /// Like [`MotoServer::start`], with the EC2 import stand-in
+    /// (`tests/fixtures/python/aws-import-standin.py`) in front of moto: `ImportSnapshot`,
+    /// `ImportImage` and their `Describe…Tasks` are answered by the stand-in (moto lacks
+    /// them), everything else is forwarded to moto. [`MotoServer::endpoint`] is then the
+    /// stand-in's, and [`MotoServer::requests`] lists what clients sent.
+    pub fn start_with_import_standin(name: &str) -> MotoServer {
+        // The stand-in converts non-raw images with qemu-img.
+        super::ensure_test_env(&["qemu"]);
+        let mut server = MotoServer::start(name);
+        let port = free_port();
+        let mut cmd = Command::new(venv().join("bin/python"));
+        cmd.arg(repo_root().join("tests/fixtures/python/aws-import-standin.py"))
+            .args(["--listen", &port.to_string(), "--moto", &server.moto_url()])
+            .arg("--journal")
+            .arg(server.journal_path())
+            .env("AWS_DEFAULT_REGION", REGION);
+        let child = spawn_logged(cmd, &server.dir.path().join("standin.log"));
+        server.standin = Some((port, child));
+        server.wait_ready("the import stand-in", "standin.log");
+        server
+    }
+
+    /// Waits until [`MotoServer::endpoint`] answers (through the stand-in when there is one).
+    fn wait_ready(&mut self, what: &str, log: &str) {
+        let url = format!("{}/moto-api/data.json", self.endpoint());
         let ready = poll_for(START_TIMEOUT, || {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                return Some(Err(format!("moto_server exited: {status}")));
+            let children = [self.child.as_mut(), self.standin.as_mut().map(|(_, c)| c)];
+            for child in children.into_iter().flatten() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Some(Err(format!("{what}: a server process exited: {status}")));
+                }
             }
             match http("GET", &url, None, None) {
                 Ok(reply) if reply.status == 200 => Some(Ok(())),
@@ -109,12 +143,36 @@ impl MotoServer {
         let failure = match ready {
             Some(Ok(())) => return,
             Some(Err(e)) => e,
-            None => format!("moto_server did not answer {url} within {START_TIMEOUT:?}"),
+            None => format!("{what} did not answer {url} within {START_TIMEOUT:?}"),
         };
         panic!(
-            "{failure}; its log:\n{}",
-            file_tail(&self.dir.path().join("moto.log"), 30)
+            "{failure}; {log}:\n{}",
+            file_tail(&self.dir.path().join(log), 30)
         );
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.dir.path().join("standin-requests.jsonl")
+    }
+
+    /// Every request that went through the import stand-in, in order, as JSON objects:
+    /// `{"action", "params", "status"}` for EC2 query-API requests (`params` flat, as sent:
+    /// `BlockDeviceMapping.1.Ebs.VolumeType`, …), `{"method", "path", "status"}` for the
+    /// others, with `"json"` the body when it was small JSON (EBS direct's `StartSnapshot`
+    /// with its tags). Panics when there is no stand-in. This is how a test sees what a builder asked
+    /// `RegisterImage` for: moto keeps only the name.
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        assert!(
+            self.standin.is_some(),
+            "requests() needs MotoServer::start_with_import_standin"
+        );
+        let text = std::fs::read_to_string(self.journal_path()).unwrap_or_default();
+        text.lines()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("bad stand-in journal line ({e}): {l}"))
+            })
+            .collect()
     }
 
     /// The URL of moto itself.
@@ -122,9 +180,13 @@ impl MotoServer {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// The endpoint clients use (`AWS_ENDPOINT_URL`).
+    /// The endpoint clients use (`AWS_ENDPOINT_URL`): the import stand-in's when there is
+    /// one, moto's otherwise.
     pub fn endpoint(&self) -> String {
-        self.moto_url()
+        match &self.standin {
+            Some((port, _)) => format!("http://127.0.0.1:{port}"),
+            None => self.moto_url(),
+        }
     }
 
     /// The server's directory (its log is `moto.log`).
@@ -208,15 +270,26 @@ impl MotoServer {
         }
     }
 
-    /// The last lines of moto's log (for failure messages).
+    /// The last lines of moto's log and the stand-in's (for failure messages).
     pub fn log_tail(&self, lines: usize) -> String {
-        file_tail(&self.dir.path().join("moto.log"), lines)
+        let mut tail = format!(
+            "--- moto.log ---\n{}",
+            file_tail(&self.dir.path().join("moto.log"), lines)
+        );
+        if self.standin.is_some() {
+            tail += &format!(
+                "\n--- standin.log ---\n{}",
+                file_tail(&self.dir.path().join("standin.log"), lines)
+            );
+        }
+        tail
     }
 }
 
 impl Drop for MotoServer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        let standin = self.standin.take().map(|(_, c)| c);
+        for mut child in standin.into_iter().chain(self.child.take()) {
             // Its own process group (spawn_tied_to_process): kill the server and anything it
             // started.
             let _ = nix::sys::signal::killpg(

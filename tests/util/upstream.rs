@@ -15,6 +15,9 @@
 //!   path: build workers and the janitor are joined, upload threads die with the process,
 //!   the ZooKeeper session is closed), then SIGKILL if it is still there after 20 s.
 //!
+//! * [`AwsYamlProvider`] adds a `driver: aws` provider ([`NodepoolYaml::render_with_aws`]),
+//!   for running nodepool 11's builder against moto (`tests/aws_tooling.rs`).
+//!
 //! nodepool 11 replaces `%(NODEPOOL_*)` in its config from the environment before parsing
 //! (as this builder does), which is how two builders on one host read one file yet keep
 //! their own images directories.
@@ -150,6 +153,119 @@ impl NodepoolYaml {
     pub fn write(&self, site: &TestSite, path: &Path) {
         std::fs::write(path, self.render(site))
             .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+}
+
+/// One AWS provider (`driver: aws`) of a `nodepool.yaml`, for running nodepool 11's builder
+/// against moto ([`super::moto::MotoServer`]): boto3 in the nodepool venv (botocore 1.44)
+/// honours `AWS_ENDPOINT_URL`, so the endpoint comes from the environment
+/// ([`super::moto::MotoServer::env`]), not from the file (nodepool 11 has no endpoint key).
+#[derive(Debug, Clone)]
+pub struct AwsYamlProvider {
+    pub name: String,
+    /// `region-name`.
+    pub region: String,
+    /// `object-storage: bucket-name:` (needed by the `snapshot` and `image` import methods).
+    pub bucket: Option<String>,
+    /// `image-format` (nodepool 11's default is `raw`).
+    pub image_format: Option<String>,
+    /// The diskimages it uploads, each with its provider-level keys (`import-method`,
+    /// `volume-type`, `imds-support`, …) as `key: value` lines.
+    pub images: Vec<(String, Vec<(String, String)>)>,
+    /// `tags` of every diskimage entry.
+    pub tags: Vec<(String, String)>,
+}
+
+impl AwsYamlProvider {
+    /// The provider's entry in `providers:` (indented as a list item).
+    pub fn render(&self) -> String {
+        let mut y = format!(
+            "  - name: {}\n    driver: aws\n    region-name: {}\n    rate: 100\n",
+            self.name, self.region
+        );
+        if let Some(bucket) = &self.bucket {
+            y.push_str(&format!(
+                "    object-storage:\n      bucket-name: {bucket}\n"
+            ));
+        }
+        if let Some(format) = &self.image_format {
+            y.push_str(&format!("    image-format: {format}\n"));
+        }
+        y.push_str("    diskimages:\n");
+        for (name, keys) in &self.images {
+            y.push_str(&format!("      - name: {name}\n"));
+            for (k, v) in keys {
+                y.push_str(&format!("        {k}: {v}\n"));
+            }
+            if !self.tags.is_empty() {
+                y.push_str("        tags:\n");
+                for (k, v) in &self.tags {
+                    y.push_str(&format!("          {k}: '{v}'\n"));
+                }
+            }
+        }
+        y.push_str("    pools: []\n");
+        y
+    }
+}
+
+impl NodepoolYaml {
+    /// [`NodepoolYaml::render`] with `aws` providers after the OpenStack ones.
+    pub fn render_with_aws(&self, site: &TestSite, aws: &[AwsYamlProvider]) -> String {
+        let text = self.render(site);
+        let at = text
+            .find("\ndiskimages:\n")
+            .expect("a rendered nodepool.yaml has a diskimages section")
+            + 1;
+        let providers: String = aws.iter().map(AwsYamlProvider::render).collect();
+        format!("{}{providers}{}", &text[..at], &text[at..])
+    }
+}
+
+/// How long [`aws_launch`] may take.
+pub const AWS_LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Boots one node from `ami` with nodepool 11's own AWS driver and deletes it again
+/// (`tests/fixtures/python/nodepool11-aws-launch.py`: the launcher's create and delete state
+/// machines, not the launcher daemon), with `env` pointing it at the endpoint (e.g.
+/// [`super::moto::MotoServer::env`]); `dir` gets its `nodepool.yaml` and output. Returns the
+/// script's JSON (`created`: the instance as nodepool saw it; `deleted`: whether it ended
+/// `terminated`). Panics with the script's output when it fails.
+pub fn aws_launch(env: &[(String, String)], dir: &Path, ami: &str) -> serde_json::Value {
+    let venv = venv();
+    let script = repo_root().join("tests/fixtures/python/nodepool11-aws-launch.py");
+    let (out, err) = (dir.join("aws-launch.out"), dir.join("aws-launch.err"));
+    let file = |p: &Path| {
+        std::fs::File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()))
+    };
+    let mut child = Command::new(venv.join("bin/python"))
+        .arg(&script)
+        .args(["--ami", ami, "--dir"])
+        .arg(dir)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", dir)
+        .env("PYTHONWARNINGS", "ignore")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(file(&out))
+        .stderr(file(&err))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    let status = poll_for(AWS_LAUNCH_TIMEOUT, || child.try_wait().ok().flatten());
+    let stdout = std::fs::read_to_string(&out).unwrap_or_default();
+    match status {
+        Some(st) if st.success() => serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{} printed no JSON ({e}): {stdout}", script.display())),
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{} failed ({other:?}):\n{stdout}\n{}",
+                script.display(),
+                file_tail(&err, 40)
+            )
+        }
     }
 }
 
