@@ -459,3 +459,163 @@ fn the_builder_records_its_ami_and_the_janitor_deletes_only_untracked_tagged_ami
 }
 
 const WAIT_LONG: Duration = Duration::from_secs(90);
+
+// ---- the same requests as nodepool 11 ------------------------------------------------------
+
+/// Tags of a flat `TagSpecification.1.Tag.N.*` parameter set, and the other parameters.
+fn split_tags(
+    params: &serde_json::Map<String, Value>,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let mut keys = BTreeMap::new();
+    let mut values = BTreeMap::new();
+    let mut rest = BTreeMap::new();
+    for (k, v) in params {
+        let v = v.as_str().unwrap_or_default().to_string();
+        match k.strip_prefix("TagSpecification.1.Tag.") {
+            Some(t) if t.ends_with(".Key") => {
+                keys.insert(t.trim_end_matches(".Key").to_string(), v);
+            }
+            Some(t) if t.ends_with(".Value") => {
+                values.insert(t.trim_end_matches(".Value").to_string(), v);
+            }
+            _ => {
+                rest.insert(k.clone(), v);
+            }
+        }
+    }
+    let tags = keys
+        .into_iter()
+        .map(|(n, k)| (k, values.get(&n).cloned().unwrap_or_default()))
+        .collect();
+    (tags, rest)
+}
+
+/// Build and upload ids, the snapshot id and the timestamp replaced by the fixture's markers.
+fn normalise(
+    map: BTreeMap<String, String>,
+    build: &str,
+    snapshot: &str,
+) -> BTreeMap<String, String> {
+    map.into_iter()
+        .map(|(k, v)| {
+            let v = if v == build {
+                "<build-id>".to_string()
+            } else if v == "0000000001" {
+                "<upload-id>".to_string()
+            } else if v == snapshot {
+                "snap-<uploaded>".to_string()
+            } else if k == "Name" {
+                format!("{}-<timestamp>", v.rsplit_once('-').unwrap().0)
+            } else {
+                v
+            };
+            (k, v)
+        })
+        .collect()
+}
+
+#[test]
+fn ebs_direct_sends_the_requests_nodepool_11_sends() {
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/aws/nodepool11-ebs-direct.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let moto = MotoServer::start_with_import_standin("aws_like_nodepool");
+    let dir = tempfile::tempdir().unwrap();
+    let mut req = request(&image_file(dir.path()));
+    req.external_name = "ubuntu-noble-1700000000".into();
+    req.properties.insert("team".into(), "infra".into());
+    req.properties
+        .insert("nodepool_provider_name".into(), "aws-moto".into());
+    let mut provider = aws_provider();
+    provider.name = "aws-moto".into();
+    provider.diskimages[0].aws.as_mut().unwrap().imds_v2 = true;
+    let env = AwsEnv {
+        vars: moto.env().into_iter().collect(),
+        home: None,
+    };
+    let driver =
+        AwsDriver::with_env(&provider, env, &Arc::new(TrustStores::from_process())).unwrap();
+    driver.upload(&req).unwrap_or_else(|e| panic!("{e}"));
+
+    let requests = moto.requests();
+    let start = requests
+        .iter()
+        .find(|r| r["method"] == "POST" && r["path"] == "/snapshots")
+        .expect("a StartSnapshot");
+    let snapshot = requests
+        .iter()
+        .find_map(|r| {
+            r["path"]
+                .as_str()?
+                .strip_prefix("/snapshots/completion/")
+                .map(str::to_string)
+        })
+        .expect("a CompleteSnapshot");
+    // The order of calls: start, blocks, completion, register (then our CreateTags).
+    let mut calls: Vec<String> = Vec::new();
+    for r in &requests {
+        let call = match (r["action"].as_str(), r["path"].as_str()) {
+            (Some(action), _) => action.to_string(),
+            (None, Some(path)) if path.contains("/blocks/") => {
+                "PUT /snapshots/<snapshot>/blocks/<index> (each block)".to_string()
+            }
+            (None, Some(path)) => format!(
+                "{} {}",
+                r["method"].as_str().unwrap(),
+                path.replace(&snapshot, "snap-<uploaded>")
+            ),
+            _ => continue,
+        };
+        if calls.last() != Some(&call) {
+            calls.push(call);
+        }
+    }
+    let from_start: Vec<&String> = calls
+        .iter()
+        .skip_while(|c| *c != "POST /snapshots")
+        .take(4)
+        .collect();
+    assert_eq!(
+        json!(from_start),
+        reference["calls_from_start_snapshot_to_register_image"],
+        "{calls:?}"
+    );
+
+    // StartSnapshot: the same size and tags (ours adds a Description: the AMI's name).
+    let tags_of = |list: &Value| -> BTreeMap<String, String> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["Key"].as_str().unwrap().into(),
+                    t["Value"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        start["json"]["VolumeSize"],
+        reference["start_snapshot_request"]["VolumeSize"]
+    );
+    assert_eq!(
+        normalise(tags_of(&start["json"]["Tags"]), &req.build_id, &snapshot),
+        tags_of(&reference["start_snapshot_request"]["Tags"])
+    );
+    assert_eq!(start["json"]["ClientToken"].as_str().unwrap().len(), 32);
+
+    // RegisterImage: the same parameters and tags (in another order).
+    let register = requests
+        .iter()
+        .find(|r| r["action"] == "RegisterImage")
+        .expect("a RegisterImage");
+    let (ours_tags, ours) = split_tags(register["params"].as_object().unwrap());
+    let (their_tags, theirs) = split_tags(reference["register_image_request"].as_object().unwrap());
+    assert_eq!(normalise(ours, &req.build_id, &snapshot), theirs);
+    assert_eq!(normalise(ours_tags, &req.build_id, &snapshot), their_tags);
+}
