@@ -289,10 +289,10 @@ fn ini_section(text: &str, section: &str) -> Option<BTreeMap<String, String>> {
         if !inside {
             continue;
         }
-        if let Some((key, value)) = line.split_once('=') {
-            if let Some(keys) = found.as_mut() {
-                keys.insert(key.trim().to_ascii_lowercase(), value.trim().to_string());
-            }
+        if let Some((key, value)) = line.split_once('=')
+            && let Some(keys) = found.as_mut()
+        {
+            keys.insert(key.trim().to_ascii_lowercase(), value.trim().to_string());
         }
     }
     found
