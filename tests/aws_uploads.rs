@@ -619,3 +619,231 @@ fn ebs_direct_sends_the_requests_nodepool_11_sends() {
     assert_eq!(normalise(ours, &req.build_id, &snapshot), theirs);
     assert_eq!(normalise(ours_tags, &req.build_id, &snapshot), their_tags);
 }
+
+// ---- snapshot and image imports through S3 (EC2's import answered by the stand-in) ----------
+
+/// A driver for `method` with bucket `images`, against `moto` (with the import stand-in), and
+/// the bucket made.
+fn s3_driver(moto: &MotoServer, method: AwsImportMethod, format: &str) -> AwsDriver {
+    moto.boto3(r#"s3.create_bucket(Bucket="images")"#);
+    let mut provider = aws_provider();
+    provider.driver = Driver::Aws {
+        region_name: "us-east-1".into(),
+        profile_name: None,
+        bucket_name: Some("images".into()),
+        image_format: format.into(),
+    };
+    provider.diskimages[0].aws.as_mut().unwrap().import_method = method;
+    let env = AwsEnv {
+        vars: moto.env().into_iter().collect(),
+        home: None,
+    };
+    AwsDriver::with_env(&provider, env, &Arc::new(TrustStores::from_process())).unwrap()
+}
+
+/// A raw image of two S3 parts: 8 MiB (data, zeros, data) and 100 bytes.
+fn two_part_image(dir: &Path) -> PathBuf {
+    let mut data = vec![b'A'; BLOCK];
+    data.resize(8 << 20, 0);
+    data.extend(vec![b'B'; BLOCK]);
+    data.truncate((8 << 20) + 100);
+    let path = dir.join("debian.raw");
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+/// The bucket's objects and unfinished multipart uploads.
+fn bucket_state(moto: &MotoServer) -> Value {
+    let out = moto.boto3(
+        r#"
+objects = [o["Key"] for o in s3.list_objects_v2(Bucket="images").get("Contents", [])]
+uploads = [u["Key"] for u in s3.list_multipart_uploads(Bucket="images").get("Uploads", [])]
+out({"objects": objects, "uploads": uploads})
+"#,
+    );
+    serde_json::from_str(out.trim()).unwrap()
+}
+
+fn actions(moto: &MotoServer) -> Vec<String> {
+    moto.requests()
+        .iter()
+        .map(|r| match r["action"].as_str() {
+            Some(a) => a.to_string(),
+            None => format!(
+                "{} {}",
+                r["method"].as_str().unwrap_or(""),
+                r["path"].as_str().unwrap_or("")
+            ),
+        })
+        .collect()
+}
+
+#[test]
+fn a_snapshot_import_goes_through_s3_and_leaves_a_tagged_ami_and_an_empty_bucket() {
+    let moto = MotoServer::start_with_import_standin("aws_import_snapshot");
+    let dir = tempfile::tempdir().unwrap();
+    let driver = s3_driver(&moto, AwsImportMethod::Snapshot, "raw");
+    let req = request(&two_part_image(dir.path()));
+
+    let ami = driver
+        .upload(&req)
+        .unwrap_or_else(|e| panic!("{e}; {:?}", actions(&moto)))
+        .external_id;
+
+    let requests = moto.requests();
+    let import = requests
+        .iter()
+        .find(|r| r["action"] == "ImportSnapshot")
+        .expect("an ImportSnapshot");
+    let (tags, params) = split_tags(import["params"].as_object().unwrap());
+    assert_eq!(params["DiskContainer.Format"], "raw");
+    assert_eq!(params["DiskContainer.UserBucket.S3Bucket"], "images");
+    assert_eq!(
+        params["DiskContainer.UserBucket.S3Key"],
+        "debian-1700000000.raw"
+    );
+    assert_eq!(
+        params["TagSpecification.1.ResourceType"],
+        "import-snapshot-task"
+    );
+    assert_eq!(tags, req.properties);
+    let parts: Vec<&Value> = requests
+        .iter()
+        .filter(|r| {
+            r["method"] == "PUT" && r["path"].as_str().unwrap_or("").contains("partNumber=")
+        })
+        .collect();
+    assert_eq!(
+        parts.len(),
+        2,
+        "8 MiB + 100 bytes is two parts: {:?}",
+        actions(&moto)
+    );
+    assert_eq!(
+        req.progress.transfer().map(|t| t.sent),
+        Some((8 << 20) + 100)
+    );
+    let register = requests
+        .iter()
+        .find(|r| r["action"] == "RegisterImage")
+        .expect("a RegisterImage");
+    let snapshot = register["params"]["BlockDeviceMapping.1.Ebs.SnapshotId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        register["params"]["BlockDeviceMapping.1.Ebs.VolumeSize"],
+        "1"
+    );
+
+    let state = cloud_state(&moto);
+    assert_eq!(
+        state["images"][&ami]["tags"]["nodepool_build_id"],
+        req.build_id.as_str(),
+        "{state}"
+    );
+    assert_eq!(
+        state["snapshots"][&snapshot]["tags"]["team"], "ci",
+        "{state}"
+    );
+    // The stand-in wrote the image's non-zero 512 KiB blocks: the first and the one at 8 MiB.
+    assert_eq!(
+        state["snapshots"][&snapshot]["blocks"],
+        json!([0, 16]),
+        "{state}"
+    );
+    assert_eq!(bucket_state(&moto), json!({"objects": [], "uploads": []}));
+
+    driver.delete(&ami).unwrap();
+    let state = cloud_state(&moto);
+    assert_eq!(state, json!({"images": {}, "snapshots": {}}));
+}
+
+#[test]
+fn an_image_import_tags_the_ami_and_its_snapshot() {
+    let moto = MotoServer::start_with_import_standin("aws_import_image");
+    let dir = tempfile::tempdir().unwrap();
+    let driver = s3_driver(&moto, AwsImportMethod::Image, "raw");
+    let req = request(&image_file(dir.path()));
+
+    let ami = driver
+        .upload(&req)
+        .unwrap_or_else(|e| panic!("{e}; {:?}", actions(&moto)))
+        .external_id;
+    let requests = moto.requests();
+    let import = requests
+        .iter()
+        .find(|r| r["action"] == "ImportImage")
+        .expect("an ImportImage");
+    assert_eq!(import["params"]["Architecture"], "x86_64");
+    assert_eq!(
+        import["params"]["DiskContainer.1.UserBucket.S3Key"],
+        "debian-1700000000.raw"
+    );
+    assert!(
+        !requests.iter().any(|r| r["action"] == "RegisterImage"),
+        "EC2 registers it"
+    );
+    let state = cloud_state(&moto);
+    assert_eq!(
+        state["images"][&ami]["tags"]["nodepool_upload_id"], "0000000001",
+        "{state}"
+    );
+    let snapshots = state["snapshots"].as_object().unwrap();
+    assert_eq!(snapshots.len(), 1, "{state}");
+    assert_eq!(
+        snapshots.values().next().unwrap()["tags"]["nodepool_build_id"],
+        req.build_id.as_str()
+    );
+    assert_eq!(bucket_state(&moto), json!({"objects": [], "uploads": []}));
+    let listed: Vec<String> = driver
+        .list_images()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(listed, [ami]);
+}
+
+#[test]
+fn a_failed_import_fails_the_upload_with_ec2s_reason_and_leaves_nothing() {
+    let moto = MotoServer::start_with_import_standin("aws_import_fails");
+    let dir = tempfile::tempdir().unwrap();
+    let driver = s3_driver(&moto, AwsImportMethod::Snapshot, "vhd");
+    let file = dir.path().join("debian.vhd");
+    std::fs::write(&file, b"this is not a vhd").unwrap();
+    let mut req = request(&file);
+    req.format = "vhd".into();
+
+    let err = driver.upload(&req).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Server, "{err}");
+    assert!(
+        err.message.contains("import task import-snap-") && err.message.contains("failed: "),
+        "{err}"
+    );
+    assert_eq!(bucket_state(&moto), json!({"objects": [], "uploads": []}));
+    assert_eq!(cloud_state(&moto), json!({"images": {}, "snapshots": {}}));
+}
+
+#[test]
+fn a_snapshot_import_without_a_bucket_is_a_clear_configuration_error() {
+    let moto = MotoServer::start("aws_no_bucket");
+    let dir = tempfile::tempdir().unwrap();
+    let mut provider = aws_provider();
+    provider.diskimages[0].aws.as_mut().unwrap().import_method = AwsImportMethod::Snapshot;
+    let env = AwsEnv {
+        vars: moto.env().into_iter().collect(),
+        home: None,
+    };
+    let driver =
+        AwsDriver::with_env(&provider, env, &Arc::new(TrustStores::from_process())).unwrap();
+    let err = driver
+        .upload(&request(&image_file(dir.path())))
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Config, "{err}");
+    assert!(
+        err.message
+            .contains("import-method snapshot needs object-storage.bucket-name"),
+        "{err}"
+    );
+}

@@ -26,12 +26,27 @@
 //! channel, so memory stays at a few MiB whatever the image size. A failed block is retried
 //! twice (throttling, 5xx, a broken connection), as upstream's uploader does.
 //!
-//! `snapshot` and `image` imports (through S3) are not done yet: a provider diskimage with
-//! such an `import-method` fails its uploads with a message saying so.
+//! # `snapshot` and `image` imports
+//!
+//! ```text
+//! S3   POST/PUT/POST <bucket>/<name>.<format>   multipart upload, see [`s3`]
+//! POST ec2  Action=ImportSnapshot              (image: ImportImage) the object, task tags
+//! POST ec2  Action=DescribeImportSnapshotTasks until completed or deleted, 1 s .. 30 s apart
+//! DELETE S3 <bucket>/<name>.<format>           whatever the outcome
+//! POST ec2  Action=CreateTags                  the snapshot (image: the AMI and its snapshot)
+//! POST ec2  Action=RegisterImage, CreateTags   snapshot only, as for ebs-direct
+//! ```
+//!
+//! As upstream: `ResourceCountLimitExceeded` (too many imports) is retried every 30 s, the
+//! import task carries the tags, and the imported snapshot and AMI are tagged afterwards
+//! (EC2 does not); the volume size is `volume-size`, else the imported snapshot's. Unlike
+//! upstream, a failed tagging fails the upload and removes what the import made (an untagged
+//! AMI is one leak detection never finds), an import still running at the upload's deadline
+//! is cancelled (`CancelImportTask`), and the first poll comes after 1 s, not 30 s.
 //!
 //! # Nothing leaks
 //!
-//! A failure after `StartSnapshot` deletes the snapshot; a failed `RegisterImage` first
+//! A failure after `StartSnapshot` (or after an import made a snapshot) deletes the snapshot; a failed `RegisterImage` first
 //! deregisters any AMI tagged with this upload's ids (the answer may have been lost after
 //! the AMI was made). What cannot be deleted then (the cloud is down) is left to the
 //! janitor: [`ProviderDriver::list_images`] lists our AMIs by `nodepool_provider_name`, and
@@ -58,6 +73,7 @@
 pub mod credentials;
 pub mod ebs;
 pub mod ec2;
+pub mod s3;
 pub mod sigv4;
 
 use std::collections::BTreeMap;
@@ -84,6 +100,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 const DISCARD_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest pause between two `CompleteSnapshot` polls.
 const MAX_POLL_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest pause between two polls of an import task (upstream waits 30 s before each).
+const MAX_IMPORT_POLL: Duration = Duration::from_secs(30);
+/// Pause before asking again when too many imports run (upstream's `IMAGE_UPLOAD_SLEEP`).
+const IMPORT_LIMIT_PAUSE: Duration = Duration::from_secs(30);
 /// The tag every image and snapshot of this provider carries.
 const PROVIDER_TAG: &str = "nodepool_provider_name";
 
@@ -94,6 +114,7 @@ pub struct AwsDriver {
     image_format: String,
     region: String,
     profile_name: Option<String>,
+    bucket_name: Option<String>,
     images: BTreeMap<String, AwsImage>,
     env: AwsEnv,
     api: Arc<Api>,
@@ -104,6 +125,9 @@ struct Api {
     region: String,
     ec2: String,
     ebs: String,
+    s3: String,
+    /// Path-style S3 URLs (a configured endpoint) rather than virtual-hosted ones.
+    s3_path_style: bool,
     /// Rate-limited: EC2 calls, StartSnapshot, CompleteSnapshot.
     calls: Http,
     /// Unlimited: PutSnapshotBlock.
@@ -129,7 +153,7 @@ impl AwsDriver {
             region_name,
             profile_name,
             image_format,
-            ..
+            bucket_name,
         } = &provider.driver
         else {
             return Err(ProviderError::new(
@@ -142,6 +166,8 @@ impl AwsDriver {
             region: region_name.clone(),
             ec2: env.endpoint("ec2", region_name),
             ebs: env.endpoint("ebs", region_name),
+            s3: env.endpoint("s3", region_name),
+            s3_path_style: env.has_endpoint("s3"),
             calls: Http::new(trust(), provider.rate),
             blocks: Http::new(trust(), 0.0),
         };
@@ -151,6 +177,7 @@ impl AwsDriver {
             image_format: image_format.clone(),
             region: region_name.clone(),
             profile_name: profile_name.clone(),
+            bucket_name: bucket_name.clone(),
             images: provider
                 .diskimages
                 .iter()
@@ -207,7 +234,7 @@ impl Api {
         endpoint: &str,
         creds: &Credentials,
         method: &str,
-        path: &str,
+        (path, query): (&str, &[(String, String)]),
         mut headers: Vec<(String, String)>,
         body: Vec<u8>,
         content_type: &'static str,
@@ -224,7 +251,7 @@ impl Api {
                 method,
                 host,
                 path: &path,
-                query: &[],
+                query,
                 headers: &headers,
                 payload_sha256,
             },
@@ -237,7 +264,11 @@ impl Api {
         );
         headers.extend(signed.headers);
         headers.push(("Host".into(), host.to_string()));
-        let url = format!("{scheme_host}{path}");
+        let url = if query.is_empty() {
+            format!("{scheme_host}{path}")
+        } else {
+            format!("{scheme_host}{path}?{}", sigv4::canonical_query(query))
+        };
         let body = if body.is_empty() && method != "POST" {
             Body::None
         } else {
@@ -272,7 +303,7 @@ impl Api {
             &self.ec2,
             creds,
             "POST",
-            "/",
+            ("/", &[]),
             Vec::new(),
             body,
             "application/x-www-form-urlencoded; charset=utf-8",
@@ -327,7 +358,7 @@ impl Api {
             &self.ebs,
             creds,
             method,
-            path,
+            (path, &[]),
             headers,
             body,
             content_type,
@@ -348,6 +379,68 @@ impl Api {
                 ),
                 creds,
             ),
+            maybe_sent: true,
+            retryable: reply.status >= 500 || reply.status == 429,
+        })
+    }
+
+    /// One S3 call on `bucket`/`key`; the answer on success.
+    #[allow(clippy::too_many_arguments)]
+    fn s3(
+        &self,
+        creds: &Credentials,
+        what: &str,
+        method: &str,
+        bucket: &str,
+        key: &str,
+        query: &[(String, String)],
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        payload_sha256: &str,
+        timeout: Duration,
+    ) -> Result<Reply, CallError> {
+        let (endpoint, path) = if self.s3_path_style {
+            (
+                self.s3.clone(),
+                format!("/{bucket}/{}", s3::encode_key(key)),
+            )
+        } else {
+            (
+                format!("https://{bucket}.s3.{}.amazonaws.com", self.region),
+                format!("/{}", s3::encode_key(key)),
+            )
+        };
+        // Parts are the bulk of the data: they are not rate-limited, like EBS blocks.
+        let http = if method == "PUT" {
+            &self.blocks
+        } else {
+            &self.calls
+        };
+        let reply = self.send(
+            http,
+            "s3",
+            &endpoint,
+            creds,
+            method,
+            (&path, query),
+            headers,
+            body,
+            "application/octet-stream",
+            payload_sha256,
+            timeout.min(CALL_TIMEOUT),
+        )?;
+        if reply.is_success() {
+            return Ok(reply);
+        }
+        let error = ec2::parse_error(&reply.body);
+        let message = match &error {
+            Some(e) => format!("{what}: HTTP {} {}: {}", reply.status, e.code, e.message),
+            None => format!("{what}: HTTP {}", reply.status),
+        };
+        Err(CallError {
+            kind: status_kind(reply.status),
+            code: error.map(|e| e.code),
+            message: scrub(message, creds),
             maybe_sent: true,
             retryable: reply.status >= 500 || reply.status == 429,
         })
@@ -681,34 +774,473 @@ impl AwsDriver {
             return Err(self.call_error(&context, e));
         }
         let volume = image.volume_size.unwrap_or(0).max(size_gib);
-        let params = register_params(
-            &req.external_name,
-            image,
-            &snapshot,
-            volume,
-            &req.properties,
-        );
+        log::debug!(target: &self.log_target, "provider {}: {context}: {written} blocks written to snapshot {snapshot}", self.name);
+        self.register(req, image, creds, &snapshot, volume, deadline, &context)
+    }
+
+    /// Registers `snapshot` as the upload's AMI and tags it; on failure removes the AMI (if
+    /// one may exist) and the snapshot.
+    #[allow(clippy::too_many_arguments)]
+    fn register(
+        &self,
+        req: &UploadRequest,
+        image: &AwsImage,
+        creds: &Credentials,
+        snapshot: &str,
+        volume: u64,
+        deadline: Instant,
+        context: &str,
+    ) -> Result<Uploaded, ProviderError> {
+        let params = register_params(&req.external_name, image, snapshot, volume, &req.properties);
         let left = deadline.saturating_duration_since(Instant::now());
         match self.api.ec2(creds, "RegisterImage", &params, left) {
             Ok(xml) => match ec2::parse_image_id(&xml) {
                 Ok(id) => {
                     if let Err(e) = self.tag(creds, &id, &req.properties, deadline) {
-                        self.discard(creds, req, &snapshot, true);
-                        return Err(self.call_error(&context, e));
+                        self.discard(creds, req, snapshot, true);
+                        return Err(self.call_error(context, e));
                     }
-                    log::info!(target: &self.log_target, "provider {}: {context}: registered AMI {id} from snapshot {snapshot} ({written} blocks written)", self.name);
+                    log::info!(target: &self.log_target, "provider {}: {context}: registered AMI {id} from snapshot {snapshot}", self.name);
                     Ok(Uploaded { external_id: id })
                 }
                 Err(m) => {
-                    self.discard(creds, req, &snapshot, true);
+                    self.discard(creds, req, snapshot, true);
                     Err(self.error(ErrorKind::Server, format!("{context}: RegisterImage: {m}")))
                 }
             },
             Err(e) => {
-                self.discard(creds, req, &snapshot, e.maybe_sent);
-                Err(self.call_error(&context, e))
+                self.discard(creds, req, snapshot, e.maybe_sent);
+                Err(self.call_error(context, e))
             }
         }
+    }
+
+    /// The `snapshot` and `image` import methods: the file to S3, EC2's import from there,
+    /// the object deleted whatever the outcome.
+    fn upload_via_s3(
+        &self,
+        req: &UploadRequest,
+        image: &AwsImage,
+        creds: &Credentials,
+    ) -> Result<Uploaded, ProviderError> {
+        let deadline = Instant::now() + req.timeout;
+        let context = format!("upload of {} ({})", req.external_name, req.image_name);
+        let Some(bucket) = &self.bucket_name else {
+            return Err(self.error(
+                ErrorKind::Config,
+                format!(
+                    "{context}: import-method {} needs object-storage.bucket-name",
+                    image.import_method.as_str()
+                ),
+            ));
+        };
+        let key = s3::object_key(&req.external_name, &req.format);
+        self.put_object(req, creds, bucket, &key, deadline)
+            .map_err(|e| self.call_error(&context, e))?;
+        let imported = match image.import_method {
+            AwsImportMethod::Image => {
+                self.import_image(req, image, creds, bucket, &key, deadline, &context)
+            }
+            _ => self.import_snapshot(req, image, creds, bucket, &key, deadline, &context),
+        };
+        match self.api.s3(
+            creds,
+            "DeleteObject",
+            "DELETE",
+            bucket,
+            &key,
+            &[],
+            Vec::new(),
+            Vec::new(),
+            sigv4::EMPTY_SHA256,
+            DISCARD_TIMEOUT,
+        ) {
+            Ok(_) => {
+                log::debug!(target: &self.log_target, "provider {}: {context}: deleted s3://{bucket}/{key}", self.name)
+            }
+            Err(e) => {
+                log::warn!(target: &self.log_target, "provider {}: {context}: cannot delete s3://{bucket}/{key}: {}", self.name, e.message)
+            }
+        }
+        imported
+    }
+
+    /// Streams the file to `bucket`/`key` as a multipart upload (aborted on failure).
+    fn put_object(
+        &self,
+        req: &UploadRequest,
+        creds: &Credentials,
+        bucket: &str,
+        key: &str,
+        deadline: Instant,
+    ) -> Result<(), CallError> {
+        let io = |message: String| CallError {
+            kind: ErrorKind::Io,
+            code: None,
+            message,
+            maybe_sent: false,
+            retryable: false,
+        };
+        let mut file = File::open(&req.file)
+            .map_err(|e| io(format!("cannot open {}: {e}", req.file.display())))?;
+        let len = file
+            .metadata()
+            .map_err(|e| io(format!("{}: {e}", req.file.display())))?
+            .len();
+        req.progress.start(len);
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let headers = vec![
+            ("x-amz-tagging".to_string(), s3::tagging(&req.properties)),
+            ("x-amz-checksum-algorithm".to_string(), "SHA256".to_string()),
+        ];
+        let reply = self.api.s3(
+            creds,
+            "CreateMultipartUpload",
+            "POST",
+            bucket,
+            key,
+            &[("uploads".into(), String::new())],
+            headers,
+            Vec::new(),
+            sigv4::EMPTY_SHA256,
+            left(),
+        )?;
+        let upload_id = s3::parse_upload_id(&reply.body).map_err(|m| CallError {
+            kind: ErrorKind::Server,
+            code: None,
+            message: format!("CreateMultipartUpload: {m}"),
+            maybe_sent: true,
+            retryable: false,
+        })?;
+        let upload = |query: Vec<(String, String)>| {
+            let mut q = query;
+            q.push(("uploadId".into(), upload_id.clone()));
+            q
+        };
+        let part_size = s3::part_size(len);
+        let mut parts = Vec::new();
+        let result = (|| {
+            loop {
+                let mut data = Vec::with_capacity(part_size as usize);
+                (&mut file)
+                    .take(part_size)
+                    .read_to_end(&mut data)
+                    .map_err(|e| io(format!("reading {}: {e}", req.file.display())))?;
+                if data.is_empty() && !parts.is_empty() {
+                    break;
+                }
+                let number = parts.len() as u32 + 1;
+                let digest = <sha2::Sha256 as sha2::Digest>::digest(&data);
+                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+                let b64 =
+                    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, digest);
+                let sent = data.len() as u64;
+                let mut attempt = 0;
+                let reply = loop {
+                    attempt += 1;
+                    let query = upload(vec![("partNumber".into(), number.to_string())]);
+                    let headers = vec![("x-amz-checksum-sha256".to_string(), b64.clone())];
+                    match self.api.s3(
+                        creds,
+                        &format!("UploadPart {number}"),
+                        "PUT",
+                        bucket,
+                        key,
+                        &query,
+                        headers,
+                        data.clone(),
+                        &hex,
+                        left(),
+                    ) {
+                        Ok(reply) => break reply,
+                        Err(e) if e.retryable && attempt < BLOCK_ATTEMPTS => {
+                            log::debug!("{}; retrying", e.message);
+                            std::thread::sleep(Duration::from_secs(u64::from(attempt)).min(left()));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
+                let etag = reply.etag.ok_or_else(|| CallError {
+                    kind: ErrorKind::Server,
+                    code: None,
+                    message: format!("UploadPart {number}: the answer has no ETag"),
+                    maybe_sent: true,
+                    retryable: false,
+                })?;
+                parts.push(s3::Part {
+                    number,
+                    etag,
+                    checksum_b64: b64,
+                });
+                req.progress.add(sent);
+                if sent < part_size {
+                    break;
+                }
+            }
+            let body = s3::complete_body(&parts);
+            let hash = sigv4::sha256_hex(&body);
+            let reply = self.api.s3(
+                creds,
+                "CompleteMultipartUpload",
+                "POST",
+                bucket,
+                key,
+                &upload(Vec::new()),
+                Vec::new(),
+                body,
+                &hash,
+                left(),
+            )?;
+            match s3::complete_failed(&reply.body) {
+                Some(m) => Err(CallError {
+                    kind: ErrorKind::Server,
+                    code: None,
+                    message: format!("CompleteMultipartUpload: {m}"),
+                    maybe_sent: true,
+                    retryable: false,
+                }),
+                None => Ok(()),
+            }
+        })();
+        if result.is_err()
+            && let Err(e) = self.api.s3(
+                creds,
+                "AbortMultipartUpload",
+                "DELETE",
+                bucket,
+                key,
+                &upload(Vec::new()),
+                Vec::new(),
+                Vec::new(),
+                sigv4::EMPTY_SHA256,
+                DISCARD_TIMEOUT,
+            )
+        {
+            log::warn!(target: &self.log_target, "provider {}: cannot abort the upload of s3://{bucket}/{key}: {}", self.name, e.message);
+        }
+        result
+    }
+
+    /// Starts an import (`ImportSnapshot`, `ImportImage`), retrying while AWS says too many
+    /// imports run (`ResourceCountLimitExceeded`), as upstream does; the task id.
+    fn start_import(
+        &self,
+        creds: &Credentials,
+        action: &str,
+        params: &[(String, String)],
+        deadline: Instant,
+    ) -> Result<String, CallError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.api.ec2(creds, action, params, left) {
+                Ok(xml) => {
+                    return ec2::parse_import_task_id(&xml).map_err(|m| CallError {
+                        kind: ErrorKind::Server,
+                        code: None,
+                        message: format!("{action}: {m}"),
+                        maybe_sent: true,
+                        retryable: false,
+                    });
+                }
+                Err(e)
+                    if e.code.as_deref() == Some("ResourceCountLimitExceeded")
+                        && left > IMPORT_LIMIT_PAUSE =>
+                {
+                    log::warn!(target: &self.log_target, "provider {}: {}; trying again in {IMPORT_LIMIT_PAUSE:?}", self.name, e.message);
+                    std::thread::sleep(IMPORT_LIMIT_PAUSE);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Polls an import task until it is done (back-off up to [`MAX_IMPORT_POLL`]); on the
+    /// deadline the task is cancelled (best effort).
+    fn wait_import(
+        &self,
+        creds: &Credentials,
+        task: &str,
+        image: bool,
+        deadline: Instant,
+    ) -> Result<ec2::ImportStatus, CallError> {
+        let action = if image {
+            "DescribeImportImageTasks"
+        } else {
+            "DescribeImportSnapshotTasks"
+        };
+        let mut pause = Duration::from_secs(1);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                if let Err(e) = self.api.ec2(
+                    creds,
+                    "CancelImportTask",
+                    &[("ImportTaskId".into(), task.into())],
+                    DISCARD_TIMEOUT,
+                ) {
+                    log::warn!(target: &self.log_target, "provider {}: cannot cancel import task {task}: {}", self.name, e.message);
+                }
+                return Err(CallError {
+                    kind: ErrorKind::Timeout,
+                    code: None,
+                    message: format!(
+                        "import task {task} not done when the upload's time was up (cancelled)"
+                    ),
+                    maybe_sent: true,
+                    retryable: false,
+                });
+            }
+            std::thread::sleep(pause.min(left));
+            pause = (pause * 2).min(MAX_IMPORT_POLL);
+            let xml = match self.api.ec2(
+                creds,
+                action,
+                &[("ImportTaskId.1".into(), task.into())],
+                CALL_TIMEOUT,
+            ) {
+                Ok(xml) => xml,
+                Err(e) if e.retryable => {
+                    log::debug!("{}; polling again", e.message);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let status = ec2::parse_import_status(&xml, task, image).map_err(|m| CallError {
+                kind: ErrorKind::Server,
+                code: None,
+                message: format!("{action}: {m}"),
+                maybe_sent: true,
+                retryable: false,
+            })?;
+            match status {
+                ec2::ImportStatus::Running(what) => {
+                    log::debug!(target: &self.log_target, "provider {}: import task {task}: {what}", self.name);
+                }
+                done => return Ok(done),
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn import_snapshot(
+        &self,
+        req: &UploadRequest,
+        image: &AwsImage,
+        creds: &Credentials,
+        bucket: &str,
+        key: &str,
+        deadline: Instant,
+        context: &str,
+    ) -> Result<Uploaded, ProviderError> {
+        let mut params: Vec<(String, String)> = vec![
+            ("DiskContainer.Format".into(), req.format.clone()),
+            ("DiskContainer.UserBucket.S3Bucket".into(), bucket.into()),
+            ("DiskContainer.UserBucket.S3Key".into(), key.into()),
+        ];
+        params.extend(ec2::tag_specification(
+            1,
+            "import-snapshot-task",
+            &req.properties,
+        ));
+        let task = self
+            .start_import(creds, "ImportSnapshot", &params, deadline)
+            .map_err(|e| self.call_error(context, e))?;
+        log::debug!(target: &self.log_target, "provider {}: {context}: import task {task}", self.name);
+        let snapshot = match self.wait_import(creds, &task, false, deadline) {
+            Ok(ec2::ImportStatus::Completed { snapshot_id, .. }) => snapshot_id,
+            Ok(ec2::ImportStatus::Failed(m)) => {
+                return Err(self.error(
+                    ErrorKind::Server,
+                    format!("{context}: import task {task} failed: {m}"),
+                ));
+            }
+            Ok(ec2::ImportStatus::Running(_)) => unreachable!("wait_import returns finished tasks"),
+            Err(e) => return Err(self.call_error(context, e)),
+        };
+        let sized = self
+            .tag(creds, &snapshot, &req.properties, deadline)
+            .and_then(|()| match image.volume_size {
+                Some(size) => Ok(size),
+                None => self
+                    .api
+                    .ec2(
+                        creds,
+                        "DescribeSnapshots",
+                        &[("SnapshotId.1".into(), snapshot.clone())],
+                        CALL_TIMEOUT,
+                    )
+                    .and_then(|xml| {
+                        ec2::parse_snapshot_size(&xml).map_err(|m| CallError {
+                            kind: ErrorKind::Server,
+                            code: None,
+                            message: format!("DescribeSnapshots: {m}"),
+                            maybe_sent: true,
+                            retryable: false,
+                        })
+                    }),
+            });
+        match sized {
+            Ok(volume) => self.register(req, image, creds, &snapshot, volume, deadline, context),
+            Err(e) => {
+                self.discard(creds, req, &snapshot, false);
+                Err(self.call_error(context, e))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn import_image(
+        &self,
+        req: &UploadRequest,
+        image: &AwsImage,
+        creds: &Credentials,
+        bucket: &str,
+        key: &str,
+        deadline: Instant,
+        context: &str,
+    ) -> Result<Uploaded, ProviderError> {
+        let mut params: Vec<(String, String)> = vec![
+            ("Architecture".into(), image.architecture.clone()),
+            ("DiskContainer.1.Format".into(), req.format.clone()),
+            ("DiskContainer.1.UserBucket.S3Bucket".into(), bucket.into()),
+            ("DiskContainer.1.UserBucket.S3Key".into(), key.into()),
+        ];
+        params.extend(ec2::tag_specification(
+            1,
+            "import-image-task",
+            &req.properties,
+        ));
+        let task = self
+            .start_import(creds, "ImportImage", &params, deadline)
+            .map_err(|e| self.call_error(context, e))?;
+        log::debug!(target: &self.log_target, "provider {}: {context}: import task {task}", self.name);
+        let (ami, snapshot) = match self.wait_import(creds, &task, true, deadline) {
+            Ok(ec2::ImportStatus::Completed {
+                snapshot_id,
+                image_id,
+            }) => (image_id.unwrap_or_default(), snapshot_id),
+            Ok(ec2::ImportStatus::Failed(m)) => {
+                return Err(self.error(
+                    ErrorKind::Server,
+                    format!("{context}: import task {task} failed: {m}"),
+                ));
+            }
+            Ok(ec2::ImportStatus::Running(_)) => unreachable!("wait_import returns finished tasks"),
+            Err(e) => return Err(self.call_error(context, e)),
+        };
+        // EC2 tags neither the AMI nor its snapshot of an image import: tag both, as upstream.
+        let tagged = self
+            .tag(creds, &ami, &req.properties, deadline)
+            .and_then(|()| self.tag(creds, &snapshot, &req.properties, deadline));
+        if let Err(e) = tagged {
+            if let Err(d) = self.deregister(creds, &ami, DISCARD_TIMEOUT) {
+                log::warn!(target: &self.log_target, "provider {}: {context}: cannot deregister AMI {ami}: {}; the janitor cannot find it untagged", self.name, d.message);
+            }
+            self.discard(creds, req, &snapshot, false);
+            return Err(self.call_error(context, e));
+        }
+        log::info!(target: &self.log_target, "provider {}: {context}: imported AMI {ami} with snapshot {snapshot}", self.name);
+        Ok(Uploaded { external_id: ami })
     }
 
     /// Tags `resource` again with `CreateTags` (RegisterImage's `TagSpecifications` already
@@ -932,15 +1464,9 @@ impl ProviderDriver for AwsDriver {
         log::debug!(target: &self.log_target, "provider {}: uploading {} to region {} with credentials from {}", self.name, req.external_name, self.region, creds.source());
         match image.import_method {
             AwsImportMethod::EbsDirect => self.upload_ebs_direct(req, image, &creds),
-            method @ (AwsImportMethod::Snapshot | AwsImportMethod::Image) => Err(self.error(
-                ErrorKind::Config,
-                format!(
-                    "upload of {}: import-method {} (through S3) is not supported by this builder yet; use import-method ebs-direct, or --leave-provider {} and nodepool's builder",
-                    req.external_name,
-                    method.as_str(),
-                    self.name
-                ),
-            )),
+            AwsImportMethod::Snapshot | AwsImportMethod::Image => {
+                self.upload_via_s3(req, image, &creds)
+            }
         }
     }
 

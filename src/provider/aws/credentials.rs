@@ -171,6 +171,14 @@ impl AwsEnv {
         }
     }
 
+    /// Whether an endpoint of `service` is configured (rather than AWS's own).
+    pub fn has_endpoint(&self, service: &str) -> bool {
+        let specific = format!("AWS_ENDPOINT_URL_{}", service.to_ascii_uppercase());
+        self.var(&specific)
+            .or_else(|| self.var("AWS_ENDPOINT_URL"))
+            .is_some()
+    }
+
     /// Walks the chain for `profile_name` (the provider's `profile-name`).
     pub fn credentials(&self, profile_name: Option<&str>) -> Result<Credentials, String> {
         let profile = self.profile(profile_name);

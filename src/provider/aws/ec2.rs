@@ -156,6 +156,91 @@ pub fn parse_image_id(xml: &[u8]) -> Result<String, String> {
         .ok_or_else(|| "the answer has no imageId".to_string())
 }
 
+/// Where an import task is (`DescribeImportSnapshotTasks`, `DescribeImportImageTasks`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImportStatus {
+    /// Still working (`active`, or anything else AWS says on the way).
+    Running(String),
+    /// Done: the snapshot, and for an image import the AMI.
+    Completed {
+        snapshot_id: String,
+        image_id: Option<String>,
+    },
+    /// Failed (`deleted`, `deleting`): AWS's status message.
+    Failed(String),
+}
+
+/// The `importTaskId` of an `ImportSnapshot` or `ImportImage` answer.
+pub fn parse_import_task_id(xml: &[u8]) -> Result<String, String> {
+    let doc = parse(xml)?;
+    Some(text(doc.root_element(), "importTaskId"))
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| "the answer has no importTaskId".to_string())
+}
+
+/// The status of task `id` in a `DescribeImportSnapshotTasks` (`image` false) or
+/// `DescribeImportImageTasks` (`image` true) answer.
+pub fn parse_import_status(xml: &[u8], id: &str, image: bool) -> Result<ImportStatus, String> {
+    let doc = parse(xml)?;
+    let set = if image {
+        "importImageTaskSet"
+    } else {
+        "importSnapshotTaskSet"
+    };
+    let task = items(doc.root_element(), set)
+        .find(|t| text(*t, "importTaskId") == id)
+        .ok_or_else(|| format!("the answer does not list task {id}"))?;
+    let (status, message, snapshot_id, image_id) = if image {
+        let snapshot = items(task, "snapshotDetailSet")
+            .map(|d| text(d, "snapshotId"))
+            .find(|s| !s.is_empty())
+            .unwrap_or_default();
+        (
+            text(task, "status"),
+            text(task, "statusMessage"),
+            snapshot,
+            Some(text(task, "imageId")),
+        )
+    } else {
+        let detail = child(task, "snapshotTaskDetail")
+            .ok_or_else(|| format!("task {id} has no snapshotTaskDetail"))?;
+        (
+            text(detail, "status"),
+            text(detail, "statusMessage"),
+            text(detail, "snapshotId"),
+            None,
+        )
+    };
+    Ok(match status.to_ascii_lowercase().as_str() {
+        "completed" => {
+            if snapshot_id.is_empty() || image_id.as_ref().is_some_and(|i| i.is_empty()) {
+                return Err(format!("task {id} completed without its ids"));
+            }
+            ImportStatus::Completed {
+                snapshot_id,
+                image_id,
+            }
+        }
+        "deleted" | "deleting" => {
+            ImportStatus::Failed(if message.is_empty() { status } else { message })
+        }
+        _ => ImportStatus::Running(if message.is_empty() {
+            status
+        } else {
+            format!("{status}: {message}")
+        }),
+    })
+}
+
+/// The `volumeSize` (GiB) of the one snapshot of a `DescribeSnapshots` answer.
+pub fn parse_snapshot_size(xml: &[u8]) -> Result<u64, String> {
+    let doc = parse(xml)?;
+    items(doc.root_element(), "snapshotSet")
+        .next()
+        .and_then(|s| text(s, "volumeSize").parse().ok())
+        .ok_or_else(|| "the answer has no snapshot with a volumeSize".to_string())
+}
+
 /// The first error of an error answer, if it is one.
 pub fn parse_error(xml: &[u8]) -> Option<ApiError> {
     let doc = parse(xml).ok()?;
@@ -222,6 +307,46 @@ mod tests {
             "ami-7"
         );
         assert!(parse_images(b"not xml").is_err());
+    }
+
+    #[test]
+    fn import_task_answers_give_status_and_ids() {
+        let snap = br#"<DescribeImportSnapshotTasksResponse><importSnapshotTaskSet><item>
+            <importTaskId>import-snap-1</importTaskId><snapshotTaskDetail><status>completed</status>
+            <snapshotId>snap-5</snapshotId></snapshotTaskDetail></item></importSnapshotTaskSet>
+            </DescribeImportSnapshotTasksResponse>"#;
+        assert_eq!(
+            parse_import_status(snap, "import-snap-1", false),
+            Ok(ImportStatus::Completed {
+                snapshot_id: "snap-5".into(),
+                image_id: None
+            })
+        );
+        let image = br#"<DescribeImportImageTasksResponse><importImageTaskSet><item>
+            <importTaskId>import-ami-1</importTaskId><status>deleted</status>
+            <statusMessage>ClientError: bad disk</statusMessage></item></importImageTaskSet>
+            </DescribeImportImageTasksResponse>"#;
+        assert_eq!(
+            parse_import_status(image, "import-ami-1", true),
+            Ok(ImportStatus::Failed("ClientError: bad disk".into()))
+        );
+        let active = br#"<R><importImageTaskSet><item><importTaskId>t</importTaskId>
+            <status>active</status><statusMessage>converting</statusMessage></item></importImageTaskSet></R>"#;
+        assert_eq!(
+            parse_import_status(active, "t", true),
+            Ok(ImportStatus::Running("active: converting".into()))
+        );
+        assert!(parse_import_status(active, "other", true).is_err());
+        assert_eq!(
+            parse_import_task_id(b"<ImportSnapshotResponse><importTaskId>import-snap-9</importTaskId></ImportSnapshotResponse>"),
+            Ok("import-snap-9".into())
+        );
+        assert_eq!(
+            parse_snapshot_size(
+                b"<R><snapshotSet><item><volumeSize>8</volumeSize></item></snapshotSet></R>"
+            ),
+            Ok(8)
+        );
     }
 
     #[test]

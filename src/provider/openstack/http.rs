@@ -97,6 +97,8 @@ pub struct Reply {
     pub status: u16,
     /// `X-Subject-Token` (Keystone), never logged.
     pub subject_token: Option<String>,
+    /// `ETag` (S3's part uploads).
+    pub etag: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -319,6 +321,11 @@ impl Http {
             .get("x-subject-token")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let etag = response
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let body = response
             .body_mut()
             .with_config()
@@ -328,6 +335,7 @@ impl Http {
         Ok(Reply {
             status,
             subject_token,
+            etag,
             body,
         })
     }
