@@ -847,3 +847,87 @@ fn a_snapshot_import_without_a_bucket_is_a_clear_configuration_error() {
         "{err}"
     );
 }
+
+#[test]
+fn aws_credentials_from_a_profile_never_reach_the_logs_and_their_file_is_checked() {
+    use std::os::unix::fs::PermissionsExt;
+    let moto = MotoServer::start("aws_secrets");
+    let site = crate::util::site::TestSite::new("aws_secrets");
+    let (secret, token) = (
+        "Aws-S3cret-key-4711-do-not-log",
+        "Aws-session-t0ken-0815-do-not-log",
+    );
+    let credentials = site.path("aws-credentials");
+    std::fs::write(
+        &credentials,
+        format!(
+            "[default]\n[ci]\naws_access_key_id = AKIDPROFILECI\naws_secret_access_key = {secret}\n\
+             aws_session_token = {token}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&credentials, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let provider = |name: &str, profile: &str| {
+        format!(
+            "\n[[providers]]\nname = \"{name}\"\ndriver = \"aws\"\nregion-name = \"us-east-1\"\n\
+             profile-name = \"{profile}\"\nrate = 0\n[[providers.diskimages]]\nname = \"fedora\"\n\
+             import-method = \"ebs-direct\"\n"
+        )
+    };
+    site.config(
+        0,
+        "",
+        &format!(
+            "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{{fake_dib}}\"\nformats = [\"raw\"]\n{}{}",
+            provider("ec2-ci", "ci"),
+            provider("ec2-none", "missing")
+        ),
+    );
+    // The test's credentials file instead of moto's empty one. moto's keys stay in the
+    // environment: a provider naming a profile must not use them (ec2-none fails).
+    let mut env = moto.env();
+    for (k, v) in env.iter_mut() {
+        if k == "AWS_SHARED_CREDENTIALS_FILE" {
+            *v = credentials.display().to_string();
+        }
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut b = site.start_with_env(0, &[], &env);
+    b.wait_for_log(
+        WAIT_LONG,
+        &format!(
+            "secret file {} is readable by its group and everyone (mode 0644)",
+            credentials.display()
+        ),
+    );
+    site.wait_uploads(
+        "fedora",
+        "ec2-ci",
+        nodepool_builder::model::UploadState::Ready,
+        1,
+    );
+    b.wait_for_log(WAIT_LONG, "no AWS credentials for profile missing");
+    drop(b);
+
+    let log = std::fs::read_to_string(site.path("builder0.log")).unwrap();
+    for s in [secret, token] {
+        assert!(!log.contains(s), "the daemon log shows {s:?}");
+        for dir in [site.log_dir(0), site.images_dir(0)] {
+            let found = files_containing(&dir, s);
+            assert!(found.is_empty(), "{s:?} is in {found:?}");
+        }
+    }
+}
+
+fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_containing(&path, needle));
+        } else if std::fs::read(&path).is_ok_and(|b| String::from_utf8_lossy(&b).contains(needle)) {
+            found.push(path.display().to_string());
+        }
+    }
+    found
+}
