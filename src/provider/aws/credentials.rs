@@ -23,6 +23,8 @@
 //!
 //! `AWS_ENDPOINT_URL_EC2`, `AWS_ENDPOINT_URL_EBS`, `AWS_ENDPOINT_URL_S3`, else
 //! `AWS_ENDPOINT_URL`, else `https://<service>.<region>.amazonaws.com`, as the SDKs do.
+//! https endpoints are checked against the system CA store (`SSL_CERT_FILE`/`SSL_CERT_DIR`
+//! replace it, as for the OpenStack driver); the SDKs' `AWS_CA_BUNDLE` is not read.
 //!
 //! # Secrets
 //!
@@ -96,7 +98,7 @@ pub struct AwsEnv {
     pub home: Option<PathBuf>,
 }
 
-const ENV_NAMES: [&str; 13] = [
+const ENV_NAMES: [&str; 12] = [
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
@@ -107,7 +109,6 @@ const ENV_NAMES: [&str; 13] = [
     "AWS_ENDPOINT_URL_EC2",
     "AWS_ENDPOINT_URL_EBS",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_CA_BUNDLE",
     "AWS_DEFAULT_PROFILE",
     "HOME",
 ];
