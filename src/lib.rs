@@ -34,7 +34,8 @@
 //! * `progress`: the progress of running builds and uploads in one table, and the
 //!   `progress` thread that logs it every `progress-interval`.
 //! * `provider`: cloud drivers behind one trait: OpenStack (Glance and Keystone through
-//!   clouds.yaml, CA trust as openstacksdk) and the command driver.
+//!   clouds.yaml, CA trust as openstacksdk), aws (EC2 and EBS direct, SigV4, the AWS
+//!   credential chain) and the command driver.
 //! * `registry`: the process-wide registry of our threads and what each is doing.
 //! * `scheduler`: the `scheduler` thread, an event loop that owns scheduling state; its
 //!   decisions (what to build and why, uploads, wake-ups, back-off, retention with the

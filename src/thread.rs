@@ -20,10 +20,10 @@
 //! daemon's threads: `main`, `signals`, `stackdump`, `zk-session` (the session supervisor),
 //! `zk-hooks` (new-session hooks), `zk-events` (watch forwarding), `zk-watch` (the image tree
 //! watcher), `scheduler`, `build-0`…, `upload-0`…, `cleanup`, `progress`, `watchdog` (under
-//! systemd's watchdog), `webapp` (the HTTP endpoint, when configured), and per running child
-//! process `dib-out-0`… (its log) or `cmd-out-0`… (captured output). A longer name is a bug: it
-//! panics in debug builds and is cut at a character boundary in release builds, so that the
-//! registered name always equals the kernel's.
+//! systemd's watchdog), `webapp` (the HTTP endpoint, when configured), `ebs-put-0`… (block writers
+//! of an aws upload while it runs), and per running child process `dib-out-0`… (its log) or
+//! `cmd-out-0`… (captured output). A longer name is a bug: it panics in debug builds and is cut at
+//! a character boundary in release builds, so that the registered name always equals the kernel's.
 //!
 //! # Hazards
 //!
@@ -75,6 +75,8 @@ pub enum ThreadKind {
     PipeReader,
     /// Serves the HTTP endpoint (`/metrics`, `/healthz`, ...).
     Webapp,
+    /// Writes snapshot blocks during one aws `ebs-direct` upload (`ebs-put-N`).
+    BlockWriter,
     /// Anything else, including tests.
     Other,
 }
@@ -95,6 +97,7 @@ impl ThreadKind {
             ThreadKind::Watchdog => "watchdog",
             ThreadKind::PipeReader => "pipe-reader",
             ThreadKind::Webapp => "webapp",
+            ThreadKind::BlockWriter => "ebs-put",
             ThreadKind::Other => "other",
         }
     }

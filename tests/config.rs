@@ -199,7 +199,7 @@ fn full_config_merges_parents_secure_file_and_both_drivers() {
     assert!(!debian.delete_after_upload);
 
     let names: Vec<&str> = config.providers.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names, ["cloud-a", "archive"]);
+    assert_eq!(names, ["cloud-a", "archive", "aws-east"]);
     let cloud = config.provider("cloud-a").unwrap();
     assert_eq!(
         cloud.driver,
@@ -602,7 +602,7 @@ fn leave_provider_skips_any_provider_and_names_only_the_ones_found() {
     };
     let config = config::load_with(&dir.join("full.yaml"), None, &options).unwrap();
     let names: Vec<&str> = config.providers.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names, vec!["archive"]);
+    assert_eq!(names, vec!["archive", "aws-east"]);
     assert_eq!(config.left_providers, strings(&["cloud-a", "static-rack"]));
 }
 

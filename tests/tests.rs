@@ -8,6 +8,8 @@
 
 /// The AWS test tooling: moto's server and the actions the AWS driver needs from it.
 mod aws_tooling;
+/// The aws driver: its configuration, and uploads, deletions and leak detection against moto.
+mod aws_uploads;
 /// Bad data: the fuzz targets' checks over the seed corpus, nasty records, mutated configs.
 mod bad_data;
 /// The benchmark harness at small sizes (the full run is `cargo bench`).

@@ -136,6 +136,16 @@ pub mod defaults {
     pub const VALIDATE_TIMEOUT: u64 = 600;
     /// `image-format` of a command provider.
     pub const COMMAND_IMAGE_FORMAT: &str = "qcow2";
+    /// `image-format` of an aws provider (nodepool 11's).
+    pub const AWS_IMAGE_FORMAT: &str = "raw";
+    /// The formats an aws provider's `image-format` may name (nodepool 11's schema).
+    pub const AWS_IMAGE_FORMATS: [&str; 5] = ["ova", "vhd", "vhdx", "vmdk", "raw"];
+    /// `rate` of an aws provider: API calls per second (nodepool 11's aws meaning and default).
+    pub const AWS_RATE_PER_SECOND: f64 = 2.0;
+    /// `architecture` of an aws provider's diskimage.
+    pub const AWS_ARCHITECTURE: &str = "x86_64";
+    /// `volume-type` of an aws provider's diskimage.
+    pub const AWS_VOLUME_TYPE: &str = "gp3";
 }
 
 /// The validated configuration.
@@ -283,6 +293,56 @@ pub enum Driver {
         list_command: Option<Vec<String>>,
         image_format: String,
     },
+    /// Amazon EC2 (nodepool 11's `aws` driver, its image-upload keys).
+    Aws {
+        region_name: String,
+        /// The shared config/credentials profile; `None` means `AWS_PROFILE`, else `default`.
+        profile_name: Option<String>,
+        /// `object-storage.bucket-name`: where `snapshot` and `image` imports stage the file.
+        bucket_name: Option<String>,
+        /// `raw` unless set: `ova`, `vhd`, `vhdx`, `vmdk` or `raw`.
+        image_format: String,
+    },
+}
+
+/// How an aws provider turns the image file into an AMI (`import-method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AwsImportMethod {
+    /// Through S3 and `ImportSnapshot`, then `RegisterImage` (nodepool's default).
+    Snapshot,
+    /// Through S3 and `ImportImage`.
+    Image,
+    /// The EBS direct API: snapshot blocks written straight from the file, no S3.
+    EbsDirect,
+}
+
+impl AwsImportMethod {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AwsImportMethod::Snapshot => "snapshot",
+            AwsImportMethod::Image => "image",
+            AwsImportMethod::EbsDirect => "ebs-direct",
+        }
+    }
+}
+
+/// The keys of an aws provider's diskimage entry (nodepool 11's defaults).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsImage {
+    pub import_method: AwsImportMethod,
+    /// `architecture`, `x86_64` unless set.
+    pub architecture: String,
+    /// `ena-support`, true unless set.
+    pub ena_support: bool,
+    /// `volume-size` in GiB; `None` means the file's size rounded up to whole GiB.
+    pub volume_size: Option<u64>,
+    /// `volume-type`, `gp3` unless set.
+    pub volume_type: String,
+    pub iops: Option<u64>,
+    pub throughput: Option<u64>,
+    /// `imds-support: v2.0`: instances from this AMI require IMDSv2.
+    pub imds_v2: bool,
 }
 
 /// One `[[providers.diskimages]]` entry.
@@ -291,8 +351,10 @@ pub struct ProviderDiskImage {
     pub name: String,
     /// Pauses uploads of this image to this provider.
     pub pause: bool,
-    /// These image properties are set on upload.
+    /// These image properties are set on upload (an aws provider's `tags`).
     pub meta: BTreeMap<String, String>,
+    /// The aws driver's per-image keys; `Some` exactly for an aws provider's diskimages.
+    pub aws: Option<AwsImage>,
 }
 
 impl Config {

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use super::doc::{Format, Node, Table, Value};
 use super::source::{Pos, Source};
-use super::{Driver, ZkAuth, ZkServer, ZkTls, defaults};
+use super::{AwsImage, AwsImportMethod, Driver, ZkAuth, ZkServer, ZkTls, defaults};
 
 /// A value and where it was written.
 #[derive(Clone, Debug)]
@@ -143,6 +143,8 @@ pub(crate) struct RawProviderDiskImage {
     pub name: Option<At<String>>,
     pub pause: Option<bool>,
     pub meta: Option<BTreeMap<String, String>>,
+    /// Read for an aws provider only.
+    pub aws: Option<AwsImage>,
 }
 
 /// Keys of the main file's top level, named when the secure file tries to set one.
@@ -206,14 +208,55 @@ const PROVIDER_LAUNCHER_KEYS: &[&str] = &[
     "cloud-images",
 ];
 
+/// Keys of a nodepool.yaml aws provider that only the launcher reads (nodepool 11's aws
+/// schema less the image-upload keys).
+const AWS_PROVIDER_LAUNCHER_KEYS: &[&str] = &[
+    "max-concurrency",
+    "priority",
+    "boot-timeout",
+    "launch-timeout",
+    "launch-retries",
+    "pools",
+    "cloud-images",
+    "max-servers",
+    "max-cores",
+    "max-ram",
+    "max-resources",
+    "use-internal-ip",
+    "host-key-checking",
+    "public-ipv4",
+    "public-ipv6",
+];
+
 /// Keys of a nodepool.yaml provider's diskimage entry that only the launcher reads.
 const PROVIDER_DISKIMAGE_LAUNCHER_KEYS: &[&str] =
     &["config-drive", "connection-type", "connection-port"];
 
+/// The same for an aws provider's diskimage entry.
+const AWS_DISKIMAGE_LAUNCHER_KEYS: &[&str] = &[
+    "connection-type",
+    "connection-port",
+    "username",
+    "python-path",
+    "shell-type",
+];
+
+/// Keys of an aws provider's diskimage entry (besides `name`, `pause`, `tags`).
+const AWS_DISKIMAGE_KEYS: [&str; 8] = [
+    "import-method",
+    "architecture",
+    "ena-support",
+    "volume-size",
+    "volume-type",
+    "iops",
+    "throughput",
+    "imds-support",
+];
+
 /// What this builder does with a nodepool.yaml provider of a given driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum DriverClass {
-    /// `openstack` and our `command`: this builder uploads to it.
+    /// `openstack`, `aws` and our `command`: this builder uploads to it.
     Supported,
     /// nodepool 11 drivers whose `manage_images` is true but which we cannot upload to.
     ForeignImages,
@@ -225,8 +268,8 @@ pub(crate) enum DriverClass {
 /// Classifies a driver name as nodepool 11's drivers declare `manage_images`.
 pub(crate) fn classify_driver(driver: &str) -> DriverClass {
     match driver {
-        "openstack" | "command" => DriverClass::Supported,
-        "aws" | "azure" | "ibmvpc" | "fake" => DriverClass::ForeignImages,
+        "openstack" | "command" | "aws" => DriverClass::Supported,
+        "azure" | "ibmvpc" | "fake" => DriverClass::ForeignImages,
         "gce" | "kubernetes" | "openshift" | "openshiftpods" | "static" | "metastatic"
         | "example" | "test" => DriverClass::NoImages,
         _ => DriverClass::Unknown,
@@ -664,8 +707,13 @@ fn read_provider(
                 return None;
             }
         }
-        p.ignore(PROVIDER_LAUNCHER_KEYS);
+        p.ignore(if driver == "aws" {
+            AWS_PROVIDER_LAUNCHER_KEYS
+        } else {
+            PROVIDER_LAUNCHER_KEYS
+        });
     }
+    let is_aws = driver_name.as_ref().is_some_and(|d| d.value == "aws");
     let cloud = p.string(sink, "cloud");
     let region_name = p.string(sink, "region-name");
     let image_format = p.string(sink, "image-format");
@@ -690,6 +738,21 @@ fn read_provider(
         .and_then(|v| whole_seconds(sink, "image-upload-timeout", v))
         .and_then(|v| positive(sink, "image-upload-timeout", v));
     let post_upload_hook = p.path(sink, base, "post-upload-hook");
+    let mut rate = rate.map(|v| v.value);
+    // The aws driver's keys (an error below for other drivers).
+    let profile_name = p.string(sink, "profile-name").map(|v| v.value);
+    let bucket_name = p.table(sink, "object-storage").and_then(|(table, pos)| {
+        let mut o = Reader::new(src, table, pos, "an [object-storage] table");
+        let bucket = o.string(sink, "bucket-name");
+        o.require(sink, "bucket-name");
+        o.finish(sink);
+        bucket.map(|b| b.value)
+    });
+    let image_import_timeout = p
+        .integer(sink, "image-import-timeout")
+        .and_then(|v| whole_seconds(sink, "image-import-timeout", v))
+        .and_then(|v| positive(sink, "image-import-timeout", v));
+    let mut image_upload_timeout = image_upload_timeout;
 
     let driver = match driver_name
         .as_ref()
@@ -699,6 +762,9 @@ fn read_provider(
             p.require(sink, "cloud");
             for key in ["upload-command", "delete-command", "list-command"] {
                 p.only_for(sink, key, "command");
+            }
+            for key in AWS_PROVIDER_KEYS {
+                p.only_for(sink, key, "aws");
             }
             cloud.map(|cloud| Driver::OpenStack {
                 cloud: cloud.value,
@@ -712,6 +778,9 @@ fn read_provider(
             for key in ["cloud", "region-name"] {
                 p.only_for(sink, key, "openstack");
             }
+            for key in AWS_PROVIDER_KEYS {
+                p.only_for(sink, key, "aws");
+            }
             match (upload_command, delete_command) {
                 (Some(upload_command), Some(delete_command)) => Some(Driver::Command {
                     upload_command,
@@ -723,11 +792,48 @@ fn read_provider(
                 _ => None,
             }
         }
+        "aws" => {
+            p.require(sink, "region-name");
+            p.only_for(sink, "cloud", "openstack");
+            for key in ["upload-command", "delete-command", "list-command"] {
+                p.only_for(sink, key, "command");
+            }
+            // nodepool 11's aws `rate` is calls per second; ours is seconds between calls.
+            let per_second = rate.unwrap_or(defaults::AWS_RATE_PER_SECOND);
+            rate = Some(if per_second > 0.0 {
+                1.0 / per_second
+            } else {
+                0.0
+            });
+            if image_import_timeout.is_some() {
+                image_upload_timeout = image_import_timeout;
+            }
+            if let Some(format) = &image_format
+                && !defaults::AWS_IMAGE_FORMATS.contains(&format.value.as_str())
+            {
+                sink.error(
+                    format.pos,
+                    format!(
+                        "`image-format` of an aws provider must be one of {} (nodepool 11's)",
+                        defaults::AWS_IMAGE_FORMATS.join(", ")
+                    ),
+                );
+            }
+            region_name.map(|region| Driver::Aws {
+                region_name: region.value,
+                profile_name,
+                bucket_name,
+                image_format: image_format
+                    .map_or_else(|| defaults::AWS_IMAGE_FORMAT.to_owned(), |f| f.value),
+            })
+        }
         other => {
             let at = driver_name.as_ref().map_or(p.pos, |d| d.pos);
             sink.error(
                 at,
-                format!("unknown driver `{other}` (expected \"openstack\" or \"command\")"),
+                format!(
+                    "unknown driver `{other}` (expected \"openstack\", \"aws\" or \"command\")"
+                ),
             );
             None
         }
@@ -739,26 +845,114 @@ fn read_provider(
         .map(|(table, pos)| {
             let mut d = Reader::new(src, table, pos, "a [[providers.diskimages]] entry");
             if src.format == Format::Yaml {
-                d.ignore(PROVIDER_DISKIMAGE_LAUNCHER_KEYS);
+                d.ignore(if is_aws {
+                    AWS_DISKIMAGE_LAUNCHER_KEYS
+                } else {
+                    PROVIDER_DISKIMAGE_LAUNCHER_KEYS
+                });
             }
             let name = d.string(sink, "name");
             d.require(sink, "name");
             let pause = d.boolean(sink, "pause").map(|v| v.value);
-            let meta = d.string_map(sink, "meta");
+            let (meta, aws) = if is_aws {
+                d.raw("meta");
+                if d.has("meta") {
+                    sink.error(
+                        d.key_pos("meta"),
+                        "`meta` is not a key of an aws provider's diskimage: its image tags are `tags`",
+                    );
+                }
+                (d.string_map(sink, "tags"), Some(read_aws_image(&mut d, sink)))
+            } else {
+                for key in AWS_DISKIMAGE_KEYS.iter().chain(&["tags"]) {
+                    d.raw(key);
+                    d.only_for(sink, key, "aws");
+                }
+                (d.string_map(sink, "meta"), None)
+            };
             d.finish(sink);
-            RawProviderDiskImage { name, pause, meta }
+            RawProviderDiskImage {
+                name,
+                pause,
+                meta,
+                aws,
+            }
         })
         .collect();
     p.finish(sink);
     Some(RawProvider {
         name,
         driver,
-        rate: rate.map(|v| v.value),
+        rate,
         image_name_format: image_name_format.map(|v| v.value),
         image_upload_timeout,
         post_upload_hook,
         diskimages,
     })
+}
+
+/// Keys of an aws provider other than the common ones and `region-name`.
+const AWS_PROVIDER_KEYS: [&str; 3] = ["profile-name", "object-storage", "image-import-timeout"];
+
+/// The aws keys of a provider's diskimage entry, with nodepool 11's defaults and checks.
+fn read_aws_image(d: &mut Reader, sink: &mut Sink) -> AwsImage {
+    let import_method = match d.string(sink, "import-method") {
+        None => AwsImportMethod::Snapshot,
+        Some(m) => match m.value.as_str() {
+            "snapshot" => AwsImportMethod::Snapshot,
+            "image" => AwsImportMethod::Image,
+            "ebs-direct" => AwsImportMethod::EbsDirect,
+            other => {
+                sink.error(
+                    m.pos,
+                    format!(
+                        "`import-method` must be \"snapshot\", \"image\" or \"ebs-direct\", found {other:?}"
+                    ),
+                );
+                AwsImportMethod::Snapshot
+            }
+        },
+    };
+    let architecture = d.string(sink, "architecture");
+    let ena_support = d.boolean(sink, "ena-support").map(|v| v.value);
+    let mut count = |key: &'static str| d.integer(sink, key).and_then(|v| positive(sink, key, v));
+    let volume_size = count("volume-size");
+    let iops = count("iops");
+    let throughput = count("throughput");
+    let volume_type = d.string(sink, "volume-type");
+    let imds_v2 = match d.string(sink, "imds-support") {
+        None => false,
+        Some(v) if v.value == "v2.0" => {
+            if import_method == AwsImportMethod::Image {
+                sink.error(
+                    v.pos,
+                    "`imds-support: v2.0` needs `import-method` \"snapshot\" or \"ebs-direct\" (EC2's image import cannot set it)",
+                );
+            }
+            true
+        }
+        Some(v) => {
+            sink.error(
+                v.pos,
+                format!(
+                    "`imds-support` must be \"v2.0\" (or absent), found {:?}",
+                    v.value
+                ),
+            );
+            false
+        }
+    };
+    AwsImage {
+        import_method,
+        architecture: architecture
+            .map_or_else(|| defaults::AWS_ARCHITECTURE.to_owned(), |v| v.value),
+        ena_support: ena_support.unwrap_or(true),
+        volume_size,
+        volume_type: volume_type.map_or_else(|| defaults::AWS_VOLUME_TYPE.to_owned(), |v| v.value),
+        iops,
+        throughput,
+        imds_v2,
+    }
 }
 
 /// Diskimage and provider names become znode path components.

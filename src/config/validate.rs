@@ -366,6 +366,7 @@ fn check_providers(
                 name: name.value.clone(),
                 pause: image.pause.unwrap_or(false),
                 meta: image.meta.clone().unwrap_or_default(),
+                aws: image.aws.clone(),
             });
         }
         let Some(driver) = provider.driver else {

@@ -45,6 +45,8 @@ pub const COMPONENT: &str = "nodepool.Component";
 pub const STATS: &str = "nodepool.stats";
 /// Prefix of the OpenStack driver's loggers (`nodepool.OpenStackAdapter.<provider>`).
 pub const OPENSTACK: &str = "nodepool.OpenStackAdapter";
+/// Prefix of the aws driver's loggers (`nodepool.AwsAdapter.<provider>`).
+pub const AWS: &str = "nodepool.AwsAdapter";
 
 /// The nodepool logger name for a record with `target` (a module path, or an explicit
 /// nodepool name) logged on the thread called `thread`.
@@ -66,6 +68,7 @@ pub fn logger_name<'a>(target: &'a str, thread: Option<&str>) -> Cow<'a, str> {
         }
         ("stats", _) => return Cow::Borrowed(STATS),
         ("provider", Some("openstack")) => return Cow::Borrowed(OPENSTACK),
+        ("provider", Some("aws")) => return Cow::Borrowed(AWS),
         _ => {}
     }
     match thread.map(worker_of_thread) {

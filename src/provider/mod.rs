@@ -1,5 +1,6 @@
 //! Cloud drivers behind one trait: OpenStack (Glance v2 + Keystone, configured through
-//! clouds.yaml) and the command driver (our addition).
+//! clouds.yaml), Amazon EC2 (`aws`, nodepool 11's image uploads) and the command driver (our
+//! addition).
 //!
 //! Only `provider::*` knows a cloud protocol. The upload worker builds an [`UploadRequest`]
 //! (name, file, format, checksums, properties) and calls [`ProviderDriver::upload`]; the
@@ -11,6 +12,7 @@
 //! the driver's default) and the files it reads credentials from ([`secret_files`], for the
 //! permission check of `secret_files`).
 
+pub mod aws;
 pub mod command;
 pub mod openstack;
 
@@ -165,7 +167,7 @@ pub fn configured_format(provider: &config::Provider) -> ConfiguredFormat {
         config::Driver::OpenStack {
             image_format: None, ..
         } => ConfiguredFormat::DriverDefault(openstack::DEFAULT_IMAGE_FORMAT),
-        config::Driver::Command { image_format, .. } => {
+        config::Driver::Command { image_format, .. } | config::Driver::Aws { image_format, .. } => {
             ConfiguredFormat::Named(image_format.clone())
         }
     }
@@ -173,13 +175,15 @@ pub fn configured_format(provider: &config::Provider) -> ConfiguredFormat {
 
 /// The files a provider's driver reads that may hold credentials, as it would find them in
 /// this process's environment: for OpenStack the `secure.yaml` and a `clouds.yaml` holding a
-/// secret (`openstack::clouds::secret_files`); none for the command driver, whose commands
-/// are the operator's.
+/// secret (`openstack::clouds::secret_files`); for aws the shared credentials and config
+/// files that exist (`aws::credentials`); none for the command driver, whose commands are
+/// the operator's.
 pub fn secret_files(provider: &config::Provider) -> Vec<PathBuf> {
     match &provider.driver {
         config::Driver::OpenStack { .. } => {
             openstack::clouds::secret_files(&openstack::clouds::SearchEnv::from_process())
         }
+        config::Driver::Aws { .. } => aws::credentials::AwsEnv::from_process().secret_files(),
         config::Driver::Command { .. } => Vec::new(),
     }
 }
@@ -221,6 +225,7 @@ impl<'a> DriverSetup<'a> {
                 &self.trust,
             )?)),
             config::Driver::Command { .. } => Ok(Box::new(command::CommandDriver::new(provider)?)),
+            config::Driver::Aws { .. } => Ok(Box::new(aws::AwsDriver::new(provider, &self.trust)?)),
         }
     }
 }

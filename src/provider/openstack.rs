@@ -52,7 +52,7 @@
 //! the current token with `<redacted>` as a last line of defence.
 
 pub mod clouds;
-mod http;
+pub(crate) mod http;
 mod keystone;
 pub mod trust;
 

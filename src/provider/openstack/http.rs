@@ -97,6 +97,8 @@ pub struct Reply {
     pub status: u16,
     /// `X-Subject-Token` (Keystone), never logged.
     pub subject_token: Option<String>,
+    /// `ETag` (S3's part uploads).
+    pub etag: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -190,6 +192,23 @@ impl Http {
         method: &str,
         url: &str,
         token: Option<&str>,
+        body: Body,
+        timeout: Duration,
+    ) -> Result<Reply, TransportError> {
+        let mut headers = vec![("Accept".to_string(), "application/json".to_string())];
+        if let Some(token) = token {
+            headers.push(("X-Auth-Token".to_string(), token.to_string()));
+        }
+        self.send_with(method, url, &headers, body, timeout)
+    }
+
+    /// [`Http::send`] with the caller's headers (the aws driver's signed ones). A retry
+    /// sends the same headers again, so a signature must stay valid for the whole call.
+    pub fn send_with(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(String, String)],
         mut body: Body,
         timeout: Duration,
     ) -> Result<Reply, TransportError> {
@@ -208,7 +227,7 @@ impl Http {
                 });
             }
             self.rate.wait();
-            match self.send_once(method, url, token, &mut body, left) {
+            match self.send_once(method, url, headers, &mut body, left) {
                 Ok(reply) => return Ok(reply),
                 Err(e) if idempotent && attempt == 1 && !e.timed_out && e.certificate.is_none() => {
                     log::debug!("{method} {url} failed ({}); retrying once", e.message);
@@ -222,7 +241,7 @@ impl Http {
         &self,
         method: &str,
         url: &str,
-        token: Option<&str>,
+        headers: &[(String, String)],
         body: &mut Body,
         timeout: Duration,
     ) -> Result<Reply, TransportError> {
@@ -251,12 +270,9 @@ impl Http {
                 message,
             }
         };
-        let mut builder = ureq::http::Request::builder()
-            .method(method)
-            .uri(url)
-            .header("Accept", "application/json");
-        if let Some(token) = token {
-            builder = builder.header("X-Auth-Token", token);
+        let mut builder = ureq::http::Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            builder = builder.header(name.as_str(), value.as_str());
         }
         let result = match body {
             Body::None => {
@@ -305,6 +321,11 @@ impl Http {
             .get("x-subject-token")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let etag = response
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let body = response
             .body_mut()
             .with_config()
@@ -314,6 +335,7 @@ impl Http {
         Ok(Reply {
             status,
             subject_token,
+            etag,
             body,
         })
     }
