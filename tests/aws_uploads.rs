@@ -32,6 +32,7 @@ fn load(src: &str) -> Result<config::Config, config::ConfigErrors> {
 fn an_aws_provider_reads_nodepools_keys_with_nodepools_defaults() {
     let src = format!(
         "{HEAD}[[providers]]\nname = \"ec2\"\ndriver = \"aws\"\nregion-name = \"eu-west-1\"\n\
+         object-storage = {{ bucket-name = \"images\" }}\n\
          [[providers.diskimages]]\nname = \"img\"\n"
     );
     let config = load(&src).unwrap_or_else(|e| panic!("{e}"));
@@ -41,7 +42,7 @@ fn an_aws_provider_reads_nodepools_keys_with_nodepools_defaults() {
         Driver::Aws {
             region_name: "eu-west-1".into(),
             profile_name: None,
-            bucket_name: None,
+            bucket_name: Some("images".into()),
             image_format: "raw".into()
         }
     );

@@ -6,6 +6,8 @@
 //! neighbours' tests live. Run one capability with its path as the filter, e.g.
 //! `cargo test --test integration -- uploads::glance_faults::`.
 
+/// The aws driver's `snapshot` and `image` imports (S3 multipart + VM Import) against moto.
+mod aws_imports;
 /// The AWS test tooling: moto's server and the actions the AWS driver needs from it.
 mod aws_tooling;
 /// The aws driver: its configuration, and uploads, deletions and leak detection against moto.

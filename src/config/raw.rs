@@ -748,6 +748,7 @@ fn read_provider(
         o.finish(sink);
         bucket.map(|b| b.value)
     });
+    let has_bucket = bucket_name.is_some();
     let image_import_timeout = p
         .integer(sink, "image-import-timeout")
         .and_then(|v| whole_seconds(sink, "image-import-timeout", v))
@@ -862,7 +863,22 @@ fn read_provider(
                         "`meta` is not a key of an aws provider's diskimage: its image tags are `tags`",
                     );
                 }
-                (d.string_map(sink, "tags"), Some(read_aws_image(&mut d, sink)))
+                let image = read_aws_image(&mut d, sink);
+                // nodepool 11 loads such a config and fails every upload with a TypeError.
+                if image.import_method != AwsImportMethod::EbsDirect && !has_bucket {
+                    let named = d.has("import-method");
+                    sink.error(
+                        if named { d.key_pos("import-method") } else { pos },
+                        format!(
+                            "import-method \"{}\"{} stages the image in S3: it needs the \
+                             provider's `object-storage.bucket-name` (or import-method \
+                             \"ebs-direct\", which needs no bucket)",
+                            image.import_method.as_str(),
+                            if named { "" } else { " (the default)" }
+                        ),
+                    );
+                }
+                (d.string_map(sink, "tags"), Some(image))
             } else {
                 for key in AWS_DISKIMAGE_KEYS.iter().chain(&["tags"]) {
                     d.raw(key);
