@@ -31,7 +31,9 @@ venv_ok() {
     [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/moto_server" ] || return 1
     [ -f "$VENV/.nodepool-stamp" ] && [ "$(cat "$VENV/.nodepool-stamp")" = "$STAMP" ] || return 1
     "$VENV/bin/python" -c "import importlib.metadata as m; assert m.version('moto') == '$MOTO_VERSION'" \
-        >/dev/null 2>&1
+        >/dev/null 2>&1 || return 1
+    # The entry point itself: a venv moved or copied elsewhere keeps a dead shebang.
+    "$VENV/bin/moto_server" --help >/dev/null 2>&1
 }
 
 ensure_prereqs() {
