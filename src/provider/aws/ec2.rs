@@ -46,17 +46,7 @@ pub fn form(action: &str, params: &[(String, String)]) -> String {
         ("Version".to_string(), VERSION.to_string()),
     ];
     pairs.extend(params.iter().cloned());
-    pairs
-        .iter()
-        .map(|(k, v)| {
-            format!(
-                "{}={}",
-                super::sigv4::uri_encode(k),
-                super::sigv4::uri_encode(v)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("&")
+    super::sigv4::encode_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
 }
 
 /// `TagSpecification.N` parameters for `resource` with `tags`.

@@ -40,16 +40,7 @@ pub fn encode_key(key: &str) -> String {
 
 /// The `x-amz-tagging` value: tags URL-encoded as a query string.
 pub fn tagging(tags: &BTreeMap<String, String>) -> String {
-    tags.iter()
-        .map(|(k, v)| {
-            format!(
-                "{}={}",
-                super::sigv4::uri_encode(k),
-                super::sigv4::uri_encode(v)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("&")
+    super::sigv4::encode_pairs(tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
 }
 
 /// One uploaded part.

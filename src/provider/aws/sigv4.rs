@@ -84,6 +84,15 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// `k1=v1&k2=v2…`, keys and values [`uri_encode`]d: an EC2 form body, an S3 tagging header.
+pub fn encode_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    pairs
+        .into_iter()
+        .map(|(k, v)| format!("{}={}", uri_encode(k), uri_encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 /// RFC 3986 percent-encoding of everything but unreserved characters.
 pub fn uri_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
