@@ -675,21 +675,26 @@ pub fn endpoint(sizes: Sizes) -> Vec<Figure> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let scraper = {
         let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut times = Vec::new();
-            let mut size = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let (bytes, took) = http_get(addr, "/metrics");
-                http_get(addr, "/healthz");
-                size = bytes;
-                times.push(took.as_secs_f64() * 1000.0);
-                let _ = poll_for(Duration::from_secs(1), || {
-                    stop.load(std::sync::atomic::Ordering::Relaxed)
-                        .then_some(())
-                });
-            }
-            (times, size)
-        })
+        // The bench's own scraper, not a daemon thread: nothing to register.
+        #[allow(clippy::disallowed_methods)]
+        std::thread::Builder::new()
+            .name("scraper".into())
+            .spawn(move || {
+                let mut times = Vec::new();
+                let mut size = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (bytes, took) = http_get(addr, "/metrics");
+                    http_get(addr, "/healthz");
+                    size = bytes;
+                    times.push(took.as_secs_f64() * 1000.0);
+                    let _ = poll_for(Duration::from_secs(1), || {
+                        stop.load(std::sync::atomic::Ordering::Relaxed)
+                            .then_some(())
+                    });
+                }
+                (times, size)
+            })
+            .expect("start the scraper thread")
     };
     let idle = idle_rate(bench_server(), sizes.idle_secs);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
