@@ -134,6 +134,17 @@ struct Api {
     blocks: Http,
 }
 
+/// How a finished import task ended (`wait_import` returns only finished tasks).
+enum Imported {
+    /// Its snapshot, and for an image import its AMI.
+    Done {
+        snapshot_id: String,
+        image_id: Option<String>,
+    },
+    /// EC2's status message.
+    Failed(String),
+}
+
 impl AwsDriver {
     /// The driver for `provider` in this process's environment.
     pub fn new(
@@ -1062,7 +1073,7 @@ impl AwsDriver {
         task: &str,
         image: bool,
         deadline: Instant,
-    ) -> Result<ec2::ImportStatus, CallError> {
+    ) -> Result<Imported, CallError> {
         let action = if image {
             "DescribeImportImageTasks"
         } else {
@@ -1116,7 +1127,16 @@ impl AwsDriver {
                 ec2::ImportStatus::Running(what) => {
                     log::debug!(target: &self.log_target, "provider {}: import task {task}: {what}", self.name);
                 }
-                done => return Ok(done),
+                ec2::ImportStatus::Completed {
+                    snapshot_id,
+                    image_id,
+                } => {
+                    return Ok(Imported::Done {
+                        snapshot_id,
+                        image_id,
+                    });
+                }
+                ec2::ImportStatus::Failed(m) => return Ok(Imported::Failed(m)),
             }
         }
     }
@@ -1147,14 +1167,13 @@ impl AwsDriver {
             .map_err(|e| self.call_error(context, e))?;
         log::debug!(target: &self.log_target, "provider {}: {context}: import task {task}", self.name);
         let snapshot = match self.wait_import(creds, &task, false, deadline) {
-            Ok(ec2::ImportStatus::Completed { snapshot_id, .. }) => snapshot_id,
-            Ok(ec2::ImportStatus::Failed(m)) => {
+            Ok(Imported::Done { snapshot_id, .. }) => snapshot_id,
+            Ok(Imported::Failed(m)) => {
                 return Err(self.error(
                     ErrorKind::Server,
                     format!("{context}: import task {task} failed: {m}"),
                 ));
             }
-            Ok(ec2::ImportStatus::Running(_)) => unreachable!("wait_import returns finished tasks"),
             Err(e) => return Err(self.call_error(context, e)),
         };
         let sized = self
@@ -1215,17 +1234,26 @@ impl AwsDriver {
             .map_err(|e| self.call_error(context, e))?;
         log::debug!(target: &self.log_target, "provider {}: {context}: import task {task}", self.name);
         let (ami, snapshot) = match self.wait_import(creds, &task, true, deadline) {
-            Ok(ec2::ImportStatus::Completed {
+            Ok(Imported::Done {
                 snapshot_id,
-                image_id,
-            }) => (image_id.unwrap_or_default(), snapshot_id),
-            Ok(ec2::ImportStatus::Failed(m)) => {
+                image_id: Some(image_id),
+            }) => (image_id, snapshot_id),
+            Ok(Imported::Done {
+                snapshot_id,
+                image_id: None,
+            }) => {
+                self.discard(creds, req, &snapshot_id, false);
+                return Err(self.error(
+                    ErrorKind::Server,
+                    format!("{context}: import task {task} completed without an image id"),
+                ));
+            }
+            Ok(Imported::Failed(m)) => {
                 return Err(self.error(
                     ErrorKind::Server,
                     format!("{context}: import task {task} failed: {m}"),
                 ));
             }
-            Ok(ec2::ImportStatus::Running(_)) => unreachable!("wait_import returns finished tasks"),
             Err(e) => return Err(self.call_error(context, e)),
         };
         // EC2 tags neither the AMI nor its snapshot of an image import: tag both, as upstream.
