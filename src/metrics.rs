@@ -181,7 +181,7 @@ pub const WORKERS: Family = Family {
 pub const QUEUE_DEPTH: Family = Family {
     name: "nodepool_builder_queue_depth",
     kind: Kind::Gauge,
-    help: "Work waiting for a worker: build_requests (manual requests not yet building).",
+    help: "Work waiting for a worker: build_requests (builds requested or handed over, not yet running), uploads (uploads due or handed over while every upload worker is busy).",
     labels: &["queue"],
     buckets: &[],
 };
@@ -478,7 +478,12 @@ impl Metrics {
         self.set(&WORKERS, &[pool, "busy"], busy as f64);
         self.set(&WORKERS, &[pool, "idle"], total.saturating_sub(busy) as f64);
         if let Some(w) = waiting {
-            self.set(&QUEUE_DEPTH, &["build_requests"], w as f64);
+            let queue = if pool == "build" {
+                "build_requests"
+            } else {
+                "uploads"
+            };
+            self.set(&QUEUE_DEPTH, &[queue], w as f64);
         }
     }
 

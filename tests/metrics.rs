@@ -419,3 +419,51 @@ fn builder_webapp_config_is_checked_with_positions_in_toml_and_yaml() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(on.builder_webapp, Some("127.0.0.1:8006".parse().unwrap()));
 }
+
+#[test]
+fn uploads_due_while_every_upload_worker_is_busy_are_a_queue_depth() {
+    let site = TestSite::new("metrics_upload_queue");
+    let (top, addr) = webapp_top();
+    let body = format!(
+        "\n[[diskimages]]\nname = \"fedora\"\ndib-cmd = \"{{fake_dib}}\"\n{}{}",
+        site.provider("cloud-a", "raw", &["fedora"], ""),
+        site.provider("cloud-b", "raw", &["fedora"], "")
+    );
+    site.config(0, &top, &body);
+    // Both clouds hold an upload until told: with one upload worker the first one holds it,
+    // and the second upload, due at the same time, waits for it.
+    let holds: Vec<_> = ["cloud-a", "cloud-b"]
+        .iter()
+        .map(|c| {
+            std::fs::create_dir_all(site.cloud_dir(c)).unwrap();
+            let hold = site.cloud_dir(c).join("hold-upload");
+            std::fs::write(&hold, "").unwrap();
+            hold
+        })
+        .collect();
+    let _b = site.start(0, &["--upload-workers", "1"]);
+    let depth = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("nodepool_builder_queue_depth{queue=\"uploads\"} "))
+            .map(str::to_string)
+    };
+    wait_for(
+        WAIT,
+        "one upload held and one waiting for the busy worker",
+        || {
+            let text = get_ok(addr, "/metrics", None).body;
+            (depth(&text).as_deref() == Some("1")
+                && text.contains("nodepool_builder_workers{pool=\"upload\",state=\"busy\"} 1"))
+            .then_some(())
+        },
+    );
+    for hold in &holds {
+        std::fs::remove_file(hold).unwrap();
+    }
+    site.wait_uploads("fedora", "cloud-a", UploadState::Ready, 1);
+    site.wait_uploads("fedora", "cloud-b", UploadState::Ready, 1);
+    wait_for(WAIT, "the upload queue to drain", || {
+        let text = get_ok(addr, "/metrics", None).body;
+        (depth(&text).as_deref() == Some("0")).then_some(())
+    });
+}

@@ -163,6 +163,7 @@ pub fn run(setup: Setup) {
         watcher: workers.watcher,
         next_verify: Instant::now(),
         stopping: false,
+        uploads_waiting: 0,
         service: setup.service,
     };
     s.next_verify = Instant::now() + s.verify_interval();
@@ -231,6 +232,8 @@ struct Scheduler {
     watcher: Watcher,
     next_verify: Instant,
     stopping: bool,
+    /// Uploads due that found every upload worker busy at the last planning (a gauge).
+    uploads_waiting: u64,
     service: Service,
 }
 
@@ -674,9 +677,23 @@ impl Scheduler {
             .values()
             .filter(|s| s.requested && !s.in_flight)
             .count() as u64;
-        m.workers("build", builds, self.build_workers as u64, Some(waiting));
+        let running = builds.min(self.build_workers as u64);
+        m.workers(
+            "build",
+            running,
+            self.build_workers as u64,
+            Some(builds - running + waiting),
+        );
+        // Handed to the pool is not yet running: a job may sit in the pool's hand-over slot
+        // while every worker is busy, and counts as waiting, like the uploads it refused.
         let uploads = self.slots.values().filter(|s| s.in_flight).count() as u64;
-        m.workers("upload", uploads, self.upload_workers as u64, None);
+        let running = uploads.min(self.upload_workers as u64);
+        m.workers(
+            "upload",
+            running,
+            self.upload_workers as u64,
+            Some(uploads - running + self.uploads_waiting),
+        );
     }
 
     /// The per-image state gauges, after every janitor pass, as upstream.
@@ -790,12 +807,18 @@ impl Scheduler {
             &self.images,
             Path::is_file,
         );
+        self.uploads_waiting = 0;
+        let mut all_busy = false;
         for c in candidates {
             let slot = self
                 .slots
                 .entry((c.image.clone(), c.provider.clone()))
                 .or_default();
             if !slot.free_for(&c.build_id, now) {
+                continue;
+            }
+            if all_busy {
+                self.uploads_waiting += 1;
                 continue;
             }
             let (Some(provider), Some(diskimage), Some(driver)) = (
@@ -815,7 +838,10 @@ impl Scheduler {
                 driver: driver.clone(),
             };
             if !self.uploads.try_submit(job) {
-                return; // Every upload worker is busy.
+                // Every upload worker is busy: this one and the rest due wait (a gauge).
+                all_busy = true;
+                self.uploads_waiting += 1;
+                continue;
             }
             slot.in_flight = true;
         }
