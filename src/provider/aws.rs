@@ -1141,6 +1141,39 @@ impl AwsDriver {
         }
     }
 
+    /// Starts an import task (`ImportImage` when `image`, else `ImportSnapshot`) with `params`
+    /// and waits for it: its id, its snapshot and, for an image import, its AMI. A failed task
+    /// is an error naming it.
+    fn run_import(
+        &self,
+        creds: &Credentials,
+        image: bool,
+        params: &[(String, String)],
+        deadline: Instant,
+        context: &str,
+    ) -> Result<(String, String, Option<String>), ProviderError> {
+        let action = if image {
+            "ImportImage"
+        } else {
+            "ImportSnapshot"
+        };
+        let task = self
+            .start_import(creds, action, params, deadline)
+            .map_err(|e| self.call_error(context, e))?;
+        log::debug!(target: &self.log_target, "provider {}: {context}: import task {task}", self.name);
+        match self.wait_import(creds, &task, image, deadline) {
+            Ok(Imported::Done {
+                snapshot_id,
+                image_id,
+            }) => Ok((task, snapshot_id, image_id)),
+            Ok(Imported::Failed(m)) => Err(self.error(
+                ErrorKind::Server,
+                format!("{context}: import task {task} failed: {m}"),
+            )),
+            Err(e) => Err(self.call_error(context, e)),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn import_snapshot(
         &self,
@@ -1162,20 +1195,7 @@ impl AwsDriver {
             "import-snapshot-task",
             &req.properties,
         ));
-        let task = self
-            .start_import(creds, "ImportSnapshot", &params, deadline)
-            .map_err(|e| self.call_error(context, e))?;
-        log::debug!(target: &self.log_target, "provider {}: {context}: import task {task}", self.name);
-        let snapshot = match self.wait_import(creds, &task, false, deadline) {
-            Ok(Imported::Done { snapshot_id, .. }) => snapshot_id,
-            Ok(Imported::Failed(m)) => {
-                return Err(self.error(
-                    ErrorKind::Server,
-                    format!("{context}: import task {task} failed: {m}"),
-                ));
-            }
-            Err(e) => return Err(self.call_error(context, e)),
-        };
+        let (_, snapshot, _) = self.run_import(creds, false, &params, deadline, context)?;
         let sized = self
             .tag(creds, &snapshot, &req.properties, deadline)
             .and_then(|()| match image.volume_size {
@@ -1229,32 +1249,13 @@ impl AwsDriver {
             "import-image-task",
             &req.properties,
         ));
-        let task = self
-            .start_import(creds, "ImportImage", &params, deadline)
-            .map_err(|e| self.call_error(context, e))?;
-        log::debug!(target: &self.log_target, "provider {}: {context}: import task {task}", self.name);
-        let (ami, snapshot) = match self.wait_import(creds, &task, true, deadline) {
-            Ok(Imported::Done {
-                snapshot_id,
-                image_id: Some(image_id),
-            }) => (image_id, snapshot_id),
-            Ok(Imported::Done {
-                snapshot_id,
-                image_id: None,
-            }) => {
-                self.discard(creds, req, &snapshot_id, false);
-                return Err(self.error(
-                    ErrorKind::Server,
-                    format!("{context}: import task {task} completed without an image id"),
-                ));
-            }
-            Ok(Imported::Failed(m)) => {
-                return Err(self.error(
-                    ErrorKind::Server,
-                    format!("{context}: import task {task} failed: {m}"),
-                ));
-            }
-            Err(e) => return Err(self.call_error(context, e)),
+        let (task, snapshot, ami) = self.run_import(creds, true, &params, deadline, context)?;
+        let Some(ami) = ami else {
+            self.discard(creds, req, &snapshot, false);
+            return Err(self.error(
+                ErrorKind::Server,
+                format!("{context}: import task {task} completed without an image id"),
+            ));
         };
         // EC2 tags neither the AMI nor its snapshot of an image import: tag both, as upstream.
         let tagged = self
