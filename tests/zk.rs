@@ -715,3 +715,76 @@ fn unreachable_server_is_retried_until_it_appears() {
         "the chroot was created"
     );
 }
+
+/// Regression (CI of 2026-12-07: `cleanup::orphans_of_a_killed_builder_are_cleaned_and_the_work_redone`
+/// waited a minute for the janitor to see an orphaned upload record it was never told of).
+/// The watcher reads a znode's children and, finding none, watches for its creation; a
+/// znode created between those two requests made the existence watch a data watch, which
+/// never fires for new children, and the path counted as watched: records created under it
+/// stayed unseen. The proxy holds back the "no node" reply while the znode is created.
+#[test]
+fn a_znode_created_between_the_children_read_and_the_creation_watch_is_watched_for_children() {
+    use nodepool_builder::zk::watcher::{Watcher, ZkEvent};
+
+    let server = ZkServer::shared();
+    let chroot = server.chroot("watch_created_between_reads");
+    let proxy = ZkProxy::start(server.plain_port());
+    let other = connect(plain_cfg(server, &chroot, Duration::from_secs(6)));
+    let build = schema::ImageBuild::building("localhost", "builder-id", &["raw".into()], 1.0);
+    other
+        .create_with_parents(
+            &paths::image_build_path("img", "0000000001"),
+            &build.to_json(),
+            Mode::Persistent,
+        )
+        .unwrap();
+    let providers = paths::image_providers_path("img", "0000000001");
+    proxy.hold_reply_of(zkproxy::GET_CHILDREN, &providers);
+    let zk = connect(ZkConfig {
+        hosts: vec![("127.0.0.1".into(), proxy.port())],
+        ..plain_cfg(server, &chroot, Duration::from_secs(6))
+    });
+    let (tx, events) = crossbeam_channel::unbounded();
+    let _watcher = Watcher::start(&zk, ["img".to_string()].into(), tx);
+    assert!(
+        proxy.wait_held(CONNECT),
+        "waiting for the watcher's read of {providers} to be answered"
+    );
+    other.ensure_path(&providers).unwrap();
+    proxy.release();
+    let deadline = Instant::now() + CONNECT;
+    loop {
+        match events.recv_deadline(deadline) {
+            Ok(ZkEvent::Resynced) => break,
+            Ok(_) => {}
+            Err(e) => panic!("waiting for the watcher's first full read: {e}"),
+        }
+    }
+
+    let upload = schema::ImageUpload::from_json(br#"{"state": "ready", "state_time": 2.0, "external_id": "cloud-image-1", "external_name": "img-1", "format": "raw", "username": "zuul", "python_path": "auto", "shell_type": null}"#).unwrap();
+    other
+        .create_with_parents(
+            &paths::image_upload_path("img", "0000000001", "cloud", "0000000001"),
+            &upload.to_json(),
+            Mode::Persistent,
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match events.recv_deadline(deadline) {
+            Ok(ZkEvent::Builds { image, builds, .. })
+                if image == "img"
+                    && builds
+                        .iter()
+                        .any(|b| b.uploads.iter().any(|u| u.upload == upload)) =>
+            {
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => panic!(
+                "waiting for the watcher to report the upload created under {providers} \
+                 (which appeared between its two reads): {e}"
+            ),
+        }
+    }
+}

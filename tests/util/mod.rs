@@ -131,11 +131,13 @@
 //!   - [`zk::ensure_zookeeper_installed`]: java and the jars, installed if missing.
 //!   - [`zk::find_in_path`]: the first file of a name on `PATH`.
 //!   - [`zk::tls_config_lines`]: zoo.cfg lines of a TLS client port with the test certs.
-//! * [`zkproxy`]: a TCP proxy in front of ZooKeeper that loses one chosen reply.
+//! * [`zkproxy`]: a TCP proxy in front of ZooKeeper that loses or holds back one chosen reply.
 //!   - [`zkproxy::SET_DATA`]: the request type of a setData.
 //!   - [`zkproxy::CREATE`]: the request types of a create.
 //!   - [`zkproxy::DELETE`]: the request type of a delete.
-//!   - [`zkproxy::ZkProxy`]: a running proxy; cut the reply of the next matching request.
+//!   - [`zkproxy::GET_CHILDREN`]: the request types of a children list.
+//!   - [`zkproxy::ZkProxy`]: a running proxy; cut the reply of the next matching request, or
+//!     hold it back until released.
 
 // Not every test module uses every helper.
 #![allow(dead_code)]

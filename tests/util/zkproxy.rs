@@ -14,13 +14,20 @@
 //! arrives it is dropped and both connections are shut. Because the cut waits for the
 //! reply, the server has certainly done the work: no timing is involved.
 //!
+//! [`ZkProxy::hold_reply_of`] arms the other one-shot rule: the matching reply is held back
+//! (and every reply after it on that connection, as ZooKeeper answers in order) until
+//! [`ZkProxy::release`]. Between [`ZkProxy::wait_held`] and the release the server has
+//! answered but the client does not know the answer yet: a test changes the tree there to
+//! put a change exactly between two requests of the client.
+//!
 //! Threads: one acceptor, two per connection; all end when the proxy is dropped (the
 //! acceptor is woken by a connection of our own).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// The request type of a setData.
 pub const SET_DATA: &[i32] = &[5];
@@ -28,18 +35,41 @@ pub const SET_DATA: &[i32] = &[5];
 pub const CREATE: &[i32] = &[1, 15, 19, 21];
 /// The request type of a delete.
 pub const DELETE: &[i32] = &[2];
+/// Request types of a children list: getChildren, getChildren2.
+pub const GET_CHILDREN: &[i32] = &[8, 12];
 
 struct Rule {
     types: Vec<i32>,
     path_part: String,
-    /// Go down after the cut (see [`ZkProxy::cut_reply_then_go_down`]).
-    then_down: bool,
+    action: Action,
+}
+
+/// What happens to the reply a [`Rule`] picked.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Lost, the connection cut, and the proxy down after it if `then_down` (see
+    /// [`ZkProxy::cut_reply_then_go_down`]).
+    Cut { then_down: bool },
+    /// Held back until [`ZkProxy::release`].
+    Hold,
+}
+
+/// Where a held reply is.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+enum Hold {
+    #[default]
+    Nothing,
+    /// The reply arrived and waits for the release.
+    Holding,
+    Released,
 }
 
 struct Shared {
     upstream: SocketAddr,
     rule: Mutex<Option<Rule>>,
     cuts: AtomicUsize,
+    hold: Mutex<Hold>,
+    hold_changed: Condvar,
     /// While down, every new connection is closed at once.
     down: AtomicBool,
     /// Every connection pair, to shut them when the proxy goes.
@@ -62,6 +92,8 @@ impl ZkProxy {
             upstream: SocketAddr::from(([127, 0, 0, 1], upstream_port)),
             rule: Mutex::new(None),
             cuts: AtomicUsize::new(0),
+            hold: Mutex::new(Hold::Nothing),
+            hold_changed: Condvar::new(),
             down: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
@@ -93,13 +125,47 @@ impl ZkProxy {
     /// Arms the one-shot cut: the reply to the next request of one of `types` whose path
     /// contains `path_part` is lost, and that connection cut.
     pub fn cut_reply_of(&self, types: &[i32], path_part: &str) {
-        self.arm(types, path_part, false);
+        self.arm(types, path_part, Action::Cut { then_down: false });
+    }
+
+    /// Arms the one-shot hold: the reply to the next request of one of `types` whose path
+    /// contains `path_part` (and every later reply on its connection) waits for
+    /// [`ZkProxy::release`].
+    pub fn hold_reply_of(&self, types: &[i32], path_part: &str) {
+        *self.shared.hold.lock().unwrap() = Hold::Nothing;
+        self.arm(types, path_part, Action::Hold);
+    }
+
+    /// Waits up to `timeout` for the held reply to arrive from the server (so the request
+    /// has been carried out); false if it did not.
+    pub fn wait_held(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut hold = self.shared.hold.lock().unwrap();
+        while *hold != Hold::Holding {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            hold = self
+                .shared
+                .hold_changed
+                .wait_timeout(hold, deadline - now)
+                .unwrap()
+                .0;
+        }
+        true
+    }
+
+    /// Lets the held reply (and those behind it) go on to the client.
+    pub fn release(&self) {
+        *self.shared.hold.lock().unwrap() = Hold::Released;
+        self.shared.hold_changed.notify_all();
     }
 
     /// Like [`ZkProxy::cut_reply_of`], and from the cut on the proxy is down: ZooKeeper is
     /// unreachable through it (the session is lost) until [`ZkProxy::set_down`]`(false)`.
     pub fn cut_reply_then_go_down(&self, types: &[i32], path_part: &str) {
-        self.arm(types, path_part, true);
+        self.arm(types, path_part, Action::Cut { then_down: true });
     }
 
     /// Makes ZooKeeper unreachable through the proxy (every connection is closed at once)
@@ -108,11 +174,11 @@ impl ZkProxy {
         self.shared.down.store(down, Ordering::SeqCst);
     }
 
-    fn arm(&self, types: &[i32], path_part: &str, then_down: bool) {
+    fn arm(&self, types: &[i32], path_part: &str, action: Action) {
         *self.shared.rule.lock().unwrap() = Some(Rule {
             types: types.to_vec(),
             path_part: path_part.to_string(),
-            then_down,
+            action,
         });
     }
 
@@ -130,6 +196,7 @@ impl ZkProxy {
 impl Drop for ZkProxy {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
+        self.release();
         for c in self.shared.conns.lock().unwrap().drain(..) {
             let _ = c.shutdown(Shutdown::Both);
         }
@@ -190,9 +257,8 @@ fn serve(s: &Arc<Shared>, client: TcpStream) -> io::Result<()> {
         conns.push(client.try_clone()?);
         conns.push(server.try_clone()?);
     }
-    // The xid whose reply is to be lost and whether to go down then, set by the request
-    // side.
-    let doomed: Arc<Mutex<Option<(i32, bool)>>> = Arc::new(Mutex::new(None));
+    // The xid whose reply a rule picked and what to do with it, set by the request side.
+    let doomed: Arc<Mutex<Option<(i32, Action)>>> = Arc::new(Mutex::new(None));
     let (mut c_in, mut s_out) = (client.try_clone()?, server.try_clone()?);
     let (shared, doomed_req) = (s.clone(), doomed.clone());
     let requests = test_thread("zk-proxy-requests", move || -> io::Result<()> {
@@ -205,9 +271,8 @@ fn serve(s: &Arc<Shared>, client: TcpStream) -> io::Result<()> {
                     r.types.contains(&kind)
                         && request_path(&p).is_some_and(|path| path.contains(&r.path_part))
                 });
-                if hit {
-                    let then_down = rule.take().is_some_and(|r| r.then_down);
-                    *doomed_req.lock().unwrap() = Some((xid, then_down));
+                if hit && let Some(r) = rule.take() {
+                    *doomed_req.lock().unwrap() = Some((xid, r.action));
                 }
             }
             s_out.write_all(&p)?;
@@ -218,14 +283,25 @@ fn serve(s: &Arc<Shared>, client: TcpStream) -> io::Result<()> {
         c_out.write_all(&read_packet(&mut s_in)?)?;
         loop {
             let p = read_packet(&mut s_in)?;
-            if let Some((xid, then_down)) = *doomed.lock().unwrap()
-                && int32(&p, 4) == Some(xid)
-            {
-                if then_down {
-                    s.down.store(true, Ordering::SeqCst);
+            let picked = *doomed.lock().unwrap();
+            match picked {
+                Some((xid, Action::Cut { then_down })) if int32(&p, 4) == Some(xid) => {
+                    if then_down {
+                        s.down.store(true, Ordering::SeqCst);
+                    }
+                    s.cuts.fetch_add(1, Ordering::SeqCst);
+                    return Ok(());
                 }
-                s.cuts.fetch_add(1, Ordering::SeqCst);
-                return Ok(());
+                Some((xid, Action::Hold)) if int32(&p, 4) == Some(xid) => {
+                    *doomed.lock().unwrap() = None;
+                    let mut hold = s.hold.lock().unwrap();
+                    *hold = Hold::Holding;
+                    s.hold_changed.notify_all();
+                    while *hold == Hold::Holding {
+                        hold = s.hold_changed.wait(hold).unwrap();
+                    }
+                }
+                _ => {}
             }
             c_out.write_all(&p)?;
         }
