@@ -19,8 +19,10 @@
 //! 5. The image gate (`gate`): every file DIB wrote is checked with `qemu-img` (and the
 //!    diskimage's `validate-command`) before `ready` may be written; a refused build is
 //!    `failed` like a DIB failure, and its local files are removed at once.
-//! 6. Overwrite the record with `ready` (with formats) or `failed` (without), and delete
-//!    `request-build` after a `ready` result. If the ZooKeeper session was lost while DIB ran,
+//! 6. Overwrite the record with `ready` (with formats) or `failed` (without); a manual
+//!    build's `ready` and the deletion of the `request-build` it satisfied are one
+//!    transaction (upstream deletes after the write, and a request made in between is
+//!    merged into the old znode and lost with it). If the ZooKeeper session was lost while DIB ran,
 //!    the result is `failed` ("ZooKeeper lost while building"). A session that was only
 //!    suspended (a server restart, a network blip) and resumed is no loss: DIB keeps running
 //!    while suspended, and a result that comes while still suspended waits for the session's
@@ -52,7 +54,7 @@ use crate::stats::Stats;
 use crate::thread::ThreadKind;
 use crate::zk::schema::ImageBuild;
 use crate::zk::tree::{self, BuildInfo};
-use crate::zk::{ConnState, Mode, ReadOp, ReadResult, Zk, ZkError, fence, lock, paths};
+use crate::zk::{ConnState, Mode, ReadOp, ReadResult, Zk, fence, lock, paths};
 
 /// Grace between SIGTERM and SIGKILL of a DIB process group.
 pub const DIB_GRACE: Duration = Duration::from_secs(10);
@@ -369,7 +371,7 @@ fn steps(zk: &Zk, job: &BuildJob, cancel: &Receiver<()>, stats: &Stats) -> Step<
         crate::metrics::global().build_failed(&job.image, cause);
     }
     let record = finalize(zk, job, &build_id, &verdict, &guard, cancel)?;
-    let result = report(zk, job, build_id, record, &verdict, stats);
+    let result = report(job, build_id, record, &verdict, stats);
     let builds = tree::read_image(zk, &job.image).ok();
     drop(guard);
     Ok(outcome(job, result, builds))
@@ -599,8 +601,13 @@ fn finalize(
     }
     let data = record.to_json();
     let lock_needed = (record.state == BuildState::Ready).then_some(guard);
+    // Only a manual build satisfies the request (as upstream): a request made while a
+    // scheduled build was finishing asks for another build. It goes with the ready record,
+    // in one transaction, so a request made once the build shows `ready` is a new one.
+    let request = paths::image_build_request_path(image);
+    let consumes = (record.state == BuildState::Ready && job.manual).then_some(request.as_str());
     let timeout = zk.config().session_timeout;
-    let mut write = fence::write_result(zk, &build_path, &data, lock_needed, timeout);
+    let mut write = fence::write_result(zk, &build_path, &data, lock_needed, consumes, timeout);
     if let Err(e) = &write
         && record.state == BuildState::Ready
     {
@@ -649,10 +656,8 @@ fn finalize(
     Ok(record)
 }
 
-/// Logs the recorded result; a ready build counts its file sizes and, when manual,
-/// deletes the request it satisfied.
+/// Logs the recorded result; a ready build counts its file sizes.
 fn report(
-    zk: &Zk,
     job: &BuildJob,
     build_id: String,
     record: ImageBuild,
@@ -667,14 +672,6 @@ fn report(
             if let Ok(meta) = std::fs::metadata(&file) {
                 use std::os::unix::fs::MetadataExt;
                 stats.build_size(image, f, meta.blocks() * 512);
-            }
-        }
-        // Only a manual build satisfies the request (as upstream): a request made while a
-        // scheduled build was finishing asks for another build.
-        if job.manual {
-            match zk.delete(&paths::image_build_request_path(image), None) {
-                Ok(()) | Err(ZkError::NoNode) => {}
-                Err(e) => warn!("image={image}: cannot delete the build request: {e}"),
             }
         }
         return BuildResult::Ready { build_id, record };

@@ -403,7 +403,7 @@ fn finalize(
         zk.wait_while_suspended(zk.suspension_limit() + zk.session_timeout());
     }
     let timeout = zk.config().session_timeout;
-    let write = fence::write_result(zk, upload_path, &data, Some(guard), timeout);
+    let write = fence::write_result(zk, upload_path, &data, Some(guard), None, timeout);
     // A failure is recorded as well as may be; only a `ready` result has more to settle.
     let UploadResult::Ready { external_id, .. } = &outcome else {
         if let Err(e) = write {

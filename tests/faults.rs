@@ -714,17 +714,7 @@ fn fedora_behind_a_proxy(name: &str) -> (TestSite, ZkProxy, Arc<Checker>) {
     let site = TestSite::new(name);
     let proxy = ZkProxy::start(site.server.plain_port());
     let checker = fedora_on_cloud(&site, &[0], "");
-    let cfg = site.path("builder0.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let start = text.find("[[zookeeper-servers]]").unwrap();
-    let tls = text.find("[zookeeper-tls]").unwrap();
-    let end = tls + text[tls..].find("\n\n").unwrap();
-    let servers = format!(
-        "[[zookeeper-servers]]\nhost = \"127.0.0.1\"\nport = {}\nchroot = \"{}\"\n",
-        proxy.port(),
-        site.chroot
-    );
-    std::fs::write(&cfg, format!("{}{servers}{}", &text[..start], &text[end..])).unwrap();
+    site.zookeeper_through(0, proxy.port());
     (site, proxy, checker)
 }
 

@@ -31,11 +31,17 @@ use super::{ConnState, Zk, ZkError, lock::LockGuard};
 /// connection loss for up to `timeout`. With `guard`, every attempt first checks the lock
 /// still holds. A retry that finds the version moved because an earlier attempt landed
 /// (its reply lost) succeeds.
+///
+/// `consumes` is a znode the result satisfies (the `request-build` of a manual build): it
+/// is deleted in the same transaction, so whoever sees the result no longer sees the
+/// request, and a request made after it is a new one. Already gone is fine. A lost write
+/// settled later took the deletion with it or left both undone.
 pub fn write_result(
     zk: &Zk,
     path: &str,
     data: &[u8],
     guard: Option<&LockGuard>,
+    consumes: Option<&str>,
     timeout: Duration,
 ) -> Result<(), ZkError> {
     zk.retry(timeout, |zk| {
@@ -43,8 +49,16 @@ pub fn write_result(
         if guard.is_some_and(|g| !g.is_valid()) {
             return Err(ZkError::SessionLost);
         }
-        match zk.set_data(path, data, Some(0)) {
-            Ok(_) => Ok(()),
+        let written = match consumes {
+            Some(other) => match zk.set_data_and_delete(path, data, 0, other) {
+                // `other` is gone (or `path` is, which the plain write finds out again).
+                Err(ZkError::NoNode) => zk.set_data(path, data, Some(0)).map(drop),
+                written => written,
+            },
+            None => zk.set_data(path, data, Some(0)).map(drop),
+        };
+        match written {
+            Ok(()) => Ok(()),
             Err(ZkError::BadVersion) if holds(zk, path, data)? => Ok(()),
             Err(e) => Err(e),
         }

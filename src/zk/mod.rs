@@ -582,6 +582,26 @@ impl Zk {
         self.wait(c.set_data(path, data, version))
     }
 
+    /// Overwrites `path`'s data at `version` and deletes `also_delete` in one transaction:
+    /// both happen or neither. The error is the first failed operation's: `BadVersion` or
+    /// `NoNode` for `path`, `NoNode` for `also_delete`.
+    pub fn set_data_and_delete(
+        &self,
+        path: &str,
+        data: &[u8],
+        version: i32,
+        also_delete: &str,
+    ) -> Result<()> {
+        let c = self.client()?;
+        let mut writer = c.new_multi_writer();
+        writer
+            .add_set_data(path, data, Some(version))
+            .and_then(|()| writer.add_delete(also_delete, None))
+            .map_err(ZkError::from)?;
+        self.wait(async { writer.commit().await.map_err(zookeeper_client::Error::from) })
+            .map(drop)
+    }
+
     /// Deletes a znode (optionally only at `version`).
     pub fn delete(&self, path: &str, version: Option<i32>) -> Result<()> {
         let c = self.client()?;

@@ -56,6 +56,40 @@ fn first_build_then_manual_request_is_served_at_once() {
     assert!(b.log().contains("request-build znode present"));
 }
 
+/// Regression (a flake of `builds::local_disk::free_space_guard_waits_for_space_without_recording_failures`):
+/// the `request-build` znode a manual build satisfied was deleted after its `ready` record,
+/// so a request made as soon as the build showed `ready` found the old znode, was merged into
+/// it, and was deleted with it: the build asked for never came. The ready record and the
+/// deletion are now one transaction. A proxy holds back the reply to the ready write (the
+/// record is written, the builder has not heard yet) while the next request is made.
+#[test]
+fn a_request_made_as_soon_as_the_requested_build_is_ready_builds_again() {
+    use crate::util::zkproxy::{self, ZkProxy};
+
+    let site = TestSite::new("request_after_ready");
+    let proxy = ZkProxy::start(site.server.plain_port());
+    site.config(0, "", ONE_IMAGE);
+    site.zookeeper_through(0, proxy.port());
+    let _b = site.start(0, &[]);
+    site.wait_builds("fedora", BuildState::Ready, 1);
+
+    let builds = format!("{}/", paths::image_builds_path("fedora"));
+    proxy.hold_reply_of(&[zkproxy::SET_DATA, zkproxy::MULTI].concat(), &builds);
+    site.request_build("fedora");
+    assert!(
+        proxy.wait_held(WAIT),
+        "waiting for the manual build's result write"
+    );
+    let ready = site.builds_in("fedora", BuildState::Ready);
+    assert_eq!(ready.len(), 2, "the held write made the manual build ready");
+    site.request_build("fedora");
+    proxy.release();
+    site.wait_builds("fedora", BuildState::Ready, 3);
+    wait_until(WAIT, "the last request to be served", || {
+        !site.request_pending("fedora")
+    });
+}
+
 /// `cleanup-interval = 0` disables the janitor. Its channel, left without a sender, once
 /// kept the scheduler loop spinning a core ahead of ZooKeeper events, so a request was never
 /// served.

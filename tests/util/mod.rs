@@ -136,6 +136,7 @@
 //!   - [`zkproxy::CREATE`]: the request types of a create.
 //!   - [`zkproxy::DELETE`]: the request type of a delete.
 //!   - [`zkproxy::GET_CHILDREN`]: the request types of a children list.
+//!   - [`zkproxy::MULTI`]: the request type of a multi (matched by its first operation).
 //!   - [`zkproxy::ZkProxy`]: a running proxy; cut the reply of the next matching request, or
 //!     hold it back until released.
 

@@ -153,6 +153,22 @@ key = "{key}"
         path
     }
 
+    /// Rewrites builder `n`'s config (written by [`TestSite::config`]) to reach ZooKeeper in
+    /// plaintext on loopback `port`, e.g. a [`super::zkproxy::ZkProxy`] in front of the
+    /// site's server.
+    pub fn zookeeper_through(&self, n: usize, port: u16) {
+        let cfg = self.config_path(n);
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let start = text.find("[[zookeeper-servers]]").unwrap();
+        let tls = text.find("[zookeeper-tls]").unwrap();
+        let end = tls + text[tls..].find("\n\n").unwrap();
+        let servers = format!(
+            "[[zookeeper-servers]]\nhost = \"127.0.0.1\"\nport = {port}\nchroot = \"{}\"\n",
+            self.chroot
+        );
+        std::fs::write(&cfg, format!("{}{servers}{}", &text[..start], &text[end..])).unwrap();
+    }
+
     /// Starts builder `n` in the foreground (`-d`) with its config and waits until it is ready.
     pub fn start(&self, n: usize, extra_args: &[&str]) -> BuilderProcess {
         self.start_with_env(n, extra_args, &[])

@@ -35,6 +35,9 @@ pub const SET_DATA: &[i32] = &[5];
 pub const CREATE: &[i32] = &[1, 15, 19, 21];
 /// The request type of a delete.
 pub const DELETE: &[i32] = &[2];
+/// The request type of a multi (a transaction); a rule matches it by its first operation's
+/// path.
+pub const MULTI: &[i32] = &[14];
 /// Request types of a children list: getChildren, getChildren2.
 pub const GET_CHILDREN: &[i32] = &[8, 12];
 
@@ -240,10 +243,12 @@ fn int32(p: &[u8], at: usize) -> Option<i32> {
     Some(i32::from_be_bytes(p.get(at..at + 4)?.try_into().ok()?))
 }
 
-/// The path of a request whose body starts with one (create, delete, ...).
+/// The path of a request whose body starts with one (create, delete, ...); of a multi, the
+/// path of its first operation (after the operation header: type, done flag, error).
 fn request_path(p: &[u8]) -> Option<String> {
-    let n = usize::try_from(int32(p, 12)?).ok()?;
-    Some(String::from_utf8_lossy(p.get(16..16 + n)?).into_owned())
+    let at = if int32(p, 8)? == MULTI[0] { 21 } else { 12 };
+    let n = usize::try_from(int32(p, at)?).ok()?;
+    Some(String::from_utf8_lossy(p.get(at + 4..at + 4 + n)?).into_owned())
 }
 
 fn serve(s: &Arc<Shared>, client: TcpStream) -> io::Result<()> {
