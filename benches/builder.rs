@@ -1,4 +1,4 @@
-//! `cargo bench --bench builder [-- [--quick] [--only steady,latency,upload,janitor,scale,endpoint]]`: measures this builder against real ZooKeeper
+//! `cargo bench --bench builder [-- [--quick] [--only steady,latency,upload,janitor,scale,endpoint,aws]]`: measures this builder against real ZooKeeper
 //! servers (started by the test tooling) and prints one table; the raw figures go to
 //! `target/bench/builder.json`. A scenario that cannot run panics, so the exit status is
 //! non-zero.
@@ -14,7 +14,9 @@
 //! guard: 30 diskimages × 15 command-driver directory clouds built and uploaded, idle
 //! requests, CPU and RSS, then the whole-tree re-read after a new ZooKeeper session and the
 //! janitor's full pass after it; and the optional HTTP endpoint on, scraped every second
-//! through the idle window (RSS, idle requests, the time of one `/metrics` scrape).
+//! through the idle window (RSS, idle requests, the time of one `/metrics` scrape); and a
+//! 1 GiB raw image to EC2 through `ebs-direct` against moto's server, next to nodepool 11's
+//! builder (boto3) doing the same (upload time, peak RSS).
 
 #[allow(unused_imports)]
 #[path = "../tests/util/mod.rs"]
@@ -29,7 +31,7 @@ fn main() {
     } else {
         scenarios::Sizes::FULL
     };
-    // `-- --only steady,latency,upload,janitor,scale,endpoint` runs a subset.
+    // `-- --only steady,latency,upload,janitor,scale,endpoint,aws` runs a subset.
     let args: Vec<String> = std::env::args().collect();
     let only: Vec<String> = args
         .iter()

@@ -1036,6 +1036,122 @@ pub fn upload_throughput(sizes: Sizes) -> Vec<Figure> {
     ]
 }
 
+/// A raw image of `upload_mib` MiB of random data to EC2 through `ebs-direct` (StartSnapshot,
+/// PutSnapshotBlock, CompleteSnapshot, RegisterImage): this builder's aws driver next to
+/// nodepool 11's builder (boto3) with the same provider, each against a fresh moto server
+/// (moto keeps the blocks in memory, so neither pays for the other's). Each figure is the
+/// daemon's: the `uploading` record's creation to the `ready` record, and the peak RSS of the
+/// whole run (the image builder script is a child process, not counted). Both get the same
+/// rate limit (100 calls per second; block writes are not paced by either).
+pub fn aws_upload(sizes: Sizes) -> Vec<Figure> {
+    use crate::util::moto::{MotoServer, REGION};
+    use crate::util::upstream::{AwsYamlProvider, NodepoolYaml, UpstreamBuilder, UpstreamOptions};
+
+    // The image builder script writes exactly this many MiB of random data (no all-zero
+    // block for either builder to skip).
+    let mb = sizes.upload_mib as f64 * 1.048576;
+    let time = format!("{mb:.0} MB raw to EC2, ebs-direct on moto: upload record created → ready");
+    let peak_rss = "ebs-direct upload: builder peak RSS";
+    let mut pairs = Pairs::default();
+    for subject in Subject::BOTH {
+        let name = format!("bench_aws_{}", subject.tag());
+        let moto = MotoServer::start(&name);
+        let site = TestSite::on(&name, bench_server());
+        let env = moto.env();
+        let size = sizes.upload_mib.to_string();
+        let daemon = match subject {
+            Subject::Ours => {
+                site.config(
+                    0,
+                    "",
+                    &format!(
+                        "\n[[diskimages]]\nname = \"big\"\ndib-cmd = \"{{fake_dib}}\"\n\
+                         [diskimages.env-vars]\nFAKE_DIB_SIZE_MB = \"{size}\"\n\
+                         \n[[providers]]\nname = \"ec2\"\ndriver = \"aws\"\n\
+                         region-name = \"{REGION}\"\nrate = 100\n\
+                         [[providers.diskimages]]\nname = \"big\"\nimport-method = \"ebs-direct\"\n"
+                    ),
+                );
+                let env: Vec<(&str, &str)> =
+                    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                Daemon::Ours(site.start_with_env(0, &[], &env))
+            }
+            Subject::Upstream => {
+                let yaml = NodepoolYaml {
+                    images_dir: site.images_dir(0).display().to_string(),
+                    build_log_dir: site.log_dir(0).display().to_string(),
+                    top: Vec::new(),
+                    images: vec!["big".into()],
+                    env_vars: vec![("FAKE_DIB_SIZE_MB".into(), size.clone())],
+                    providers: Vec::new(),
+                };
+                let provider = AwsYamlProvider {
+                    name: "ec2".into(),
+                    region: REGION.into(),
+                    bucket: None,
+                    image_format: None,
+                    images: vec![(
+                        "big".into(),
+                        vec![("import-method".into(), "ebs-direct".into())],
+                    )],
+                    tags: Vec::new(),
+                };
+                let config = site.path("nodepool.yaml");
+                std::fs::write(&config, yaml.render_with_aws(&site, &[provider])).unwrap();
+                std::fs::create_dir_all(site.images_dir(0)).unwrap();
+                std::fs::create_dir_all(site.log_dir(0)).unwrap();
+                Daemon::Upstream(UpstreamBuilder::start_with(UpstreamOptions {
+                    config,
+                    clouds: site.path("clouds.yaml"),
+                    log: site.path("upstream.log"),
+                    cwd: site.path("upstream-cwd"),
+                    workers: DEFAULT_WORKERS,
+                    env,
+                }))
+            }
+        };
+        let (build, up) = poll_for(Duration::from_secs(900), || {
+            if let Some(failed) = site.uploads_in("big", "ec2", UploadState::Failed).first() {
+                panic!(
+                    "{}: the aws upload failed: {failed:?}\n{}\n{}",
+                    subject.tag(),
+                    daemon.log_tail(),
+                    moto.log_tail(30)
+                );
+            }
+            site.uploads_in("big", "ec2", UploadState::Ready)
+                .into_iter()
+                .next()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{}: the aws upload never became ready\n{}\n{}",
+                subject.tag(),
+                site.dump(),
+                daemon.log_tail()
+            )
+        });
+        let path = paths::image_upload_path("big", &build, "ec2", &up.id);
+        let (_, stat) = site.zk.get_data(&path).unwrap().expect("upload record");
+        let secs = (stat.mtime - stat.ctime) as f64 / 1000.0;
+        let peak = peak_rss_kib(daemon.pid()) / 1024.0;
+        let file = site.images_dir(0).join(format!("big-{build}.raw"));
+        let bytes = std::fs::metadata(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            .len();
+        assert_eq!(
+            bytes,
+            sizes.upload_mib << 20,
+            "{}: the raw image's size",
+            file.display()
+        );
+        drop(daemon);
+        pairs.put(subject, &time, secs, "s", Better::Lower);
+        pairs.put(subject, peak_rss, peak, "MiB", Better::Lower);
+    }
+    pairs.rows
+}
+
 /// Peak resident set size of a process, KiB.
 pub fn peak_rss_kib(pid: i32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -1077,7 +1193,7 @@ pub fn rss_kib(pid: i32) -> f64 {
 /// is an equivalent), on the same ZooKeeper and Glance; returns all figures.
 ///
 /// `only`, when given, names the scenarios to run: `steady`, `latency`, `upload`, `janitor`,
-/// `scale`.
+/// `scale`, `endpoint`, `aws`.
 pub fn run_all(sizes: Sizes, only: &[String]) -> Vec<Figure> {
     let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let mut all = Vec::new();
@@ -1108,6 +1224,9 @@ pub fn run_all(sizes: Sizes, only: &[String]) -> Vec<Figure> {
     }
     if run("endpoint") {
         all.extend(endpoint(sizes));
+    }
+    if run("aws") {
+        all.extend(aws_upload(sizes));
     }
     all
 }
