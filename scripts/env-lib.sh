@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Shell helpers shared by the test-environment installers (test-env.sh, dib-env.sh,
-# glance-env.sh, nodepool-env.sh). Source it after setting ENV_NAME (the log prefix).
+# glance-env.sh, nodepool-env.sh, moto-env.sh). Source it after setting ENV_NAME (the log
+# prefix).
 # Everything is reported on stderr.
 
 log() { printf '%s: %s\n' "${ENV_NAME:-env}" "$*" >&2; }
@@ -37,4 +38,50 @@ apt_install() {
     fi
     log "installing: $*"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >&2
+}
+
+# The whole run of an installer of one cached virtualenv (moto-env.sh, nodepool-env.sh):
+# `check` or nothing as arguments, the answer at once when the venv is fine, else under a
+# lock file next to it: prerequisites, a fresh venv, pip, a check, the stamp.
+# The caller sets VENV, PYTHON, PACKAGES (pip arguments), STAMP (what the stamp file must
+# say), WHAT (its name in log lines) and optionally INSTALL_NOTE (said while installing),
+# and defines:
+#   venv_ok          whether the venv is installed, stamped and working (quick)
+#   ensure_prereqs   installs the Debian packages pip needs for it
+#   verify_install   after pip: dies unless it works; prints what was installed
+cached_venv_main() {
+    local check_only=0 arg
+    for arg in "$@"; do
+        case "$arg" in
+            check) check_only=1 ;;
+            -h | --help | help) usage; exit 0 ;;
+            *) usage; die "unknown argument: $arg" ;;
+        esac
+    done
+    if venv_ok; then
+        log "ok: $WHAT venv at $VENV"
+        exit 0
+    fi
+    log "missing or outdated: $WHAT venv at $VENV"
+    [ "$check_only" -eq 0 ] || exit 1
+
+    mkdir -p "$(dirname "$VENV")"
+    exec 9>"$VENV.lock"
+    log "waiting for the lock $VENV.lock"
+    flock 9
+    if venv_ok; then
+        log "ok: $WHAT venv at $VENV (built by another process meanwhile)"
+        exit 0
+    fi
+    ensure_prereqs
+    local started=$SECONDS installed
+    log "creating virtualenv $VENV with $("$PYTHON" --version 2>&1)"
+    rm -rf "$VENV"
+    "$PYTHON" -m venv "$VENV" >&2
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip wheel >&2
+    log "installing ${PACKAGES[*]}${INSTALL_NOTE:+ ($INSTALL_NOTE)}"
+    "$VENV/bin/python" -m pip install --quiet "${PACKAGES[@]}" >&2
+    installed="$(verify_install)"
+    printf '%s\n' "$STAMP" >"$VENV/.nodepool-stamp"
+    log "ok: $installed in $VENV ($((SECONDS - started)) s)"
 }

@@ -16,8 +16,7 @@
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ENV_DIR="$REPO_ROOT/target/test-env"
-VENV="$ENV_DIR/moto-venv"
+VENV="$REPO_ROOT/target/test-env/moto-venv"
 PYTHON="${PYTHON:-python3}"
 MOTO_VERSION="5.2.5"
 PACKAGES=("moto[server]==$MOTO_VERSION")
@@ -46,41 +45,14 @@ ensure_prereqs() {
     apt_install "${missing[@]}"
 }
 
-CHECK_ONLY=0
-for arg in "$@"; do
-    case "$arg" in
-        check) CHECK_ONLY=1 ;;
-        -h | --help | help) usage; exit 0 ;;
-        *) usage; die "unknown argument: $arg" ;;
-    esac
-done
+# After pip: the server must start far enough to print its usage, with the version we pinned.
+verify_install() {
+    "$VENV/bin/moto_server" --help >/dev/null 2>&1 || die "moto_server does not run from $VENV/bin"
+    local version
+    version="$("$VENV/bin/python" -c 'import moto; print(moto.__version__)')"
+    [ "$version" = "$MOTO_VERSION" ] || die "unexpected moto version: $version (wanted $MOTO_VERSION)"
+    echo "moto $version, boto3 $("$VENV/bin/python" -c 'import boto3; print(boto3.__version__)')"
+}
 
-if venv_ok; then
-    log "ok: moto venv at $VENV"
-    exit 0
-fi
-log "missing or outdated: moto venv at $VENV"
-[ "$CHECK_ONLY" -eq 0 ] || exit 1
-
-mkdir -p "$ENV_DIR"
-exec 9>"$ENV_DIR/moto-venv.lock"
-log "waiting for the lock $ENV_DIR/moto-venv.lock"
-flock 9
-if venv_ok; then
-    log "ok: moto venv at $VENV (built by another process meanwhile)"
-    exit 0
-fi
-ensure_prereqs
-started=$SECONDS
-log "creating virtualenv $VENV with $("$PYTHON" --version 2>&1)"
-rm -rf "$VENV"
-"$PYTHON" -m venv "$VENV" >&2
-"$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
-log "installing ${PACKAGES[*]}"
-"$VENV/bin/python" -m pip install --quiet "${PACKAGES[@]}" >&2
-# The server must start far enough to print its usage, with the version we pinned.
-"$VENV/bin/moto_server" --help >/dev/null 2>&1 || die "moto_server does not run from $VENV/bin"
-version="$("$VENV/bin/python" -c 'import moto; print(moto.__version__)')"
-[ "$version" = "$MOTO_VERSION" ] || die "unexpected moto version: $version (wanted $MOTO_VERSION)"
-printf '%s\n' "$STAMP" >"$VENV/.nodepool-stamp"
-log "ok: moto $version, boto3 $("$VENV/bin/python" -c 'import boto3; print(boto3.__version__)') in $VENV ($((SECONDS - started)) s)"
+WHAT=moto
+cached_venv_main "$@"

@@ -16,8 +16,7 @@
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ENV_DIR="$REPO_ROOT/target/test-env"
-VENV="$ENV_DIR/nodepool-venv"
+VENV="$REPO_ROOT/target/test-env/nodepool-venv"
 PYTHON="${PYTHON:-python3}"
 PACKAGES=("nodepool==11.0.0" "setuptools<81" "cachetools")
 STAMP="${PACKAGES[*]}"
@@ -48,44 +47,17 @@ ensure_prereqs() {
     apt_install "${missing[@]}"
 }
 
-CHECK_ONLY=0
-for arg in "$@"; do
-    case "$arg" in
-        check) CHECK_ONLY=1 ;;
-        -h | --help | help) usage; exit 0 ;;
-        *) usage; die "unknown argument: $arg" ;;
+verify_install() {
+    PYTHONWARNINGS=ignore "$VENV/bin/python" -c 'import nodepool.cmd.nodepoolcmd' >&2 ||
+        die "nodepool still cannot be imported from $VENV/bin/python"
+    local version
+    version="$(PYTHONWARNINGS=ignore "$VENV/bin/nodepool" --version 2>&1)"
+    case "$version" in
+        *11.0.0*) echo "$version" ;;
+        *) die "unexpected nodepool version: $version" ;;
     esac
-done
+}
 
-if venv_ok; then
-    log "ok: nodepool venv at $VENV"
-    exit 0
-fi
-log "missing or outdated: nodepool venv at $VENV"
-[ "$CHECK_ONLY" -eq 0 ] || exit 1
-
-mkdir -p "$ENV_DIR"
-exec 9>"$ENV_DIR/nodepool-venv.lock"
-log "waiting for the lock $ENV_DIR/nodepool-venv.lock"
-flock 9
-if venv_ok; then
-    log "ok: nodepool venv at $VENV (built by another process meanwhile)"
-    exit 0
-fi
-ensure_prereqs
-started=$SECONDS
-log "creating virtualenv $VENV with $("$PYTHON" --version 2>&1)"
-rm -rf "$VENV"
-"$PYTHON" -m venv "$VENV" >&2
-"$VENV/bin/python" -m pip install --quiet --upgrade pip wheel >&2
-log "installing ${PACKAGES[*]} (about 500 MB; several minutes)"
-"$VENV/bin/python" -m pip install --quiet "${PACKAGES[@]}" >&2
-PYTHONWARNINGS=ignore "$VENV/bin/python" -c 'import nodepool.cmd.nodepoolcmd' >&2 ||
-    die "nodepool still cannot be imported from $VENV/bin/python"
-version="$(PYTHONWARNINGS=ignore "$VENV/bin/nodepool" --version 2>&1)"
-case "$version" in
-    *11.0.0*) ;;
-    *) die "unexpected nodepool version: $version" ;;
-esac
-printf '%s\n' "$STAMP" >"$VENV/.nodepool-stamp"
-log "ok: $version in $VENV ($((SECONDS - started)) s)"
+WHAT=nodepool
+INSTALL_NOTE="about 500 MB; several minutes"
+cached_venv_main "$@"
