@@ -9,16 +9,12 @@
 //! asked `RegisterImage` for (moto keeps only the name). A failed import is what the
 //! stand-in reports for an object it cannot convert: `deleted`, as AWS does.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use nodepool_builder::config::{self, AwsImage, AwsImportMethod, Driver, ProviderDiskImage};
+use nodepool_builder::config::{self, AwsImportMethod};
 use nodepool_builder::model::UploadState;
 use nodepool_builder::provider::aws::AwsDriver;
-use nodepool_builder::provider::aws::credentials::AwsEnv;
-use nodepool_builder::provider::openstack::trust::TrustStores;
 use nodepool_builder::provider::{ErrorKind, ProviderDriver, UploadRequest};
 use serde_json::{Value, json};
 
@@ -249,61 +245,12 @@ fn an_image_import_tags_the_imported_ami_and_its_snapshot_and_deletes_the_object
 /// A driver for a `vmdk` provider `ec2` staging in [`BUCKET`] with `import_method`, in the
 /// AWS environment `vars`.
 fn vmdk_driver(vars: &[(String, String)], import_method: AwsImportMethod) -> AwsDriver {
-    let provider = config::Provider {
-        name: "ec2".into(),
-        driver: Driver::Aws {
-            region_name: "us-east-1".into(),
-            profile_name: None,
-            bucket_name: Some(BUCKET.into()),
-            image_format: "vmdk".into(),
-        },
-        rate: 0.0,
-        image_name_format: "{image_name}-{timestamp}".into(),
-        image_upload_timeout: 300,
-        post_upload_hook: None,
-        diskimages: vec![ProviderDiskImage {
-            name: "debian".into(),
-            pause: false,
-            meta: BTreeMap::new(),
-            aws: Some(AwsImage {
-                import_method,
-                architecture: "x86_64".into(),
-                ena_support: true,
-                volume_size: None,
-                volume_type: "gp3".into(),
-                iops: None,
-                throughput: None,
-                imds_v2: false,
-            }),
-        }],
-    };
-    let env = AwsEnv {
-        vars: vars.iter().cloned().collect(),
-        home: None,
-    };
-    AwsDriver::with_env(&provider, env, &Arc::new(TrustStores::from_process()))
-        .unwrap_or_else(|e| panic!("{e}"))
+    let provider = crate::util::aws::aws_provider("ec2", "vmdk", Some(BUCKET), import_method);
+    crate::util::aws::aws_driver(&provider, vars)
 }
 
 fn vmdk_request(file: &Path) -> UploadRequest {
-    let build_id = uuid::Uuid::new_v4().simple().to_string();
-    UploadRequest {
-        image_name: "debian".into(),
-        build_id: build_id.clone(),
-        upload_id: "0000000001".into(),
-        external_name: "debian-1700000000".into(),
-        file: file.to_path_buf(),
-        format: "vmdk".into(),
-        md5: None,
-        sha256: None,
-        properties: BTreeMap::from([
-            ("nodepool_build_id".to_string(), build_id),
-            ("nodepool_upload_id".to_string(), "0000000001".to_string()),
-            ("nodepool_provider_name".to_string(), "ec2".to_string()),
-        ]),
-        timeout: Duration::from_secs(120),
-        progress: Default::default(),
-    }
+    crate::util::aws::upload_request(file, "ec2", "vmdk", &[])
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nodepool_builder::config::{self, AwsImage, AwsImportMethod, Driver, ProviderDiskImage};
+use nodepool_builder::config::{self, AwsImage, AwsImportMethod, Driver};
 use nodepool_builder::provider::aws::AwsDriver;
 use nodepool_builder::provider::aws::credentials::AwsEnv;
 use nodepool_builder::provider::openstack::trust::TrustStores;
@@ -144,44 +144,12 @@ const PROVIDER: &str = "ec2-test";
 const BLOCK: usize = 512 * 1024;
 
 fn aws_provider() -> config::Provider {
-    config::Provider {
-        name: PROVIDER.into(),
-        driver: Driver::Aws {
-            region_name: "us-east-1".into(),
-            profile_name: None,
-            bucket_name: None,
-            image_format: "raw".into(),
-        },
-        rate: 0.0,
-        image_name_format: "{image_name}-{timestamp}".into(),
-        image_upload_timeout: 300,
-        post_upload_hook: None,
-        diskimages: vec![ProviderDiskImage {
-            name: "debian".into(),
-            pause: false,
-            meta: BTreeMap::new(),
-            aws: Some(AwsImage {
-                import_method: AwsImportMethod::EbsDirect,
-                architecture: "x86_64".into(),
-                ena_support: true,
-                volume_size: None,
-                volume_type: "gp3".into(),
-                iops: None,
-                throughput: None,
-                imds_v2: false,
-            }),
-        }],
-    }
+    crate::util::aws::aws_provider(PROVIDER, "raw", None, AwsImportMethod::EbsDirect)
 }
 
 /// A driver in `vars` (a builder's AWS environment), never the test process's own.
 fn driver(vars: Vec<(String, String)>) -> AwsDriver {
-    let env = AwsEnv {
-        vars: vars.into_iter().collect(),
-        home: None,
-    };
-    AwsDriver::with_env(&aws_provider(), env, &Arc::new(TrustStores::from_process()))
-        .unwrap_or_else(|e| panic!("{e}"))
+    crate::util::aws::aws_driver(&aws_provider(), &vars)
 }
 
 /// A raw image of three 512 KiB blocks: data, zeros, and 100 bytes of data at the end.
@@ -195,26 +163,7 @@ fn image_file(dir: &Path) -> PathBuf {
 }
 
 fn request(file: &Path) -> UploadRequest {
-    let build_id = uuid::Uuid::new_v4().simple().to_string();
-    let properties = BTreeMap::from([
-        ("nodepool_build_id".to_string(), build_id.clone()),
-        ("nodepool_upload_id".to_string(), "0000000001".to_string()),
-        ("nodepool_provider_name".to_string(), PROVIDER.to_string()),
-        ("team".to_string(), "ci".to_string()),
-    ]);
-    UploadRequest {
-        image_name: "debian".into(),
-        build_id,
-        upload_id: "0000000001".into(),
-        external_name: "debian-1700000000".into(),
-        file: file.to_path_buf(),
-        format: "raw".into(),
-        md5: None,
-        sha256: None,
-        properties,
-        timeout: Duration::from_secs(120),
-        progress: Default::default(),
-    }
+    crate::util::aws::upload_request(file, PROVIDER, "raw", &[("team", "ci")])
 }
 
 /// What moto holds: our snapshots (by owner), every AMI, as JSON.

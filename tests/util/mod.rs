@@ -28,6 +28,10 @@
 //!   - [`keep_after_failure`]: keep a failed test's directory and say where it is.
 //!   - [`cpu_secs`]: user + system CPU seconds of a process.
 //!   - [`process_alive`]: whether a pid is a live (non-zombie) process.
+//! * [`aws`]: the aws driver's inputs for tests that call it directly.
+//!   - [`aws::aws_provider`]: an aws provider uploading `debian` with an import method.
+//!   - [`aws::aws_driver`]: its driver in a given AWS environment, not the test process's.
+//!   - [`aws::upload_request`]: an upload request with nodepool's tags.
 //! * [`builder`]: the real `nodepool-builder` binary as a child process of a test.
 //!   - [`builder::binary`]: the path of the binary under test.
 //!   - [`builder::Launch`]: how to start it beyond arguments: a wrapper, variables unset.
@@ -143,6 +147,7 @@
 // Not every test module uses every helper.
 #![allow(dead_code)]
 
+pub mod aws;
 pub mod builder;
 pub mod ensemble;
 pub mod faultproxy;
