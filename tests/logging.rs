@@ -155,7 +155,7 @@ root:
         lines.iter().all(|l| l.level != "DEBUG"),
         "the INFO handler got a DEBUG line:\n{text}"
     );
-    let named = |pred: &dyn Fn(&Line) -> bool| lines.iter().any(|l| pred(l));
+    let named = |pred: &dyn Fn(&Line) -> bool| lines.iter().any(pred);
     assert!(
         named(&|l| l.name == "nodepool.builder.NodePoolBuilder"
             && l.message.contains("ready: builder_id=")),

@@ -118,12 +118,11 @@ pub fn import(zk: &Zk, path: &Path) -> std::result::Result<(), OpsError> {
             provider,
             upload_id,
         } = paths::parse_image_path(znode)
+            && let Some(n) = sequence_number(&upload_id)
         {
-            if let Some(n) = sequence_number(&upload_id) {
-                let parent = paths::image_uploads_path(&image, &build_id, &provider);
-                let max = highest.entry(parent).or_insert(n);
-                *max = (*max).max(n);
-            }
+            let parent = paths::image_uploads_path(&image, &build_id, &provider);
+            let max = highest.entry(parent).or_insert(n);
+            *max = (*max).max(n);
         }
     }
     let wanted: BTreeSet<&str> = entries.keys().map(String::as_str).collect();

@@ -640,30 +640,30 @@ impl OpenStackDriver {
         }
 
         let image = self.wait_active(id, deadline, context)?;
-        if let Some(got) = image["size"].as_u64() {
-            if got != size {
-                return Err(ProviderError::new(
-                    ErrorKind::Io,
-                    format!(
-                        "provider {}: {}: Glance stored {got} bytes of {size}",
-                        self.name,
-                        context()
-                    ),
-                ));
-            }
+        if let Some(got) = image["size"].as_u64()
+            && got != size
+        {
+            return Err(ProviderError::new(
+                ErrorKind::Io,
+                format!(
+                    "provider {}: {}: Glance stored {got} bytes of {size}",
+                    self.name,
+                    context()
+                ),
+            ));
         }
-        if let (Some(computed), Some(checksum)) = (&hashes, image["checksum"].as_str()) {
-            if !checksum.eq_ignore_ascii_case(&computed.md5) {
-                return Err(ProviderError::new(
-                    ErrorKind::Io,
-                    format!(
-                        "provider {}: {}: Glance's checksum {checksum} differs from the file's md5 {}",
-                        self.name,
-                        context(),
-                        computed.md5
-                    ),
-                ));
-            }
+        if let (Some(computed), Some(checksum)) = (&hashes, image["checksum"].as_str())
+            && !checksum.eq_ignore_ascii_case(&computed.md5)
+        {
+            return Err(ProviderError::new(
+                ErrorKind::Io,
+                format!(
+                    "provider {}: {}: Glance's checksum {checksum} differs from the file's md5 {}",
+                    self.name,
+                    context(),
+                    computed.md5
+                ),
+            ));
         }
         Ok(())
     }

@@ -555,10 +555,10 @@ impl ZkServer {
 
     /// One readiness check: `ruok`, our own data directory in `conf`, the TLS port.
     fn readiness(&mut self) -> Result<(), Readiness> {
-        if let Some(child) = &mut self.child {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(Readiness::Exited(status.to_string()));
-            }
+        if let Some(child) = &mut self.child
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            return Err(Readiness::Exited(status.to_string()));
         }
         let probe = Duration::from_secs(1);
         match self.try_four_letter("ruok", probe) {

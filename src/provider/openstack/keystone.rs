@@ -306,10 +306,11 @@ impl Session {
                     .or(endpoint["region"].as_str())
                     .unwrap_or("");
                 seen.push(format!("{ep_interface}/{ep_region}"));
-                if ep_interface == interface && region.is_none_or(|r| r == ep_region) {
-                    if let Some(url) = endpoint["url"].as_str() {
-                        return Ok(unversioned(url));
-                    }
+                if ep_interface == interface
+                    && region.is_none_or(|r| r == ep_region)
+                    && let Some(url) = endpoint["url"].as_str()
+                {
+                    return Ok(unversioned(url));
                 }
             }
         }
