@@ -1,7 +1,8 @@
-//! A TCP proxy in front of a real ZooKeeper's plaintext port that loses one chosen reply:
-//! the request reaches the server and is carried out, the answer never reaches the client
-//! and the connection is cut. That is the window in which a client cannot know whether its
-//! write happened (the "connection loss" of ZooKeeper's documentation), made to order.
+//! A TCP proxy in front of a real ZooKeeper's plaintext port that loses (or holds back, see
+//! below) one chosen reply: the request reaches the server and is carried out, the answer
+//! never reaches the client and the connection is cut. That is the window in which a client
+//! cannot know whether its write happened (the "connection loss" of ZooKeeper's
+//! documentation), made to order.
 //!
 //! # How it reads the stream
 //!
