@@ -235,6 +235,20 @@ struct CallError {
     retryable: bool,
 }
 
+impl CallError {
+    /// The cloud answered, but not with what the call needs (an answer we cannot read, or
+    /// one reporting a failure): it may have acted, and asking again will not help.
+    fn bad_answer(message: String) -> CallError {
+        CallError {
+            kind: ErrorKind::Server,
+            code: None,
+            message,
+            maybe_sent: true,
+            retryable: false,
+        }
+    }
+}
+
 impl Api {
     /// Signs and sends one request to `endpoint`.
     #[allow(clippy::too_many_arguments)]
@@ -595,13 +609,8 @@ impl AwsDriver {
                 p.push(("NextToken".into(), t.clone()));
             }
             let xml = self.api.ec2(creds, "DescribeImages", &p, CALL_TIMEOUT)?;
-            let (page, next) = ec2::parse_images(&xml).map_err(|m| CallError {
-                kind: ErrorKind::Server,
-                code: None,
-                message: format!("DescribeImages: {m}"),
-                maybe_sent: true,
-                retryable: false,
-            })?;
+            let (page, next) = ec2::parse_images(&xml)
+                .map_err(|m| CallError::bad_answer(format!("DescribeImages: {m}")))?;
             out.extend(page);
             match next {
                 Some(t) => token = Some(t),
@@ -619,13 +628,8 @@ impl AwsDriver {
                 p.push(("NextToken".into(), t.clone()));
             }
             let xml = self.api.ec2(creds, "DescribeSnapshots", &p, CALL_TIMEOUT)?;
-            let (page, next) = ec2::parse_snapshots(&xml).map_err(|m| CallError {
-                kind: ErrorKind::Server,
-                code: None,
-                message: format!("DescribeSnapshots: {m}"),
-                maybe_sent: true,
-                retryable: false,
-            })?;
+            let (page, next) = ec2::parse_snapshots(&xml)
+                .map_err(|m| CallError::bad_answer(format!("DescribeSnapshots: {m}")))?;
             out.extend(page);
             match next {
                 Some(t) => token = Some(t),
@@ -916,13 +920,8 @@ impl AwsDriver {
             sigv4::EMPTY_SHA256,
             left(),
         )?;
-        let upload_id = s3::parse_upload_id(&reply.body).map_err(|m| CallError {
-            kind: ErrorKind::Server,
-            code: None,
-            message: format!("CreateMultipartUpload: {m}"),
-            maybe_sent: true,
-            retryable: false,
-        })?;
+        let upload_id = s3::parse_upload_id(&reply.body)
+            .map_err(|m| CallError::bad_answer(format!("CreateMultipartUpload: {m}")))?;
         let upload = |query: Vec<(String, String)>| {
             let mut q = query;
             q.push(("uploadId".into(), upload_id.clone()));
@@ -971,12 +970,8 @@ impl AwsDriver {
                         Err(e) => return Err(e),
                     }
                 };
-                let etag = reply.etag.ok_or_else(|| CallError {
-                    kind: ErrorKind::Server,
-                    code: None,
-                    message: format!("UploadPart {number}: the answer has no ETag"),
-                    maybe_sent: true,
-                    retryable: false,
+                let etag = reply.etag.ok_or_else(|| {
+                    CallError::bad_answer(format!("UploadPart {number}: the answer has no ETag"))
                 })?;
                 parts.push(s3::Part {
                     number,
@@ -1003,13 +998,9 @@ impl AwsDriver {
                 left(),
             )?;
             match s3::complete_failed(&reply.body) {
-                Some(m) => Err(CallError {
-                    kind: ErrorKind::Server,
-                    code: None,
-                    message: format!("CompleteMultipartUpload: {m}"),
-                    maybe_sent: true,
-                    retryable: false,
-                }),
+                Some(m) => Err(CallError::bad_answer(format!(
+                    "CompleteMultipartUpload: {m}"
+                ))),
                 None => Ok(()),
             }
         })();
@@ -1045,13 +1036,8 @@ impl AwsDriver {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.api.ec2(creds, action, params, left) {
                 Ok(xml) => {
-                    return ec2::parse_import_task_id(&xml).map_err(|m| CallError {
-                        kind: ErrorKind::Server,
-                        code: None,
-                        message: format!("{action}: {m}"),
-                        maybe_sent: true,
-                        retryable: false,
-                    });
+                    return ec2::parse_import_task_id(&xml)
+                        .map_err(|m| CallError::bad_answer(format!("{action}: {m}")));
                 }
                 Err(e)
                     if e.code.as_deref() == Some("ResourceCountLimitExceeded")
@@ -1116,13 +1102,8 @@ impl AwsDriver {
                 }
                 Err(e) => return Err(e),
             };
-            let status = ec2::parse_import_status(&xml, task, image).map_err(|m| CallError {
-                kind: ErrorKind::Server,
-                code: None,
-                message: format!("{action}: {m}"),
-                maybe_sent: true,
-                retryable: false,
-            })?;
+            let status = ec2::parse_import_status(&xml, task, image)
+                .map_err(|m| CallError::bad_answer(format!("{action}: {m}")))?;
             match status {
                 ec2::ImportStatus::Running(what) => {
                     log::debug!(target: &self.log_target, "provider {}: import task {task}: {what}", self.name);
@@ -1141,24 +1122,26 @@ impl AwsDriver {
         }
     }
 
-    /// Starts an import task (`ImportImage` when `image`, else `ImportSnapshot`) with `params`
-    /// and waits for it: its id, its snapshot and, for an image import, its AMI. A failed task
-    /// is an error naming it.
+    /// Starts an import task (`ImportImage` when `image`, else `ImportSnapshot`) with `params`,
+    /// the task tagged with `tags` (as upstream), and waits for it: its id, its snapshot and,
+    /// for an image import, its AMI. A failed task is an error naming it.
     fn run_import(
         &self,
         creds: &Credentials,
         image: bool,
-        params: &[(String, String)],
+        mut params: Vec<(String, String)>,
+        tags: &BTreeMap<String, String>,
         deadline: Instant,
         context: &str,
     ) -> Result<(String, String, Option<String>), ProviderError> {
-        let action = if image {
-            "ImportImage"
+        let (action, task_type) = if image {
+            ("ImportImage", "import-image-task")
         } else {
-            "ImportSnapshot"
+            ("ImportSnapshot", "import-snapshot-task")
         };
+        params.extend(ec2::tag_specification(1, task_type, tags));
         let task = self
-            .start_import(creds, action, params, deadline)
+            .start_import(creds, action, &params, deadline)
             .map_err(|e| self.call_error(context, e))?;
         log::debug!(target: &self.log_target, "provider {}: {context}: import task {task}", self.name);
         match self.wait_import(creds, &task, image, deadline) {
@@ -1185,17 +1168,13 @@ impl AwsDriver {
         deadline: Instant,
         context: &str,
     ) -> Result<Uploaded, ProviderError> {
-        let mut params: Vec<(String, String)> = vec![
+        let params = vec![
             ("DiskContainer.Format".into(), req.format.clone()),
             ("DiskContainer.UserBucket.S3Bucket".into(), bucket.into()),
             ("DiskContainer.UserBucket.S3Key".into(), key.into()),
         ];
-        params.extend(ec2::tag_specification(
-            1,
-            "import-snapshot-task",
-            &req.properties,
-        ));
-        let (_, snapshot, _) = self.run_import(creds, false, &params, deadline, context)?;
+        let (_, snapshot, _) =
+            self.run_import(creds, false, params, &req.properties, deadline, context)?;
         let sized = self
             .tag(creds, &snapshot, &req.properties, deadline)
             .and_then(|()| match image.volume_size {
@@ -1209,13 +1188,8 @@ impl AwsDriver {
                         CALL_TIMEOUT,
                     )
                     .and_then(|xml| {
-                        ec2::parse_snapshot_size(&xml).map_err(|m| CallError {
-                            kind: ErrorKind::Server,
-                            code: None,
-                            message: format!("DescribeSnapshots: {m}"),
-                            maybe_sent: true,
-                            retryable: false,
-                        })
+                        ec2::parse_snapshot_size(&xml)
+                            .map_err(|m| CallError::bad_answer(format!("DescribeSnapshots: {m}")))
                     }),
             });
         match sized {
@@ -1238,18 +1212,14 @@ impl AwsDriver {
         deadline: Instant,
         context: &str,
     ) -> Result<Uploaded, ProviderError> {
-        let mut params: Vec<(String, String)> = vec![
+        let params = vec![
             ("Architecture".into(), image.architecture.clone()),
             ("DiskContainer.1.Format".into(), req.format.clone()),
             ("DiskContainer.1.UserBucket.S3Bucket".into(), bucket.into()),
             ("DiskContainer.1.UserBucket.S3Key".into(), key.into()),
         ];
-        params.extend(ec2::tag_specification(
-            1,
-            "import-image-task",
-            &req.properties,
-        ));
-        let (task, snapshot, ami) = self.run_import(creds, true, &params, deadline, context)?;
+        let (task, snapshot, ami) =
+            self.run_import(creds, true, params, &req.properties, deadline, context)?;
         let Some(ami) = ami else {
             self.discard(creds, req, &snapshot, false);
             return Err(self.error(
@@ -1314,23 +1284,14 @@ impl AwsDriver {
                 sigv4::EMPTY_SHA256,
                 left,
             )?;
-            let status = ebs::parse_complete(&answer).map_err(|m| CallError {
-                kind: ErrorKind::Server,
-                code: None,
-                message: format!("CompleteSnapshot: {m}"),
-                maybe_sent: true,
-                retryable: false,
-            })?;
+            let status = ebs::parse_complete(&answer)
+                .map_err(|m| CallError::bad_answer(format!("CompleteSnapshot: {m}")))?;
             match status {
                 Completion::Completed => return Ok(()),
                 Completion::Error => {
-                    return Err(CallError {
-                        kind: ErrorKind::Server,
-                        code: None,
-                        message: format!("CompleteSnapshot: snapshot {snapshot} is in state error"),
-                        maybe_sent: true,
-                        retryable: false,
-                    });
+                    return Err(CallError::bad_answer(format!(
+                        "CompleteSnapshot: snapshot {snapshot} is in state error"
+                    )));
                 }
                 Completion::Pending => {}
             }
@@ -1459,13 +1420,9 @@ impl AwsDriver {
         match first_error {
             Some(e) => Err(e),
             None if written == sent => Ok(written),
-            None => Err(CallError {
-                kind: ErrorKind::Server,
-                code: None,
-                message: format!("{written} of {sent} blocks were written"),
-                maybe_sent: true,
-                retryable: false,
-            }),
+            None => Err(CallError::bad_answer(format!(
+                "{written} of {sent} blocks were written"
+            ))),
         }
     }
 }
