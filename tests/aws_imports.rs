@@ -346,12 +346,7 @@ fn snapshot_and_image_imports_without_a_bucket_are_config_errors() {
 fn a_part_s3_refuses_aborts_the_multipart_upload_and_imports_nothing() {
     let moto = MotoServer::start_with_import_standin("aws_import_part_fails");
     create_bucket(&moto);
-    let upstream = moto
-        .endpoint()
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
-    let proxy = FaultProxy::start(upstream);
+    let proxy = FaultProxy::start(moto.endpoint_addr());
     // Every PUT through the proxy (only S3's UploadPart goes there) gets a 500.
     proxy.set(vec![Rule::new("PUT", "", Fault::Status(500))]);
     let mut vars = moto.env();

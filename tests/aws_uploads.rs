@@ -274,12 +274,7 @@ fn an_upload_without_credentials_fails_clearly_and_creates_nothing() {
 #[test]
 fn a_failed_block_write_deletes_the_snapshot_and_registers_nothing() {
     let moto = MotoServer::start("aws_failed_block");
-    let upstream = moto
-        .endpoint()
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
-    let proxy = FaultProxy::start(upstream);
+    let proxy = FaultProxy::start(moto.endpoint_addr());
     proxy.set(vec![Rule::new("PUT", "/blocks/2", Fault::Status(500))]);
     let dir = tempfile::tempdir().unwrap();
     let req = request(&image_file(dir.path()));
@@ -576,19 +571,8 @@ fn ebs_direct_sends_the_requests_nodepool_11_sends() {
 /// the bucket made.
 fn s3_driver(moto: &MotoServer, method: AwsImportMethod, format: &str) -> AwsDriver {
     moto.boto3(r#"s3.create_bucket(Bucket="images")"#);
-    let mut provider = aws_provider();
-    provider.driver = Driver::Aws {
-        region_name: "us-east-1".into(),
-        profile_name: None,
-        bucket_name: Some("images".into()),
-        image_format: format.into(),
-    };
-    provider.diskimages[0].aws.as_mut().unwrap().import_method = method;
-    let env = AwsEnv {
-        vars: moto.env().into_iter().collect(),
-        home: None,
-    };
-    AwsDriver::with_env(&provider, env, &Arc::new(TrustStores::from_process())).unwrap()
+    let provider = crate::util::aws::aws_provider(PROVIDER, format, Some("images"), method);
+    crate::util::aws::aws_driver(&provider, &moto.env())
 }
 
 /// A raw image of two S3 parts: 8 MiB (data, zeros, data) and 100 bytes.

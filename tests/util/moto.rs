@@ -189,6 +189,12 @@ impl MotoServer {
         }
     }
 
+    /// The address behind [`MotoServer::endpoint`], for a fault proxy in front of it.
+    pub fn endpoint_addr(&self) -> std::net::SocketAddr {
+        let port = self.standin.as_ref().map_or(self.port, |(port, _)| *port);
+        std::net::SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
     /// The server's directory (its log is `moto.log`).
     pub fn dir(&self) -> &Path {
         self.dir.path()
