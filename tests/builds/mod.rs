@@ -15,12 +15,4 @@ mod failures;
 mod local_disk;
 mod scheduling;
 
-/// One diskimage, `fedora`, built as a qcow2 by the test image builder.
-const ONE_IMAGE: &str = r#"
-[[diskimages]]
-name = "fedora"
-dib-cmd = "{fake_dib}"
-elements = ["fedora", "vm"]
-release = 21
-formats = ["qcow2"]
-"#;
+use crate::util::site::ONE_IMAGE;

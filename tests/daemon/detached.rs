@@ -15,17 +15,9 @@ use nodepool_builder::model::BuildState;
 use nodepool_builder::zk::paths;
 
 use crate::util::builder::{BuilderProcess, binary};
+use crate::util::site::ONE_IMAGE;
 use crate::util::site::{TestSite, WAIT};
 use crate::util::{file_tail, process_alive, wait_for, wait_until};
-
-const ONE_IMAGE: &str = r#"
-[[diskimages]]
-name = "fedora"
-dib-cmd = "{fake_dib}"
-elements = ["fedora", "vm"]
-release = 21
-formats = ["qcow2"]
-"#;
 
 /// A daemon started by a test; it is not our child, so it is killed by pid when dropped.
 struct Daemon {

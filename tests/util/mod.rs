@@ -102,6 +102,7 @@
 //! * [`site`]: one nodepool site per test.
 //!   - [`site::TRUST_ENV_VARS`]: the variables that decide which CAs the OpenStack driver
 //!     trusts.
+//!   - [`site::ONE_IMAGE`]: one qcow2 diskimage `fedora`, a config body.
 //!   - [`site::WAIT`]: the default wait for something the builder does.
 //!   - [`site::fake_dib`]: the test image builder script, `tests/fixtures/fake-dib`.
 //!   - [`site::TestSite`]: a ZooKeeper chroot, configs, builder processes and clouds, with

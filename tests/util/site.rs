@@ -26,6 +26,17 @@ pub const TRUST_ENV_VARS: [&str; 5] = [
     "SSL_CERT_DIR",
 ];
 
+/// One diskimage, `fedora`, built as a qcow2 by the test image builder (the body for
+/// [`TestSite::config`]).
+pub const ONE_IMAGE: &str = r#"
+[[diskimages]]
+name = "fedora"
+dib-cmd = "{fake_dib}"
+elements = ["fedora", "vm"]
+release = 21
+formats = ["qcow2"]
+"#;
+
 /// Default wait for something the builder does.
 pub const WAIT: Duration = Duration::from_secs(60);
 
