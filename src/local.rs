@@ -185,20 +185,37 @@ pub fn builds_present(images_dir: &Path) -> std::io::Result<BTreeSet<(String, St
 }
 
 /// The entries of one build: every `<image>-<build_id>.<rest>` in images-dir, with `rest`
-/// (what follows the stem's dot, never empty). Unreadable directories have none.
+/// (what follows the stem's dot, never empty), in deletion order ([`deletion_rank`]).
+/// Unreadable directories have none.
 fn build_entries(images_dir: &Path, image: &str, build_id: &str) -> Vec<(String, PathBuf)> {
     let stem = stem(image, build_id);
     let Ok(entries) = std::fs::read_dir(images_dir) else {
         return Vec::new();
     };
-    entries
+    let mut entries: Vec<(String, PathBuf)> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let rest = name.strip_prefix(&stem)?.strip_prefix('.')?;
             (!rest.is_empty()).then(|| (rest.to_string(), e.path()))
         })
-        .collect()
+        .collect();
+    entries.sort_by_key(|(rest, _)| deletion_rank(rest));
+    entries
+}
+
+/// Where an entry (by what follows the build's stem) comes when a build's files are deleted:
+/// checksum files first, then image files, the manifest directory last. So an image file that
+/// is gone never leaves its checksums behind, not even for a moment (the directory's own
+/// order would), and the manifest, which says the build was here, goes when nothing else is.
+fn deletion_rank(rest: &str) -> u8 {
+    if rest == "d" {
+        2
+    } else if rest.ends_with(".md5") || rest.ends_with(".sha256") {
+        0
+    } else {
+        1
+    }
 }
 
 /// Deletes every local entry of a build (image files, checksum files, the `.d` manifest
@@ -414,6 +431,39 @@ mod tests {
             ])
         );
         assert_eq!(delete_build(d, "fedora", "aa"), 0, "nothing left to delete");
+    }
+
+    /// A flake of `cleanup::delete_after_upload_prunes_uploaded_formats_but_keeps_keep_formats`:
+    /// in directory order, an image file could go before its checksum files, which were
+    /// still there when the test looked.
+    #[test]
+    fn a_builds_entries_come_checksums_first_and_the_manifest_last() {
+        let dir = dir_with(&[
+            "fedora-aa.raw",
+            "fedora-aa.qcow2",
+            "fedora-aa.raw.sha256",
+            "fedora-aa.qcow2.md5",
+            "fedora-aa.raw.md5",
+        ]);
+        std::fs::create_dir(manifest_dir(dir.path(), "fedora", "aa")).unwrap();
+        let ranks: Vec<(u8, String)> = build_entries(dir.path(), "fedora", "aa")
+            .into_iter()
+            .map(|(rest, _)| (deletion_rank(&rest), rest))
+            .collect();
+        let mut sorted = ranks.clone();
+        sorted.sort();
+        assert_eq!(
+            ranks.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+            sorted.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+            "{ranks:?}"
+        );
+        assert_eq!(
+            sorted
+                .iter()
+                .map(|(_, rest)| rest.as_str())
+                .collect::<Vec<_>>(),
+            ["qcow2.md5", "raw.md5", "raw.sha256", "qcow2", "raw", "d"]
+        );
     }
 
     #[test]
