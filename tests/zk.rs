@@ -660,15 +660,24 @@ fn the_session_resumes_after_the_clients_own_expiry_if_the_restarted_server_kept
     );
     assert_eq!(zk.state(), ConnState::Suspended, "still only suspended");
     assert!(guard.is_valid(), "the lock may still be ours");
+    let restarted_after = killed.elapsed();
     server.restart();
     wait_until(Duration::from_secs(30), "the session to resume", || {
         zk.state() == ConnState::Connected
     });
     let resumed_after = killed.elapsed();
-    assert_eq!(zk.session_id(), Some(id), "the same session");
-    assert_eq!(zk.session().generation, generation, "the same generation");
+    // Said with every failure below: which states the facade went through, and when.
     let seen: Vec<ConnState> = states.try_iter().map(|ev| ev.state).collect();
-    assert!(!seen.contains(&ConnState::Lost), "never lost: {seen:?}");
+    let story = format!(
+        "states {seen:?}; connected again {resumed_after:?} after the kill, the server restarted {restarted_after:?} after it"
+    );
+    assert_eq!(zk.session_id(), Some(id), "the same session; {story}");
+    assert_eq!(
+        zk.session().generation,
+        generation,
+        "the same generation; {story}"
+    );
+    assert!(!seen.contains(&ConnState::Lost), "never lost: {story}");
     assert!(guard.is_valid());
     let owner = zk
         .exists("/mine")
